@@ -1,0 +1,62 @@
+"""The ``vitc`` command line: one app, one module per verb under ``vitc/commands``.
+
+Heavy libraries are imported inside the commands, so ``vitc --help`` stays fast. User errors
+(``VitcError``) print one line and exit non-zero; ``--debug`` anywhere on the command line
+(or ``VITC_DEBUG=1``) shows the traceback instead.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from vitc.commands.evaluate import eval_cmd
+from vitc.commands.info import info
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="vitc: compress vision backbones, export them, check parity, and gate latency.")
+app.command("info")(info)
+app.command("eval")(eval_cmd)
+
+
+def run(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("VITC_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    from vitc.errors import VitcError
+
+    try:
+        app(args=argv, prog_name="vitc", standalone_mode=False)
+    except VitcError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        return int(code or 0)
+    except Exception as exc:  # click usage errors and the unexpected
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Abort):
+            print("aborted", file=sys.stderr)
+            return 130
+        if debug:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"error: unexpected {type(exc).__name__}: {first} (run again with --debug for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""CLI commands, one module per verb; ``vitc.cli`` assembles them into one typer app."""

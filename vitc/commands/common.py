@@ -1,0 +1,81 @@
+"""Options and helpers shared by every CLI command, so flags have one name and one meaning."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="zoo:<name>, hf:<dir>, timm:<name>, pkg.module:factory, FILE.pt2, FILE.pt, FILE.onnx")]
+WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="weights for timm: and module:factory models (safetensors or state dict)")]
+DataOpt = Annotated[str, typer.Option("--data", "-d", help="folder, .tar/.tar.gz archive, flat folder + labels.tsv, or bundled:calib / bundled:eval")]
+LabelsOpt = Annotated[Optional[Path], typer.Option("--labels", help="labels file (index and file columns) for a flat folder of images")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="write the figures as JSON to this file")]
+OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="where to write the artifact")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="overwrite an existing output")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="seed of the deterministic image subset")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: the CPUs this process may use)")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="images per batch")]
+ConvertOpt = Annotated[bool, typer.Option("--convert-rgb", help="convert grayscale/RGBA images to RGB instead of refusing them")]
+InputSizeOpt = Annotated[Optional[int], typer.Option("--input-size", help="model input side in pixels (overrides the model's config)")]
+ResizeOpt = Annotated[Optional[int], typer.Option("--resize", help="short side before the center crop")]
+MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="normalisation mean, e.g. 0.485,0.456,0.406")]
+StdOpt = Annotated[Optional[str], typer.Option("--std", help="normalisation std, e.g. 0.229,0.224,0.225")]
+InterpOpt = Annotated[Optional[str], typer.Option("--interpolation", help="bilinear or bicubic")]
+
+
+def allowed_cpus() -> int:
+    """CPUs this process may run on (its affinity), never the host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int | None) -> int:
+    import torch
+
+    n = threads or allowed_cpus()
+    torch.set_num_threads(n)
+    return n
+
+
+def _triple(text: str | None, flag: str):
+    from vitc.errors import VitcError
+
+    if text is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != 3:
+        raise VitcError(f"{flag} '{text}' is not three numbers", f"pass {flag} as R,G,B, e.g. 0.5,0.5,0.5")
+    return vals
+
+
+def load_backbone(model: str, weights: Path | None = None, input_size: int | None = None, resize: int | None = None,
+                  mean: str | None = None, std: str | None = None, interpolation: str | None = None):
+    from vitc.errors import VitcError
+    from vitc.models.intake import PreprocessFlags, load_model
+
+    if interpolation not in (None, "bilinear", "bicubic"):
+        raise VitcError(f"--interpolation '{interpolation}' is not supported", "use bilinear or bicubic")
+    flags = PreprocessFlags(input_size, resize, _triple(mean, "--mean"), _triple(std, "--std"), interpolation)
+    return load_model(model, str(weights) if weights else None, flags)
+
+
+def progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err_console, transient=True)
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"

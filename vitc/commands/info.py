@@ -1,0 +1,101 @@
+"""``vitc info``: the zoo, or one model's size, FLOPs and structure."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .common import (InputSizeOpt, InterpOpt, MeanOpt, OutOpt, ResizeOpt, StdOpt, WeightsOpt, console, load_backbone, pct)
+
+
+def info(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="a model to describe; without it, list the zoo"),
+    weights: WeightsOpt = None,
+    out: OutOpt = None,
+    input_size: InputSizeOpt = None,
+    resize: ResizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    interpolation: InterpOpt = None,
+) -> None:
+    """List the reference zoo, or print a model's parameters, FLOPs and structure."""
+    from vitc.artifacts import write_json
+
+    if model is None:
+        data = zoo_listing()
+        table = Table(title="vitc zoo (reference backbones, trained on CIFAR-10)")
+        for col in ("name", "kind", "architecture", "params", "test top-1"):
+            table.add_column(col)
+        for e in data["models"]:
+            table.add_row(e["name"], e["kind"], e["architecture"], f"{e['parameters'] / 1e6:.2f}M" if e["parameters"] else "-",
+                          pct(e["test_top1"]) if e["test_top1"] is not None else "not trained")
+        console.print(table)
+    else:
+        backbone = load_backbone(model, weights, input_size, resize, mean, std, interpolation)
+        data = describe_model(backbone)
+        print_model(data)
+    if out:
+        write_json(out, data)
+
+
+def zoo_listing() -> dict:
+    from vitc.models.zoo import ENTRIES
+
+    models = []
+    for entry in ENTRIES.values():
+        card = entry.card() or {}
+        models.append({
+            "name": entry.name, "spec": f"zoo:{entry.name}", "kind": entry.kind,
+            "architecture": card.get("architecture", f"transformers {entry.model_type}"),
+            "parameters": card.get("parameters"), "test_top1": card.get("test_top1"),
+            "test_set": card.get("test_set"), "input_size": entry.preprocess.input_size,
+        })
+    return {"zoo": models and "vitc reference backbones", "models": models}
+
+
+def describe_model(backbone) -> dict:
+    d = backbone.describe()
+    if backbone.module is not None:
+        d["parameters"] = backbone.parameters_count()
+        d["flops"] = backbone.flops()
+        d["structure"] = backbone.structure.to_dict()
+    else:
+        d["onnx"] = str(backbone.onnx_path)
+    return d
+
+
+def print_model(d: dict) -> None:
+    p = d["preprocess"]
+    console.print(f"[bold]{d['source']}[/bold]  kind: {d['kind']}  family: {d['family']}  classes: {d['classes']}")
+    if "parameters" in d:
+        console.print(f"parameters: {d['parameters'] / 1e6:.3f}M   FLOPs: {d['flops'] / 1e9:.3f} G per image at {p['input_size']}x{p['input_size']} "
+                      f"(2 per multiply-add, torch.utils.flop_counter)")
+    console.print(f"preprocess ({d['preprocess_origin']}): resize {p['resize']} {p['interpolation']}, crop {p['input_size']}, "
+                  f"mean {tuple(p['mean'])}, std {tuple(p['std'])}")
+    if d["transforms"]:
+        console.print("transforms: " + ", ".join(t.get("pass", "?") for t in d["transforms"]))
+    s = d.get("structure")
+    if not s:
+        return
+    table = Table(title="structure")
+    for col in ("stage", "type", "blocks / convs", "heads x dim", "mlp hidden", "tokens"):
+        table.add_column(col)
+    for st in s["stages"]:
+        if st["kind"] == "transformer":
+            t = st["tokens"]
+            b0 = st["blocks"][0]
+            heads = sorted({f"{b['attention']['num_heads']}x{b['attention']['head_dim']}" for b in st["blocks"]})
+            mlps = sorted({str(b["mlp"]["hidden"]) for b in st["blocks"]})
+            prefix = "+".join(n for n, i in (("cls", t["cls_index"]), ("dist", t["dist_index"])) if i is not None)
+            grid = "x".join(map(str, t["grid"])) if t["grid"] else "?"
+            qkv = "fused qkv" if b0["attention"]["qkv"] else "q/k/v"
+            layout = f"{prefix + ' + ' if prefix else ''}{grid} grid, dim {t['dim']}, {'unstructured' if t['unstructured'] else 'grid-bound'}"
+            table.add_row(st["path"], f"transformer ({qkv}, {b0['mlp']['activation']})", str(len(st["blocks"])), ",".join(heads), ",".join(mlps), layout)
+        else:
+            table.add_row(st["path"], "conv", f"{len(st['convs'])} convs, {len(st['norms'])} BN", "", "", f"{st['out_channels']} ch")
+    console.print(table)
+    for b in s["bridges"]:
+        console.print(f"bridge: {b['conv']} -> {b['stage']} (first: {b['into']})")
+    if s["classifier"]:
+        console.print(f"classifier: {s['classifier']}")

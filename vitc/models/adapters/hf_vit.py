@@ -1,0 +1,79 @@
+"""transformers ViT and DeiT (with or without the distillation token)."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from vitc.models.structure import AttentionSite, MLPSite, Structure, TokenLayout, TransformerBlock, TransformerStage
+
+from ._util import activation_name, child, need
+
+
+def _families():
+    import transformers
+
+    return (transformers.ViTModel, transformers.DeiTModel)
+
+
+def _base(model: nn.Module) -> tuple[str, nn.Module] | None:
+    try:
+        families = _families()
+    except ImportError:
+        return None
+    if isinstance(model, families):
+        return "", model
+    for name in ("vit", "deit"):
+        sub = getattr(model, name, None)
+        if isinstance(sub, families):
+            return name + ".", sub
+    return None
+
+
+def matches(model: nn.Module) -> bool:
+    return _base(model) is not None
+
+
+def discover(model: nn.Module, prefix: str = "") -> Structure:
+    import transformers
+
+    base_prefix, base = _base(model)  # type: ignore[misc]
+    p = prefix + base_prefix
+    cfg = base.config
+    layers_name, layers = need(base, "ViT encoder", "layers", "encoder.layer")
+    blocks = []
+    for i, layer in enumerate(layers):
+        lp = f"{p}{layers_name}.{i}."
+        attn_name, attn = need(layer, "ViT layer", "attention")
+        q = need(attn, "attention", "q_proj", "attention.query")[0]
+        k = need(attn, "attention", "k_proj", "attention.key")[0]
+        v = need(attn, "attention", "v_proj", "attention.value")[0]
+        o = need(attn, "attention", "o_proj", "output.dense")[0]
+        fc1_name, fc1 = need(layer, "ViT layer", "mlp.fc1", "intermediate.dense")
+        fc2 = need(layer, "ViT layer", "mlp.fc2", "output.dense")[0]
+        act = child(layer, "mlp.activation_fn", "intermediate.intermediate_act_fn")
+        heads = cfg.num_attention_heads
+        blocks.append(
+            TransformerBlock(
+                path=lp.rstrip("."),
+                attention=AttentionSite(
+                    path=lp + attn_name, num_heads=heads, head_dim=cfg.hidden_size // heads,
+                    q=lp + attn_name + "." + q, k=lp + attn_name + "." + k, v=lp + attn_name + "." + v,
+                    out_proj=lp + attn_name + "." + o,
+                ),
+                mlp=MLPSite(fc1=lp + fc1_name, fc2=lp + fc2, hidden=fc1.out_features, activation=activation_name(act[1] if act else None)),
+                norm1=lp + "layernorm_before",
+                norm2=lp + "layernorm_after",
+            )
+        )
+    grid = cfg.image_size // cfg.patch_size
+    distilled = isinstance(base, transformers.DeiTModel)
+    tokens = TokenLayout(dim=cfg.hidden_size, num_patches=grid * grid, grid=(grid, grid), cls_index=0,
+                         dist_index=1 if distilled else None, unstructured=True)
+    classifier = child(model, "classifier", "cls_classifier")
+    return Structure(
+        family="hf-deit" if distilled else "hf-vit",
+        kind="vit",
+        stages=[TransformerStage(path=f"{p}{layers_name}", blocks=blocks, tokens=tokens)],
+        classifier=(prefix + classifier[0]) if classifier else None,
+        patch_embed=p + "embeddings.patch_embeddings.projection",
+        final_norm=p + "layernorm",
+    )
