@@ -11,13 +11,25 @@ import sys
 
 import typer
 
+from vitc.commands.bench import bench_app
 from vitc.commands.evaluate import eval_cmd
+from vitc.commands.export import export_cmd
 from vitc.commands.info import info
+from vitc.commands.merge import merge_cmd
+from vitc.commands.prune import prune_cmd
+from vitc.commands.quantize import quantize_cmd
+from vitc.commands.sparsify import sparsify_cmd
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="vitc: compress vision backbones, export them, check parity, and gate latency.")
 app.command("info")(info)
 app.command("eval")(eval_cmd)
+app.command("export")(export_cmd)
+app.command("merge")(merge_cmd)
+app.command("prune")(prune_cmd)
+app.command("quantize")(quantize_cmd)
+app.command("sparsify")(sparsify_cmd)
+app.add_typer(bench_app, name="bench")
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -27,7 +39,8 @@ def run(argv: list[str] | None = None) -> int:
     from vitc.errors import VitcError
 
     try:
-        app(args=argv, prog_name="vitc", standalone_mode=False)
+        # Without standalone mode click returns typer.Exit's code instead of raising it.
+        code = app(args=argv, prog_name="vitc", standalone_mode=False)
     except VitcError as exc:
         if debug:
             raise
@@ -50,7 +63,7 @@ def run(argv: list[str] | None = None) -> int:
         first = str(exc).splitlines()[0] if str(exc) else ""
         print(f"error: unexpected {type(exc).__name__}: {first} (run again with --debug for the traceback)", file=sys.stderr)
         return 1
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def main() -> None:

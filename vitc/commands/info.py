@@ -85,11 +85,12 @@ def print_model(d: dict) -> None:
         if st["kind"] == "transformer":
             t = st["tokens"]
             b0 = st["blocks"][0]
-            heads = sorted({f"{b['attention']['num_heads']}x{b['attention']['head_dim']}" for b in st["blocks"]})
+            heads = sorted({f"{b['attention']['num_heads']}x{b['attention']['head_dim']}" if b["attention"] else "removed"
+                            for b in st["blocks"]})
             mlps = sorted({str(b["mlp"]["hidden"]) for b in st["blocks"]})
             prefix = "+".join(n for n, i in (("cls", t["cls_index"]), ("dist", t["dist_index"])) if i is not None)
             grid = "x".join(map(str, t["grid"])) if t["grid"] else "?"
-            qkv = "fused qkv" if b0["attention"]["qkv"] else "q/k/v"
+            qkv = "fused qkv" if any(b["attention"] and b["attention"]["qkv"] for b in st["blocks"]) else "q/k/v"
             layout = f"{prefix + ' + ' if prefix else ''}{grid} grid, dim {t['dim']}, {'unstructured' if t['unstructured'] else 'grid-bound'}"
             table.add_row(st["path"], f"transformer ({qkv}, {b0['mlp']['activation']})", str(len(st["blocks"])), ",".join(heads), ",".join(mlps), layout)
         else:

@@ -72,8 +72,16 @@ def load_model(spec: str, weights: str | None = None, flags: PreprocessFlags | N
     if spec.startswith("timm:"):
         return _load_timm(spec[5:], weights, flags)
     path = Path(spec).expanduser()
+    if path.is_dir() and (path / "vitc_quant.json").exists():  # written by vitc quantize
+        from vitc.compress.quantize.saved import load_quantized
+
+        return load_quantized(path)
     if path.suffix == ".onnx":
         return _load_onnx(path, flags)
+    if path.suffix == ".json":  # a merged-model description written by vitc merge -o
+        from vitc.compress.tokens import load_description
+
+        return load_description(path, flags)
     if path.suffix == ".pt2":
         return _load_exported(path, flags)
     if path.suffix in (".pt", ".pth", ".ts", ".jit", ".torchscript"):
@@ -224,29 +232,37 @@ def _load_hf(folder: Path, flags: PreprocessFlags, spec: str, preprocess: Prepro
     read_state_dict(wfile)  # a corrupt file gets vitc's one-line error, not transformers' traceback
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    # Load through transformers so that its checkpoint key conversions (v4 names in v5) apply;
-    # mismatches come back in the loading info and become one-line errors.
-    try:
-        model, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True,
-                                          ignore_mismatched_sizes=True, dtype=torch.float32)
-    except ValueError as exc:
-        raise VitcError(f"{spec}: {type(config).__name__} is not an image classifier transformers knows",
-                        "pass an image-classification checkpoint") from exc
-    if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]:
-        parts = []
-        for what in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-            keys = sorted(map(str, info[what]))
-            if keys:
-                parts.append(f"{len(keys)} {what.split('_')[0]} (e.g. {keys[0]})")
-        raise VitcError(f"weights {wfile} do not match the model in {folder / 'config.json'}: keys {', '.join(parts)}",
-                        "check that config.json and the weights come from the same save_pretrained call")
+    from vitc.compress.prune.persist import read_record, rebuild
+
+    record = read_record(folder)
+    if record is not None:  # written by vitc prune/sparsify: layer widths may differ from config.json
+        model = rebuild(cls(config), record["plan"])
+        load_weights(model, read_state_dict(wfile), wfile)
+    else:
+        # Load through transformers so that its checkpoint key conversions (v4 names in v5) apply;
+        # mismatches come back in the loading info and become one-line errors.
+        try:
+            model, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True,
+                                              ignore_mismatched_sizes=True, dtype=torch.float32)
+        except ValueError as exc:
+            raise VitcError(f"{spec}: {type(config).__name__} is not an image classifier transformers knows",
+                            "pass an image-classification checkpoint") from exc
+        if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]:
+            parts = []
+            for what in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+                keys = sorted(map(str, info[what]))
+                if keys:
+                    parts.append(f"{len(keys)} {what.split('_')[0]} (e.g. {keys[0]})")
+            raise VitcError(f"weights {wfile} do not match the model in {folder / 'config.json'}: keys {', '.join(parts)}",
+                            "check that config.json and the weights come from the same save_pretrained call")
     model.eval()
     pre, origin = flags.apply(preprocess or _hf_preprocess(folder, config) or _config_preprocess(config), spec)
     if preprocess is None and not (folder / "preprocessor_config.json").exists() and not flags.given():
         origin = "defaults"
     labels = [config.id2label[i] for i in range(config.num_labels)] if config.id2label else [str(i) for i in range(config.num_labels)]
     return Backbone(module=LogitsModule(model).eval(), preprocess=pre, labels=labels, source=spec,
-                    source_hash=file_sha256(wfile), preprocess_origin=origin)
+                    source_hash=file_sha256(wfile), preprocess_origin=origin,
+                    transforms=list(record["transforms"]) if record else [])
 
 
 def _config_preprocess(config) -> Preprocess | None:
@@ -331,17 +347,28 @@ def _load_exported(path: Path, flags: PreprocessFlags) -> Backbone:
         raise VitcError(f"{path} is not a readable torch.export program ({str(exc).splitlines()[0][:100]})",
                         "save it with torch.export.save(torch.export.export(model, (x,)), 'model.pt2')") from exc
     module = ep.module()
-    shape = [getattr(t, "shape", None) for t in ep.example_inputs[0]] if ep.example_inputs else []
+    shapes = [tuple(t.shape) for t in (ep.example_inputs[0] if ep.example_inputs else []) if hasattr(t, "shape")]
     base = None
-    if shape and shape[0] is not None and len(shape[0]) == 4:
-        size = int(shape[0][-1])
-        base = Preprocess(size, size)
+    if shapes and len(shapes[0]) == 4:
+        base = Preprocess(int(shapes[0][-1]), int(shapes[0][-1]))
     pre, origin = flags.apply(base, str(path))
     if base is not None and not flags.given():
         origin = "defaults"
-    module = _MaybeLogits(module)
-    return Backbone(module=module, preprocess=pre, labels=_labels_from(module, module, pre), source=str(path),
+    module = _ExportedLogits(module)
+    # the program may have a static batch: probe the class count with its own example batch size
+    probe_batch = int(shapes[0][0]) if shapes else 1
+    with torch.no_grad():
+        n = module(torch.zeros(probe_batch, 3, pre.input_size, pre.input_size)).shape[-1]
+    return Backbone(module=module, preprocess=pre, labels=[str(i) for i in range(n)], source=str(path),
                     source_hash=file_sha256(path), preprocess_origin=origin)
+
+
+class _ExportedLogits(_MaybeLogits):
+    """An ExportedProgram's module: it is always in eval mode and refuses ``train()``, so do not recurse."""
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        return self
 
 
 def _load_torchscript(path: Path, flags: PreprocessFlags) -> Backbone:

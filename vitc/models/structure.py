@@ -54,7 +54,7 @@ class MLPSite:
 @dataclass
 class TransformerBlock:
     path: str
-    attention: AttentionSite
+    attention: AttentionSite | None  # None where structured pruning removed the attention sublayer
     mlp: MLPSite
     norm1: str | None  # before attention
     norm2: str | None  # before the MLP

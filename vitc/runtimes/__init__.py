@@ -18,7 +18,9 @@ from vitc.errors import VitcError
 
 from .base import Session
 
-RUNTIME_BY_SUFFIX = {".onnx": "onnxruntime", ".xml": "openvino", ".engine": "tensorrt", ".plan": "tensorrt", ".mlpackage": "coreml"}
+RUNTIME_BY_SUFFIX = {".onnx": "onnxruntime", ".xml": "openvino", ".engine": "tensorrt", ".plan": "tensorrt",
+                     ".mlpackage": "coreml", ".mlmodel": "coreml"}
+RUNTIMES = ("torch", "onnxruntime", "openvino", "tensorrt", "coreml")
 
 
 def runtime_for(artifact) -> str:
@@ -37,8 +39,12 @@ def open_session(artifact, runtime: str | None = None, threads: int | None = Non
     from vitc.backbone import Backbone
 
     runtime = runtime or runtime_for(artifact)
+    if isinstance(artifact, Backbone) and artifact.module is not None and runtime != "torch":
+        raise VitcError(f"the {runtime} runtime runs exported artifacts, not a PyTorch model", "export it first, or use --runtime torch")
     if isinstance(artifact, Backbone) and artifact.module is None and runtime != "torch":
         artifact = artifact.onnx_path
+    if runtime == "torch" and not isinstance(artifact, Backbone):
+        raise VitcError(f"the torch runtime runs a PyTorch model, not the file {artifact}", "pass the model (zoo:, hf:, ...) or pick the artifact's runtime")
     if not isinstance(artifact, Backbone) and not Path(artifact).exists():
         raise VitcError(f"artifact {artifact} does not exist", "check the path, or export it first with vitc export")
     if runtime == "torch":
@@ -47,6 +53,10 @@ def open_session(artifact, runtime: str | None = None, threads: int | None = Non
         from .ort_session import OrtSession as cls
     elif runtime == "openvino":
         from .openvino_session import OpenVinoSession as cls
+    elif runtime == "tensorrt":
+        from .tensorrt_session import TensorRtSession as cls
+    elif runtime == "coreml":
+        from .coreml_session import CoreMlSession as cls
     else:
-        raise VitcError(f"unknown or unavailable runtime '{runtime}'", "use torch, onnxruntime or openvino")
+        raise VitcError(f"unknown runtime '{runtime}'", f"use one of {', '.join(RUNTIMES)}")
     return cls(artifact, threads=threads, device=device, **options)

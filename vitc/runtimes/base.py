@@ -19,5 +19,14 @@ class Session:
     def describe(self) -> dict:
         raise NotImplementedError
 
+    @property
+    def input_shape(self) -> tuple | None:
+        """The model input's shape, None for a dynamic dimension; None when the runtime takes any shape."""
+        return None
+
+    def fallbacks(self) -> list[str]:
+        """Where the runtime runs on another device or precision than asked (empty when it does not)."""
+        return []
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.asarray(self.run(np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32))))

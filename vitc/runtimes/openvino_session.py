@@ -40,6 +40,10 @@ class OpenVinoSession(Session):
         self.threads = threads
         self.device = dev
         self.version = ov.__version__ if hasattr(ov, "__version__") else ov.get_version()
+        try:
+            self.execution_devices = [str(d) for d in self.compiled.get_property("EXECUTION_DEVICES")]
+        except Exception:  # pragma: no cover - older OpenVINO or a plugin without the property
+            self.execution_devices = [dev]
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         self.request.infer({0: batch})
@@ -50,10 +54,31 @@ class OpenVinoSession(Session):
         counts: dict[str, int] = {}
         for op in self.compiled.get_runtime_model().get_ops():
             rt = op.get_rt_info()
-            prec = str(rt["runtimePrecision"]) if "runtimePrecision" in rt else "?"
+            prec = str(rt["runtimePrecision"].value) if "runtimePrecision" in rt else "?"
             counts[prec] = counts.get(prec, 0) + 1
         return counts
 
+    @property
+    def input_shape(self) -> tuple:
+        shape = self.compiled.inputs[0].get_partial_shape()
+        return tuple(d.get_length() if d.is_static else None for d in shape)
+
+    def fallbacks(self) -> list[str]:
+        out = []
+        ran_on = [d for d in self.execution_devices if not d.startswith(self.device)]
+        if ran_on:
+            out.append(f"OpenVINO asked for {self.device} but runs on {', '.join(ran_on)}")
+        # Per-layer runtimePrecision also reports f16 for layers that only decompress f16-stored
+        # weights, so the device's own answer to the hint is the reliable signal.
+        try:
+            applied = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        except Exception:  # pragma: no cover - a plugin without the property
+            applied = self.precision
+        if applied != self.precision:
+            out.append(f"OpenVINO asked for {self.precision} but the device applies {applied}")
+        return out
+
     def describe(self) -> dict:
         return {"runtime": "openvino", "version": self.version, "device": self.device,
-                "precision": f"INFERENCE_PRECISION_HINT={self.precision}", "threads": self.threads}
+                "precision": f"INFERENCE_PRECISION_HINT={self.precision}", "threads": self.threads,
+                "execution_devices": self.execution_devices}

@@ -36,11 +36,23 @@ class OrtSession(Session):
         except Exception as exc:
             raise VitcError(f"onnxruntime cannot load {self.path} ({str(exc).splitlines()[0][:160]})", "re-export the model") from exc
         self.input_name = self.session.get_inputs()[0].name
+        self.requested = wanted
         self.threads = threads
         self.version = ort.__version__
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0]
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(d if isinstance(d, int) else None for d in self.session.get_inputs()[0].shape)
+
+    def fallbacks(self) -> list[str]:
+        # ORT silently drops an execution provider that fails to initialise (missing CUDA libraries, say).
+        active = self.session.get_providers()
+        if self.requested[0] not in active:
+            return [f"onnxruntime asked for {self.requested[0]} but runs on {active[0]}"]
+        return []
 
     def describe(self) -> dict:
         return {"runtime": "onnxruntime", "version": self.version, "device": self.session.get_providers()[0],

@@ -50,14 +50,14 @@ def discover(model: nn.Module, prefix: str = "") -> Structure:
             blocks = []
             for j, t in enumerate(layer.transformer.layer):
                 tp = f"{lp}.transformer.layer.{j}."
-                sa = t.attention.attention
-                heads = sa.num_attention_heads
+                sa = getattr(t.attention, "attention", None)  # None when pruning removed the sublayer
+                site = None if sa is None else AttentionSite(
+                    path=tp + "attention", num_heads=sa.num_attention_heads, head_dim=sa.attention_head_size,
+                    q=tp + "attention.attention.query", k=tp + "attention.attention.key",
+                    v=tp + "attention.attention.value", out_proj=tp + "attention.output.dense")
                 blocks.append(TransformerBlock(
                     path=tp.rstrip("."),
-                    attention=AttentionSite(
-                        path=tp + "attention", num_heads=heads, head_dim=sa.attention_head_size,
-                        q=tp + "attention.attention.query", k=tp + "attention.attention.key",
-                        v=tp + "attention.attention.value", out_proj=tp + "attention.output.dense"),
+                    attention=site,
                     mlp=MLPSite(fc1=tp + "intermediate.dense", fc2=tp + "output.dense",
                                 hidden=t.intermediate.dense.out_features,
                                 activation=activation_name(t.intermediate.intermediate_act_fn)),
@@ -67,7 +67,8 @@ def discover(model: nn.Module, prefix: str = "") -> Structure:
             tokens = TokenLayout(dim=layer.conv_1x1.convolution.out_channels, num_patches=grid[0] * grid[1],
                                  grid=grid, unstructured=False)
             stages.append(TransformerStage(f"{lp}.transformer", blocks, tokens))
-            bridges.append(Bridge(conv=conv_names[-1], stage=f"{lp}.transformer", into=blocks[0].attention.q))
+            bridges.append(Bridge(conv=conv_names[-1], stage=f"{lp}.transformer",
+                                  into=blocks[0].attention.q if blocks[0].attention else f"{lp}.transformer.layer.0.intermediate.dense"))
             c, n = convs_and_norms(layer.conv_projection, f"{lp}.conv_projection.")
             c2, n2 = convs_and_norms(layer.fusion, f"{lp}.fusion.")
             stages.append(ConvStage(f"{lp}.fuse", c + c2, n + n2, layer.fusion.convolution.out_channels))

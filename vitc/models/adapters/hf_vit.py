@@ -28,6 +28,12 @@ def _base(model: nn.Module) -> tuple[str, nn.Module] | None:
     return None
 
 
+def _removed(attn: nn.Module) -> bool:
+    from vitc.compress.prune.surgery import DroppedAttention
+
+    return isinstance(attn, DroppedAttention)
+
+
 def matches(model: nn.Module) -> bool:
     return _base(model) is not None
 
@@ -43,22 +49,26 @@ def discover(model: nn.Module, prefix: str = "") -> Structure:
     for i, layer in enumerate(layers):
         lp = f"{p}{layers_name}.{i}."
         attn_name, attn = need(layer, "ViT layer", "attention")
-        q = need(attn, "attention", "q_proj", "attention.query")[0]
-        k = need(attn, "attention", "k_proj", "attention.key")[0]
-        v = need(attn, "attention", "v_proj", "attention.value")[0]
-        o = need(attn, "attention", "o_proj", "output.dense")[0]
         fc1_name, fc1 = need(layer, "ViT layer", "mlp.fc1", "intermediate.dense")
         fc2 = need(layer, "ViT layer", "mlp.fc2", "output.dense")[0]
         act = child(layer, "mlp.activation_fn", "intermediate.intermediate_act_fn")
-        heads = cfg.num_attention_heads
+        site = None
+        if not _removed(attn):
+            q, q_mod = need(attn, "attention", "q_proj", "attention.query")
+            k = need(attn, "attention", "k_proj", "attention.key")[0]
+            v = need(attn, "attention", "v_proj", "attention.value")[0]
+            o = need(attn, "attention", "o_proj", "output.dense")[0]
+            # heads from the layer itself: structured pruning may leave layers with different counts
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            site = AttentionSite(
+                path=lp + attn_name, num_heads=q_mod.out_features // head_dim, head_dim=head_dim,
+                q=lp + attn_name + "." + q, k=lp + attn_name + "." + k, v=lp + attn_name + "." + v,
+                out_proj=lp + attn_name + "." + o,
+            )
         blocks.append(
             TransformerBlock(
                 path=lp.rstrip("."),
-                attention=AttentionSite(
-                    path=lp + attn_name, num_heads=heads, head_dim=cfg.hidden_size // heads,
-                    q=lp + attn_name + "." + q, k=lp + attn_name + "." + k, v=lp + attn_name + "." + v,
-                    out_proj=lp + attn_name + "." + o,
-                ),
+                attention=site,
                 mlp=MLPSite(fc1=lp + fc1_name, fc2=lp + fc2, hidden=fc1.out_features, activation=activation_name(act[1] if act else None)),
                 norm1=lp + "layernorm_before",
                 norm2=lp + "layernorm_after",

@@ -1,0 +1,207 @@
+"""W8A8 post-training quantization: vitc against NNCF and ONNX Runtime's quantize_static.
+
+Same model, same 512 calibration images (class-stratified from the CIFAR-10 training archive),
+same test set (the full 10,000-image CIFAR-10 test archive), same machine, one run:
+
+* vitc: ``vitc.compress.quantize.apply`` (W8A8 defaults), evaluated as the PyTorch simulation
+  and as its QDQ ONNX export in ONNX Runtime and in OpenVINO (int8 kernels);
+* NNCF: ``nncf.quantize`` on the OpenVINO model of the FP32 ONNX export (``ModelType.TRANSFORMER``
+  for the ViT and the hybrid), run in OpenVINO;
+* ONNX Runtime: ``quantize_static`` (QDQ, per-channel weights, int8 activations), run in ONNX Runtime.
+
+Latency: batch 1 and 32, OpenVINO, FP32 with ``INFERENCE_PRECISION_HINT=f32`` against each int8
+model, measured by vitc's harness in the same run. Optional figures (``--bits 6,4``) add the
+simulation's accuracy at W6A6 and W4A4.
+
+    python benchmarks/quantize_vs_peers.py --out benchmarks/results/quantize_vs_peers.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+MODELS = ("zoo:resnet-c10", "zoo:mobilevit-c10", "zoo:vit-c10")
+
+
+def top1(run, x: torch.Tensor, y: torch.Tensor, batch: int = 200) -> tuple[float, np.ndarray]:
+    preds = []
+    for i in range(0, len(x), batch):
+        with torch.no_grad():
+            out = run(x[i:i + batch])
+        preds.append(np.asarray(out).argmax(-1))
+    p = np.concatenate(preds)
+    return float((p == y.numpy()).mean()), p
+
+
+def latency_ms(path: Path, x: torch.Tensor, batch: int, threads: int, quick: bool) -> float:
+    from vitc.bench.harness import HarnessConfig, build_pool, measure
+    from vitc.runtimes import open_session
+
+    config = HarnessConfig(min_samples=20 if quick else 50, min_time_s=0.5 if quick else 2.0,
+                           max_time_s=3.0 if quick else 10.0, warmup_max_s=2.0 if quick else 5.0)
+    session = open_session(path, runtime="openvino", threads=threads)
+    return 1000 * measure(session, build_pool(x[:256].numpy(), batch), batch, config)["stats"]["p50"]["value"]
+
+
+def ort_quantize_static(fp32: Path, out: Path, calib: torch.Tensor) -> float:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"pixel_values": calib[i:i + 32].numpy()} for i in range(0, len(calib), 32)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    t = time.perf_counter()
+    pre = out.with_name("pre.onnx")
+    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    return time.perf_counter() - t
+
+
+def nncf_quantize(fp32: Path, out: Path, calib: torch.Tensor, kind: str) -> float:
+    import nncf
+    import openvino as ov
+
+    t = time.perf_counter()
+    model = ov.Core().read_model(str(fp32))
+    dataset = nncf.Dataset([calib[i:i + 1].numpy() for i in range(len(calib))])
+    kwargs = {"model_type": nncf.ModelType.TRANSFORMER} if kind in ("vit", "hybrid") else {}
+    quantized = nncf.quantize(model, dataset, subset_size=len(calib), **kwargs)
+    ov.save_model(quantized, str(out))
+    return time.perf_counter() - t
+
+
+def bench_model(spec: str, calib_src, test_src, args) -> list[dict]:
+    from vitc.calibration.data import load_tensors
+    from vitc.compress.quantize import QuantConfig, apply
+    from vitc.export.onnx import write_onnx
+    from vitc.export.pipeline import ExportOptions
+    from vitc.export.qdq import export_qdq_onnx
+    from vitc.models.intake import load_model
+    from vitc.runtimes import open_session
+
+    backbone = load_model(spec)
+    kind = backbone.kind
+    calib, _ = load_tensors(calib_src, backbone.preprocess)
+    x, y = load_tensors(test_src, backbone.preprocess)
+    tmp = Path(tempfile.mkdtemp(prefix="vitc-qbench-"))
+    fp32_onnx = tmp / "fp32.onnx"
+    write_onnx(backbone, fp32_onnx, ExportOptions("fp32"), None)
+    rows = []
+    fp_top1, fp_pred = top1(backbone, x, y)
+
+    def row(method, runtime, acc, pred, calib_s=None, artifact=None):
+        r = {"model": spec, "kind": kind, "method": method, "runtime": runtime, "top1": acc,
+             "drop_pt": 100 * (fp_top1 - acc), "agreement": float((pred == fp_pred).mean()), "calibration_s": calib_s,
+             "artifact": str(artifact) if artifact else None}
+        rows.append(r)
+        print(f"  {method:24s} {runtime:12s} top-1 {100 * acc:6.2f}%  drop {r['drop_pt']:+.2f} pt", flush=True)
+        return r
+
+    print(f"{spec} ({kind}): {len(calib)} calibration / {len(x)} test images", flush=True)
+    row("fp32", "torch", fp_top1, fp_pred, artifact=None)
+    fp_ov = open_session(fp32_onnx, runtime="openvino", threads=args.threads)
+    row("fp32", "openvino", *top1(fp_ov, x, y), artifact=fp32_onnx)
+
+    for bits in args.bits:
+        t = time.perf_counter()
+        q = apply(backbone, QuantConfig(wbits=bits, abits=bits, calibrator=args.calib), calib)
+        q_s = time.perf_counter() - t
+        sim = row(f"vitc W{bits}A{bits}", "torch (sim)", *top1(q, x, y), calib_s=q_s)
+        if bits != 8:
+            continue
+        int8 = tmp / "vitc_int8.onnx"
+        export_qdq_onnx(q, int8)
+        row("vitc W8A8", "onnxruntime", *top1(open_session(int8, runtime="onnxruntime", threads=args.threads), x, y), artifact=int8)
+        ov_row = row("vitc W8A8", "openvino", *top1(open_session(int8, runtime="openvino", threads=args.threads), x, y),
+                     artifact=int8)
+        ov_row["vs_simulation_pt"] = 100 * abs(ov_row["top1"] - sim["top1"])
+
+    if not args.no_peers:
+        nncf_xml = tmp / "nncf_int8.xml"
+        s = nncf_quantize(fp32_onnx, nncf_xml, calib, kind)
+        row("nncf.quantize" + (" (TRANSFORMER)" if kind in ("vit", "hybrid") else ""), "openvino",
+            *top1(open_session(nncf_xml, runtime="openvino", threads=args.threads), x, y), calib_s=s, artifact=nncf_xml)
+        ort_q = tmp / "ort_int8.onnx"
+        s = ort_quantize_static(fp32_onnx, ort_q, calib)
+        row("ort quantize_static", "onnxruntime", *top1(open_session(ort_q, runtime="onnxruntime", threads=args.threads), x, y),
+            calib_s=s, artifact=ort_q)
+
+    if not args.no_latency:
+        for r in rows:
+            path = r["artifact"]
+            if path is None or r["runtime"] != "openvino":
+                continue
+            for b in (1, 32):
+                r[f"latency_b{b}_ms"] = latency_ms(Path(path), x, b, args.threads, args.quick)
+        fp = next(r for r in rows if r["method"] == "fp32" and r["runtime"] == "openvino")
+        for r in rows:
+            for b in (1, 32):
+                if f"latency_b{b}_ms" in r:
+                    r[f"speedup_b{b}"] = fp[f"latency_b{b}_ms"] / r[f"latency_b{b}_ms"]
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--calib-size", type=int, default=512)
+    p.add_argument("--test-size", type=int, default=None, help="deterministic subset of the test set (default: all 10,000)")
+    p.add_argument("--bits", default="8", help="comma-separated: 8 (with peers and int8 runtimes), 6, 4 (simulation)")
+    p.add_argument("--calib", default="mse")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--no-latency", action="store_true")
+    p.add_argument("--quick", action="store_true", help="shorter latency measurements")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    args.bits = [int(b) for b in args.bits.split(",")]
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from vitc.bench.fingerprint import fingerprint
+    from vitc.calibration.sources import open_source
+    from vitc.commands.common import set_threads
+    from vitc.export.qdq import guard_int8_isa
+
+    args.threads = set_threads(args.threads)
+    isa_cap = guard_int8_isa()
+    calib_src = open_source(CIFAR / "train.tar.gz").select(args.calib_size, seed=0)
+    test_src = open_source(CIFAR / "test.tar.gz").select(args.test_size, seed=0)
+    rows = []
+    for spec in args.models.split(","):
+        rows += bench_model(spec, calib_src, test_src, args)
+
+    table = Table(title=f"W8A8 PTQ: vitc vs NNCF vs ONNX Runtime ({args.calib_size} calibration images, {len(test_src)} test images)")
+    for col in ("model", "method", "runtime", "top-1", "drop (pt)", "agree", "calib (s)", "b1 ms", "b32 ms", "speedup b1/b32"):
+        table.add_column(col)
+    for r in rows:
+        lat = lambda b: f"{r[f'latency_b{b}_ms']:.3f}" if f"latency_b{b}_ms" in r else "-"
+        speed = f"{r['speedup_b1']:.2f}x / {r['speedup_b32']:.2f}x" if "speedup_b1" in r else "-"
+        table.add_row(r["model"], r["method"], r["runtime"], f"{100 * r['top1']:.2f}%", f"{r['drop_pt']:+.2f}",
+                      f"{100 * r['agreement']:.2f}%", f"{r['calibration_s']:.1f}" if r["calibration_s"] else "-",
+                      lat(1), lat(32), speed)
+    Console(width=200).print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"rows": rows, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                                        "onednn_max_cpu_isa": isa_cap, "machine": fingerprint()}, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The CLI of the foundation: info, eval, --out JSON, one-line errors, --debug, start-up time."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
+
+from vitc.cli import run
+
+
+def test_help_starts_fast_without_heavy_imports():
+    code = ("import sys, vitc.cli; heavy = [m for m in ('transformers', 'onnx', 'onnxruntime', 'openvino', 'nncf', "
+            "'coremltools', 'matplotlib', 'torch') if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", f"vitc.cli imports heavy modules at start-up: {out}"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run([sys.executable, "-m", "vitc.cli", "--help"], capture_output=True, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert cpu < 1.0, f"vitc --help took {cpu:.2f} s of CPU"
+
+
+def test_info_lists_the_zoo_as_json(tmp_path, capsys):
+    out = tmp_path / "zoo.json"
+    assert run(["info", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {m["kind"] for m in data["models"]} == {"vit", "hybrid", "cnn"}
+    assert all(m["spec"].startswith("zoo:") for m in data["models"])
+    assert "vit-c10" in capsys.readouterr().out
+
+
+def test_info_model_prints_params_flops_structure(tiny_mobilevit_dir, tmp_path, capsys):
+    out = tmp_path / "info.json"
+    assert run(["info", "--model", f"hf:{tiny_mobilevit_dir}", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["kind"] == "hybrid" and data["parameters"] > 0 and data["flops"] > 0
+    assert len(data["structure"]["bridges"]) == 3
+    text = capsys.readouterr().out
+    assert "FLOPs" in text and "bridge:" in text
+
+
+def test_eval_reports_top1_top5_and_writes_json(tiny_vit_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    assert run(["eval", "--model", f"hf:{tiny_vit_dir}", "--eval-size", "50", "--batch-size", "25", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["images"] == 50 and 0.0 <= r["top1"] <= r["top5"] <= 1.0 and r["images_per_s"] > 0
+    assert r["data"].endswith("eval.tar") and r["runtime"] == "torch"
+
+
+def test_eval_on_onnx_file_matches_torch(tiny_resnet, tmp_path):
+    import torch
+
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(tiny_resnet.module, (tiny_resnet.example_input(1),), str(path), dynamo=False,
+                      input_names=["pixel_values"], output_names=["logits"],
+                      dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
+    outs = []
+    for model in (f"hf:{tiny_resnet.source[3:]}", str(path)):
+        o = tmp_path / f"{len(outs)}.json"
+        assert run(["eval", "--model", model, "--eval-size", "40", "--out", str(o)]) == 0
+        outs.append(json.loads(o.read_text()))
+    assert outs[1]["runtime"] == "onnxruntime"
+    # class names of the ONNX file are unknown, but the count and order match the CIFAR folders
+    assert outs[0]["top1"] == pytest.approx(outs[1]["top1"], abs=0.026)
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "vitc.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    r = _cli("info", "--model", "zoo:not-a-model")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: unknown zoo model 'not-a-model'")
+    assert "Traceback" not in r.stderr
+    r = _cli("eval", "--model", "zoo:not-a-model", "--debug")
+    assert r.returncode != 0 and "Traceback" in r.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = _cli("eval", "--model", "missing.onnx", "--data", str(empty))
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_bad_data_folder(tiny_vit_dir, tmp_path):
+    (tmp_path / "d").mkdir()
+    r = _cli("eval", "--model", f"hf:{tiny_vit_dir}", "--data", str(tmp_path / "d"))
+    assert r.returncode == 2 and "no images in" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,73 @@
+"""QDQ ONNX export of quantized models: int8 weights in the graph, ONNX Runtime and OpenVINO agree with the simulation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vitc.calibration.data import load_tensors
+from vitc.compress.quantize import QuantConfig, apply
+from vitc.errors import VitcError
+
+
+@pytest.fixture(scope="module")
+def calib32():
+    from vitc.calibration.sources import open_source
+
+    return open_source("bundled:calib").select(32, seed=0)
+
+
+def _x(backbone, source):
+    return load_tensors(source, backbone.preprocess)[0]
+
+
+@pytest.mark.parametrize("name", ["tiny_vit", "tiny_mobilevit"])
+def test_qdq_export_runs_int8_in_onnxruntime(name, request, calib32, eval_images, tmp_path):
+    import onnx
+
+    from vitc.export.qdq import export_qdq_onnx
+    from vitc.runtimes import open_session
+
+    backbone = request.getfixturevalue(name)
+    q = apply(backbone, QuantConfig(), _x(backbone, calib32))
+    path = export_qdq_onnx(q, tmp_path / "q.onnx")
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: i for i in graph.initializer}
+    int8 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    n_layers = len(q.transforms[-1]["scheme_choice"]) or 1
+    assert len(int8) >= n_layers  # every quantized weight is stored as int8 codes
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in inits for n in graph.node)
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) >= n_layers  # activations are quantized at run time
+    x = _x(backbone, eval_images)
+    with torch.no_grad():
+        sim = q(x).numpy()
+    out = open_session(path, runtime="onnxruntime", threads=1).run(x.numpy())
+    agree = (out.argmax(-1) == sim.argmax(-1)).mean()
+    assert agree >= 0.95, f"onnxruntime agrees with the simulation on only {agree:.1%}"
+    assert np.abs(out - sim).max() < 0.1 * max(1.0, np.abs(sim).max())
+
+
+def test_openvino_runs_int8_kernels(tiny_vit, calib32, eval_images, tmp_path):
+    from vitc.export.qdq import export_qdq_onnx, guard_int8_isa
+    from vitc.runtimes import open_session
+
+    guard_int8_isa()
+    q = apply(tiny_vit, QuantConfig(), _x(tiny_vit, calib32))
+    path = export_qdq_onnx(q, tmp_path / "q.onnx")
+    session = open_session(path, runtime="openvino", threads=1)
+    precisions = session.runtime_precisions()
+    assert precisions.get("i8", 0) + precisions.get("u8", 0) > 0, precisions
+    x = _x(tiny_vit, eval_images)
+    with torch.no_grad():
+        sim = q(x).numpy()
+    out = session.run(x.numpy())
+    assert (out.argmax(-1) == sim.argmax(-1)).mean() >= 0.95
+
+
+def test_low_bit_models_do_not_export(tiny_vit, calib32, tmp_path):
+    from vitc.export.qdq import export_qdq_onnx
+
+    q = apply(tiny_vit, QuantConfig(wbits=4, abits=8, calibrator="minmax"), _x(tiny_vit, calib32))
+    with pytest.raises(VitcError, match="4 bits; the QDQ ONNX export takes 8-bit models only"):
+        export_qdq_onnx(q, tmp_path / "q.onnx")
+    assert not (tmp_path / "q.onnx").exists()

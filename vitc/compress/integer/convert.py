@@ -1,0 +1,193 @@
+"""Calibrate a float ViT and turn it into an ``IntViT`` (training-free).
+
+Two steps with a plain boundary between them, so activation ranges from another calibrator
+(the W8A8 pass) can replace ours: ``calibrate(float_vit, batches) -> {tap: range}`` and
+``build(float_vit, ranges, ...) -> IntViT``. A range is the absolute value mapped to the
+largest integer (symmetric quantization: ``scale = range / (2**(bits-1) - 1)``).
+"""
+from __future__ import annotations
+
+import math
+import torch
+
+from vitc.errors import VitcError
+
+from . import kernels as K
+from .program import IntActivation, IntBlock, IntLinear, IntNorm, IntViT, Requant, ResidualAdd
+from .reference import FloatViT, Linear, Norm
+
+INT32_MAX = 2**31 - 1
+INT64_SAFE = 2**60  # the ONNX graph adds a 2**61 offset before its unsigned shifts
+MAX_NORM_WIDTH = 16000  # LayerNorm rows the ONNX graph's lifted division covers
+RESIDUAL_TAPS = ("embed", "residual1", "residual2")
+PROB_LEVELS = 255  # attention probabilities as uint8, scale 1/255
+
+
+def is_residual(tap: str) -> bool:
+    return tap.rsplit(".", 1)[-1] in RESIDUAL_TAPS
+
+
+@torch.no_grad()
+def calibrate(model: FloatViT, batches: list[torch.Tensor], method: str = "percentile", percentile: float = 99.99,
+              act_bits: int = 8) -> dict[str, float]:
+    """Symmetric activation ranges per tap, with the project's observers and calibrators.
+
+    Two passes over the batches (extremes, then histograms). The input and the residual
+    stream are always taken by min-max: the input is bounded, and the residual stream is
+    quantized wide and must not clip. Other taps use ``method`` (minmax, percentile, mse,
+    entropy) at ``act_bits``.
+    """
+    from vitc.calibration import observers as O
+
+    obs: dict[str, O.Observer] = {}
+
+    def tap(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name not in obs:
+            obs[name] = O.Observer(name)
+        obs[name].update(t)
+        return t
+
+    for x in batches:
+        model.forward(x.float(), tap)
+    for o in obs.values():
+        o.start_histogram()
+    for x in batches:
+        model.forward(x.float(), tap)
+    out = {}
+    for name, o in obs.items():
+        how = "minmax" if name == "input" or is_residual(name) else method
+        lo, hi = O.calibrate(o.histogram(), how, act_bits, True, percentile)
+        out[name] = max(abs(lo), abs(hi), 1e-8)
+    return out
+
+
+class _Builder:
+    def __init__(self, ranges: dict[str, float], weight_bits: int, act_bits: int, residual_bits: int, gelu: str):
+        self.ranges, self.gelu = ranges, gelu
+        self.wq = 2 ** (weight_bits - 1) - 1
+        self.aq = 2 ** (act_bits - 1) - 1
+        self.rq = 2 ** (residual_bits - 1) - 1
+        self.act_bits, self.weight_bits, self.residual_bits = act_bits, weight_bits, residual_bits
+
+    def scale(self, tap: str) -> float:
+        if tap not in self.ranges:
+            raise VitcError(f"no activation range for '{tap}'", "calibrate again, or pass a range for every tap")
+        return self.ranges[tap] / (self.rq if is_residual(tap) else self.aq)
+
+    def act_range(self) -> tuple[int, int]:
+        return -self.aq - 1, self.aq
+
+    def res_range(self) -> tuple[int, int]:
+        return -self.rq - 1, self.rq
+
+    def linear(self, name: str, lin: Linear, in_scale: float) -> tuple[IntLinear, torch.Tensor]:
+        """Per-output-channel symmetric weights; int32 bias at the accumulator scale; checks the accumulator."""
+        w, b = lin[0].double(), lin[1].double()
+        sw = (w.abs().amax(1) / self.wq).clamp_min(1e-12)
+        wq = torch.round(w / sw[:, None]).clamp(-self.wq - 1, self.wq).to(torch.int8)
+        acc_scale = in_scale * sw
+        bq = torch.round(b / acc_scale)
+        worst = float(bq.abs().max()) + w.shape[1] * (self.aq + 1) * (self.wq + 1)
+        if worst > INT32_MAX:
+            raise VitcError(f"integer-only: the int32 accumulator of layer {name} can overflow at W{self.weight_bits}"
+                            f"A{self.act_bits} (bound {worst:.3g} > 2**31 - 1: its bias is large against its "
+                            "input and weight scales)", "calibrate with more representative data (wider input "
+                            "range), or keep this model in W8A8 without --integer-only")
+        return IntLinear(name, wq, bq.to(torch.int32)), acc_scale
+
+    def requant(self, name: str, ratio, lo: int, hi: int, acc_bound: float) -> Requant:
+        m, s = K.dyadic(ratio)
+        if acc_bound * float(m.max()) >= INT64_SAFE:
+            raise VitcError(f"integer-only: requantizing the output of layer {name} overflows int64 "
+                            f"(multiplier {int(m.max())} >> {s})", "widen the activation range of that layer or keep W8A8")
+        return Requant(m, s, lo, hi)
+
+    def norm(self, name: str, norm: Norm, in_bits: int, out_tap: str) -> IntNorm:
+        g, b, _ = (t.double() if isinstance(t, torch.Tensor) else t for t in norm)
+        top = float(g.abs().max()) or 1.0
+        k = max(0, min(30, 15 - math.ceil(math.log2(top))))
+        gq = torch.round(g * 2.0 ** k).to(torch.int64)
+        bq = torch.round(b * 2.0 ** (K.NORM_FRAC_BITS + k)).to(torch.int64)
+        out_scale = self.scale(out_tap)
+        dim = g.numel()
+        if dim > MAX_NORM_WIDTH:
+            raise VitcError(f"integer-only: LayerNorm {name} is {dim} wide, above the {MAX_NORM_WIDTH} the integer "
+                            "LayerNorm supports", "keep this model in W8A8 without --integer-only")
+        bound = (2 ** K.NORM_FRAC_BITS) * math.sqrt(dim) * float(gq.abs().max()) + float(bq.abs().max())
+        out = self.requant(name, 2.0 ** -(K.NORM_FRAC_BITS + k) / out_scale, *self.act_range(), bound)
+        return IntNorm(name, gq, bq, K.layernorm_pre_shift(in_bits, dim), out)
+
+    def residual_add(self, name: str, a_scale: float, b_scale: torch.Tensor, b_bound: float, out_tap: str) -> ResidualAdd:
+        so = self.scale(out_tap)
+        a = self.requant(name, a_scale / so, 0, 0, self.rq + 1)
+        b = self.requant(name, b_scale / so, 0, 0, b_bound)
+        return ResidualAdd(a, b, *self.res_range())
+
+
+def _acc_bound(lin: IntLinear, in_max: int) -> float:
+    w = lin.weight.to(torch.int64).abs().sum(1)
+    return float((w * in_max + lin.bias.to(torch.int64).abs()).max())
+
+
+def build(model: FloatViT, ranges: dict[str, float], weight_bits: int = 8, act_bits: int = 8,
+          residual_bits: int = 16, gelu: str = "lambda") -> IntViT:
+    """The integer ViT of ``model`` at the given widths, from per-tap activation ranges."""
+    B = _Builder(ranges, weight_bits, act_bits, residual_bits, gelu)
+    s_in = B.scale("input")
+    paths = model.paths
+    patch, patch_acc = B.linear(paths["patch"], (model.patch_weight.flatten(1), model.patch_bias), s_in)
+    prefix_f = (model.cls + model.pos[:1]).double()
+    ranges = dict(ranges)
+    ranges["embed"] = max(ranges.get("embed", 0.0), float(prefix_f.abs().max()))
+    B.ranges = ranges
+    s_h = B.scale("embed")
+    embed = B.residual_add(paths["patch"], s_h, patch_acc, _acc_bound(patch, B.aq + 1), "embed")
+    pos = torch.round(model.pos[1:].double() / s_h).clamp(-B.rq - 1, B.rq).to(torch.int64)
+    prefix = torch.round(prefix_f / s_h).clamp(-B.rq - 1, B.rq).to(torch.int64)
+    lo, hi = B.act_range()
+    blocks = []
+    for i, fb in enumerate(model.blocks):
+        t = lambda name, i=i: f"{i}.{name}"  # noqa: E731
+        p = fb.paths
+        norm1 = B.norm(p["norm1"], fb.norm1, residual_bits, t("norm1"))
+        s_x = B.scale(t("norm1"))
+        lins, outs = {}, {}
+        for key in ("q", "k", "v"):
+            lins[key], acc = B.linear(p[key], getattr(fb, key), s_x)
+            outs[key] = B.requant(p[key], acc / B.scale(t(key)), lo, hi, _acc_bound(lins[key], B.aq + 1))
+        sm_mult, sm_shift = K.log2_multiplier(B.scale(t("q")) * B.scale(t("k")) / math.sqrt(fb.head_dim))
+        s_ctx = B.scale(t("context"))
+        ctx_out = B.requant(f"{fb.name} attention", B.scale(t("v")) / PROB_LEVELS / s_ctx, lo, hi,
+                            float(model.pos.shape[0] * PROB_LEVELS * (B.aq + 1)))
+        o, o_acc = B.linear(p["o"], fb.o, s_ctx)
+        add1 = B.residual_add(p["o"], s_h, o_acc, _acc_bound(o, B.aq + 1), t("residual1"))
+        s_h = B.scale(t("residual1"))
+        norm2 = B.norm(p["norm2"], fb.norm2, residual_bits, t("norm2"))
+        fc1, fc1_acc = B.linear(p["fc1"], fb.fc1, B.scale(t("norm2")))
+        s_f = B.scale(t("fc1"))
+        fc1_out = B.requant(p["fc1"], fc1_acc / s_f, lo, hi, _acc_bound(fc1, B.aq + 1))
+        act = _activation(B, fb.activation, s_f, B.scale(t("act")), ranges[t("fc1")], p["fc1"])
+        fc2, fc2_acc = B.linear(p["fc2"], fb.fc2, B.scale(t("act")))
+        add2 = B.residual_add(p["fc2"], s_h, fc2_acc, _acc_bound(fc2, B.aq + 1), t("residual2"))
+        s_h = B.scale(t("residual2"))
+        blocks.append(IntBlock(fb.name, fb.heads, fb.head_dim, norm1, lins["q"], lins["k"], lins["v"], outs["q"],
+                               outs["k"], outs["v"], sm_mult, sm_shift, ctx_out, o, add1, norm2, fc1, fc1_out, act,
+                               fc2, add2))
+    final = B.norm(paths["final_norm"], model.final_norm, residual_bits, "final_norm")
+    cls, cls_acc = B.linear(paths["classifier"], model.classifier, B.scale("final_norm"))
+    return IntViT(input_scale=torch.tensor(s_in, dtype=torch.float32), patch_size=model.patch_size, patch=patch,
+                  embed_add=embed, pos=pos, prefix=prefix, blocks=blocks, final_norm=final, classifier=cls,
+                  logit_scale=cls_acc.float(), residual_bits=residual_bits,
+                  meta={"weight_bits": weight_bits, "act_bits": act_bits, "residual_bits": residual_bits,
+                        "gelu": gelu, "ranges": ranges})
+
+
+def _activation(B: _Builder, kind: str, s_in: float, s_out: float, in_range: float, name: str) -> IntActivation:
+    lo, hi = B.act_range()
+    if kind == "relu":
+        return IntActivation("relu", torch.tensor(1), 0, B.requant(name, s_in / s_out, lo, hi, B.aq + 1))
+    lam = 1.0 if kind == "silu" else (K.lambda_for_range(-in_range, in_range) if B.gelu == "lambda" else 1.702)
+    m, s = K.log2_multiplier(s_in, lam)
+    bound = (B.aq + 1) * 2.0 ** K.SIGMOID_BITS
+    out = B.requant(name, s_in * 2.0 ** -K.SIGMOID_BITS / s_out, lo, hi, bound)
+    return IntActivation("silu" if kind == "silu" else "gelu", m, s, out)

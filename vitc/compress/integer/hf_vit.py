@@ -1,0 +1,111 @@
+"""The ViT family adapter: read a (transformers) ViT's float parameters into ``FloatViT``.
+
+Everything family-specific lives here: where the CLS token and the position embedding are,
+and which structures have no integer version yet. The structure (``backbone.structure``)
+gives the paths of the patch embedding, blocks, norms and classifier.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from vitc.errors import VitcError
+
+from .reference import FloatBlock, FloatViT
+
+SUPPORTED_ACTIVATIONS = ("gelu", "silu", "relu")
+NO_INTEGER = "quantize without --integer-only (W8A8 keeps float non-linearities)"
+
+
+def _get(module: nn.Module, path: str) -> nn.Module:
+    return module.get_submodule(path)
+
+
+def _linear(module: nn.Module, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    m = _get(module, path)
+    if not isinstance(m, nn.Linear):
+        raise VitcError(f"integer-only: layer {path} is a {type(m).__name__}, which has no integer version",
+                        NO_INTEGER)
+    bias = m.bias if m.bias is not None else torch.zeros(m.out_features)
+    return m.weight.detach().float().clone(), bias.detach().float().clone()
+
+
+def _norm(module: nn.Module, path: str | None, what: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    if path is None:
+        raise VitcError(f"integer-only: the model has no {what}, which the integer ViT expects", NO_INTEGER)
+    m = _get(module, path)
+    if not isinstance(m, nn.LayerNorm):
+        raise VitcError(f"integer-only: layer {path} is a {type(m).__name__}, which has no integer version "
+                        "(only LayerNorm is supported)", NO_INTEGER)
+    d = m.normalized_shape[0]
+    w = m.weight if m.weight is not None else torch.ones(d)
+    b = m.bias if m.bias is not None else torch.zeros(d)
+    return w.detach().float().clone(), b.detach().float().clone(), float(m.eps)
+
+
+def _embeddings(module: nn.Module, patch_path: str) -> nn.Module:
+    parts = patch_path.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        m = _get(module, ".".join(parts[:cut])) if cut else module
+        if hasattr(m, "position_embeddings") and hasattr(m, "cls_token"):
+            return m
+    raise VitcError(f"integer-only: no CLS token and position embedding found around {patch_path}", NO_INTEGER)
+
+
+def read_vit(backbone) -> FloatViT:
+    """The float parameters of a ViT Backbone, or a one-line error naming what has no integer version."""
+    module = backbone.require_module("integer-only conversion")
+    s = backbone.structure
+    if s.conv_stages:
+        conv = s.conv_stages[0].convs[0] if s.conv_stages[0].convs else s.conv_stages[0].path
+        raise VitcError(f"integer-only: layer {conv} (BatchNorm conv stage of a {s.kind} model) has no integer "
+                        "version in the integer executor yet (only plain ViTs are converted)", NO_INTEGER)
+    if s.kind != "vit" or not s.blocks or s.patch_embed is None or s.classifier is None:
+        raise VitcError(f"integer-only: {backbone.source} is not a plain ViT (kind {s.kind}, family {s.family})",
+                        NO_INTEGER)
+    tokens = s.transformer_stages[0].tokens
+    if tokens.dist_index is not None or tokens.cls_index != 0:
+        raise VitcError(f"integer-only: {backbone.source} has a distillation token, which the integer ViT "
+                        "does not carry", NO_INTEGER)
+    conv = _get(module, s.patch_embed)
+    if not isinstance(conv, nn.Conv2d) or conv.stride != conv.kernel_size or conv.padding not in ((0, 0), "valid"):
+        raise VitcError(f"integer-only: patch embedding {s.patch_embed} is not a Conv2d with stride = kernel",
+                        NO_INTEGER)
+    emb = _embeddings(module, s.patch_embed)
+    blocks = []
+    for blk in s.blocks:
+        a, m = blk.attention, blk.mlp
+        if a.fused:
+            raise VitcError(f"integer-only: attention {a.path} has a fused qkv projection, not supported yet",
+                            NO_INTEGER)
+        if m.activation not in SUPPORTED_ACTIVATIONS:
+            raise VitcError(f"integer-only: activation '{m.activation}' after {m.fc1} has no integer version "
+                            f"(supported: {', '.join(SUPPORTED_ACTIVATIONS)})", NO_INTEGER)
+        act = _activation_module(module, m.fc1)
+        blocks.append(FloatBlock(
+            name=blk.path, heads=a.num_heads, head_dim=a.head_dim,
+            norm1=_norm(module, blk.norm1, f"norm before {a.path}"),
+            q=_linear(module, a.q), k=_linear(module, a.k), v=_linear(module, a.v), o=_linear(module, a.out_proj),
+            norm2=_norm(module, blk.norm2, f"norm before {m.fc1}"),
+            fc1=_linear(module, m.fc1), fc2=_linear(module, m.fc2), activation=m.activation, act_fn=act,
+            paths={"q": a.q, "k": a.k, "v": a.v, "o": a.out_proj, "fc1": m.fc1, "fc2": m.fc2,
+                   "norm1": blk.norm1, "norm2": blk.norm2}))
+    bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
+    return FloatViT(
+        patch_size=conv.kernel_size[0], patch_weight=conv.weight.detach().float().clone(),
+        patch_bias=bias.detach().float().clone(),
+        cls=emb.cls_token.detach().float().reshape(1, -1).clone(),
+        pos=emb.position_embeddings.detach().float().reshape(-1, conv.out_channels).clone(),
+        blocks=blocks, final_norm=_norm(module, s.final_norm, "final norm"), classifier=_linear(module, s.classifier),
+        paths={"patch": s.patch_embed, "final_norm": s.final_norm, "classifier": s.classifier})
+
+
+def _activation_module(module: nn.Module, fc1_path: str):
+    """The MLP's own activation module (the sibling of fc1), so the float reference matches it exactly."""
+    parent_path = fc1_path.rsplit(".", 1)[0]
+    parent = _get(module, parent_path)
+    for name in ("activation_fn", "intermediate_act_fn", "act", "activation"):
+        fn = getattr(parent, name, None)
+        if callable(fn):
+            return fn
+    return None

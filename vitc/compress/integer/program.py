@@ -1,0 +1,227 @@
+"""The integer ViT: its constants (``IntViT``) and the reference executor that runs it.
+
+An ``IntViT`` holds only integer tensors plus two float vectors used at the boundary: the
+input scale (pixels -> int8) and the logit scales (int32 accumulators -> float logits).
+``execute`` runs from the int8 input to the int32 logit accumulator with integer tensors
+only and checks every intermediate's dtype; ``IntegerViT`` wraps it as an ``nn.Module`` so
+the result travels as a Backbone.
+
+Storage types: activations entering a matmul are int8 (attention probabilities uint8),
+matmul accumulators int32, the residual stream ``residual_bits`` wide (held in int64), and
+non-linear arithmetic int64. Matmuls run on int32 copies of the int8 operands, which is
+exact: the int32 accumulator is what ``MatMulInteger`` produces.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from . import kernels as K
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 (..., K) @ int8 (K, M) -> exact int32, like ONNX ``MatMulInteger``.
+
+    ``torch._int_mm`` (int8 GEMM with int32 accumulation) is twice as fast as an int32
+    matmul on CPU; the int32 matmul is the fallback where it is missing.
+    """
+    lead = a.shape[:-1]
+    a2 = a.reshape(-1, a.shape[-1])
+    if a2.dtype == torch.int8 and b.dtype == torch.int8 and hasattr(torch, "_int_mm") and a2.shape[0] > 16:
+        try:
+            return torch._int_mm(a2, b.contiguous()).reshape(*lead, b.shape[-1])
+        except RuntimeError:
+            pass
+    return torch.matmul(a2.to(torch.int32), b.to(torch.int32)).reshape(*lead, b.shape[-1])
+
+
+@dataclass
+class Requant:
+    """Dyadic requantization ``clamp(round(acc * multiplier / 2**shift), lo, hi)``."""
+
+    multiplier: torch.Tensor  # int64 scalar or per-channel vector
+    shift: int
+    lo: int
+    hi: int
+
+    def __call__(self, acc: torch.Tensor) -> torch.Tensor:
+        return K.requantize(acc, self.multiplier, self.shift, self.lo, self.hi)
+
+
+@dataclass
+class ResidualAdd:
+    """``clamp(round(a*ma/2**sa) + round(b*mb/2**sb))``: both operands aligned to the output scale."""
+
+    a: Requant  # the residual stream (scalar multiplier); its lo/hi are unused
+    b: Requant  # the branch accumulator (per-channel multiplier)
+    lo: int
+    hi: int
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return K.aligned_add(a, self.a.multiplier, self.a.shift, b, self.b.multiplier, self.b.shift, self.lo, self.hi)
+
+
+@dataclass
+class IntLinear:
+    name: str  # layer path in the float model, for messages
+    weight: torch.Tensor  # int8 (out, in)
+    bias: torch.Tensor  # int32 (out,)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_matmul(x, self.weight.t()) + self.bias
+
+
+@dataclass
+class IntNorm:
+    name: str
+    gamma: torch.Tensor  # int64
+    beta: torch.Tensor  # int64
+    pre_shift: int
+    out: Requant
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(K.int_layernorm(x, self.gamma, self.beta, self.pre_shift)).to(torch.int8)
+
+
+@dataclass
+class IntActivation:
+    kind: str  # "gelu" (ShiftGELU / lambda-ShiftGELU), "silu", "relu"
+    multiplier: torch.Tensor
+    shift: int
+    out: Requant
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The kernel itself: ShiftGELU / SiLU / ReLU, then requantization to int8."""
+        if self.kind == "relu":
+            y = x.to(torch.int64).clamp_min(0)
+        elif self.kind == "silu":
+            y = K.int_silu(x, self.multiplier, self.shift)
+        else:
+            y = K.shift_gelu(x, self.multiplier, self.shift)
+        return self.out(y).to(torch.int8)
+
+    def table(self) -> torch.Tensor:
+        """The kernel's int8 output for every int8 input -128..127 (int64, 256 entries).
+
+        The activation's input is int8, so these 256 integers are the whole function: the
+        executor and the ONNX graph look them up instead of running ~40 int64 ops per element.
+        """
+        return self(torch.arange(-128, 128, dtype=torch.int64)).to(torch.int64)
+
+    def lookup(self, x: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "_table"):
+            self._table = self.table().to(torch.int8)
+        return self._table[x.to(torch.int64) + 128]
+
+
+@dataclass
+class IntBlock:
+    name: str
+    heads: int
+    head_dim: int
+    norm1: IntNorm
+    q: IntLinear
+    k: IntLinear
+    v: IntLinear
+    q_out: Requant
+    k_out: Requant
+    v_out: Requant
+    softmax_multiplier: torch.Tensor
+    softmax_shift: int
+    context_out: Requant
+    o: IntLinear
+    add1: ResidualAdd
+    norm2: IntNorm
+    fc1: IntLinear
+    fc1_out: Requant
+    act: IntActivation
+    fc2: IntLinear
+    add2: ResidualAdd
+
+
+@dataclass
+class IntViT:
+    input_scale: torch.Tensor  # float scalar: pixels / input_scale -> int8 (the input quantizer)
+    patch_size: int
+    patch: IntLinear  # Conv2d with stride = kernel as a matmul over flattened patches
+    embed_add: ResidualAdd  # patch accumulator + position embedding -> residual stream
+    pos: torch.Tensor  # int64 (num_patches, dim), position embedding in residual units
+    prefix: torch.Tensor  # int64 (num_prefix, dim), CLS (+ position) in residual units
+    blocks: list[IntBlock]
+    final_norm: IntNorm
+    classifier: IntLinear
+    logit_scale: torch.Tensor  # float (classes,): int32 accumulator -> logits (the output dequantizer)
+    residual_bits: int = 16
+    meta: dict = field(default_factory=dict)  # config and calibration record
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x / self.input_scale).clamp(-128, 127).to(torch.int8)
+
+    def dequantize_logits(self, acc: torch.Tensor) -> torch.Tensor:
+        return acc.to(torch.float32) * self.logit_scale.to(torch.float32)
+
+
+def _int(t: torch.Tensor, where: str) -> torch.Tensor:
+    if t.dtype in FLOAT_DTYPES or t.is_complex():
+        raise AssertionError(f"float tensor ({t.dtype}) in the integer executor at {where}")
+    return t
+
+
+def patches_of(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, H/p * W/p, C*p*p) in the order of a flattened Conv2d kernel."""
+    n, c, h, w = x.shape
+    x = x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(n, (h // p) * (w // p), c * p * p)
+
+
+def execute(model: IntViT, x: torch.Tensor) -> torch.Tensor:
+    """Run the integer ViT on an int8 image batch (N, C, H, W); return the int32 logit accumulator."""
+    _int(x, "input")
+    n = x.shape[0]
+    acc = _int(model.patch(patches_of(x, model.patch_size)), model.patch.name)
+    h = _int(model.embed_add(model.pos.unsqueeze(0), acc), "embeddings")
+    h = torch.cat([model.prefix.unsqueeze(0).expand(n, -1, -1), h], dim=1)
+    for b in model.blocks:
+        h = _block(b, h)
+    cls = _int(model.final_norm(h[:, 0]), model.final_norm.name)
+    return _int(model.classifier(cls), model.classifier.name)
+
+
+def _block(b: IntBlock, h: torch.Tensor) -> torch.Tensor:
+    n, t, d = h.shape
+    x = _int(b.norm1(h), b.norm1.name)
+
+    def heads(lin: IntLinear, rq: Requant) -> torch.Tensor:
+        y = _int(rq(lin(x)).to(torch.int8), lin.name)
+        return y.reshape(n, t, b.heads, b.head_dim).transpose(1, 2)
+
+    q, k, v = heads(b.q, b.q_out), heads(b.k, b.k_out), heads(b.v, b.v_out)
+    scores = _int(torch.matmul(q.to(torch.int32), k.to(torch.int32).transpose(-1, -2)), f"{b.name} scores")
+    probs = _int(K.shiftmax(scores, b.softmax_multiplier, b.softmax_shift).to(torch.uint8), f"{b.name} shiftmax")
+    ctx = _int(torch.matmul(probs.to(torch.int32), v.to(torch.int32)), f"{b.name} context")
+    ctx = b.context_out(ctx).to(torch.int8).transpose(1, 2).reshape(n, t, d)
+    h = _int(b.add1(h, b.o(ctx)), f"{b.name} residual 1")
+    x = _int(b.norm2(h), b.norm2.name)
+    a = _int(b.act.lookup(b.fc1_out(b.fc1(x))), b.fc1.name)
+    return _int(b.add2(h, b.fc2(a)), f"{b.name} residual 2")
+
+
+class IntegerViT(nn.Module):
+    """An ``IntViT`` as a Backbone module: float pixels -> int8 -> integer executor -> float logits."""
+
+    def __init__(self, program: IntViT):
+        super().__init__()
+        self.program = program
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.program
+        return p.dequantize_logits(execute(p, p.quantize_input(x)))
+
+    def integer_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The int32 accumulator of the logits, the quantity the ONNX export reproduces bit for bit."""
+        p = self.program
+        return execute(p, p.quantize_input(x))

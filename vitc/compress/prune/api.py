@@ -1,0 +1,186 @@
+"""Structured pruning: ``PruneConfig`` and ``apply(backbone, config, data) -> Backbone``.
+
+Order of work: attention sublayers are removed first (by how little they turn the residual
+stream), then every remaining channel group (heads, MLP hidden channels, conv channels) is
+scored once on the dense model and shrunk to its kept count. Kept counts come either from
+explicit ratios or from one keep ratio shared by all unit kinds in ``units``, found by
+bisection on the measured FLOPs or parameters of the pruned model (uniform widths keep the
+model loadable by plain transformers and its kernels regular).
+
+Every ratio is the fraction *kept*: ``flops=0.7`` keeps 70% of the FLOPs, ``heads=0.75``
+keeps 3 of 4 heads per block.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn as nn
+
+from vitc.errors import VitcError
+
+from . import scoring
+from .adapters import conv_groups, drop_attention, sync_config
+from .importance import METHODS, keep_indices
+from .units import KINDS, ChannelGroup, keep_channels, transformer_groups
+
+
+@dataclass
+class PruneConfig:
+    importance: str = "taylor"  # magnitude | activation | taylor
+    flops: float | None = None  # fraction of FLOPs to keep
+    params: float | None = None  # fraction of parameters to keep
+    heads: float | None = None  # fraction of heads kept in every attention
+    mlp: float | None = None  # fraction of MLP hidden channels kept
+    conv: float | None = None  # fraction of prunable conv channels kept
+    drop_attention: int = 0  # attention sublayers to remove entirely
+    units: list[str] = field(default_factory=lambda: list(KINDS))  # kinds a --flops/--params target may shrink
+    round_to: int = 8  # kept MLP/conv channel counts are multiples of this
+    batch_size: int = 32  # calibration batch for activation/Taylor scores
+
+    def validate(self) -> None:
+        for name in ("flops", "params", "heads", "mlp", "conv"):
+            v = getattr(self, name)
+            if v is not None and not 0 < v < 1:
+                flag = f"--{name}"
+                raise VitcError(f"{flag} {v} is outside (0, 1)", f"pass the fraction to keep, e.g. {flag} 0.7")
+        if self.flops is not None and self.params is not None:
+            raise VitcError("--flops and --params were both given", "pass one target")
+        if self.importance not in METHODS:
+            raise VitcError(f"unknown importance '{self.importance}'", f"use one of: {', '.join(METHODS)}")
+        bad = [u for u in self.units if u not in KINDS]
+        if bad:
+            raise VitcError(f"unknown unit kind '{bad[0]}'", f"use some of: {', '.join(KINDS)}")
+        if self.round_to < 1:
+            raise VitcError(f"--round-to {self.round_to} is not positive", "pass 1 for no rounding, 8 for tensor-core friendly widths")
+        if self.drop_attention < 0:
+            raise VitcError(f"--drop-attention {self.drop_attention} is negative", "pass how many attention sublayers to remove")
+        if not (self.flops or self.params or self.heads or self.mlp or self.conv or self.drop_attention):
+            raise VitcError("nothing to prune", "pass --flops, --params, --heads, --mlp, --conv or --drop-attention")
+
+
+def kept_count(units: int, ratio: float, unit_size: int, round_to: int) -> int:
+    """Units kept out of ``units`` at ``ratio``: heads round to the nearest count (possibly 0),
+    channels to a multiple of ``round_to`` (never below one multiple, or one channel)."""
+    if unit_size > 1:
+        return round(units * ratio)
+    if round_to <= 1 or units <= round_to:
+        return max(1, round(units * ratio))
+    return min(units, max(round_to, round(units * ratio / round_to) * round_to))
+
+
+def images_of(data, backbone) -> torch.Tensor | None:
+    """Calibration images as one preprocessed tensor, from a tensor or an ImageSource (as recipes pass them)."""
+    if data is None or isinstance(data, torch.Tensor):
+        return data
+    from vitc.calibration.data import load_tensors
+    from vitc.calibration.sources import ImageSource
+
+    if isinstance(data, ImageSource):
+        return load_tensors(data, backbone.preprocess)[0]
+    raise TypeError(f"calibration data must be a tensor or an ImageSource, not {type(data).__name__}")
+
+
+def apply(backbone, config: PruneConfig, data=None):
+    """A pruned copy of ``backbone``; ``data``: calibration images (a preprocessed tensor or an ImageSource)."""
+    config.validate()
+    backbone.require_module("pruning")
+    data = images_of(data, backbone)
+    needs_data = config.importance != "magnitude" or config.drop_attention
+    if needs_data and (data is None or len(data) == 0):
+        raise VitcError(f"{config.importance if config.importance != 'magnitude' else 'attention removal'} needs calibration images",
+                        "pass --data (or use --importance magnitude without --drop-attention)")
+    dense_flops, dense_params = backbone.flops(), backbone.parameters_count()
+    out = backbone.copy()
+    root = out.module
+    structure = backbone.structure  # paths are identical in the copy
+
+    dropped = _drop_attention(root, structure, config, data) if config.drop_attention else []
+    groups = transformer_groups(structure, set(dropped)) + conv_groups(root, structure)
+    if not groups and (config.flops or config.params or config.heads or config.mlp or config.conv):
+        raise VitcError(f"{backbone.source} has no prunable heads, MLP or conv channels that vitc knows ({structure.family})",
+                        "prune a transformers ViT/DeiT, MobileViT or ResNet")
+    explicit = {"heads": config.heads, "mlp": config.mlp, "conv": config.conv}
+    for kind, ratio in explicit.items():
+        if ratio is not None and not any(g.kind == kind for g in groups):
+            raise VitcError(f"--{kind} was given but {backbone.source} has no {kind} units", f"drop --{kind}")
+    searched = [k for k in config.units if explicit[k] is None and any(g.kind == k for g in groups)]
+    target = config.flops if config.flops is not None else config.params
+    if target is not None and not searched:
+        raise VitcError("a --flops/--params target needs a unit kind to shrink", "add heads, mlp or conv to --units, or drop the explicit ratios")
+
+    def counts_at(r: float | None) -> dict[str, int]:
+        counts = {}
+        for g in groups:
+            ratio = explicit[g.kind] if explicit[g.kind] is not None else (r if g.kind in searched else None)
+            if ratio is None:
+                continue
+            n = kept_count(g.units(root), ratio, g.unit_size, config.round_to)
+            if n == 0 and explicit[g.kind] is None:
+                n = 1  # a searched target never empties an attention; only --drop-attention removes one
+            elif n == 0:
+                raise VitcError(f"keeping {ratio:.0%} of the heads would remove every head of {g.block}",
+                                "keep more heads (a larger --heads or --flops), or remove whole sublayers with --drop-attention")
+            counts[g.name] = n
+        return counts
+
+    if target is not None:
+        measure = (lambda b: b.flops() / dense_flops) if config.flops is not None else (lambda b: b.parameters_count() / dense_params)
+        ratio = _search_ratio(out, groups, counts_at, measure, target)
+        counts = counts_at(ratio)
+    else:
+        ratio = None
+        counts = counts_at(None)
+
+    shrinking = [g for g in groups if g.name in counts and counts[g.name] < g.units(root)]
+    scores = scoring.score_groups(root, shrinking, config.importance, data, config.batch_size) if shrinking else {}
+    plan = {}
+    for g in groups:
+        if g.name in counts and counts[g.name] < g.units(root):
+            keep_channels(root, g, keep_indices(scores[g.name], counts[g.name]))
+        plan[g.name] = g.units(root) * g.unit_size
+    from vitc.models.adapters import discover
+
+    synced = sync_config(root, discover(root))
+    pruned = replace(out, module=root)
+    record = {
+        "pass": "prune", "config": asdict(config),
+        "plan": {"channels": plan, "dropped_attention": dropped, "config_describes_all_layers": synced},
+        "keep_ratio": ratio, "flops": pruned.flops(), "flops_dense": dense_flops,
+        "params": pruned.parameters_count(), "params_dense": dense_params,
+    }
+    return out.with_module(root, record)
+
+
+def _drop_attention(root: nn.Module, structure, config: PruneConfig, data: torch.Tensor) -> list[str]:
+    present = [b.attention.path for b in structure.blocks if b.attention is not None]
+    if config.drop_attention >= len(present):
+        raise VitcError(f"--drop-attention {config.drop_attention} would remove every attention sublayer ({len(present)})",
+                        f"pass at most {len(present) - 1}")
+    turns = scoring.attention_turns(root, structure, data, config.batch_size)
+    order = sorted(present, key=lambda p: turns[p])
+    dropped = sorted(order[: config.drop_attention], key=present.index)
+    for path in dropped:
+        drop_attention(root, path, structure)
+    return dropped
+
+
+def _search_ratio(backbone, groups: list[ChannelGroup], counts_at, measure, target: float) -> float:
+    """The largest shared keep ratio whose pruned model meets ``target`` (cost of shapes only)."""
+    def cost(r: float) -> float:
+        trial = backbone.copy()
+        for g in groups:
+            n = counts_at(r).get(g.name)
+            if n is not None and n < g.units(trial.module):
+                keep_channels(trial.module, g, torch.arange(n))
+        return measure(trial)
+
+    lo, hi = 1e-3, 1.0
+    floor = cost(lo)
+    if floor > target:
+        raise VitcError(f"the target {target:.2f} is out of reach: the smallest model these units allow keeps {floor:.2f}",
+                        "raise the target, add unit kinds (--units), or remove attention sublayers (--drop-attention)")
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(mid) <= target else (lo, mid)
+    return lo

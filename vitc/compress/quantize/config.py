@@ -1,0 +1,73 @@
+"""The quantization config: everything ``apply`` needs, serialisable to a dict (recipes, JSON)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from vitc.calibration.observers import CALIBRATORS
+from vitc.errors import VitcError
+
+SUPPORTED_BITS = (4, 6, 8)
+
+
+@dataclass
+class QuantConfig:
+    """Post-training quantization settings.
+
+    ``softmax``: "auto" (uniform at 8-bit activations, where it exports to int8 kernels;
+    log-sqrt(2) below), "uniform", "log2" or "logsqrt2". ``gelu``: "auto" (uniform at 8 bits,
+    twin-uniform below), "uniform" or "twin". ``scheme``: "auto" picks symmetric or asymmetric
+    per activation by expected error; ``granularity``: "auto" lets conv inputs of CNN/hybrid
+    backbones use per-channel grids below 8 bits where that lowers the error ("tensor" never).
+    ``ln_reparam``: RepQ-ViT reparameterisation of post-LayerNorm activations;
+    ``smooth_alpha``: SmoothQuant (with a shift) before it, off when None.
+    ``keep_ends_8bit``: the patch embedding / first conv and the classifier stay at 8 bits.
+    """
+
+    wbits: int = 8
+    abits: int = 8
+    calibrator: str = "mse"
+    percentile: float = 99.99
+    softmax: str = "auto"
+    gelu: str = "auto"
+    scheme: str = "auto"
+    granularity: str = "auto"
+    ln_reparam: bool = True
+    smooth_alpha: float | None = None
+    bias_correction: bool = True
+    fold_bn: bool = True
+    weight_search: bool = True
+    keep_ends_8bit: bool = True
+
+    def validate(self) -> "QuantConfig":
+        for name in ("wbits", "abits"):
+            v = getattr(self, name)
+            if v not in SUPPORTED_BITS:
+                raise VitcError(f"--{name} {v} is not supported", f"use one of {', '.join(map(str, SUPPORTED_BITS))}")
+        choices = {"calibrator": CALIBRATORS, "softmax": ("auto", "uniform", "log2", "logsqrt2"),
+                   "gelu": ("auto", "uniform", "twin"), "scheme": ("auto", "symmetric", "asymmetric"),
+                   "granularity": ("auto", "tensor")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise VitcError(f"{name} '{getattr(self, name)}' is not supported", f"use one of: {', '.join(allowed)}")
+        if self.smooth_alpha is not None and not 0.0 < self.smooth_alpha < 1.0:
+            raise VitcError(f"smooth alpha {self.smooth_alpha} is out of range", "pass a value in (0, 1), e.g. 0.5")
+        return self
+
+    @property
+    def softmax_kind(self) -> str:
+        return ("uniform" if self.abits >= 8 else "logsqrt2") if self.softmax == "auto" else self.softmax
+
+    @property
+    def gelu_kind(self) -> str:
+        return ("uniform" if self.abits >= 8 else "twin") if self.gelu == "auto" else self.gelu
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise VitcError(f"unknown quantization settings: {', '.join(sorted(unknown))}", f"use: {', '.join(sorted(known))}")
+        return cls(**d).validate()

@@ -1,0 +1,192 @@
+"""The quantization-simulation modules the pass swaps into a model.
+
+``QuantLinear``/``QuantConv2d`` subclass ``nn.Linear``/``nn.Conv2d`` and keep their module
+paths, so ``backbone.structure`` and every other pass still find them. Each owns an
+``ActQuant`` for its input and per-output-channel symmetric weight scales. After calibration
+the stored weight already lies on its integer grid (quantize-dequantize is idempotent), so the
+simulation runs plain float kernels; ``export_mode`` re-applies the weight fake-quant so that
+the ONNX exporter emits QuantizeLinear/DequantizeLinear around the weights.
+
+``AttentionCore`` runs ``softmax(q k^T * scaling) v`` with quantizers on both inputs of both
+matmuls; the family adapters (``adapters/``) route attention through it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vitc.calibration.observers import Observer
+
+from . import quantizers as Q
+
+ACT_KINDS = ("uniform", "log2", "logsqrt2", "twin")
+
+
+class ActQuant(nn.Module):
+    """One activation quantizer. ``mode``: "off" (identity), "observe" (feed the observer), "quant".
+
+    ``channel_axis`` is the axis of per-channel statistics and, when ``per_channel``, of the
+    per-channel grid (last axis for tokens, 1 for feature maps).
+    """
+
+    def __init__(self, name: str, bits: int = 8, kind: str = "uniform", channel_axis: int = -1, channels: int = 1):
+        super().__init__()
+        self.name = name
+        self.bits = bits
+        self.kind = kind
+        self.symmetric = False
+        self.per_channel = False
+        self.channel_axis = channel_axis
+        self.mode = "off"
+        self.observer: Observer | None = None
+        self.register_buffer("scale", torch.ones(channels))
+        self.register_buffer("zero_point", torch.zeros(channels, dtype=torch.int32))
+        self.register_buffer("twin", torch.ones(2))  # negative and positive scales of the twin grid
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return Q.int_range(self.bits, self.symmetric)
+
+    def set_uniform(self, scale: torch.Tensor, zero: torch.Tensor, symmetric: bool, per_channel: bool) -> None:
+        self.kind, self.symmetric, self.per_channel = "uniform", symmetric, per_channel
+        self.scale = scale.reshape(-1).float().clone()
+        self.zero_point = zero.reshape(-1).to(torch.int32).clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "off":
+            return x
+        if self.mode == "observe":
+            self.observer.update(x)
+            return x
+        if self.kind == "uniform":
+            qmin, qmax = self.qrange
+            if self.per_channel:
+                return Q.fake_quant(x, self.scale, self.zero_point, qmin, qmax, self.channel_axis)
+            return Q.fake_quant(x, self.scale[0], self.zero_point[0], qmin, qmax)
+        if self.kind in ("log2", "logsqrt2"):
+            return Q.fake_quant_log2(x, self.bits, sqrt2=self.kind == "logsqrt2")
+        return Q.fake_quant_twin(x, float(self.twin[0]), float(self.twin[1]), self.bits)
+
+    def spec(self) -> dict:
+        d = {"kind": self.kind, "bits": self.bits}
+        if self.kind == "uniform":
+            d.update(symmetric=self.symmetric, granularity="channel" if self.per_channel else "tensor")
+        return d
+
+    def load_spec(self, spec: dict) -> None:
+        """Set kind and scheme from ``spec`` and size the buffers, so a saved state dict loads."""
+        self.kind, self.bits = spec["kind"], spec["bits"]
+        self.symmetric = spec.get("symmetric", False)
+        self.per_channel = spec.get("granularity") == "channel"
+        n = spec.get("channels", 1) if self.per_channel else 1
+        self.scale = torch.ones(n)
+        self.zero_point = torch.zeros(n, dtype=torch.int32)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: {self.spec()}, mode={self.mode}"
+
+
+class _QuantWeighted:
+    """What QuantLinear and QuantConv2d share: the input quantizer and the weight grid."""
+
+    input_quant: ActQuant
+    weight_scale: torch.Tensor
+    wbits: int
+    export_mode: bool
+    quantized: bool
+
+    def _init_quant(self, name: str, abits: int, wbits: int, channel_axis: int) -> None:
+        self.input_quant = ActQuant(name, abits, channel_axis=channel_axis)
+        self.wbits = wbits
+        self.export_mode = False
+        self.quantized = False
+        self.register_buffer("weight_scale", torch.ones(self.weight.shape[0]))
+
+    def quantize_weight(self, search: bool = True) -> torch.Tensor:
+        """Put the weight on its per-channel grid; return the float weight it replaced."""
+        original = self.weight.detach().clone()
+        self.weight_scale = Q.weight_qparams(original, self.wbits, search)
+        with torch.no_grad():
+            self.weight.copy_(Q.fake_quant_weight(original, self.weight_scale, self.wbits))
+        self.quantized = True
+        return original
+
+    def weight_codes(self) -> torch.Tensor:
+        qmin, qmax = Q.int_range(self.wbits, True, restricted=True)
+        return Q.quantize_int(self.weight.detach(), self.weight_scale, torch.zeros_like(self.weight_scale, dtype=torch.int32),
+                              qmin, qmax, axis=0)
+
+    def _weight(self) -> torch.Tensor:
+        if self.export_mode and self.quantized:
+            # the export grid is [-128, 127] (what ONNX allows); codes only use [-127, 127]
+            zero = torch.zeros_like(self.weight_scale, dtype=torch.int32)
+            return torch.fake_quantize_per_channel_affine(self.weight, self.weight_scale, zero, 0,
+                                                          -(2 ** (self.wbits - 1)), 2 ** (self.wbits - 1) - 1)
+        return self.weight
+
+
+class QuantLinear(nn.Linear, _QuantWeighted):
+    @classmethod
+    def from_float(cls, linear: nn.Linear, name: str, abits: int, wbits: int) -> "QuantLinear":
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.in_features, m.out_features = linear.in_features, linear.out_features
+        m.weight = linear.weight
+        m.bias = linear.bias
+        m._init_quant(name, abits, wbits, channel_axis=-1)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quant(x), self._weight(), self.bias)
+
+
+class QuantConv2d(nn.Conv2d, _QuantWeighted):
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, name: str, abits: int, wbits: int) -> "QuantConv2d":
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "padding_mode", "transposed", "output_padding", "_reversed_padding_repeated_twice"):
+            setattr(m, attr, getattr(conv, attr))
+        m.weight = conv.weight
+        m.bias = conv.bias
+        m._init_quant(name, abits, wbits, channel_axis=1)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.input_quant(x), self._weight(), self.bias)
+
+
+class AttentionCore(nn.Module):
+    """``softmax(q k^T * scaling) v`` on (B, heads, tokens, head_dim) with all four matmul inputs quantized."""
+
+    def __init__(self, name: str, bits: int):
+        super().__init__()
+        self.q_quant = ActQuant(f"{name}.q", bits)
+        self.k_quant = ActQuant(f"{name}.k", bits)
+        self.probs_quant = ActQuant(f"{name}.softmax", bits)
+        self.v_quant = ActQuant(f"{name}.v", bits)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
+        scores = torch.matmul(self.q_quant(q), self.k_quant(k).transpose(-1, -2)) * scaling
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(self.probs_quant(probs), self.v_quant(v))
+
+
+def act_quantizers(module: nn.Module) -> dict[str, ActQuant]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, ActQuant)}
+
+
+def weighted_layers(module: nn.Module) -> dict[str, QuantLinear | QuantConv2d]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}
+
+
+def set_mode(module: nn.Module, mode: str) -> None:
+    for q in act_quantizers(module).values():
+        q.mode = mode
+
+
+def set_export_mode(module: nn.Module, on: bool) -> None:
+    for layer in weighted_layers(module).values():
+        layer.export_mode = on

@@ -1,0 +1,529 @@
+"""The post-training quantization pass: ``apply(backbone, config, data) -> Backbone``.
+
+Module swaps guided by ``backbone.structure`` (no graph capture): every Linear/Conv2d becomes a
+``QuantLinear``/``QuantConv2d`` at the same path, and a family adapter routes self-attention
+through ``AttentionCore`` so both attention matmuls get quantized inputs. The steps:
+
+1. fold BatchNorms into their convs (exact);
+2. post-LayerNorm reparameterisation (optional SmoothQuant with a shift, then RepQ-ViT), from
+   per-channel statistics of the LayerNorm outputs (exact in float);
+3. two observation passes over the calibration images (ranges, then histograms) feed every
+   activation quantizer's calibrator at once;
+4. per-layer scheme choice (symmetric/asymmetric, and per-tensor/per-channel for conv inputs of
+   CNN/hybrid backbones below 8 bits) by the layer's output reconstruction error on a batch;
+   conv-to-attention bridges always use the MSE calibrator and this choice;
+5. weights on per-output-channel symmetric grids (zero point 0, so zeros stay zeros), then
+   bias correction;
+6. per-layer SQNR of every quantized layer's output against the float model.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from vitc.backbone import Backbone
+from vitc.calibration import observers as obs
+from vitc.errors import VitcError
+
+from . import quantizers as Q
+from . import reparam
+from .adapters import for_family
+from .config import QuantConfig
+from .modules import (ActQuant, AttentionCore, QuantConv2d, QuantLinear, act_quantizers, set_mode,
+                      weighted_layers)
+
+PASS_NAME = "quantize"
+CALIB_BATCH = 64
+CHOICE_IMAGES = 16  # images used to choose per-layer schemes and to measure SQNR
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(get_module(root, parent), name, new)
+
+
+@dataclass
+class Plan:
+    """What ``install`` did to a module: enough to redo it on a fresh copy when loading."""
+
+    folded_bn: list[str] = field(default_factory=list)
+    attention: list[str] = field(default_factory=list)
+    attention_family: str | None = None
+    ends: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- structural steps
+
+def fold_batchnorms(module: nn.Module, structure) -> list[str]:
+    """Fold each BatchNorm2d into the conv beside it (same parent module); return the folded BN paths."""
+    folded = []
+    for stage in structure.conv_stages:
+        by_parent = {c.rpartition(".")[0]: c for c in stage.convs}
+        for bn_path in stage.norms:
+            conv_path = by_parent.get(bn_path.rpartition(".")[0])
+            if conv_path is None:
+                continue
+            conv, bn = get_module(module, conv_path), get_module(module, bn_path)
+            if not isinstance(bn, nn.BatchNorm2d) or not isinstance(conv, nn.Conv2d):
+                continue
+            w, b = reparam.fold_bn(conv.weight.detach(), None if conv.bias is None else conv.bias.detach(),
+                                   bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+            conv.weight = nn.Parameter(w)
+            conv.bias = nn.Parameter(b)
+            set_module(module, bn_path, nn.Identity())
+            folded.append(bn_path)
+    return folded
+
+
+def end_layers(structure, module: nn.Module) -> list[str]:
+    """The first (patch embedding / stem) and last (classifier) layers, kept at 8 bits."""
+    ends = []
+    if structure.patch_embed:
+        ends.append(structure.patch_embed)
+    elif structure.conv_stages and structure.conv_stages[0].convs:
+        ends.append(structure.conv_stages[0].convs[0])
+    if structure.classifier:
+        ends.append(structure.classifier)
+    return ends
+
+
+def install(module: nn.Module, structure, config: QuantConfig, folded_bn: list[str] | None = None) -> Plan:
+    """Swap in the quantization modules (all quantizers off). ``folded_bn`` redoes a saved plan."""
+    plan = Plan()
+    if folded_bn is None:
+        plan.folded_bn = fold_batchnorms(module, structure) if config.fold_bn else []
+    else:
+        for path in folded_bn:
+            conv_parent = path.rpartition(".")[0]
+            conv = next(m for n, m in get_module(module, conv_parent).named_children() if isinstance(m, nn.Conv2d))
+            if conv.bias is None:
+                conv.bias = nn.Parameter(torch.zeros(conv.out_channels))
+            set_module(module, path, nn.Identity())
+        plan.folded_bn = list(folded_bn)
+    adapter = for_family(structure.family)
+    if adapter is not None:
+        plan.attention_family = structure.family
+        for block in structure.blocks:
+            site = block.attention
+            if site is None:  # attention removed by pruning
+                continue
+            path = adapter.target(site)
+            set_module(module, path, adapter.replace(get_module(module, path), site, config.abits))
+            plan.attention.append(path)
+    plan.ends = end_layers(structure, module) if config.keep_ends_8bit else []
+    for name, m in list(module.named_modules()):
+        if type(m) is nn.Linear or type(m) is nn.Conv2d:
+            wide = name in plan.ends
+            wbits, abits = (8, 8) if wide else (config.wbits, config.abits)
+            cls = QuantLinear if isinstance(m, nn.Linear) else QuantConv2d
+            set_module(module, name, cls.from_float(m, name, abits, wbits))
+    mlp_inputs = {b.mlp.fc2: b.mlp.activation for b in structure.blocks}
+    for name, layer in weighted_layers(module).items():
+        if mlp_inputs.get(name) in ("gelu", "silu"):
+            layer.input_quant.kind = config.gelu_kind
+    for core in (m for m in module.modules() if isinstance(m, AttentionCore)):
+        core.probs_quant.kind = config.softmax_kind
+    if not weighted_layers(module):
+        raise VitcError("the model has no quantizable layer (no Linear or Conv2d)",
+                        "quantize a model built from Linear/Conv2d layers")
+    return plan
+
+
+# ---------------------------------------------------------------- calibration helpers
+
+def _batches(x: torch.Tensor, size: int = CALIB_BATCH):
+    for i in range(0, x.shape[0], size):
+        yield x[i:i + size]
+
+
+@torch.no_grad()
+def _run_all(module: nn.Module, x: torch.Tensor, progress=None, task=None) -> None:
+    for chunk in _batches(x):
+        module(chunk)
+        if progress is not None and task is not None:
+            progress.advance(task, chunk.shape[0])
+
+
+def check_images(x: torch.Tensor, backbone: Backbone, calibrator: str) -> None:
+    size = backbone.preprocess.input_size
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise VitcError(f"calibration images have shape {tuple(x.shape)}, expected (N, 3, {size}, {size})",
+                        "pass RGB images (3 channels) preprocessed for this model")
+    if tuple(x.shape[-2:]) != (size, size):
+        raise VitcError(f"calibration images are {x.shape[-2]}x{x.shape[-1]} but the model takes {size}x{size}",
+                        "preprocess them with the model's preprocessing (backbone.preprocess)")
+    if not torch.isfinite(x).all():
+        raise VitcError("the calibration images contain NaN or Inf values", "check the image preprocessing")
+    obs.check_count(calibrator, x.shape[0])
+
+
+def norm_sites(module: nn.Module, structure) -> list[tuple[str, nn.LayerNorm, list[str]]]:
+    """(LayerNorm path, module, consuming Linear paths) for each block's two LayerNorms."""
+    sites = []
+    for block in structure.blocks:
+        att = block.attention
+        pairs = [(block.norm2, [block.mlp.fc1])]
+        if att is not None:
+            pairs.append((block.norm1, [att.qkv] if att.fused else [att.q, att.k, att.v]))
+        for norm, consumers in pairs:
+            m = get_module(module, norm) if norm else None
+            if isinstance(m, nn.LayerNorm) and m.elementwise_affine and all(
+                    isinstance(get_module(module, c), nn.Linear) for c in consumers):
+                sites.append((norm, m, consumers))
+    return sites
+
+
+@torch.no_grad()
+def reparameterise_norms(module: nn.Module, structure, config: QuantConfig, x: torch.Tensor) -> list[str]:
+    """SmoothQuant (optional) then RepQ-ViT on each block's two LayerNorms, from a pass over ``x``."""
+    sites = norm_sites(module, structure)
+    observers = {norm: obs.Observer(norm, channel_axis=-1) for norm, _, _ in sites}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, o=observers[norm]: o.update(out)) for norm, m, _ in sites]
+    try:
+        _run_all(module, x)
+    finally:
+        for h in hooks:
+            h.remove()
+    ranges = {norm: (o.channel_min, o.channel_max) for norm, o in observers.items()}
+    return list(fold_norm_factors(module, sites, config, ranges))
+
+
+@torch.no_grad()
+def fold_norm_factors(module: nn.Module, sites, config: QuantConfig,
+                      ranges: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Fold each norm's ``(X + t) / r`` from its per-channel output range; returns {norm: (r, t)}."""
+    factors = {}
+    for norm, m, consumers in sites:
+        lo, hi = ranges[norm]
+        linears = [get_module(module, c) for c in consumers]
+        r = torch.ones_like(lo)
+        t = torch.zeros_like(lo)
+        if config.smooth_alpha is not None:
+            wmax = torch.stack([l.weight.detach().abs().amax(0) for l in linears]).amax(0)
+            r, t = reparam.smooth_factors(lo, hi, wmax, config.smooth_alpha)
+            lo, hi = (lo + t) / r, (hi + t) / r
+        if config.ln_reparam:
+            r2, t2 = reparam.repq_factors(lo, hi, config.abits)
+            # compose (X + t)/r then (. + t2)/r2 into one (X + t')/r'
+            t, r = t + t2 * r, r * r2
+        new_w, new_b, new_consumers = reparam.fold_channel_affine(
+            m.weight.detach(), m.bias.detach(), [(l.weight.detach(), None if l.bias is None else l.bias.detach()) for l in linears], r, t)
+        m.weight.copy_(new_w)
+        m.bias.copy_(new_b)
+        for l, (w, b) in zip(linears, new_consumers):
+            l.weight.copy_(w)
+            if l.bias is None:
+                l.bias = nn.Parameter(b)
+            else:
+                l.bias.copy_(b)
+        factors[norm] = (r, t)
+    return factors
+
+
+def _remap_observer(o: obs.Observer, r: torch.Tensor, t: torch.Tensor) -> None:
+    """Statistics of ``(X + t) / r`` from those of ``X`` (``r`` > 0, so extremes stay extremes)."""
+    o.channel_min, o.channel_max = (o.channel_min + t) / r, (o.channel_max + t) / r
+    o.channel_sum = (o.channel_sum + o.channel_count * t.double()) / r.double()
+    o.min, o.max = o.channel_min.min().item(), o.channel_max.max().item()
+
+
+def _calibrate_uniform(q: ActQuant, method: str, config: QuantConfig, scheme: str | None = None) -> list[tuple[float, bool, torch.Tensor, torch.Tensor]]:
+    """Candidates (expected error, symmetric, scale, zero) for a uniform activation quantizer."""
+    hist = q.observer.histogram()
+    scheme = scheme or config.scheme
+    options = [True, False] if scheme == "auto" else [scheme == "symmetric"]
+    out = []
+    for symmetric in options:
+        lo, hi = obs.calibrate(hist, method, q.bits, symmetric, config.percentile)
+        err = obs.expected_error(hist, torch.tensor([lo], dtype=torch.float64), torch.tensor([hi], dtype=torch.float64),
+                                 q.bits, symmetric).item()
+        scale, zero = Q.uniform_qparams(lo, hi, q.bits, symmetric)
+        out.append((err, symmetric, scale, zero))
+    return sorted(out, key=lambda c: c[0])
+
+
+def _calibrate_twin(q: ActQuant, method: str, config: QuantConfig) -> None:
+    hist = q.observer.histogram()
+    neg_min = min(q.observer.min, 0.0)
+    c = hist.centers
+    if method == "mse":
+        best, best_err = None, math.inf
+        for hi in torch.linspace(0.2, 1.0, 60).tolist():
+            neg, pos = Q.twin_scales(neg_min, hi * max(q.observer.max, 1e-8), q.bits)
+            err = ((Q.fake_quant_twin(c, neg, pos, q.bits) - c) ** 2 * hist.counts).sum().item()
+            if err < best_err:
+                best, best_err = (neg, pos), err
+        neg, pos = best
+    else:
+        _, hi = obs.calibrate(hist, method, q.bits, False, config.percentile)
+        neg, pos = Q.twin_scales(neg_min, hi, q.bits)
+    q.twin = torch.tensor([neg, pos])
+
+
+@torch.no_grad()
+def choose_layer_schemes(module: nn.Module, x: torch.Tensor, candidates: dict[str, list],
+                         groups: list[list[str]] | None = None) -> dict[str, str]:
+    """Pick each layer's input grid by the reconstruction error of the layer's output on ``x``.
+
+    Layers in one of ``groups`` read the same tensor (an attention's q/k/v): they get one grid,
+    chosen by their summed error, so the exported graph quantizes that tensor once.
+    """
+    layers = weighted_layers(module)
+    errors = {name: [0.0] * len(c) for name, c in candidates.items()}
+
+    def hook(name):
+        def pre(mod, args):
+            inp = args[0]
+            ref = mod._conv_forward(inp, mod.weight, mod.bias) if isinstance(mod, nn.Conv2d) else nn.functional.linear(inp, mod.weight, mod.bias)
+            for i, (symmetric, per_channel, scale, zero) in enumerate(candidates[name]):
+                qmin, qmax = Q.int_range(mod.input_quant.bits, symmetric)
+                xq = Q.fake_quant(inp, scale, zero, qmin, qmax, mod.input_quant.channel_axis if per_channel else None) if per_channel \
+                    else Q.fake_quant(inp, scale.reshape(-1)[0], zero.reshape(-1)[0], qmin, qmax)
+                out = mod._conv_forward(xq, mod.weight, mod.bias) if isinstance(mod, nn.Conv2d) else nn.functional.linear(xq, mod.weight, mod.bias)
+                errors[name][i] += (out - ref).pow(2).sum().item()
+        return pre
+
+    hooks = [layers[name].register_forward_pre_hook(hook(name)) for name in candidates]
+    try:
+        module(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    group_of = {name: [n for n in g if n in candidates] for g in (groups or []) for name in g if name in candidates}
+    chosen = {}
+    for name, cands in candidates.items():
+        members = group_of.get(name, [name])
+        if any(len(candidates[m]) != len(cands) for m in members):
+            members = [name]
+        best = min(range(len(cands)), key=lambda i: sum(errors[m][i] for m in members))
+        symmetric, per_channel, scale, zero = cands[best]
+        layers[name].input_quant.set_uniform(scale, zero, symmetric, per_channel)
+        chosen[name] = f"{'symmetric' if symmetric else 'asymmetric'}/{'channel' if per_channel else 'tensor'}"
+    return chosen
+
+
+@torch.no_grad()
+def layer_sqnr(reference: nn.Module, quantized: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """SQNR (dB) of each quantized layer's output in the quantized model against the float model."""
+    outs: dict[str, dict[str, torch.Tensor]] = {"ref": {}, "q": {}}
+
+    def grab(store, name):
+        return lambda mod, inp, out: store.__setitem__(name, out.detach())
+
+    hooks = []
+    for key, model in (("ref", reference), ("q", quantized)):
+        for name, m in model.named_modules():
+            if isinstance(m, (QuantLinear, QuantConv2d)):
+                hooks.append(m.register_forward_hook(grab(outs[key], name)))
+    try:
+        reference(x)
+        quantized(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: Q.sqnr_db(outs["ref"][name], outs["q"][name]) for name in outs["q"] if name in outs["ref"]}
+
+
+# ---------------------------------------------------------------- the pass
+
+def calibration_tensor(data, backbone: Backbone, convert_rgb: bool = False) -> torch.Tensor:
+    """Calibration images as one preprocessed tensor, from a tensor, an ImageSource or a --data spec."""
+    if data is None:
+        raise VitcError("quantization needs calibration images", "pass calibration data (e.g. --calib-data bundled:calib)")
+    if isinstance(data, torch.Tensor):
+        return data.float()
+    from vitc.calibration.data import load_tensors
+    from vitc.calibration.sources import ImageSource, open_source
+
+    source = data if isinstance(data, ImageSource) else open_source(str(data))
+    return load_tensors(source, backbone.preprocess, convert_rgb)[0]
+
+
+def apply(backbone: Backbone, config: QuantConfig | None = None, data=None, progress=None) -> Backbone:
+    """Quantize ``backbone`` (simulation) with ``config``, calibrating on ``data``."""
+    config = (config or QuantConfig()).validate()
+    module = backbone.require_module("quantization")
+    structure = backbone.structure
+    x = calibration_tensor(data, backbone)
+    check_images(x, backbone, config.calibrator)
+    start = time.perf_counter()
+    out = backbone.copy()
+    module = out.module.eval()
+    task = progress.add_task("calibrating", total=2 * x.shape[0]) if progress is not None else None
+
+    plan = install(module, structure, config)
+    quantizers = act_quantizers(module)
+    layer_inputs = {id(l.input_quant) for l in weighted_layers(module).values()}
+    for name, q in quantizers.items():
+        # per-channel statistics feed bias correction, per-channel grids and the norm
+        # reparameterisation: layer inputs only
+        q.observer = obs.Observer(q.name or name, channel_axis=q.channel_axis if id(q) in layer_inputs else None)
+    set_mode(module, "observe")
+    _run_all(module, x, progress, task)
+    reparam_norms = []
+    if config.ln_reparam or config.smooth_alpha:
+        # The range pass saw every norm's output as its consumers' input: reparameterise from
+        # those statistics and remap them, instead of another pass over the images.
+        sites = norm_sites(module, structure)
+        first_input = {norm: get_module(module, consumers[0]).input_quant.observer for norm, _, consumers in sites}
+        ranges = {norm: (o.channel_min, o.channel_max) for norm, o in first_input.items()}
+        for norm, (r, t) in fold_norm_factors(module, sites, config, ranges).items():
+            consumers = next(c for n, _, c in sites if n == norm)
+            for c in consumers:
+                _remap_observer(get_module(module, c).input_quant.observer, r, t)
+            reparam_norms.append(norm)
+    for q in quantizers.values():
+        q.observer.start_histogram()
+    _run_all(module, x, progress, task)
+    set_mode(module, "off")
+    reference = copy.deepcopy(module)  # the float model after the exact rewrites, for SQNR
+
+    bridge_layers = {b.conv for b in structure.bridges} | {b.into for b in structure.bridges}
+    layers = weighted_layers(module)
+    input_of = {id(l.input_quant): n for n, l in layers.items()}
+    per_channel_ok = config.granularity == "auto" and config.abits < 8 and structure.kind in ("cnn", "hybrid")
+    matmul_operands = {id(getattr(core, f"{k}_quant")) for core in module.modules() if isinstance(core, AttentionCore)
+                       for k in ("q", "k", "v")}
+    candidates: dict[str, list] = {}
+    for name, q in quantizers.items():
+        if q.kind in ("log2", "logsqrt2"):
+            continue
+        if q.kind == "twin":
+            _calibrate_twin(q, config.calibrator, config)
+            continue
+        layer = input_of.get(id(q))
+        method = "mse" if layer in bridge_layers else config.calibrator
+        # q, k and v on signed grids with zero point 0: integer matmul kernels (OpenVINO's fused
+        # attention) take no zero point on these operands
+        ranked = _calibrate_uniform(q, method, config, "symmetric" if id(q) in matmul_operands else None)
+        _, symmetric, scale, zero = ranked[0]
+        q.set_uniform(scale, zero, symmetric, False)
+        if layer is None:
+            continue
+        cands = [(s, False, sc, z) for _, s, sc, z in ranked]
+        if (per_channel_ok and isinstance(layers[layer], QuantConv2d) and q.bits < 8) or (layer in bridge_layers and config.abits < 8):
+            for symmetric in ([True, False] if config.scheme == "auto" else [config.scheme == "symmetric"]):
+                lo, hi = q.observer.channel_min, q.observer.channel_max
+                sc, z = Q.uniform_qparams(lo, hi, q.bits, symmetric)
+                cands.append((symmetric, True, sc, z))
+        if len(cands) > 1:
+            candidates[layer] = cands
+    sample = x[:CHOICE_IMAGES]
+    shared_input = [[b.attention.q, b.attention.k, b.attention.v] for b in structure.blocks
+                    if b.attention is not None and not b.attention.fused]
+    schemes = choose_layer_schemes(module, sample, candidates, shared_input) if candidates else {}
+
+    for name, layer in layers.items():
+        original = layer.quantize_weight(config.weight_search)
+        mean = layer.input_quant.observer.channel_mean if layer.input_quant.observer else None
+        if config.bias_correction and mean is not None and mean.numel() == original.shape[1] * (
+                layer.groups if isinstance(layer, nn.Conv2d) else 1):
+            with torch.no_grad():
+                b = reparam.corrected_bias(original, layer.weight.detach(), None if layer.bias is None else layer.bias.detach(), mean)
+                if layer.bias is None:
+                    layer.bias = nn.Parameter(b)
+                else:
+                    layer.bias.copy_(b)
+    for q in quantizers.values():
+        q.observer = None
+    set_mode(module, "quant")
+    sqnr = layer_sqnr(reference, module, sample)
+    seconds = time.perf_counter() - start
+
+    families_note = None if plan.attention_family or not structure.blocks else \
+        f"no attention adapter for {structure.family}: attention matmul inputs are not quantized"
+    record = {
+        "pass": PASS_NAME,
+        "config": config.to_dict(),
+        "calibration_images": int(x.shape[0]),
+        "calibration_s": round(seconds, 3),
+        "plan": {"folded_bn": plan.folded_bn, "attention": plan.attention, "ends_8bit": plan.ends,
+                 "reparameterised_norms": reparam_norms},
+        "layers": layer_specs(module),
+        "scheme_choice": schemes,
+        "vit_quantizers": vit_quantizer_summary(config, plan, reparam_norms, structure),
+        "sqnr_db": {k: (round(v, 2) if math.isfinite(v) else None) for k, v in sqnr.items()},
+    }
+    if families_note:
+        record["note"] = families_note
+    return out.with_module(module, record)
+
+
+def layer_specs(module: nn.Module) -> dict[str, dict]:
+    """The per-layer scheme: every quantizer's kind, bits, symmetry and granularity."""
+    specs = {}
+    for name, layer in weighted_layers(module).items():
+        inp = layer.input_quant.spec()
+        if layer.input_quant.per_channel:
+            inp["channels"] = int(layer.input_quant.scale.numel())
+        specs[name] = {"type": "conv" if isinstance(layer, nn.Conv2d) else "linear", "wbits": layer.wbits,
+                       "weight": "symmetric/channel", "input": inp}
+    for name, m in module.named_modules():
+        if isinstance(m, AttentionCore):
+            specs[name] = {"type": "attention", **{k: getattr(m, f"{k}_quant").spec() for k in ("q", "k", "probs", "v")}}
+    return specs
+
+
+def vit_quantizer_summary(config: QuantConfig, plan: Plan, reparam_norms: list[str], structure) -> dict:
+    if not structure.blocks:
+        return {}
+    return {
+        "post_layernorm": ("smoothquant+" if config.smooth_alpha else "") + ("repq" if config.ln_reparam else "per-tensor")
+        + f" ({len(reparam_norms)} norms)",
+        "post_softmax": config.softmax_kind if plan.attention else "not quantized (no adapter)",
+        "post_gelu": config.gelu_kind,
+        "bias_correction": config.bias_correction,
+    }
+
+
+def load_specs(module: nn.Module, specs: dict[str, dict]) -> None:
+    """Apply a saved per-layer scheme to freshly installed modules, so a saved state dict loads."""
+    layers = weighted_layers(module)
+    for name, spec in specs.items():
+        if spec["type"] == "attention":
+            core = get_module(module, name)
+            for k in ("q", "k", "probs", "v"):
+                getattr(core, f"{k}_quant").load_spec(spec[k])
+        else:
+            layers[name].wbits = spec["wbits"]
+            layers[name].input_quant.load_spec(spec["input"])
+            layers[name].quantized = True
+
+
+def quant_params(backbone: Backbone) -> dict[str, dict]:
+    """Per-layer quantization parameters of a quantized Backbone (the integer-only path builds on these).
+
+    For each Linear/Conv: ``input`` (kind, bits, symmetric, granularity, ``scale``, ``zero_point``,
+    and ``twin`` scales for twin-uniform), ``weight_scale`` (per output channel, zero point 0),
+    ``weight_codes`` (int32) and ``wbits``; for each attention: the ``q``, ``k``, ``probs`` and
+    ``v`` quantizers in the same form.
+    """
+    module = backbone.require_module("reading quantization parameters")
+
+    def act(q: ActQuant) -> dict:
+        d = q.spec()
+        if q.kind == "uniform":
+            d.update(scale=q.scale.clone(), zero_point=q.zero_point.clone())
+        elif q.kind == "twin":
+            d.update(twin=q.twin.clone())
+        return d
+
+    params = {}
+    for name, layer in weighted_layers(module).items():
+        params[name] = {"input": act(layer.input_quant), "wbits": layer.wbits, "weight_scale": layer.weight_scale.clone(),
+                        "weight_codes": layer.weight_codes()}
+    for name, m in module.named_modules():
+        if isinstance(m, AttentionCore):
+            params[name] = {k: act(getattr(m, f"{k}_quant")) for k in ("q", "k", "probs", "v")}
+    if not params:
+        raise VitcError(f"{backbone.source} is not quantized", "quantize it first (vitc quantize)")
+    return params

@@ -1,0 +1,130 @@
+"""The saved form of a quantized model: a folder with
+
+* ``model.safetensors``: quantized weights as int8 codes (``<layer>.weight_codes``) beside their
+  per-channel scales (``<layer>.weight_scale``), every activation quantizer's scale / zero point,
+  and the float tensors (norms after reparameterisation, folded biases, embeddings);
+* ``vitc_quant.json``: the format tag, the base model's spec and sha256, the config, the
+  structural plan (folded BatchNorms, attention adapters), the per-layer scheme, the transforms
+  record and the preprocessing.
+
+Loading rebuilds the base architecture from its spec, redoes the structural plan and loads the
+state strictly, so ``vitc eval``/``vitc export`` take the folder as ``--model``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from vitc.artifacts import atomic_path
+from vitc.backbone import Backbone
+from vitc.errors import VitcError
+
+from .config import QuantConfig
+from .modules import set_mode, weighted_layers
+from .ptq import PASS_NAME, install, load_specs
+
+FORMAT = "vitc-quant/1"
+META_FILE = "vitc_quant.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def quant_record(backbone: Backbone) -> dict:
+    for t in reversed(backbone.transforms):
+        if t.get("pass") == PASS_NAME:
+            return t
+    raise VitcError(f"{backbone.source} is not quantized", "quantize it first (vitc quantize)")
+
+
+def save_quantized(backbone: Backbone, folder: Path | str, force: bool = False) -> Path:
+    from safetensors.torch import save_file
+
+    record = quant_record(backbone)
+    earlier = [t["pass"] for t in backbone.transforms[:backbone.transforms.index(record)]]
+    # a merge loaded from its description (vitc merge -o X.json) comes back when the spec is reloaded
+    merged_from_description = earlier == ["merge"] and str(backbone.source).endswith(".json")
+    if earlier and not merged_from_description:
+        raise VitcError(f"saving a model quantized after {', '.join(earlier)} is not supported yet",
+                        "quantize the base model, or export the pipeline's result with vitc export")
+    module = backbone.require_module("saving")
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    for name, layer in weighted_layers(module).items():
+        state.pop(f"{name}.weight")
+        state[f"{name}.weight_codes"] = layer.weight_codes().to(torch.int8).contiguous()
+    meta = {
+        "format": FORMAT,
+        "base": {"spec": backbone.source, "sha256": backbone.source_hash},
+        "config": record["config"],
+        "plan": record["plan"],
+        "layers": record["layers"],
+        "transforms": backbone.transforms,
+        "preprocess": backbone.preprocess.to_dict(),
+        "labels": backbone.labels,
+    }
+    folder = Path(folder)
+    with atomic_path(folder, force=force, is_dir=True) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def is_saved_quantized(path: Path) -> bool:
+    return path.is_dir() and (path / META_FILE).exists()
+
+
+def load_quantized(folder: Path | str) -> Backbone:
+    from safetensors.torch import load_file
+
+    from vitc.models.intake import file_sha256, load_model
+    from vitc.models.preprocess import Preprocess
+
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise VitcError(f"cannot read {folder / META_FILE} ({exc})", "save the quantized model again with vitc quantize") from exc
+    if meta.get("format") != FORMAT:
+        raise VitcError(f"{folder} holds format {meta.get('format')!r}, not {FORMAT}", "save it again with this vitc")
+    if not (folder / WEIGHTS_FILE).exists():
+        raise VitcError(f"{folder} has no {WEIGHTS_FILE}", "save the quantized model again with vitc quantize")
+    base = load_model(meta["base"]["spec"])
+    config = QuantConfig.from_dict(meta["config"])
+    module = base.copy().require_module("loading a quantized model")
+    install(module, base.structure, config, folded_bn=meta["plan"]["folded_bn"])
+    load_specs(module, meta["layers"])
+    state = load_file(str(folder / WEIGHTS_FILE))
+    layers = weighted_layers(module)
+    for name, layer in layers.items():
+        codes = state.pop(f"{name}.weight_codes", None)
+        scale = state.get(f"{name}.weight_scale")
+        if codes is None or scale is None:
+            raise VitcError(f"{folder / WEIGHTS_FILE} has no weights for {name}", "save the quantized model again")
+        state[f"{name}.weight"] = codes.float() * scale.reshape(-1, *[1] * (codes.dim() - 1))
+        if f"{name}.bias" in state and layer.bias is None:  # added by bias correction / reparameterisation
+            layer.bias = nn.Parameter(torch.zeros(layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels))
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise VitcError(f"{folder} does not fit its base model {meta['base']['spec']} ({str(exc).splitlines()[0][:160]})",
+                        "load it with the base model it was quantized from") from exc
+    set_mode(module, "quant")
+    return Backbone(module=module.eval(), preprocess=Preprocess.from_dict(meta["preprocess"]), labels=meta["labels"],
+                    source=str(folder), source_hash=file_sha256(folder / WEIGHTS_FILE), transforms=meta["transforms"],
+                    preprocess_origin="config", card=base.card)
+
+
+def model_size(backbone: Backbone) -> int:
+    """Bytes of the model's tensors: quantized weights at their bit width plus fp32 scales, the
+    rest (and every weight of a float model) in fp32."""
+    module = backbone.require_module("measuring size")
+    quantized = {id(l.weight): l for l in weighted_layers(module).values() if l.quantized}
+    total = 0.0
+    for p in module.parameters():
+        layer = quantized.get(id(p))
+        total += p.numel() * layer.wbits / 8 if layer else p.numel() * 4
+    for name, b in module.named_buffers():
+        if not name.endswith("num_batches_tracked"):
+            total += b.numel() * 4
+    return int(total)

@@ -1,0 +1,188 @@
+"""2:4 sparsity: ``SparsityConfig`` and ``apply(backbone, config, data) -> Backbone``.
+
+Layers are sparsified one at a time in forward order; each one's calibration inputs come
+from the model as already sparsified up to it (the sequential scheme of SparseGPT and Wanda),
+so later layers see, and compensate for, the errors of earlier ones.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vitc.errors import VitcError
+
+from . import masks
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+# PyTorch's semi-structured kernels (CUTLASS and cuSPARSELt) take fp16 weights whose rows are a
+# multiple of 32 and columns a multiple of 64; TensorRT's sparse convs group input channels.
+ROWS_MULTIPLE, COLS_MULTIPLE = 32, 64
+
+
+@dataclass
+class SparsityConfig:
+    method: str = "sparsegpt"  # magnitude | wanda | sparsegpt
+    layers: list[str] | None = None  # module paths to sparsify; None: every eligible layer
+    exclude: list[str] = field(default_factory=list)  # module paths left dense
+    damp: float = 0.01  # SparseGPT: Hessian dampening, as a fraction of its mean diagonal
+    block_size: int = 128  # SparseGPT: columns per lazy-update block
+    batch_size: int = 32
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise VitcError(f"unknown 2:4 method '{self.method}'", f"use one of: {', '.join(METHODS)}")
+        if not 0 <= self.damp < 1:
+            raise VitcError(f"--damp {self.damp} is outside [0, 1)", "pass a small fraction such as 0.01")
+        if self.block_size <= 0 or self.block_size % masks.M:
+            raise VitcError(f"--block-size {self.block_size} is not a positive multiple of 4", "pass e.g. 128")
+
+
+def ineligibility(layer: nn.Module) -> str | None:
+    """Why a layer cannot be 2:4 (None when it can)."""
+    if isinstance(layer, nn.Linear):
+        rows, cols = layer.out_features, layer.in_features
+    elif isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            return "grouped or depthwise conv"
+        rows, cols = layer.out_channels, layer.in_channels
+    else:
+        return "not a Linear or Conv2d"
+    if rows % ROWS_MULTIPLE or cols % COLS_MULTIPLE:
+        return f"{rows}x{cols} (outputs must be a multiple of {ROWS_MULTIPLE}, inputs of {COLS_MULTIPLE})"
+    return None
+
+
+def eligible_layers(root: nn.Module) -> tuple[list[str], dict[str, str]]:
+    """(eligible Linear/Conv2d paths, {ineligible path: reason}), in module order."""
+    ok, skipped = [], {}
+    for name, m in root.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            why = ineligibility(m)
+            if why is None:
+                ok.append(name)
+            else:
+                skipped[name] = why
+    return ok, skipped
+
+
+def is_24(layer: nn.Module) -> bool:
+    return masks.violations(masks.conv_to_2d(layer.weight.detach())) == 0
+
+
+def sparse_layers(backbone) -> list[str]:
+    """Layers recorded as 2:4 by a sparsify pass that still hold a 2:4 pattern (for the TensorRT
+    sparse-weights flag and the export manifest)."""
+    if backbone.module is None:
+        return []
+    recorded = [p for t in backbone.transforms if t.get("pass") == "sparsify" for p in t["sparse_layers"]]
+    names = dict(backbone.module.named_modules())
+    return [p for p in dict.fromkeys(recorded) if p in names and hasattr(names[p], "weight") and is_24(names[p])]
+
+
+def _inputs_2d(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A layer's input as rows of its weight's columns (conv: unfolded, in (kh, kw, in) order)."""
+    if isinstance(layer, nn.Linear):
+        return x.detach().float().reshape(-1, x.shape[-1])
+    cols = F.unfold(x.detach().float(), layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+    cin, (kh, kw) = layer.in_channels, layer.kernel_size
+    perm = torch.arange(cin * kh * kw).reshape(cin, kh, kw).permute(1, 2, 0).reshape(-1)
+    return cols.transpose(1, 2).reshape(-1, cin * kh * kw)[:, perm]
+
+
+class _Reached(Exception):
+    """Raised by the input hook: nothing after the layer being calibrated needs to run."""
+
+
+@torch.no_grad()
+def _input_stats(root: nn.Module, layer: nn.Module, images: torch.Tensor, batch: int, full: bool) -> torch.Tensor:
+    """X^T X (``full``) or its diagonal over the calibration images, at ``layer``'s input."""
+    acc = {}
+
+    def hook(mod, args):
+        x2 = _inputs_2d(mod, args[0])
+        s = x2.T @ x2 if full else x2.pow(2).sum(0)
+        acc["s"] = acc["s"] + s if "s" in acc else s
+        raise _Reached
+
+    h = layer.register_forward_pre_hook(hook)
+    try:
+        for i in range(0, len(images), batch):
+            try:
+                root(images[i:i + batch])
+            except _Reached:
+                pass
+    finally:
+        h.remove()
+    if "s" not in acc:
+        path = next(n for n, m in root.named_modules() if m is layer)
+        raise VitcError(f"layer {path} is not used in the model's forward pass", f"leave it out with --exclude {path}")
+    return acc["s"]
+
+
+def selected_layers(root: nn.Module, config: SparsityConfig) -> tuple[list[str], dict[str, str]]:
+    eligible, skipped = eligible_layers(root)
+    names = dict(root.named_modules())
+    for path in (config.layers or []) + config.exclude:
+        if path not in names:
+            raise VitcError(f"layer '{path}' does not exist in the model",
+                            "use module paths as vitc info --model ... --out lists them, e.g. model.vit.layers.0.mlp.fc1")
+    if config.layers:
+        bad = [p for p in config.layers if p not in eligible]
+        if bad:
+            raise VitcError(f"layer '{bad[0]}' cannot be 2:4: {skipped.get(bad[0], 'not a Linear or Conv2d')}",
+                            "name only eligible layers, or leave out --layers to take every eligible one")
+        chosen = list(config.layers)
+    else:
+        chosen = eligible
+    chosen = [p for p in chosen if p not in config.exclude]
+    skipped.update({p: "excluded" for p in config.exclude})
+    if not chosen:
+        raise VitcError(f"the model has no layer that 2:4 sparsity can take "
+                        f"(Linear/Conv2d with outputs a multiple of {ROWS_MULTIPLE} and inputs of {COLS_MULTIPLE})",
+                        "use a model with wider layers, or prune channels instead (vitc prune)")
+    return chosen, skipped
+
+
+def apply(backbone, config: SparsityConfig, data=None, progress=None):
+    """A copy of ``backbone`` whose selected layers hold 2:4 weights; ``data``: calibration images
+    (a preprocessed tensor or an ImageSource)."""
+    from vitc.compress.prune.api import images_of
+
+    config.validate()
+    backbone.require_module("2:4 sparsity")
+    data = images_of(data, backbone)
+    out = backbone.copy()
+    root = out.module.eval()
+    chosen, skipped = selected_layers(root, config)
+    if config.method != "magnitude" and (data is None or len(data) == 0):
+        raise VitcError(f"{config.method} needs calibration images", "pass --data, or use --method magnitude")
+    task = progress.add_task(f"2:4 by {config.method}", total=len(chosen)) if progress is not None else None
+    for path in chosen:
+        layer = root.get_submodule(path)
+        w2d = masks.conv_to_2d(layer.weight.detach())
+        if config.method == "magnitude":
+            keep = masks.magnitude_mask(w2d)
+            new = w2d * keep
+        elif config.method == "wanda":
+            keep = masks.wanda_mask(w2d, _input_stats(root, layer, data, config.batch_size, full=False))
+            new = w2d * keep
+        else:
+            hessian = _input_stats(root, layer, data, config.batch_size, full=True)
+            new, keep = masks.sparsegpt(w2d, hessian, config.damp, config.block_size)
+            new = new * keep
+        layer.weight.data.copy_(masks.conv_from_2d(new, layer.weight))
+        if not is_24(layer):  # pragma: no cover - guards the invariant every consumer relies on
+            raise RuntimeError(f"{path} is not 2:4 after masking")
+        if task is not None:
+            progress.advance(task)
+    record = {"pass": "sparsify", "config": asdict(config), "pattern": "2:4", "sparse_layers": chosen, "dense_layers": skipped}
+    return out.with_module(root, record)
+
+
+def layer_masks(backbone) -> dict[str, torch.Tensor]:
+    """Keep-masks (weight != 0) of the 2:4 layers, for recovery with fixed masks."""
+    names = dict(backbone.module.named_modules())
+    return {p: names[p].weight.detach() != 0 for p in sparse_layers(backbone)}

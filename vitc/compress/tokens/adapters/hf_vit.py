@@ -1,0 +1,21 @@
+"""transformers ViT and DeiT (v5 names; v4 names where discovery reports them)."""
+from __future__ import annotations
+
+from vitc.models.adapters._util import child
+from vitc.models.structure import TransformerBlock
+
+from ..block import BlockParts
+
+
+def parts(module, block: TransformerBlock) -> BlockParts:
+    from . import relative
+
+    layer = module.get_submodule(block.path)
+    act = child(layer, "mlp.activation_fn", "intermediate.intermediate_act_fn")
+    if act is None:
+        raise LookupError(f"{block.path}: no activation module found")
+    a = block.attention
+    return BlockParts(norm1=relative(block.norm1, block), norm2=relative(block.norm2, block), attention=relative(a.path, block),
+                      q=relative(a.q, block), k=relative(a.k, block), v=relative(a.v, block),
+                      out_proj=relative(a.out_proj, block), fc1=relative(block.mlp.fc1, block),
+                      act=act[0], fc2=relative(block.mlp.fc2, block))

@@ -1,0 +1,99 @@
+"""The manifest written beside every artifact (``<stem>.manifest.json``).
+
+It says where the artifact came from (source model and its hash, the transforms applied),
+how it was made (exporter, options, library versions), what it takes and returns (input
+shapes, preprocessing, labels) and whether it passed parity. ``vitc.models.intake`` reads
+the preprocessing back when the ONNX file is loaded as a model.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import platform
+from pathlib import Path
+
+MANIFEST_VERSION = 1
+
+
+def vitc_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vitc")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
+def library_versions(names: list[str]) -> dict[str, str]:
+    """Installed versions of ``names`` (distribution names); absent ones are left out."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def sha256_of(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (relative names and contents, in sorted order)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def status_of(parity: dict | None) -> str:
+    if parity is None or "skipped" in parity:
+        return "unchecked"
+    return "passed" if parity.get("passed") else "failed"
+
+
+def build(backbone, target: str, stem: str, staging: Path, staged, opts, parity: dict | None, quant: dict | None) -> dict:
+    import torch
+
+    size = backbone.preprocess.input_size
+    batch = "batch" if opts.dynamic_batch else 1
+    files = {p.name: sha256_of(p) for p in sorted(staging.iterdir())}
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "status": status_of(parity),
+        "target": target,
+        "artifact": str(staged.primary.relative_to(staging)),  # "." when the artifact is the folder itself
+        "precision": opts.precision,
+        "files": files,
+        "source": {"model": backbone.source, "sha256": backbone.source_hash, "kind": backbone.kind,
+                   "family": backbone.structure.family},
+        "transforms": backbone.transforms,
+        "quantization": quant,
+        "input": {"name": "pixel_values", "shape": [batch, 3, size, size], "dtype": "float32", "layout": "NCHW",
+                  "batch_range": [1, opts.max_batch] if opts.dynamic_batch else [1, 1]},
+        "output": {"name": "logits", "shape": [batch, backbone.num_classes], "dtype": "float32"},
+        "preprocess": backbone.preprocess.to_dict(),
+        "labels": backbone.labels,
+        "options": opts.to_dict(),
+        "export": staged.info,
+        "versions": {"vitc": vitc_version(), "python": platform.python_version(), "torch": torch.__version__,
+                     **library_versions(["onnx", "onnxruntime", "onnxscript", "openvino", "coremltools", "tensorrt"])},
+        "parity": parity,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": {"machine": platform.machine(), "system": platform.system()},
+    }
+
+
+def write(path: Path, manifest: dict) -> None:
+    from vitc.artifacts import _jsonable
+
+    path.write_text(json.dumps(manifest, indent=2, default=_jsonable) + "\n")
+
+
+def read(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,66 @@
+"""Parity: run an artifact's session and the PyTorch backbone on the same real images.
+
+The reference is ``backbone(x)``: for a quantized backbone that is its PyTorch simulation,
+so an int8 artifact is held to what the quantization pass promised, not to FP32.
+"""
+from __future__ import annotations
+
+import torch
+
+from vitc.errors import VitcError
+
+# Minimum top-1 agreement with PyTorch, by the artifact's precision.
+MIN_AGREEMENT = {"fp32": 0.995, "fp16": 0.99, "bf16": 0.99, "int8": 0.98, "fp8": 0.98}
+
+
+def check(backbone, session, precision: str, data: str = "bundled:eval", eval_size: int | None = None,
+          batch_size: int = 64, progress=None, extra_checks=None, seed: int = 0,
+          session_batch: int | None = None) -> dict:
+    """Compare ``session`` with ``backbone`` on ``data``; the result says whether it passed and why not."""
+    from vitc.calibration.data import DataSpec, iter_batches, label_map
+    from vitc.evaluate import agreement
+
+    backbone.require_module("the parity check")
+    source = DataSpec(data, None, eval_size, seed).open()
+    if len(source) == 0:
+        raise VitcError(f"no images in {source.location} for the parity check", "pass --data with images")
+    try:
+        mapping = label_map(source, backbone.labels)
+        labelled = True
+    except VitcError:
+        mapping, labelled = None, False
+    refs, outs, ys = [], [], []
+    task = progress.add_task(f"parity ({session.name})", total=len(source)) if progress is not None else None
+    for x, y in iter_batches(source, backbone.preprocess, batch_size):
+        refs.append(backbone(x).float())
+        rows = [x] if session_batch is None else x.split(session_batch)  # a static-batch artifact takes its own batch only
+        outs.append(torch.cat([torch.as_tensor(session(r)).float() for r in rows]))
+        ys.append(torch.from_numpy(mapping[y.numpy()]) if mapping is not None else y)
+        if task is not None:
+            progress.advance(task, len(y))
+    if task is not None:
+        progress.remove_task(task)
+    ref, out, y = torch.cat(refs), torch.cat(outs), torch.cat(ys)
+    if out.shape != ref.shape:
+        raise VitcError(f"the artifact returns logits of shape {tuple(out.shape)}, PyTorch {tuple(ref.shape)}",
+                        "re-export the model; check that it has one output, the logits")
+    result = {"data": source.location, "images": len(y), "seed": seed, "reference": "pytorch (backbone.module, fp32 eager)",
+              "runtime": session.describe(), **agreement(out, ref)}
+    if labelled and (y >= 0).all():
+        result["reference_top1"] = (ref.argmax(-1) == y).float().mean().item()
+        result["artifact_top1"] = (out.argmax(-1) == y).float().mean().item()
+    result["min_agreement"] = MIN_AGREEMENT.get(precision, MIN_AGREEMENT["int8"])
+    failures = []
+    if not torch.isfinite(out).all():
+        failures.append("the artifact returns non-finite logits")
+    if result["top1_agreement"] < result["min_agreement"]:
+        failures.append(f"top-1 agreement {100 * result['top1_agreement']:.2f}% is below {100 * result['min_agreement']:.1f}% "
+                        f"for {precision}")
+    if extra_checks is not None:
+        extra = extra_checks(session)
+        failures += extra.pop("failures", [])
+        result.update(extra)
+    result["passed"] = not failures
+    if failures:
+        result["failure"] = "; ".join(failures)
+    return result

@@ -1,0 +1,178 @@
+"""QDQ ONNX export of a quantized Backbone (``vitc quantize`` output): real int8 execution.
+
+The simulation modules switch to export mode (weights fake-quantized again, so the exporter
+sees them) and the TorchScript exporter turns every uniform fake-quant into a
+QuantizeLinear/DequantizeLinear pair. A graph pass then stores each weight as its int8 codes:
+``QuantizeLinear(float weight)`` becomes an int8 initializer feeding its DequantizeLinear,
+and a Transpose between a weight's DequantizeLinear and its MatMul is folded into the
+initializer. ONNX Runtime and OpenVINO fuse DQ -> MatMul/Conv -> Q into int8 kernels.
+
+Only 8-bit grids have an ONNX integer type here; W6/W4 and A6/A4 models stay in the PyTorch
+simulation (``vitc eval`` runs them).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitc.errors import VitcError, require
+
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "logits"
+
+
+def _check_exportable(backbone) -> dict:
+    from vitc.compress.quantize.saved import quant_record
+
+    record = quant_record(backbone)
+    for name, spec in record["layers"].items():
+        grids = [spec["input"]] if "input" in spec else [spec[k] for k in ("q", "k", "probs", "v")]
+        bits = {spec.get("wbits", 8)} | {g["bits"] for g in grids}
+        if bits != {8}:
+            raise VitcError(f"{name} is quantized to {min(bits)} bits; the QDQ ONNX export takes 8-bit models only",
+                            "export a --bits 8 model; W6/W4 models run in the PyTorch simulation (vitc eval)")
+    return record
+
+
+def export_qdq_onnx(backbone, path, opset: int = 17, dynamic_batch: bool = True) -> Path:
+    """Write ``backbone`` (quantized by ``vitc.compress.quantize``) as a QDQ ONNX graph at ``path``."""
+    onnx = require("onnx", "onnx")
+    from vitc.compress.quantize.modules import set_export_mode
+
+    _check_exportable(backbone)
+    if opset < 13:
+        raise VitcError(f"opset {opset} has no per-channel QuantizeLinear", "pass --opset 13 or higher")
+    module = copy.deepcopy(backbone.require_module("QDQ export")).eval()
+    set_export_mode(module, True)
+    path = Path(path)
+    example = backbone.example_input(2 if dynamic_batch else 1)  # a batch of 1 lets the tracer fix the batch
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None)
+    model = onnx.load(str(path))
+    store_int8_weights(model)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _constants(graph) -> dict:
+    from onnx import numpy_helper
+
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(a.t)
+    return values
+
+
+def _axis(node) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 1)
+
+
+def store_int8_weights(model) -> int:
+    """Replace QuantizeLinear(constant float weight) by its int8 codes; fold DQ -> Transpose. Returns the count."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    consts = _constants(graph)
+    init_names = {i.name for i in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    removed, added, count = set(), [], 0
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] not in init_names:
+            continue
+        w = consts[node.input[0]].astype(np.float32)
+        scale = consts[node.input[1]].astype(np.float32)
+        zero = consts[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros_like(scale, dtype=np.int8)
+        axis = _axis(node) % w.ndim
+        shape = [1] * w.ndim
+        if scale.ndim == 1 and scale.size > 1:
+            shape[axis] = -1
+        info = np.iinfo(zero.dtype)
+        codes = np.clip(np.round(w / scale.reshape(shape)) + zero.astype(np.int32).reshape(shape), info.min, info.max).astype(zero.dtype)
+        dqs = consumers.get(node.output[0], [])
+        if not dqs or any(d.op_type != "DequantizeLinear" for d in dqs):
+            continue
+        name = node.input[0] + "_quantized"
+        for dq in dqs:
+            after = consumers.get(dq.output[0], [])
+            if len(after) == 1 and after[0].op_type == "Transpose" and scale.size > 1:
+                tr = after[0]
+                perm = next(a.ints for a in tr.attribute if a.name == "perm")
+                t_name = f"{name}_t{len(added)}"
+                added.append(numpy_helper.from_array(np.ascontiguousarray(codes.transpose(perm)), t_name))
+                dq.input[0] = t_name
+                for a in dq.attribute:
+                    if a.name == "axis":
+                        a.i = list(perm).index(axis)
+                if not any(a.name == "axis" for a in dq.attribute):
+                    dq.attribute.append(helper.make_attribute("axis", list(perm).index(axis)))
+                # consumers of the Transpose now read the DequantizeLinear directly
+                for n in consumers.get(tr.output[0], []):
+                    for k, inp in enumerate(n.input):
+                        if inp == tr.output[0]:
+                            n.input[k] = dq.output[0]
+                for k, out in enumerate(graph.output):
+                    if out.name == tr.output[0]:
+                        raise RuntimeError("a weight transpose is a graph output")
+                removed.add(id(tr))
+            else:
+                if not any(i.name == name for i in added):
+                    added.append(numpy_helper.from_array(codes, name))
+                dq.input[0] = name
+        removed.add(id(node))
+        count += 1
+    keep = [n for n in graph.node if id(n) not in removed]
+    del graph.node[:]
+    graph.node.extend(keep)
+    graph.initializer.extend(added)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    dead = [i for i in graph.initializer if i.name not in used]
+    for i in dead:
+        graph.initializer.remove(i)
+    return count
+
+
+_ISA_CHECKED = False
+
+
+def guard_int8_isa() -> str | None:
+    """Cap oneDNN below AMX where the CPU advertises AMX but faults on it; return the cap set.
+
+    OpenVINO's CPU plugin picks AMX int8 kernels for QDQ graphs wherever ``/proc/cpuinfo`` lists
+    ``amx_int8``; some virtual machines list it without enabling the tile state, and the first
+    int8 inference dies with SIGILL. A PyTorch bf16 matmul (also AMX there) in a child process
+    tells the two apart; call this before OpenVINO runs an int8 model.
+    """
+    import os
+    import subprocess
+    import sys
+
+    global _ISA_CHECKED
+    if _ISA_CHECKED or os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        return os.environ.get("ONEDNN_MAX_CPU_ISA")
+    _ISA_CHECKED = True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    if "amx_int8" not in flags:
+        return None
+    probe = "import torch; a = torch.ones(32, 32, dtype=torch.bfloat16); (a @ a).sum().item()"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=120)
+    if result.returncode == 0:
+        return None
+    os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE_BF16"
+    return os.environ["ONEDNN_MAX_CPU_ISA"]
