@@ -73,3 +73,26 @@ def test_flops_count_matches_hand_count(tiny_vit):
     n, d, h, blocks, p = 65, 64, 128, 2, 4
     macs = 64 * (3 * p * p) * d + blocks * (4 * n * d * d + 2 * n * n * d + 2 * n * d * h) + d * 10
     assert tiny_vit.flops() == pytest.approx(2 * macs, rel=0.01)
+
+
+def test_conv_stem_vit_is_a_hybrid_with_a_bridge():
+    import transformers as T
+
+    from vitc.models.convstem import ConvStem
+    from vitc.models.intake import load_model  # noqa: F401 - same loader path as the zoo
+    from vitc.models.adapters import discover
+    from vitc.models.wrappers import LogitsModule
+
+    cfg = T.ViTConfig(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64, num_labels=10)
+    m = T.ViTForImageClassification(cfg)
+    m.vit.embeddings.patch_embeddings.projection = ConvStem(3, [8, 16, 16], 32, 4)
+    module = LogitsModule(m.eval())
+    s = discover(module)
+    assert s.kind == "hybrid" and [st.kind for st in s.stages] == ["conv", "transformer"]
+    assert len(s.conv_stages[0].norms) == 3 and s.bridges[0].into.endswith("q_proj")
+    assert isinstance(module.get_submodule(s.bridges[0].conv), nn.Conv2d)
+    assert s.transformer_stages[0].tokens.unstructured and s.transformer_stages[0].tokens.grid == (8, 8)
+    import torch
+
+    assert module(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -8,7 +8,10 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-console = Console()
+import sys
+
+# Outside a terminal (CI logs, pipes) rich would wrap tables at 80 columns; module paths need more.
+console = Console() if sys.stdout.isatty() else Console(width=160)
 err_console = Console(stderr=True)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="zoo:<name>, hf:<dir>, timm:<name>, pkg.module:factory, FILE.pt2, FILE.pt, FILE.onnx")]

@@ -172,6 +172,16 @@ def _load_zoo(name: str, flags: PreprocessFlags) -> Backbone:
     if card is None or not (entry.folder / "model.safetensors").exists():
         raise VitcError(f"zoo model '{name}' has no trained weights in this install",
                         f"train them with: python -m vitc.models.train_zoo --model {name}")
+    if entry.conv_stem:
+        # not a stock transformers architecture (a ViT with a conv stem): build it, then load strictly
+        from vitc.models.zoo import build_model
+
+        model = build_model(entry)
+        wfile = entry.folder / "model.safetensors"
+        load_weights(model, read_state_dict(wfile), wfile)
+        pre, origin = flags.apply(entry.preprocess, f"zoo:{name}")
+        return Backbone(module=LogitsModule(model.eval()).eval(), preprocess=pre, labels=list(model.config.id2label.values()),
+                        source=f"zoo:{name}", source_hash=file_sha256(wfile), preprocess_origin=origin, card=card)
     backbone = _load_hf(entry.folder, flags, f"zoo:{name}", preprocess=entry.preprocess)
     backbone.card = card
     return backbone

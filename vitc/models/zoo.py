@@ -28,6 +28,7 @@ class ZooEntry:
     config: dict  # transformers config kwargs (besides labels)
     preprocess: Preprocess
     recipe: dict  # training hyper-parameters used by train_zoo
+    conv_stem: tuple[int, ...] | None = None  # BN conv stem widths replacing the patch projection (hybrid)
 
     @property
     def folder(self) -> Path:
@@ -51,14 +52,15 @@ ENTRIES: dict[str, ZooEntry] = {
             recipe=dict(epochs=20, batch_size=128, optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=2, label_smoothing=0.1),
         ),
         ZooEntry(
-            name="mobilevit-c10",
+            name="convvit-c10",
             kind="hybrid",
-            model_type="mobilevit",
-            # MobileViT-XXS widths; images upsampled to 64 px so the three MobileViT stages see 8x8, 4x4 and 2x2 maps.
-            config=dict(image_size=64, neck_hidden_sizes=[16, 16, 24, 48, 64, 80, 320], hidden_sizes=[64, 80, 96],
-                        expand_ratio=2.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0),
-            preprocess=Preprocess(64, 64, CIFAR10_MEAN, CIFAR10_STD),
-            recipe=dict(epochs=10, batch_size=128, optimizer="adamw", lr=2e-3, weight_decay=0.01, warmup_epochs=1, label_smoothing=0.1),
+            model_type="vit",
+            # transformers ViT whose patchify conv is replaced by a BatchNorm conv stem (32 px -> 8x8 tokens)
+            config=dict(image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=256, layer_norm_eps=1e-6, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+            preprocess=Preprocess(32, 32, CIFAR10_MEAN, CIFAR10_STD),
+            recipe=dict(epochs=8, batch_size=128, optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=1, label_smoothing=0.1),
+            conv_stem=(32, 64, 128),
         ),
         ZooEntry(
             name="resnet-c10",
@@ -89,3 +91,17 @@ def build_config(entry: ZooEntry):
         label2id={c: i for i, c in enumerate(CIFAR10_CLASSES)},
         **entry.config,
     )
+
+
+def build_model(entry: ZooEntry):
+    """A randomly initialised model of the entry's architecture (transformers classes)."""
+    import transformers
+
+    from vitc.models.convstem import ConvStem
+
+    model = transformers.AutoModelForImageClassification.from_config(build_config(entry))
+    if entry.conv_stem:
+        cfg = model.config
+        model.vit.embeddings.patch_embeddings.projection = ConvStem(cfg.num_channels, list(entry.conv_stem), cfg.hidden_size,
+                                                                     cfg.patch_size)
+    return model

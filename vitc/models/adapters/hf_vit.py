@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from vitc.models.structure import AttentionSite, MLPSite, Structure, TokenLayout, TransformerBlock, TransformerStage
+from vitc.models.structure import (AttentionSite, Bridge, ConvStage, MLPSite, Structure, TokenLayout, TransformerBlock,
+                                   TransformerStage)
 
-from ._util import activation_name, child, need
+from ._util import activation_name, child, convs_and_norms, need
 
 
 def _families():
@@ -79,11 +80,21 @@ def discover(model: nn.Module, prefix: str = "") -> Structure:
     tokens = TokenLayout(dim=cfg.hidden_size, num_patches=grid * grid, grid=(grid, grid), cls_index=0,
                          dist_index=1 if distilled else None, unstructured=True)
     classifier = child(model, "classifier", "cls_classifier")
+    patch_embed = p + "embeddings.patch_embeddings.projection"
+    stages: list = [TransformerStage(path=f"{p}{layers_name}", blocks=blocks, tokens=tokens)]
+    bridges = []
+    # A patch projection holding BatchNorm convs is a conv stem (vitc.models.convstem): a hybrid.
+    proj = base.embeddings.patch_embeddings.projection
+    convs, norms = convs_and_norms(proj, patch_embed + ".")
+    if norms:
+        stages.insert(0, ConvStage(patch_embed, convs, norms, cfg.hidden_size))
+        bridges.append(Bridge(conv=convs[-1], stage=stages[1].path, into=blocks[0].attention.q or blocks[0].attention.qkv))
     return Structure(
         family="hf-deit" if distilled else "hf-vit",
-        kind="vit",
-        stages=[TransformerStage(path=f"{p}{layers_name}", blocks=blocks, tokens=tokens)],
+        kind="hybrid" if norms else "vit",
+        stages=stages,
+        bridges=bridges,
         classifier=(prefix + classifier[0]) if classifier else None,
-        patch_embed=p + "embeddings.patch_embeddings.projection",
+        patch_embed=patch_embed,
         final_norm=p + "layernorm",
     )
