@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_TEST = REPO.parent / "shared" / "data" / "cifar10" / "test.tar.gz"
-ZOO = ("zoo:vit-c10", "zoo:mobilevit-c10", "zoo:resnet-c10")
+ZOO = ("zoo:vit-c10", "zoo:convvit-c10", "zoo:resnet-c10")
 
 
 def main(argv=None) -> int:

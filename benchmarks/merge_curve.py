@@ -124,22 +124,24 @@ def curve(args, base, x, y, work: Path) -> dict:
     base_top1 = top1(base_sess, x, y)
     xb = x[: args.batch].numpy()
     rows, points = [], []
-    for method in args.methods:
-        hi = largest_r(method, depth, patches)
+    for series in args.methods:  # "method" or "method:schedule"
+        method, _, schedule = series.partition(":")
+        schedule = schedule or "constant"
+        hi = largest_r(method, depth, patches, schedule)
         rs = [r for r in range(args.r_step, hi + 1, args.r_step)]
         for r in rs:
-            merged = apply(base, MergeConfig(method, r))
+            merged = apply(base, MergeConfig(method, r, schedule))
             sess = session(export(merged, work / f"{method}{r}.onnx"), args.threads)
             acc = top1(sess, x, y)
             speed = throughput({"base": base_sess, "merged": sess}, xb, args.rounds, args.clock)
             ratio = merged.flops() / base_flops
-            p = {"method": method, "r": r, "tokens_out": merged.transforms[-1]["tokens"][-1], "flops_ratio": ratio,
+            p = {"method": series, "r": r, "tokens_out": merged.transforms[-1]["tokens"][-1], "flops_ratio": ratio,
                  "top1": acc, "drop_pt": 100 * (base_top1 - acc), "images_per_s": speed["merged"],
                  "base_images_per_s": speed["base"], "speedup": speed["merged"] / speed["base"], "flops_speedup": 1 / ratio}
             points.append(p)
-            rows.append([method, r, p["tokens_out"], f"{ratio:.2f}", f"{100 * acc:.2f}", f"{p['drop_pt']:+.2f}",
+            rows.append([series, r, p["tokens_out"], f"{ratio:.2f}", f"{100 * acc:.2f}", f"{p['drop_pt']:+.2f}",
                          f"{speed['merged']:.0f}", f"{speed['base']:.0f}", f"{p['speedup']:.2f}x", f"{p['flops_speedup']:.2f}x"])
-            print(f"  {method} r={r}: top-1 {100 * acc:.2f}%, {p['speedup']:.2f}x", file=sys.stderr, flush=True)
+            print(f"  {series} r={r}: top-1 {100 * acc:.2f}%, {p['speedup']:.2f}x", file=sys.stderr, flush=True)
     table(f"curve: {base.source}, {len(x)} test images, ORT batch {args.batch}, {args.threads} thread(s); original top-1 {100 * base_top1:.2f}%",
           ["method", "r", "tokens out", "FLOPs", "top-1 %", "drop pt", "img/s", "orig img/s", "speedup", "FLOPs speedup"], rows)
     ok = [p for p in points if p["drop_pt"] <= 1.0]
@@ -163,7 +165,7 @@ def plot(result: dict, path: Path, title: str) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     base = 100 * result["original_top1"]
     base_speed = statistics.median(p["base_images_per_s"] for p in result["points"])
-    for m in METHODS:
+    for m in dict.fromkeys(p["method"] for p in result["points"]):
         pts = [p for p in result["points"] if p["method"] == m]
         if not pts:
             continue
@@ -223,7 +225,8 @@ def quant(args, base, x, y, work: Path, curve_result: dict | None) -> dict:
 
     setting = (curve_result or {}).get("best_per_method", {}).get(args.quant_method) if curve_result else None
     r = setting["r"] if setting else args.quant_r
-    merged = apply(base, MergeConfig(args.quant_method, r))
+    method, _, schedule = args.quant_method.partition(":")
+    merged = apply(base, MergeConfig(method, r, schedule or "constant"))
     calib = open_source(args.calib).select(args.calib_size, args.seed)
     qcfg = quantize.QuantConfig(wbits=8, abits=8)
     q_base = quantize.apply(base, qcfg, data=calib)
@@ -261,7 +264,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                     help="images/s by this process's CPU time (robust on a shared machine) or by wall-clock")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS), help="curve series: method or method:schedule, e.g. tome:decreasing")
     ap.add_argument("--r-step", type=int, default=2)
     ap.add_argument("--quant-method", default="tome")
     ap.add_argument("--quant-r", type=int, default=6, help="merge r for the quant section when the curve is not run")

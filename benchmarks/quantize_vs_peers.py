@@ -29,7 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
-MODELS = ("zoo:resnet-c10", "zoo:mobilevit-c10", "zoo:vit-c10")
+MODELS = ("zoo:resnet-c10", "zoo:convvit-c10", "zoo:vit-c10")
 
 
 def top1(run, x: torch.Tensor, y: torch.Tensor, batch: int = 200) -> tuple[float, np.ndarray]:

@@ -198,3 +198,18 @@ def test_engine_build_where_tensorrt_imports(tiny_resnet, tmp_path):
     art = export_artifact(tiny_resnet, "tensorrt", tmp_path / "trt", precision="fp32", eval_size=32)
     assert art.path.suffix == ".engine" and art.path.stat().st_size > 0 and (tmp_path / "trt" / "model.timing.cache").exists()
     assert art.parity["top1_agreement"] >= 0.995
+
+
+def test_all_targets_write_what_they_can_past_a_rule_violation(tmp_path, capsys):
+    import onnx
+
+    from vitc.cli import run
+
+    path = tmp_path / "bad.onnx"
+    onnx.save(_attention_model(bad=True), str(path))
+    out = tmp_path / "all"
+    code = run(["export", "-m", str(path), "--input-size", "4", "-t", "all", "-o", str(out), "--no-check"])
+    captured = capsys.readouterr()
+    assert code == 2 and "the graph breaks 6 TensorRT rule(s)" in captured.err
+    assert "attn_context" in captured.err and "rejected" in captured.out and "skipped" in captured.out  # coreml: an ONNX file
+    assert sorted(p.name for p in out.iterdir()) == ["onnx", "openvino"]

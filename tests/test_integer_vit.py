@@ -152,3 +152,20 @@ def test_int32_accumulator_overflow_names_the_layer(tiny_vit, calib_images):
         fc2.bias[0] = 1e9  # a bias far beyond what the int32 accumulator holds at its input/weight scales
     with pytest.raises(VitcError, match=r"int32 accumulator of layer .*layers\.1\.mlp\.fc2"):
         integer.apply(tiny_vit, integer.IntegerConfig(calib_size=8, calibration="minmax"), data=calib_images)
+
+
+def test_recovery_fine_tunes_a_copy_and_converts(tiny_vit, images):
+    from vitc.compress.integer.convert import calibrate
+    from vitc.compress.integer.recover import recover
+
+    ref = read_vit(tiny_vit)
+    ranges = calibrate(ref, [images[:32]], "minmax")
+    before = ref.blocks[0].fc1[0].clone()
+    tuned = recover(ref, ranges, images[:32], steps=3, lr=1e-3, batch_size=8)
+    assert torch.equal(ref.blocks[0].fc1[0], before)  # the source is untouched
+    assert not torch.equal(tuned.blocks[0].fc1[0], before)
+    assert not tuned.blocks[0].fc1[0].requires_grad
+    out = integer.apply(tiny_vit, integer.IntegerConfig(calib_size=32, recover_steps=2, recover_size=32),
+                        data=images[:32])
+    assert out.transforms[-1]["recovery_images"] == 32
+    assert out(images[:4]).shape == (4, 10)

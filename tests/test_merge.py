@@ -216,7 +216,7 @@ def _wrap(model, size: int, source: str):
     return Backbone(LogitsModule(model.eval()).eval(), Preprocess(size, size), [str(i) for i in range(10)], source)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ["tome", "transform"])
 def test_deit_with_distillation_token(images, method):
     import transformers as T
 

@@ -90,8 +90,9 @@ def test_w8a8_vit_close_to_float_and_reports(tiny_vit, calib32, eval_images):
 
 
 def test_low_bit_vit_uses_vit_quantizers(tiny_vit, calib32):
-    q = apply(tiny_vit, QuantConfig(wbits=4, abits=4), _x(tiny_vit, calib32))
+    q = apply(tiny_vit, QuantConfig(wbits=4, abits=4, gelu="twin"), _x(tiny_vit, calib32))
     layers = q.transforms[-1]["layers"]
+    assert q.transforms[-1]["vit_quantizers"]["post_gelu"] == "twin x2"
     assert layers["model.vit.layers.0.attention.core"]["probs"]["kind"] == "logsqrt2"
     assert layers["model.vit.layers.0.mlp.fc2"]["input"]["kind"] == "twin"
     assert layers["model.vit.layers.0.mlp.fc1"]["wbits"] == 4

@@ -83,17 +83,18 @@ class Comparison:
         self.p_regression = self.p_pass = 1.0
         self.warmup: dict = {}
 
-    def prepare(self, config: GateConfig) -> None:
+    def prepare(self, config: GateConfig, warmup_cap_s: float | None = None) -> None:
         label = f"{self.name} b={self.batch}"
+        warmup_s = config.warmup_max_s if warmup_cap_s is None else min(config.warmup_max_s, warmup_cap_s)
         first_inference(self.base_session, self.pool, self.batch, f"base {label}")
         first_inference(self.cand_session, self.pool, self.batch, f"candidate {label}")
         # Windows short enough that the capped warm-up still sees several of them.
-        harness = HarnessConfig(warmup_max_s=config.warmup_max_s, window_s=min(0.1, config.warmup_max_s / 6))
+        harness = HarnessConfig(warmup_max_s=warmup_s, window_s=min(0.1, warmup_s / 6))
         for arm, session in (("base", self.base_session), ("candidate", self.cand_session)):
             window = calls_per_window(session, self.pool, harness.window_s)
             self.warmup[arm] = warm_up(session, self.pool, harness, window)
-        per_call = max(self.warmup[a]["last_median_s"] or 0.0 for a in ("base", "candidate"))
-        calls = int(min(200, max(8, round(config.round_s / max(per_call, 1e-7)))))
+        per_call = max(self.warmup[a]["wall_per_call_s"] or 0.0 for a in ("base", "candidate"))
+        calls = int(min(200, max(6, round(config.round_s / max(per_call, 1e-7)))))
         self.calls_per_round = calls + calls % 2  # even, so the order can be balanced
 
     def round(self, rng: random.Random) -> None:
@@ -171,7 +172,9 @@ def run_rounds(comparisons: list[Comparison], config: GateConfig, progress=None,
     schedule = config.look_schedule()
     t0 = time.perf_counter() if started is None else started
     for c in comparisons:
-        c.prepare(config)
+        # Warm-up may take at most a quarter of what loading left of the budget, so rounds get the rest.
+        remaining = config.max_time_s - (time.perf_counter() - t0)
+        c.prepare(config, max(0.5, remaining / (4 * len(comparisons))))
     task = progress.add_task("A/B rounds", total=schedule[-1]) if progress is not None else None
     rounds = looks = 0
     round_cost = 0.0

@@ -74,13 +74,15 @@ def _no_yield() -> None:
 yield_cpu = getattr(os, "sched_yield", _no_yield)
 
 
-def timed_calls(session, pool: list[np.ndarray], count: int, offset: int = 0, deadline_ns: int | None = None) -> list[int]:
+def timed_calls(session, pool: list[np.ndarray], count: int, offset: int = 0, deadline_ns: int | None = None,
+                yield_first: bool = True) -> list[int]:
     """Nanoseconds of up to ``count`` calls, each run + synchronize, inputs rotating through ``pool``.
 
     Stops early once a call ends after ``deadline_ns`` (perf_counter_ns), so a stalled machine
     cannot stretch a chunk far past --max-time.
     """
-    run, sync, clock, yield_ = session.run, session.synchronize, time.perf_counter_ns, yield_cpu
+    run, sync, clock = session.run, session.synchronize, time.perf_counter_ns
+    yield_ = yield_cpu if yield_first else _no_yield
     k = len(pool)
     deadline = deadline_ns if deadline_ns is not None else 1 << 62
     out = []
@@ -108,9 +110,9 @@ class _NullSession:
         return None
 
 
-def harness_overhead_s(pool: list[np.ndarray], calls: int = 2000) -> float:
-    """Median seconds the timing loop adds to one call (clock reads, rotation, method dispatch)."""
-    return float(np.median(timed_calls(_NullSession(), pool, calls))) / 1e9
+def harness_overhead_s(pool: list[np.ndarray], calls: int = 1000) -> float:
+    """Median seconds the timing loop adds inside the clock (reads, dispatch); the yield sits outside it."""
+    return float(np.median(timed_calls(_NullSession(), pool, calls, yield_first=False))) / 1e9
 
 
 def first_inference(session, pool, batch: int, label: str) -> float:
@@ -132,8 +134,10 @@ def first_inference(session, pool, batch: int, label: str) -> float:
 
 
 def calls_per_window(session, pool, window_s: float, lo: int = 3, hi: int = 500) -> int:
-    probe = timed_calls(session, pool, 3)
-    per_call = max(float(np.median(probe)) / 1e9, 1e-7)
+    """Calls that fill about ``window_s`` of wall time, waits after yielding included (long on a busy machine)."""
+    t0 = time.perf_counter()
+    timed_calls(session, pool, 3)
+    per_call = max((time.perf_counter() - t0) / 3, 1e-7)
     return int(min(hi, max(lo, round(window_s / per_call))))
 
 
@@ -156,9 +160,12 @@ def warm_up(session, pool, config: HarnessConfig, window: int) -> dict:
             if max(recent) / min(recent) - 1 <= config.warmup_tolerance:
                 converged = True
                 break
-    return {"seconds": time.perf_counter() - t0, "calls": calls, "windows": len(medians), "window_calls": window,
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "calls": calls, "windows": len(medians), "window_calls": window,
             "converged": converged, "window_medians_s": [m / 1e9 for m in medians],
-            "last_median_s": float(np.median(last)) / 1e9 if last else None}
+            "last_median_s": float(np.median(last)) / 1e9 if last else None,
+            # wall time per call including the wait after yielding: what sizes work to a time budget
+            "wall_per_call_s": seconds / calls if calls else None}
 
 
 def steady_state(session, pool, config: HarnessConfig, window: int, on_progress=None) -> tuple[np.ndarray, dict]:

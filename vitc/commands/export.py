@@ -65,8 +65,9 @@ def export_cmd(
             with atomic_path(output, force=force, is_dir=True) as tmp:
                 for name in TARGETS:
                     row = _export_one(backbone, name, tmp / name, {**options, "force": False}, prog, failed, skip_missing=True)
-                    if row.get("path"):
-                        row["path"] = str(output / Path(row["path"]).relative_to(tmp))
+                    for key in ("path", "manifest"):  # where they land once the folder is moved into place
+                        if row.get(key):
+                            row[key] = str(output / Path(row[key]).relative_to(tmp))
                     rows.append(row)
     _print_table(backbone.source, rows)
     if out:
@@ -79,15 +80,17 @@ def export_cmd(
 def _many_failed(failed):
     from vitc.errors import VitcError
 
-    err = VitcError(f"{len(failed)} artifacts failed the parity check ({', '.join(e.artifact.target for e in failed)})",
-                    "they are kept and marked failed in their manifests")
-    err.exit_code = failed[0].exit_code
+    names = [e.artifact.target if hasattr(e, "artifact") else "tensorrt" for e in failed]
+    err = VitcError(f"{len(failed)} targets failed their checks ({', '.join(names)})",
+                    "failed artifacts are kept and marked failed in their manifests; rejected ones were not written")
+    err.exit_code = max(e.exit_code for e in failed)
     return err
 
 
 def _export_one(backbone, target: str, output: Path, options: dict, prog, failed: list, skip_missing: bool) -> dict:
-    from vitc.errors import MissingExtraError, VitcError
+    from vitc.errors import MissingExtraError
     from vitc.export import ParityError, export_artifact
+    from vitc.export.pipeline import TargetUnavailable
     from vitc.export.tensorrt import TensorRTRuleError
 
     try:
@@ -97,11 +100,14 @@ def _export_one(backbone, target: str, output: Path, options: dict, prog, failed
         art = exc.artifact
     except TensorRTRuleError as exc:
         _print_violations(exc.violations)
-        raise
-    except VitcError as exc:
-        if skip_missing and (isinstance(exc, MissingExtraError) or "coreml target converts a PyTorch model" in exc.problem):
-            return {"target": target, "status": "skipped", "note": str(exc)}
-        raise
+        if not skip_missing:
+            raise
+        failed.append(exc)  # with --target all, the other targets are still written
+        return {"target": target, "status": "rejected", "note": str(exc)}
+    except (MissingExtraError, TargetUnavailable) as exc:
+        if not skip_missing:
+            raise
+        return {"target": target, "status": "skipped", "note": str(exc)}
     p = art.parity or {}
     return {"target": target, "precision": art.precision, "path": str(art.path), "status": art.status,
             "manifest": str(art.manifest_path), "parity": art.parity, "note": p.get("failure") or p.get("skipped") or p.get("checked") or ""}
@@ -122,7 +128,7 @@ def _print_table(source: str, rows: list[dict]) -> None:
         if ran:
             runtime = (p.get("runtime") or {}).get("runtime", "?")
             notes.append(f"{r['target']}: parity on {p['images']} images of {p['data']} with {runtime}"
-                         + (f" (PyTorch top-1 {pct(p['reference_top1'])}, artifact {pct(p['artifact_top1'])})" if "artifact_top1" in p else ""))
+                         + (f" (reference top-1 {pct(p['reference_top1'])}, artifact {pct(p['artifact_top1'])})" if "artifact_top1" in p else ""))
         if r.get("note"):
             notes.append(f"{r['target']}: {r['note']}")
     console.print(table)
@@ -141,7 +147,7 @@ def _short(path: str) -> str:
 
 
 def _status(status: str) -> str:
-    color = {"passed": "green", "failed": "bold red", "unchecked": "yellow", "skipped": "dim"}.get(status, "")
+    color = {"passed": "green", "failed": "bold red", "rejected": "bold red", "unchecked": "yellow", "skipped": "dim"}.get(status, "")
     return f"[{color}]{status}[/{color}]" if color else status
 
 

@@ -37,8 +37,10 @@ def pick_precision(requested: str | None, quant: dict | None) -> str:
 def preflight(backbone, opts, quant) -> None:
     from vitc.errors import require
 
+    from vitc.export.pipeline import TargetUnavailable
+
     if backbone.module is None:
-        raise VitcError(f"the coreml target converts a PyTorch model through torch.export, and {backbone.source} is an ONNX file",
+        raise TargetUnavailable(f"the coreml target converts a PyTorch model through torch.export, and {backbone.source} is an ONNX file",
                         "pass the PyTorch model it was exported from (zoo:, hf:, module:factory, .pt2)")
     if quant is not None:
         # The quantize pass's simulation reads its scales as Python numbers, which torch.export

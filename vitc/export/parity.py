@@ -20,7 +20,12 @@ def check(backbone, session, precision: str, data: str = "bundled:eval", eval_si
     from vitc.calibration.data import DataSpec, iter_batches, label_map
     from vitc.evaluate import agreement
 
-    backbone.require_module("the parity check")
+    if backbone.module is not None:
+        reference, reference_name = backbone, "pytorch (backbone.module, fp32 eager)"
+    else:  # a model given as an ONNX file: the file itself is the reference
+        from vitc.runtimes import open_session
+
+        reference, reference_name = open_session(backbone.onnx_path, runtime="onnxruntime"), f"{backbone.source} on onnxruntime"
     source = DataSpec(data, None, eval_size, seed).open()
     if len(source) == 0:
         raise VitcError(f"no images in {source.location} for the parity check", "pass --data with images")
@@ -32,7 +37,7 @@ def check(backbone, session, precision: str, data: str = "bundled:eval", eval_si
     refs, outs, ys = [], [], []
     task = progress.add_task(f"parity ({session.name})", total=len(source)) if progress is not None else None
     for x, y in iter_batches(source, backbone.preprocess, batch_size):
-        refs.append(backbone(x).float())
+        refs.append(torch.as_tensor(reference(x)).float())
         rows = [x] if session_batch is None else x.split(session_batch)  # a static-batch artifact takes its own batch only
         outs.append(torch.cat([torch.as_tensor(session(r)).float() for r in rows]))
         ys.append(torch.from_numpy(mapping[y.numpy()]) if mapping is not None else y)
@@ -44,7 +49,7 @@ def check(backbone, session, precision: str, data: str = "bundled:eval", eval_si
     if out.shape != ref.shape:
         raise VitcError(f"the artifact returns logits of shape {tuple(out.shape)}, PyTorch {tuple(ref.shape)}",
                         "re-export the model; check that it has one output, the logits")
-    result = {"data": source.location, "images": len(y), "seed": seed, "reference": "pytorch (backbone.module, fp32 eager)",
+    result = {"data": source.location, "images": len(y), "seed": seed, "reference": reference_name,
               "runtime": session.describe(), **agreement(out, ref)}
     if labelled and (y >= 0).all():
         result["reference_top1"] = (ref.argmax(-1) == y).float().mean().item()

@@ -66,6 +66,10 @@ class Artifact:
         return self.files[-1]
 
 
+class TargetUnavailable(VitcError):
+    """The target cannot take this kind of model at all (not a fault of its options)."""
+
+
 class ParityError(VitcError):
     """The artifact was written but disagrees with PyTorch past the tolerance."""
 

@@ -33,7 +33,7 @@ class IntegerConfig:
     batch_size: int = 64
     recover_steps: int = 0  # > 0: fine-tune with the integer rounding simulated (distillation from FP32)
     recover_size: int = 1024  # images the recovery draws its batches from
-    recover_lr: float = 1e-4
+    recover_lr: float = 1e-5  # Adam steps are full-size even on the tiny gradients of an already-close model
 
     def validate(self) -> None:
         for name in ("weight_bits", "act_bits"):

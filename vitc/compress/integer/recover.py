@@ -85,7 +85,7 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def recover(model: FloatViT, ranges: dict[str, float], images: torch.Tensor, steps: int, weight_bits: int = 8,
-            act_bits: int = 8, residual_bits: int = 16, gelu: str = "lambda", lr: float = 1e-4, batch_size: int = 32,
+            act_bits: int = 8, residual_bits: int = 16, gelu: str = "lambda", lr: float = 1e-5, batch_size: int = 32,
             seed: int = 0, progress=None) -> FloatViT:
     """Fine-tune a copy of ``model`` for ``steps`` steps; return the copy (``model`` is untouched)."""
     student = replace(model, blocks=[replace(b) for b in model.blocks])

@@ -14,8 +14,8 @@ class QuantConfig:
     """Post-training quantization settings.
 
     ``softmax``: "auto" (uniform at 8-bit activations, where it exports to int8 kernels;
-    log-sqrt(2) below), "uniform", "log2" or "logsqrt2". ``gelu``: "auto" (uniform at 8 bits,
-    twin-uniform below), "uniform" or "twin". ``scheme``: "auto" picks symmetric or asymmetric
+    log-sqrt(2) below), "uniform", "log2" or "logsqrt2". ``gelu``: "auto" (uniform at 8 bits;
+    below, twin-uniform where it beats an asymmetric uniform grid), "uniform" or "twin". ``scheme``: "auto" picks symmetric or asymmetric
     per activation by expected error; ``granularity``: "auto" lets conv inputs of CNN/hybrid
     backbones use per-channel grids below 8 bits where that lowers the error ("tensor" never).
     ``ln_reparam``: RepQ-ViT reparameterisation of post-LayerNorm activations;

@@ -251,7 +251,8 @@ def _calibrate_uniform(q: ActQuant, method: str, config: QuantConfig, scheme: st
     return sorted(out, key=lambda c: c[0])
 
 
-def _calibrate_twin(q: ActQuant, method: str, config: QuantConfig) -> None:
+def _calibrate_twin(q: ActQuant, method: str, config: QuantConfig) -> float:
+    """Set the twin-uniform scales; return the expected squared error on the histogram."""
     hist = q.observer.histogram()
     neg_min = min(q.observer.min, 0.0)
     c = hist.centers
@@ -267,6 +268,7 @@ def _calibrate_twin(q: ActQuant, method: str, config: QuantConfig) -> None:
         _, hi = obs.calibrate(hist, method, q.bits, False, config.percentile)
         neg, pos = Q.twin_scales(neg_min, hi, q.bits)
     q.twin = torch.tensor([neg, pos])
+    return ((Q.fake_quant_twin(c, neg, pos, q.bits) - c) ** 2 * hist.counts).sum().item() / hist.counts.sum().clamp_min(1).item()
 
 
 @torch.no_grad()
@@ -397,10 +399,16 @@ def apply(backbone: Backbone, config: QuantConfig | None = None, data=None, prog
     for name, q in quantizers.items():
         if q.kind in ("log2", "logsqrt2"):
             continue
-        if q.kind == "twin":
-            _calibrate_twin(q, config.calibrator, config)
-            continue
         layer = input_of.get(id(q))
+        if q.kind == "twin":
+            twin_error = _calibrate_twin(q, config.calibrator, config)
+            uniform = _calibrate_uniform(q, config.calibrator, config, "asymmetric")[0]
+            # "auto" keeps whichever grid fits this layer better: with 3 bits a side (W4A4) a
+            # plain asymmetric grid often beats the twin one
+            if config.gelu == "twin" or twin_error <= uniform[0]:
+                continue
+            q.set_uniform(uniform[2], uniform[3], False, False)
+            continue
         method = "mse" if layer in bridge_layers else config.calibrator
         # q, k and v on signed grids with zero point 0: integer matmul kernels (OpenVINO's fused
         # attention) take no zero point on these operands
@@ -450,7 +458,7 @@ def apply(backbone: Backbone, config: QuantConfig | None = None, data=None, prog
                  "reparameterised_norms": reparam_norms},
         "layers": layer_specs(module),
         "scheme_choice": schemes,
-        "vit_quantizers": vit_quantizer_summary(config, plan, reparam_norms, structure),
+        "vit_quantizers": vit_quantizer_summary(config, plan, reparam_norms, structure, module),
         "sqnr_db": {k: (round(v, 2) if math.isfinite(v) else None) for k, v in sqnr.items()},
     }
     if families_note:
@@ -473,14 +481,17 @@ def layer_specs(module: nn.Module) -> dict[str, dict]:
     return specs
 
 
-def vit_quantizer_summary(config: QuantConfig, plan: Plan, reparam_norms: list[str], structure) -> dict:
+def vit_quantizer_summary(config: QuantConfig, plan: Plan, reparam_norms: list[str], structure, module: nn.Module) -> dict:
     if not structure.blocks:
         return {}
+    layers = weighted_layers(module)
+    kinds = [layers[b.mlp.fc2].input_quant.kind for b in structure.blocks if b.mlp.fc2 in layers]
+    post_gelu = ", ".join(f"{k} x{kinds.count(k)}" for k in sorted(set(kinds)))
     return {
         "post_layernorm": ("smoothquant+" if config.smooth_alpha else "") + ("repq" if config.ln_reparam else "per-tensor")
         + f" ({len(reparam_norms)} norms)",
         "post_softmax": config.softmax_kind if plan.attention else "not quantized (no adapter)",
-        "post_gelu": config.gelu_kind,
+        "post_gelu": post_gelu,
         "bias_correction": config.bias_correction,
     }
 
