@@ -64,23 +64,31 @@ class Plan:
 # ---------------------------------------------------------------- structural steps
 
 def fold_batchnorms(module: nn.Module, structure) -> list[str]:
-    """Fold each BatchNorm2d into the conv beside it (same parent module); return the folded BN paths."""
+    """Fold each BatchNorm2d of a conv stage into the conv registered just before it; return the folded BN paths.
+
+    Registration order is the pairing rule: it holds for transformers' ConvLayer (``convolution``
+    then ``normalization``) and for plain ``nn.Sequential`` stems (conv, BN, act, conv, BN, ...).
+    """
+    stage_norms = {n for stage in structure.conv_stages for n in stage.norms}
+    pairs, last_conv = [], None
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Conv2d):
+            last_conv = (name, m)
+        elif name in stage_norms and isinstance(m, nn.BatchNorm2d) and last_conv is not None \
+                and last_conv[1].out_channels == m.num_features:
+            pairs.append((last_conv[0], name))
+            last_conv = None
     folded = []
-    for stage in structure.conv_stages:
-        by_parent = {c.rpartition(".")[0]: c for c in stage.convs}
-        for bn_path in stage.norms:
-            conv_path = by_parent.get(bn_path.rpartition(".")[0])
-            if conv_path is None:
-                continue
-            conv, bn = get_module(module, conv_path), get_module(module, bn_path)
-            if not isinstance(bn, nn.BatchNorm2d) or not isinstance(conv, nn.Conv2d):
-                continue
-            w, b = reparam.fold_bn(conv.weight.detach(), None if conv.bias is None else conv.bias.detach(),
-                                   bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-            conv.weight = nn.Parameter(w)
-            conv.bias = nn.Parameter(b)
-            set_module(module, bn_path, nn.Identity())
-            folded.append(bn_path)
+    for conv_path, bn_path in pairs:
+        conv, bn = get_module(module, conv_path), get_module(module, bn_path)
+        if not isinstance(bn, nn.BatchNorm2d) or not isinstance(conv, nn.Conv2d):
+            continue
+        w, b = reparam.fold_bn(conv.weight.detach(), None if conv.bias is None else conv.bias.detach(),
+                               bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        conv.weight = nn.Parameter(w)
+        conv.bias = nn.Parameter(b)
+        set_module(module, bn_path, nn.Identity())
+        folded.append(bn_path)
     return folded
 
 
