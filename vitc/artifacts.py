@@ -32,6 +32,10 @@ def atomic_path(path: Path, force: bool = False, is_dir: bool = False) -> Iterat
         yield tmp
         if path.exists():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if is_dir:  # mkdtemp creates 0700; give the artifact the permissions a plain mkdir would
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
