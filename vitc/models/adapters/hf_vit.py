@@ -88,7 +88,10 @@ def discover(model: nn.Module, prefix: str = "") -> Structure:
     convs, norms = convs_and_norms(proj, patch_embed + ".")
     if norms:
         stages.insert(0, ConvStage(patch_embed, convs, norms, cfg.hidden_size))
-        bridges.append(Bridge(conv=convs[-1], stage=stages[1].path, into=blocks[0].attention.q or blocks[0].attention.qkv))
+        # the first Linear the stem feeds: block 0's q projection, or its MLP if pruning removed that attention
+        first = blocks[0]
+        into = (first.attention.q or first.attention.qkv) if first.attention is not None else first.mlp.fc1
+        bridges.append(Bridge(conv=convs[-1], stage=stages[1].path, into=into))
     return Structure(
         family="hf-deit" if distilled else "hf-vit",
         kind="hybrid" if norms else "vit",
