@@ -81,6 +81,9 @@ def main(argv=None) -> int:
                                                           "max_abs_logit_error", "mean_abs_logit_error", "min_agreement")},
                                  "checked_with": (p.get("runtime") or {}).get("runtime"),
                                  "note": p.get("failure") or p.get("skipped") or p.get("checked") or ""})
+                    r = rows[-1]
+                    print(f"  {spec} {variant} {target}: {r['status']}, agreement {r.get('top1_agreement')}, "
+                          f"{r['seconds']} s", flush=True)
 
     table = Table(title=f"export parity vs PyTorch on {args.data}" + (f" ({args.eval_size} images)" if args.eval_size else ""))
     for col in ("model", "variant", "target", "precision", "status", "images", "PyTorch top-1", "artifact top-1", "agreement",

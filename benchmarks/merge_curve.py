@@ -3,6 +3,10 @@ measured speedups, and merging composed with W8A8.
 
     python benchmarks/merge_curve.py --model zoo:vit-c10 --png merge_curve.png --out merge_curve.json
 
+Curve series (``--methods``, separated by ';'): ``method[:schedule][@layers][=r range]``, e.g.
+``tome=1-9`` (ToMe, r = 1..9 in every block), ``tome@0-4=6-10`` (first five blocks only),
+``transform=2-12/2``.
+
 Sections (``--sections``, all by default):
 
 * curve: the reference ViT on the CIFAR-10 test set (``--eval-size`` images, all by default),
@@ -14,9 +18,10 @@ Sections (``--sections``, all by default):
 * vits: a ViT-S-shaped model at 224 px (DeiT-S dimensions, 197 tokens, random weights:
   speed only), ToMe r=13: measured speedup in ONNX Runtime and OpenVINO against the
   FLOPs-predicted one. Goal: within 20%.
-* quant: W8A8 (vitc.compress.quantize) on the original and on the merged model (the best
-  curve setting of ``--quant-method``); the speedups should multiply within 20% and the
-  drop of both together stay within the sum of the drops + 0.5 point.
+* quant: W8A8 (vitc.compress.quantize) on the original and on the merged model (the fastest
+  curve setting within 1.0 point; ``--quant-method``/``--quant-r`` when the curve is not run);
+  the speedups should multiply within 20% and the drop of both together stay within the sum
+  of the drops + 0.5 point.
 
 Throughput rounds alternate between the models compared, so load on a shared machine hits
 them alike; each figure is the median of ``--rounds`` rounds. By default images/s are counted
@@ -41,6 +46,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CIFAR_TEST = ROOT.parent / "shared" / "data" / "cifar10" / "test.tar.gz"
 METHODS = ("tome", "prune", "transform")
+# every method over r in every block, and ToMe in fewer blocks: each merging block has a fixed
+# cost (matching, gathers, proportional attention afterwards), so fewer, larger steps buy more
+# speed for the same tokens removed; skipping block 0 (merging from block 1) costs the least
+# accuracy on the zoo ViT
+SERIES = "tome=1-9;prune=2-12/2;transform=2-12/2;tome@0-4=6-10/2;tome@1-4=6-12/2"
 
 
 def export(backbone, path: Path) -> Path:
@@ -112,6 +122,30 @@ def table(title: str, cols: list[str], rows: list[list]) -> None:
 
 # ---------------------------------------------------------------- sections
 
+def parse_series(text: str) -> tuple[str, str, list[int] | None, str]:
+    """``method[:schedule][@layers][=rs]``: layers ``a-b`` or ``a.b.c``; rs ``a-b`` or ``a-b/step``
+    (default: every ``--r-step`` up to the largest valid r). Returns method, schedule, layers, rs."""
+    head, _, rs = text.partition("=")
+    head, _, layers = head.partition("@")
+    method, _, schedule = head.partition(":")
+
+    def span(t: str, sep: str) -> list[int]:
+        if "-" in t:
+            lo, hi = t.split("-")
+            return list(range(int(lo), int(hi) + 1))
+        return [int(v) for v in t.split(sep)]
+
+    return method, schedule or "constant", span(layers, ".") if layers else None, rs
+
+
+def r_values(rs: str, hi: int, step: int) -> list[int]:
+    if not rs:
+        return list(range(step, hi + 1, step))
+    rng, _, st = rs.partition("/")
+    lo, _, top = rng.partition("-")
+    return [r for r in range(int(lo), int(top or lo) + 1, int(st or 1)) if r <= hi]
+
+
 def curve(args, base, x, y, work: Path) -> dict:
     from vitc.compress.tokens import MergeConfig, apply
     from vitc.compress.tokens.api import _stage
@@ -124,36 +158,50 @@ def curve(args, base, x, y, work: Path) -> dict:
     base_top1 = top1(base_sess, x, y)
     xb = x[: args.batch].numpy()
     rows, points = [], []
-    for series in args.methods:  # "method" or "method:schedule"
-        method, _, schedule = series.partition(":")
-        schedule = schedule or "constant"
-        hi = largest_r(method, depth, patches, schedule)
-        rs = [r for r in range(args.r_step, hi + 1, args.r_step)]
-        for r in rs:
-            merged = apply(base, MergeConfig(method, r, schedule))
-            sess = session(export(merged, work / f"{method}{r}.onnx"), args.threads)
+    for series in args.methods:
+        method, schedule, layers, rs = parse_series(series)
+        hi = largest_r(method, depth, patches, schedule, layers)
+        for r in r_values(rs, hi, args.r_step):
+            merged = apply(base, MergeConfig(method, r, schedule, layers))
+            sess = session(export(merged, work / f"m{len(points)}.onnx"), args.threads)
             acc = top1(sess, x, y)
             speed = throughput({"base": base_sess, "merged": sess}, xb, args.rounds, args.clock)
             ratio = merged.flops() / base_flops
-            p = {"method": series, "r": r, "tokens_out": merged.transforms[-1]["tokens"][-1], "flops_ratio": ratio,
+            p = {"method": series.partition("=")[0], "r": r, "removals": merged.transforms[-1]["removals"],
+                 "tokens_out": merged.transforms[-1]["tokens"][-1], "flops_ratio": ratio,
                  "top1": acc, "drop_pt": 100 * (base_top1 - acc), "images_per_s": speed["merged"],
                  "base_images_per_s": speed["base"], "speedup": speed["merged"] / speed["base"], "flops_speedup": 1 / ratio}
             points.append(p)
-            rows.append([series, r, p["tokens_out"], f"{ratio:.2f}", f"{100 * acc:.2f}", f"{p['drop_pt']:+.2f}",
+            rows.append([p["method"], ",".join(map(str, p["removals"])), p["tokens_out"], f"{ratio:.2f}", f"{100 * acc:.2f}", f"{p['drop_pt']:+.2f}",
                          f"{speed['merged']:.0f}", f"{speed['base']:.0f}", f"{p['speedup']:.2f}x", f"{p['flops_speedup']:.2f}x"])
-            print(f"  {series} r={r}: top-1 {100 * acc:.2f}%, {p['speedup']:.2f}x", file=sys.stderr, flush=True)
+            print(f"  {p['method']} r={r}: top-1 {100 * acc:.2f}%, {p['speedup']:.2f}x", file=sys.stderr, flush=True)
     table(f"curve: {base.source}, {len(x)} test images, ORT batch {args.batch}, {args.threads} thread(s); original top-1 {100 * base_top1:.2f}%",
-          ["method", "r", "tokens out", "FLOPs", "top-1 %", "drop pt", "img/s", "orig img/s", "speedup", "FLOPs speedup"], rows)
+          ["series", "r per block", "tokens out", "FLOPs", "top-1 %", "drop pt", "img/s", "orig img/s", "speedup", "FLOPs speedup"], rows)
     ok = [p for p in points if p["drop_pt"] <= 1.0]
     best = max(ok, key=lambda p: p["speedup"]) if ok else None
     if best:
-        print(f"best within 1.0 pt: {best['method']} r={best['r']}: {best['speedup']:.2f}x at {best['drop_pt']:+.2f} pt "
-              f"-> goal (>= 1.3x) {'met' if best['speedup'] >= 1.3 else 'NOT met'}")
+        print(f"best within 1.0 pt: {best['method']} r={best['r']} ({','.join(map(str, best['removals']))}): "
+              f"{best['speedup']:.2f}x at {best['drop_pt']:+.2f} pt -> goal (>= 1.3x) {'met' if best['speedup'] >= 1.3 else 'NOT met'}")
     per_method = {}
-    for m in args.methods:
+    for m in dict.fromkeys(p["method"] for p in points):
         cand = [p for p in ok if p["method"] == m]
         per_method[m] = max(cand, key=lambda p: p["speedup"]) if cand else None
+    equal_flops(points)
     return {"original_top1": base_top1, "original_flops": base_flops, "points": points, "best": best, "best_per_method": per_method}
+
+
+def equal_flops(points: list[dict]) -> None:
+    """Token Transforming against ToMe where both remove the same tokens per block (equal FLOPs)."""
+    tome = {tuple(p["removals"]): p for p in points if p["method"] == "tome"}
+    rows = []
+    for p in points:
+        q = tome.get(tuple(p["removals"]))
+        if p["method"] in ("transform", "prune") and q is not None:
+            rows.append([",".join(map(str, p["removals"])), f"{p['flops_ratio']:.3f}", f"{q['flops_ratio']:.3f}", p["method"],
+                         f"{100 * p['top1']:.2f}", f"{100 * q['top1']:.2f}", f"{p['speedup']:.2f}x", f"{q['speedup']:.2f}x"])
+    if rows:
+        table("equal FLOPs (same tokens removed per block): each method against ToMe",
+              ["r per block", "FLOPs", "ToMe FLOPs", "method", "top-1 %", "ToMe top-1 %", "speedup", "ToMe speedup"], rows)
 
 
 def plot(result: dict, path: Path, title: str) -> None:
@@ -180,7 +228,10 @@ def plot(result: dict, path: Path, title: str) -> None:
         ax.legend()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from vitc.artifacts import atomic_path
+
+    with atomic_path(path, force=True) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -223,10 +274,13 @@ def quant(args, base, x, y, work: Path, curve_result: dict | None) -> dict:
     from vitc.compress import quantize
     from vitc.compress.tokens import MergeConfig, apply
 
-    setting = (curve_result or {}).get("best_per_method", {}).get(args.quant_method) if curve_result else None
-    r = setting["r"] if setting else args.quant_r
-    method, _, schedule = args.quant_method.partition(":")
-    merged = apply(base, MergeConfig(method, r, schedule or "constant"))
+    setting = (curve_result or {}).get("best") if curve_result else None
+    if setting:  # the best curve setting within 1 pt, as its per-block removals
+        series, r = setting["method"], list(setting["removals"])
+    else:
+        series, r = args.quant_method, args.quant_r
+    method, schedule, layers, _ = parse_series(series)
+    merged = apply(base, MergeConfig(method, r, schedule, None if isinstance(r, list) else layers))
     calib = open_source(args.calib).select(args.calib_size, args.seed)
     qcfg = quantize.QuantConfig(wbits=8, abits=8)
     q_base = quantize.apply(base, qcfg, data=calib)
@@ -242,11 +296,12 @@ def quant(args, base, x, y, work: Path, curve_result: dict | None) -> dict:
     speed_ok = abs(sp["merged+w8a8"] / product - 1) <= 0.2
     acc_ok = drop["merged+w8a8"] <= drop["merged"] + drop["w8a8"] + 0.5
     rows = [[k, f"{100 * acc[k]:.2f}", f"{drop[k]:+.2f}", f"{speed[k]:.0f}", f"{sp[k]:.2f}x"] for k in sessions]
-    table(f"merge ({args.quant_method} r={r}) + W8A8, ONNX Runtime batch {args.batch}", ["model", "top-1 %", "drop pt", "img/s", "speedup"], rows)
+    label = ",".join(map(str, r)) if isinstance(r, list) else r
+    table(f"merge ({method} r={label}) + W8A8, ONNX Runtime batch {args.batch}, {len(x)} images", ["model", "top-1 %", "drop pt", "img/s", "speedup"], rows)
     print(f"speedups multiply: {sp['merged']:.2f} x {sp['w8a8']:.2f} = {product:.2f} vs {sp['merged+w8a8']:.2f} measured "
           f"-> {'within' if speed_ok else 'NOT within'} 20%")
     print(f"drops add: {drop['merged+w8a8']:+.2f} pt vs {drop['merged']:+.2f} + {drop['w8a8']:+.2f} + 0.5 -> {'ok' if acc_ok else 'NOT ok'}")
-    return {"method": args.quant_method, "r": r, "top1": acc, "drop_pt": drop, "images_per_s": speed, "speedup": sp,
+    return {"method": method, "r": r, "top1": acc, "drop_pt": drop, "images_per_s": speed, "speedup": sp,
             "product_of_speedups": product, "speedups_multiply_within_20pct": speed_ok, "drop_within_sum_plus_0.5": acc_ok}
 
 
@@ -264,20 +319,29 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                     help="images/s by this process's CPU time (robust on a shared machine) or by wall-clock")
-    ap.add_argument("--methods", default=",".join(METHODS), help="curve series: method or method:schedule, e.g. tome:decreasing")
-    ap.add_argument("--r-step", type=int, default=2)
+    ap.add_argument("--methods", default=SERIES,
+                    help="curve series separated by ';': method[:schedule][@layers][=r range], e.g. tome=1-9;tome@0-4=6-12/2")
+    ap.add_argument("--r-step", type=int, default=2, help="r step of a series without an r range")
     ap.add_argument("--quant-method", default="tome")
     ap.add_argument("--quant-r", type=int, default=6, help="merge r for the quant section when the curve is not run")
     ap.add_argument("--sections", default="curve,vits,quant")
     ap.add_argument("--png", type=Path, default=Path("merge_curve.png"))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    args.methods = [m for m in args.methods.split(",") if m]
+    args.methods = [m for m in args.methods.split(";") if m]
     sections = set(args.sections.split(","))
     torch.set_num_threads(args.threads)
     from vitc.models.intake import load_model
 
-    result: dict = {"machine": {"threads": args.threads, "torch": torch.__version__, "clock": args.clock}}
+    import os
+    import platform
+
+    import onnxruntime
+
+    result: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv),
+                    "machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                                "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "clock": args.clock,
+                                "load_average_at_start": os.getloadavg()}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         base = x = y = None
@@ -293,8 +357,13 @@ def main() -> None:
             result["vits"] = vits(args, work)
         if "quant" in sections:
             result["quant"] = quant(args, base, x, y, work, result.get("curve"))
+    result["machine"]["load_average_at_end"] = os.getloadavg()
+    print(f"load average (1/5/15 min) at start {result['machine']['load_average_at_start']}, at end {result['machine']['load_average_at_end']}")
     if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        from vitc.artifacts import atomic_path
+
+        with atomic_path(args.out, force=True) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
 
 

@@ -90,3 +90,23 @@ def test_eval_bad_data_folder(tiny_vit_dir, tmp_path):
     (tmp_path / "d").mkdir()
     r = _cli("eval", "--model", f"hf:{tiny_vit_dir}", "--data", str(tmp_path / "d"))
     assert r.returncode == 2 and "no images in" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sigterm_leaves_no_half_artifact(tiny_vit_dir, tmp_path):
+    """A CI timeout's SIGTERM unwinds the export: the staging folder goes, nothing is left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "vitc.cli", "export", "--model", f"hf:{tiny_vit_dir}", "--target", "all",
+                             "-o", str(out / "m")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not any(p.name.startswith(".") for p in out.iterdir()):
+        time.sleep(0.01)
+    assert proc.poll() is None, "the export finished before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert list(out.iterdir()) == []

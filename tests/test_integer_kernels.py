@@ -145,3 +145,17 @@ def test_int_conv2d_with_folded_batchnorm_matches_float_conv():
         ref = bn(conv(x.float() * sx)).double()
     got = acc.double() * (sx * sw.double()).reshape(1, -1, 1, 1)
     assert (got - ref).abs().max() < 0.02 * ref.abs().max()
+
+
+@pytest.mark.parametrize("scale", [1e-4, 2e-3, 0.05])
+def test_shiftmax_table_is_the_kernel_bit_for_bit(scale):
+    """The looked-up exponential equals the arithmetic one for every gap, and so does the whole Shiftmax."""
+    m, s = K.log2_multiplier(scale)
+    table = K.shiftmax_table(m, s)
+    assert table is not None and int(table[0]) == int(K.shift_exp2(torch.tensor(0)))
+    gaps = torch.arange(table.numel() + 5000, dtype=torch.int64)
+    arith = K.shift_exp2(K.rshift_round(gaps * m, s))
+    assert torch.equal(table[gaps.clamp_max(table.numel() - 1)], arith)
+    x = torch.randint(-2**20, 2**20, (8, 65, 65), generator=torch.Generator().manual_seed(1)) // int(1 + 1 / scale)
+    assert torch.equal(K.shiftmax_lut(x.to(torch.int32), table), K.shiftmax(x, m, s))
+    assert K.shiftmax_table(*K.log2_multiplier(1e-9)) is None  # a table too long to hold: the arithmetic runs

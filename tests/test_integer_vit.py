@@ -169,3 +169,19 @@ def test_recovery_fine_tunes_a_copy_and_converts(tiny_vit, images):
                         data=images[:32])
     assert out.transforms[-1]["recovery_images"] == 32
     assert out(images[:4]).shape == (4, 10)
+
+
+def test_clips_run_on_unsigned_offsets(converted):
+    """Every Clip of a requantization clamps uint64 (offset) values: ONNX Runtime 1.31's int64 Clip/Max/Min
+    mishandle inputs in [2**31, 2**32), which int64 accumulators times 24-bit multipliers reach."""
+    import onnx
+
+    from vitc.export.integer_onnx import build_graph
+
+    model = build_graph(converted[1].module.program)
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *inferred.input]}
+    clips = [n for n in model.graph.node if n.op_type == "Clip"]
+    assert len(clips) >= 2 * 9  # nine clamps per block (norms, q, k, v, context, fc1, two residual adds), 2 blocks
+    wide = [n.name for n in clips if types.get(n.input[0]) == onnx.TensorProto.INT64]
+    assert wide == []

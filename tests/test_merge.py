@@ -147,6 +147,33 @@ def test_refusals(tiny_vit, tiny_resnet, tiny_mobilevit):
         apply(apply(tiny_vit, MergeConfig("tome", 2)), MergeConfig("tome", 2))
 
 
+def test_blocks_without_attention_are_skipped_or_refused(tiny_vit, images, calib_images):
+    prune = pytest.importorskip("vitc.compress.prune")
+    pruned = prune.apply(tiny_vit, prune.PruneConfig(importance="magnitude", drop_attention=1), data=calib_images.select(8))
+    gone = [i for i, b in enumerate(pruned.structure.blocks) if b.attention is None]
+    assert len(gone) == 1
+    # the default reduces only where attention (keys, CLS attention) is left
+    merged = apply(pruned, MergeConfig("tome", 8))
+    assert merged.transforms[-1]["removals"][gone[0]] == 0 and sum(merged.transforms[-1]["removals"]) == 8
+    assert torch.allclose(apply(pruned, MergeConfig("tome", 0))(images), pruned(images), atol=1e-5)
+    assert torch.isfinite(merged(images)).all()
+    rs = [0, 0]
+    rs[gone[0]] = 4
+    with pytest.raises(VitcError, match=f"block {gone[0]} .* has no attention sublayer"):
+        apply(pruned, MergeConfig("prune", rs))
+
+
+def test_attention_without_key_projections_is_refused(tiny_vit):
+    import copy
+
+    from vitc.compress.tokens.adapters import block_parts
+
+    block = copy.deepcopy(tiny_vit.structure.blocks[0])
+    block.attention.k = None
+    with pytest.raises(VitcError, match="no query/key/value projections"):
+        block_parts(tiny_vit.module, tiny_vit.structure, block)
+
+
 def test_token_groups_cover_every_patch(tiny_vit, images):
     from vitc.compress.tokens.viz import token_groups
 
@@ -177,12 +204,18 @@ def test_description_round_trip(tiny_vit, tiny_vit_dir, images, tmp_path):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_onnx_export_parity(tiny_vit, method, tmp_path):
+    import onnx
+
     from vitc.export import export_artifact
 
     merged = apply(tiny_vit, MergeConfig(method, 8))
     art = export_artifact(merged, "onnx", tmp_path / "m.onnx", eval_size=32)
     assert art.status == "passed"
     assert art.parity["top1_agreement"] == 1.0 and art.parity["max_abs_logit_error"] < 1e-4
+    # a fixed schedule: the batch axis is the only dynamic one, so the merged blocks compute no
+    # shapes (the embeddings' own reshapes are the original model's)
+    ops = [n for n in onnx.load(str(art.path)).graph.node if "layers" in n.name]
+    assert not [n.name for n in ops if n.op_type in ("Shape", "ConstantOfShape", "Expand", "NonZero")]
 
 
 def test_openvino_export_parity(tiny_vit, tmp_path):

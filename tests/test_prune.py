@@ -193,6 +193,45 @@ def test_importance_functions():
     assert float(imp.residual_turn(x, -x)) == pytest.approx(2.0, abs=1e-6)
 
 
+def test_global_counts_rank_units_by_score_per_cost():
+    from vitc.compress.prune.api import global_counts
+
+    scores = {"heads": torch.tensor([8.0, 1.0, 6.0, 0.5]), "mlp": torch.arange(32, dtype=torch.float32)}
+    cost = {"heads": 4.0, "mlp": 1.0}  # per unit: heads 2, 0.25, 1.5, 0.125; mlp 0..31
+    sizes = {"heads": 16, "mlp": 1}
+    # the 10 best by score per cost are mlp channels 22..31: no head survives the ranking, one is kept anyway
+    assert global_counts(scores, cost, sizes, 10, 8) == {"heads": 1, "mlp": 8}
+    # mlp 31..2 (30 of them) and heads 0 (2.0) and 2 (1.5) beat mlp 1; 30 channels round to 32
+    assert global_counts(scores, cost, sizes, 32, 8) == {"heads": 2, "mlp": 32}
+    assert global_counts(scores, cost, sizes, 36, 1) == {"heads": 4, "mlp": 32}
+    assert global_counts(scores, cost, sizes, 13, 1) == {"heads": 1, "mlp": 13}
+
+
+def test_global_allocation_meets_target_with_per_block_widths(tiny_vit, calib, tmp_path):
+    import onnxruntime as ort
+
+    lame = tiny_vit.copy()
+    b0 = lame.structure.blocks[0]
+    with torch.no_grad():  # block 0's MLP barely contributes: a global ranking takes its channels first
+        lame.module.get_submodule(b0.mlp.fc2).weight.mul_(1e-3)
+    uniform = apply(lame, PruneConfig(importance="taylor", flops=0.7), calib)
+    pruned = apply(lame, PruneConfig(importance="taylor", flops=0.7, allocation="global"), calib)
+    assert pruned.flops() / lame.flops() <= 0.7 and pruned.flops() >= uniform.flops() * 0.95
+    widths = [b.mlp.hidden for b in pruned.structure.blocks]
+    assert all(w % 8 == 0 for w in widths) and widths[0] < widths[1]
+    assert all(b.attention.num_heads >= 1 for b in pruned.structure.blocks)
+    record = pruned.transforms[-1]
+    assert record["config"]["allocation"] == "global" and record["global_rank_kept"] > 0
+    save_backbone(pruned, tmp_path / "g")
+    again = load_model(f"hf:{tmp_path / 'g'}")
+    assert [b.mlp.hidden for b in again.structure.blocks] == widths
+    path = tmp_path / "g.onnx"
+    torch.onnx.export(again.module.eval(), (calib[:2],), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}}, dynamo=False)
+    y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": calib[:8].numpy()})[0]
+    np.testing.assert_allclose(y, pruned(calib[:8]).numpy(), atol=1e-4)
+
+
 def test_kept_count_rounding():
     assert kept_count(256, 0.7, 1, 8) == 176  # 179.2 -> nearest multiple of 8
     assert kept_count(256, 0.01, 1, 8) == 8  # never below one multiple
@@ -207,6 +246,9 @@ def test_kept_count_rounding():
     (PruneConfig(importance="magnitude", drop_attention=2), "every attention sublayer"),
     (PruneConfig(importance="magnitude", conv=0.5), "no conv units"),
     (PruneConfig(importance="fisher", flops=0.5), "unknown importance"),
+    (PruneConfig(importance="magnitude", flops=0.5, allocation="global"), "allocation global ranks units across layers"),
+    (PruneConfig(flops=0.5, allocation="greedy"), "unknown allocation"),
+    (PruneConfig(flops=0.01), "out of reach"),
 ])
 def test_bad_input(tiny_vit, calib, config, message):
     with pytest.raises(VitcError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -218,9 +260,10 @@ def test_cli_prune_writes_model_and_json(tiny_vit_dir, tmp_path, capsys):
 
     out, model = tmp_path / "r.json", tmp_path / "pruned"
     base = ["prune", "--model", f"hf:{tiny_vit_dir}", "--threads", "1"]
-    assert run(base + ["--flops", "0.8", "--calib-size", "16", "--recover-steps", "3", "--train-size", "32",
-                       "--recover-batch", "16", "-o", str(model), "--out", str(out)]) == 0
+    assert run(base + ["--flops", "0.8", "--allocation", "global", "--calib-size", "16", "--recover-steps", "3",
+                       "--train-size", "32", "--recover-batch", "16", "-o", str(model), "--out", str(out)]) == 0
     data = json.loads(out.read_text())
+    assert data["allocation"] == "global" and all(n % 8 == 0 for k, n in data["channels"].items() if "fc1" in k)
     assert [s["stage"] for s in data["stages"]] == ["dense", "prune", "prune + recovery"]
     assert data["stages"][1]["flops"] <= 0.8 * data["stages"][0]["flops"]
     assert [t["pass"] for t in load_model(f"hf:{model}").transforms] == ["prune", "recover"]
@@ -228,6 +271,9 @@ def test_cli_prune_writes_model_and_json(tiny_vit_dir, tmp_path, capsys):
     assert run(base + ["--heads", "1.5"]) != 0
     err = capsys.readouterr().err
     assert err.startswith("error: --heads 1.5 is outside (0, 1)") and err.count("\n") == 1
+    assert run(base + ["--heads", "0.1", "--importance", "magnitude"]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("error: keeping 10% of the heads would remove every head of") and err.count("\n") == 1
     assert not (tmp_path / "other").exists()
 
 

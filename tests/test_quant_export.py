@@ -71,3 +71,52 @@ def test_low_bit_models_do_not_export(tiny_vit, calib32, tmp_path):
     with pytest.raises(VitcError, match="4 bits; the QDQ ONNX export takes 8-bit models only"):
         export_qdq_onnx(q, tmp_path / "q.onnx")
     assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.parametrize("name", ["tiny_vit", "tiny_mobilevit"])
+def test_default_w8a8_is_symmetric_and_tensorrt_clean(name, request, calib32, eval_images, tmp_path):
+    """8-bit activations default to signed int8 with zero point 0: TensorRT's explicit-quantization
+    rule, and what keeps OpenVINO's padded int8 convs equal to the simulation."""
+    import onnx
+    from onnx import numpy_helper
+
+    from vitc.export.qdq import export_qdq_onnx
+    from vitc.export.trt_rules import check_graph
+    from vitc.runtimes import open_session
+
+    backbone = request.getfixturevalue(name)
+    q = apply(backbone, QuantConfig(), _x(backbone, calib32))
+    path = export_qdq_onnx(q, tmp_path / "q.onnx")
+    model = onnx.load(str(path))
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    zero_points = [consts[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    assert check_graph(model) == [], [str(v) for v in check_graph(model)]
+    x = _x(backbone, eval_images)
+    with torch.no_grad():
+        sim = q(x).numpy()
+    out = open_session(path, runtime="openvino", threads=1).run(x.numpy())
+    agree = (out.argmax(-1) == sim.argmax(-1)).mean()
+    assert agree >= 0.98, f"OpenVINO agrees with the simulation on only {agree:.1%}"
+
+
+def test_asymmetric_padded_convs_match_in_openvino(tiny_mobilevit, calib32, eval_images, tmp_path):
+    """Asymmetric conv inputs with padding export with a float Pad before the quantizer, so
+    OpenVINO (which pads quantized inputs with code 0, not the zero point) matches the simulation."""
+    import onnx
+
+    from vitc.export.qdq import export_qdq_onnx
+    from vitc.runtimes import open_session
+
+    q = apply(tiny_mobilevit, QuantConfig(scheme="asymmetric"), _x(tiny_mobilevit, calib32))
+    path = export_qdq_onnx(q, tmp_path / "q.onnx")
+    assert any(n.op_type == "Pad" for n in onnx.load(str(path)).graph.node)
+    x = _x(tiny_mobilevit, eval_images)
+    with torch.no_grad():
+        sim = q(x).numpy()
+    out = open_session(path, runtime="openvino", threads=1).run(x.numpy())
+    assert (out.argmax(-1) == sim.argmax(-1)).mean() >= 0.98
+    assert np.abs(out - sim).max() < 0.1 * max(1.0, np.abs(sim).max())

@@ -107,6 +107,37 @@ def test_recovery_keeps_masks_fixed(tiny_vit, calib):
     assert sparse_layers(tuned) == list(before)
 
 
+def test_teacher_targets_and_uint8_recovery(tiny_vit, eval_images):
+    from vitc.calibration.data import load_tensors
+    from vitc.compress.recover import RecoverConfig, as_inputs, recover, teacher_targets
+
+    floats = load_tensors(eval_images, tiny_vit.preprocess)[0][:32]
+    # the same images as uint8, as a training set is kept in memory; normalised per batch to the same inputs
+    mean = torch.tensor(tiny_vit.preprocess.mean).view(1, 3, 1, 1)
+    std = torch.tensor(tiny_vit.preprocess.std).view(1, 3, 1, 1)
+    raw = ((floats * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+    assert torch.allclose(as_inputs(raw, tiny_vit.preprocess), floats, atol=1e-4)
+    targets = teacher_targets(tiny_vit, raw, batch=10)
+    assert targets.shape == (32, 2, 10)
+    assert torch.allclose(targets[:, 0], tiny_vit(floats), atol=1e-4)
+    assert torch.allclose(targets[:, 1], tiny_vit(floats.flip(-1)), atol=1e-4)
+    # a student equal to its teacher sees (near) zero distillation loss on cached and on online targets
+    for augment in ("flip", "flip-shift"):
+        same = recover(tiny_vit, tiny_vit, raw, RecoverConfig(steps=1, batch_size=8, augment=augment))
+        assert same.transforms[-1]["loss_first"] < 1e-6, augment
+    sparse = apply(tiny_vit, SparsityConfig(method="magnitude"))
+    first = recover(sparse, tiny_vit, raw, RecoverConfig(steps=2, batch_size=16, lr=1e-3), layer_masks(sparse), targets=targets)
+    assert first.transforms[-1]["teacher_cache_seconds"] < 0.5 and sparse_layers(first) == sparse_layers(sparse)
+    from vitc.compress.recover import resolve_augment
+
+    assert resolve_augment(RecoverConfig(steps=100, batch_size=64), 1000, cached=False) == "flip"  # 6,400 draws >= 2 x 1,000
+    assert resolve_augment(RecoverConfig(steps=10, batch_size=64), 1000, cached=False) == "flip-shift"
+    assert resolve_augment(RecoverConfig(steps=10, batch_size=64), 1000, cached=True) == "flip"
+    assert resolve_augment(RecoverConfig(steps=10, augment="flip-shift"), 10, cached=True) == "flip-shift"
+    with pytest.raises(VitcError, match="unknown recovery augmentation"):
+        recover(sparse, tiny_vit, raw, RecoverConfig(steps=1, augment="mixup"))
+
+
 def test_save_reload_and_onnx_keep_zeros(tiny_vit, calib, tmp_path):
     import onnx
     import onnxruntime as ort
@@ -171,3 +202,7 @@ def test_cli_sparsify(tiny_vit_dir, tmp_path, capsys):
     assert run(base + ["--layers", "model.nope"]) != 0
     err = capsys.readouterr().err
     assert err.startswith("error: layer 'model.nope' does not exist") and err.count("\n") == 1
+    every = ",".join(data["sparse_layers"])
+    assert run(base + ["--method", "magnitude", "--exclude", every]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("error: the model has no layer that 2:4 sparsity can take") and err.count("\n") == 1

@@ -6,19 +6,24 @@ Heavy libraries are imported inside the commands, so ``vitc --help`` stays fast.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 
 import typer
 
 from vitc.commands.bench import bench_app
+from vitc.commands.compress import compress_cmd
 from vitc.commands.evaluate import eval_cmd
 from vitc.commands.export import export_cmd
 from vitc.commands.info import info
 from vitc.commands.merge import merge_cmd
 from vitc.commands.prune import prune_cmd
 from vitc.commands.quantize import quantize_cmd
+from vitc.commands.report import report_cmd
 from vitc.commands.sparsify import sparsify_cmd
+from vitc.commands.sweep import sweep_cmd
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="vitc: compress vision backbones, export them, check parity, and gate latency.")
@@ -29,6 +34,9 @@ app.command("merge")(merge_cmd)
 app.command("prune")(prune_cmd)
 app.command("quantize")(quantize_cmd)
 app.command("sparsify")(sparsify_cmd)
+app.command("compress")(compress_cmd)
+app.command("sweep")(sweep_cmd)
+app.command("report")(report_cmd)
 app.add_typer(bench_app, name="bench")
 
 
@@ -38,6 +46,10 @@ def run(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     from vitc.errors import VitcError
 
+    # A CI runner's timeout sends SIGTERM: unwind like an exception so atomic writes remove
+    # their staging paths instead of leaving half artifacts behind.
+    with contextlib.suppress(ValueError):  # only the main thread may set handlers
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         # Without standalone mode click returns typer.Exit's code instead of raising it.
         code = app(args=argv, prog_name="vitc", standalone_mode=False)

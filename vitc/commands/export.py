@@ -22,7 +22,7 @@ def export_cmd(
     data: DataOpt = "bundled:eval",
     eval_size: Optional[int] = typer.Option(None, "--eval-size", help="check parity on a deterministic subset of this many images"),
     precision: Optional[str] = typer.Option(None, "--precision", "-p", help="fp32, fp16 or int8 (default: fp32 for onnx/openvino, "
-                                            "fp16 for coreml/tensorrt, int8 for quantized models)"),
+                                            "fp16 for coreml/tensorrt; a quantized model keeps its grids: int8, w8a8 on coreml)"),
     dynamic_batch: bool = typer.Option(True, "--dynamic-batch/--static-batch", help="a dynamic batch axis (default) or batch 1"),
     max_batch: int = typer.Option(64, "--max-batch", help="largest batch of the dynamic range (CoreML, TensorRT profile)"),
     opset: int = typer.Option(17, "--opset", help="ONNX opset, 17 or newer"),

@@ -35,6 +35,8 @@ def prune_cmd(
     units: str = typer.Option("heads,mlp,conv", "--units", help="unit kinds a --flops/--params target may shrink"),
     importance: str = typer.Option("taylor", "--importance", help="magnitude, activation, or taylor (distillation loss)"),
     round_to: int = typer.Option(8, "--round-to", help="kept MLP/conv channel counts are multiples of this"),
+    allocation: str = typer.Option("uniform", "--allocation", help="how a --flops/--params target is shared: uniform (one "
+                                   "keep ratio for every block) or global (units of all blocks ranked by Taylor score per cost)"),
     data: DataOpt = "bundled:calib",
     calib_size: int = CalibSizeOpt,
     seed: SeedOpt = 0,
@@ -64,7 +66,7 @@ def prune_cmd(
 
     config = PruneConfig(importance=importance, flops=flops, params=params, heads=heads, mlp=mlp, conv=conv,
                          drop_attention=drop_attention, units=[u.strip() for u in units.split(",") if u.strip()],
-                         round_to=round_to, batch_size=batch_size)
+                         round_to=round_to, allocation=allocation, batch_size=batch_size)
     config.validate()
     if output is not None:
         check_writable(output, force)
@@ -80,7 +82,8 @@ def prune_cmd(
         console.print("removed attention sublayers: " + ", ".join(record["plan"]["dropped_attention"]))
     finish(dense, pruned, "prune", recover_steps, train_data, train_size, recover_lr, recover_batch, seed,
            eval_data, eval_size, batch_size, convert_rgb, output, force, out, masks=None,
-           extra={"keep_ratio": record["keep_ratio"], "dropped_attention": record["plan"]["dropped_attention"],
+           extra={"keep_ratio": record["keep_ratio"], "allocation": allocation, "channels": record["plan"]["channels"],
+                  "dropped_attention": record["plan"]["dropped_attention"],
                   "reloads_with_plain_transformers": record["plan"]["config_describes_all_layers"]})
 
 

@@ -33,7 +33,7 @@ def quantize_cmd(
     calib_size: int = typer.Option(512, "--calib-size", help="calibration images drawn (class-stratified) from --calib-data"),
     softmax: str = typer.Option("auto", "--softmax", help="post-softmax quantizer: auto, uniform, log2 or logsqrt2"),
     gelu: str = typer.Option("auto", "--gelu", help="post-GELU quantizer: auto, uniform or twin"),
-    scheme: str = typer.Option("auto", "--scheme", help="activation grids: auto (per layer), symmetric or asymmetric"),
+    scheme: str = typer.Option("auto", "--scheme", help="activation grids: auto (symmetric int8 at 8 bits, which every target runs; per layer below), per-layer, symmetric or asymmetric"),
     granularity: str = typer.Option("auto", "--granularity", help="auto (per-channel conv inputs where it helps, below 8 bits) or tensor"),
     repq: bool = typer.Option(True, "--repq/--no-repq", help="RepQ-ViT reparameterisation of post-LayerNorm activations"),
     smooth: Optional[float] = typer.Option(None, "--smooth", help="SmoothQuant (with shift) strength alpha in (0, 1) before RepQ"),

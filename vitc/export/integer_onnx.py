@@ -7,7 +7,10 @@ probabilities are uint8 already), int64 ``Mul``/``Add``/``Sub``/``Div``/
 ``Clip``/``Max``/``ReduceSum``/``ReduceMax`` for requantization, Shiftmax and LayerNorm,
 ``BitShift`` (unsigned only in ONNX Runtime) for the shifts and the per-element shifts of
 Shiftmax's exponent, and a 256-entry ``Gather`` for the MLP activation, whose input is int8
-(the table is ShiftGELU's output for every int8 value: ``IntActivation.table``). Float appears only at the two ends: the input quantizer (``Div``, ``Round``,
+(the table is ShiftGELU's output for every int8 value: ``IntActivation.table``), and a ``Gather``
+for Shiftmax's exponential (``shiftmax_table``, the softmax then in int32). A hybrid's conv
+stem runs in NHWC as ``Pad`` (with the zero point), strided ``Slice``s (im2col), ``Concat`` and
+``MatMulInteger``; its ReLU outputs are uint8 with zero point 0. Float appears only at the two ends: the input quantizer (``Div``, ``Round``,
 ``Clip``, as in ``IntViT.quantize_input``, then ``Add`` of the zero point and ``Cast`` to uint8) and the logit dequantizer.
 
 ONNX Runtime's integer ``Div`` truncates toward zero and its ``BitShift`` has no signed
@@ -117,19 +120,37 @@ class _Graph:
         u = self.cast(self.add(self.mul(self.i64(x), multiplier), (1 << OFFSET_BITS) + (1 << (shift - 1))), self.TP.UINT64)
         return self.ushift(u, shift), 1 << (OFFSET_BITS - shift)
 
-    def requant(self, acc: str, rq, to: str = "int64") -> str:
-        """``requantize`` with its result as int64, int8, or uint8 with zero point 128.
+    def requant(self, acc: str, rq, to: str = "int64", zero_point: int = ZERO_POINT, gamma=None) -> str:
+        """``requantize`` with its result as int64, int8, uint8 with ``zero_point`` (128; 0 after a ReLU),
+        or ``index``: int64 codes plus ``zero_point``, for a ``Gather`` into a 256-entry table.
 
         The clip and the removal of the shift's offset happen in uint64, so the offset and
-        the zero point cost one subtraction together.
+        the zero point cost one subtraction together. (Not in int64: ONNX Runtime 1.31's int64
+        ``Clip``/``Max``/``Min`` return wrong results for inputs in [2**31, 2**32), e.g. ``Max(x, 0)``
+        gives 0 for ``x = 2**31``; ``test_clips_run_on_unsigned_offsets`` keeps wide values away from them.)
+        ``gamma=(g, b)`` (LayerNorm's affine): ``acc`` is the normalised value and
+        ``(acc*g + b)*m`` is computed as ``acc*(g*m) + b*m``, the same integers in two ops fewer
+        (``build`` bounds ``|acc*g + b| * m`` below 2**60).
         """
-        if rq.shift <= 0 or (1 << (OFFSET_BITS - rq.shift)) + rq.lo < 0:
+        if gamma is not None:
+            g, b = gamma
+            m = torch.as_tensor(rq.multiplier, dtype=torch.int64)
+            if rq.shift <= 0 or (1 << (OFFSET_BITS - rq.shift)) + rq.lo < 0:
+                return self.requant(self.mark64(self.add(self.mul(acc, g), b)), rq, to, zero_point)
+            u = self.cast(self.add(self.mul(self.i64(acc), g * m), b * m + (1 << OFFSET_BITS) + (1 << (rq.shift - 1))),
+                          self.TP.UINT64)
+            q, base = self.ushift(u, rq.shift), 1 << (OFFSET_BITS - rq.shift)
+        elif rq.shift <= 0 or (1 << (OFFSET_BITS - rq.shift)) + rq.lo < 0:
             y = self.mark64(self.clip(self.rshift_round(self.mul(self.i64(acc), rq.multiplier), rq.shift), rq.lo, rq.hi))
-            return y if to == "int64" else self.to_u8(y) if to == "uint8" else self.cast(y, self.TP.INT8)
-        q, base = self._offset_shift(acc, rq.multiplier, rq.shift)
+            if to == "index":
+                return self.mark64(self.add(y, zero_point))
+            return y if to == "int64" else self.to_u8(y, zero_point) if to == "uint8" else self.cast(y, self.TP.INT8)
+        else:
+            q, base = self._offset_shift(acc, rq.multiplier, rq.shift)
         q = self.op("Clip", [q, self.const(base + rq.lo, np.uint64), self.const(base + rq.hi, np.uint64)])
-        if to == "uint8":
-            return self.cast(self.op("Sub", [q, self.const(base - ZERO_POINT, np.uint64)]), self.TP.UINT8)
+        if to in ("uint8", "index"):
+            q = self.op("Sub", [q, self.const(base - zero_point, np.uint64)])
+            return self.cast(q, self.TP.UINT8) if to == "uint8" else self.mark64(self.cast(q, self.TP.INT64))
         y = self.mark64(self.sub(self.cast(q, self.TP.INT64), base))
         return y if to == "int64" else self.cast(y, self.TP.INT8)
 
@@ -176,6 +197,20 @@ class _Graph:
         num = self.op("Add", [self.mul(e, levels), self.rshift_round(total, 1, half=False)])
         return self.op("Div", [num, total])
 
+    def shiftmax_lut(self, x: str, table, levels: int) -> str:
+        """``shiftmax_lut`` in int32 (gaps, table values and sums all fit): ReduceMax, Sub, Min, Gather, one Div.
+
+        Every operand of the two divisions is non-negative, so the truncating ``Div`` floors.
+        """
+        top = self.op("ReduceMax", [x], axes=[-1], keepdims=1) if self.opset < 18 else \
+            self.op("ReduceMax", [x, self.const([-1])], keepdims=1)
+        gap = self.op("Min", [self.op("Sub", [top, x]), self.const(table.numel() - 1, np.int32)])
+        e = self.op("Gather", [self.const(table, np.int32), gap], axis=0)
+        total = self.op("ReduceSum", [e, self.const([-1])], keepdims=1)
+        num = self.op("Add", [self.op("Mul", [e, self.const(levels, np.int32)]),
+                              self.op("Div", [total, self.const(2, np.int32)])])
+        return self.op("Div", [num, total])
+
     def isqrt(self, n: str) -> str:
         from vitc.compress.integer import kernels as K
 
@@ -199,28 +234,47 @@ class _Graph:
         c = self.op("Sub", [x, mean])
         var = self.op("Div", [self.op("ReduceSum", [self.op("Mul", [c, c]), self.const([-1])], keepdims=1), dconst])
         std = self.op("Max", [self.isqrt(var), self.const(1)])
-        num = self.op("Add", [self.mul(c, 1 << K.NORM_FRAC_BITS), self.rshift_round(std, 1, half=False)])
-        # num + L*std >= 0 (|num| < 2**13 * sqrt(dim) * std), so a truncating Div floors
-        lift = self.mul(std, LN_LIFT)
-        normed = self.sub(self.op("Div", [self.op("Add", [num, lift]), std]), LN_LIFT)
-        y = self.mark64(self.add(self.mul(normed, norm.gamma), norm.beta))
-        return self.requant(y, norm.out, to="uint8")
+        # num + L*std >= 0 (|num| < 2**13 * sqrt(dim) * std), so a truncating Div floors; the rounding
+        # half (std >> 1) and the lift L*std are one per-row term
+        row = self.op("Add", [self.rshift_round(std, 1, half=False), self.mul(std, LN_LIFT)])
+        lifted = self.op("Add", [self.mul(c, 1 << K.NORM_FRAC_BITS), row])
+        normed = self.mark64(self.sub(self.op("Div", [lifted, std]), LN_LIFT))
+        return self.requant(normed, norm.out, to="uint8", gamma=(norm.gamma, norm.beta))
 
-    def to_u8(self, x: str) -> str:
+    def to_u8(self, x: str, zero_point: int = ZERO_POINT) -> str:
         """An int64 tensor clipped to int8's range as uint8 with zero point 128.
 
         ONNX Runtime's MatMulInteger is ~15x faster with a uint8 left operand than with
         int8 (its u8s8 kernel); the zero point makes the product identical.
         """
-        return self.cast(self.add(x, ZERO_POINT), self.TP.UINT8)
+        return self.cast(self.add(x, zero_point) if zero_point else x, self.TP.UINT8)
 
-    def matmul_u8(self, a: str, b: str) -> str:
-        """``(a - 128) @ b`` for uint8 ``a`` (zero point 128) and int8 ``b``: int32."""
-        return self.op("MatMulInteger", [a, b, self.const(ZERO_POINT, np.uint8)])
+    def matmul_u8(self, a: str, b: str, zero_point: int = ZERO_POINT) -> str:
+        """``(a - zero_point) @ b`` for uint8 ``a`` and int8 ``b``: int32."""
+        return self.op("MatMulInteger", [a, b, self.const(zero_point, np.uint8)])
 
-    def linear(self, x: str, lin) -> str:
+    def linear(self, x: str, lin, zero_point: int = ZERO_POINT) -> str:
         w = self.const(lin.weight.t().contiguous(), np.int8)
-        return self.op("Add", [self.matmul_u8(x, w), self.const(lin.bias, np.int32)])
+        return self.op("Add", [self.matmul_u8(x, w, zero_point), self.const(lin.bias, np.int32)])
+
+    def conv(self, x: str, conv, side: int, zero_point: int) -> tuple[str, int]:
+        """``IntConv`` on an NHWC uint8 tensor: Pad with the zero point, im2col by strided Slices, MatMulInteger.
+
+        Returns the uint8 output (zero point 0 after a ReLU, else 128) and its side.
+        """
+        k, st, pad = conv.kernel, conv.stride, conv.padding
+        if pad:
+            x = self.op("Pad", [x, self.const([0, pad, pad, 0, 0, pad, pad, 0]), self.const(zero_point, np.uint8)],
+                        mode="constant")
+        side = side + 2 * pad
+        out = (side - k) // st + 1
+        end = st * (out - 1) + 1
+        cols = [self.op("Slice", [x, self.const([i, j]), self.const([i + end, j + end]), self.const([1, 2]),
+                                  self.const([st, st])]) for i in range(k) for j in range(k)]
+        cols = self.op("Concat", cols, axis=3) if len(cols) > 1 else cols[0]
+        acc = self.linear(cols, conv, zero_point)
+        zp_out = 0 if conv.unsigned else ZERO_POINT
+        return self.requant(acc, conv.out, to="uint8", zero_point=zp_out), out
 
 
 def build_graph(program, batch: int | None = None, opset: int = OPSET):
@@ -235,19 +289,30 @@ def build_graph(program, batch: int | None = None, opset: int = OPSET):
     p = program
     n_tok = p.pos.shape[0] + p.prefix.shape[0]
     dim = p.pos.shape[1]
-    in_ch = p.patch.weight.shape[1] // (p.patch_size ** 2)
-    side = int(round((p.pos.shape[0]) ** 0.5)) * p.patch_size
+    in_ch = p.in_channels if p.stem else p.patch.weight.shape[1] // (p.patch_size ** 2)
+    side = p.image_size or int(round((p.pos.shape[0]) ** 0.5)) * p.patch_size
     bdim = batch if batch else "batch"
     # input quantizer (float): round(x / s) clamped to int8, as IntViT.quantize_input
     xq = g.op("Div", [INPUT_NAME, g.const(p.input_scale.reshape(()), np.float32)])
     xq = g.op("Clip", [g.op("Round", [xq]), g.const(-128.0, np.float32), g.const(127.0, np.float32)])
     xq = g.cast(g.op("Add", [xq, g.const(float(ZERO_POINT), np.float32)]), TP.UINT8)  # zero point 128, exact
     ps = p.patch_size
-    grid = side // ps
-    t = g.op("Reshape", [xq, g.const([0, in_ch, grid, ps, grid, ps])])
-    t = g.op("Transpose", [t], perm=[0, 2, 4, 1, 3, 5])
-    t = g.op("Reshape", [t, g.const([0, grid * grid, in_ch * ps * ps])])
-    acc = g.linear(t, p.patch)
+    grid = int(round((p.pos.shape[0]) ** 0.5))
+    if p.stem:
+        t, zp, fm = g.op("Transpose", [xq], perm=[0, 2, 3, 1]), ZERO_POINT, side
+        for conv in p.stem:
+            t, fm = g.conv(t, conv, fm, zp)
+            zp = 0 if conv.unsigned else ZERO_POINT
+        ch = int(p.stem[-1].weight.shape[0])
+        t = g.op("Reshape", [t, g.const([0, grid, ps, grid, ps, ch])])
+        t = g.op("Transpose", [t], perm=[0, 1, 3, 2, 4, 5])
+        t = g.op("Reshape", [t, g.const([0, grid * grid, ps * ps * ch])])
+    else:
+        zp = ZERO_POINT
+        t = g.op("Reshape", [xq, g.const([0, in_ch, grid, ps, grid, ps])])
+        t = g.op("Transpose", [t], perm=[0, 2, 4, 1, 3, 5])
+        t = g.op("Reshape", [t, g.const([0, grid * grid, in_ch * ps * ps])])
+    acc = g.linear(t, p.patch, zp)
     h = g.aligned_add(g.const(p.pos.unsqueeze(0)), acc, p.embed_add)
     nb = g.op("Shape", [INPUT_NAME], start=0, end=1)
     shape = g.op("Concat", [nb, g.const([p.prefix.shape[0], dim])], axis=0)
@@ -285,14 +350,17 @@ def _block(g: _Graph, b, h: str, n_tok: int, dim: int) -> str:
 
     q, k, v = heads(b.q, b.q_out, left=True), heads(b.k, b.k_out, transpose_k=True), heads(b.v, b.v_out)
     scores = g.matmul_u8(q, k)
-    probs = g.cast(g.shiftmax(scores, b.softmax_multiplier, b.softmax_shift, 255), TP.UINT8)
+    if getattr(b, "softmax_table", None) is not None:
+        probs = g.cast(g.shiftmax_lut(scores, b.softmax_table, 255), TP.UINT8)
+    else:
+        probs = g.cast(g.shiftmax(scores, b.softmax_multiplier, b.softmax_shift, 255), TP.UINT8)
     ctx = g.op("MatMulInteger", [probs, v])
     ctx = g.requant(ctx, b.context_out, to="uint8")
     ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]), g.const([0, n_tok, dim])])
     h = g.aligned_add(h, g.linear(ctx, b.o), b.add1)
     x = g.layernorm(h, b.norm2)
-    a = g.requant(g.linear(x, b.fc1), b.fc1_out)
-    a = g.op("Gather", [g.const(activation_table(b.act), np.uint8), g.add(a, ZERO_POINT)], axis=0)
+    a = g.requant(g.linear(x, b.fc1), b.fc1_out, to="index")
+    a = g.op("Gather", [g.const(activation_table(b.act), np.uint8), a], axis=0)
     return g.aligned_add(h, g.linear(a, b.fc2), b.add2)
 
 

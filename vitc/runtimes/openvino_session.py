@@ -16,7 +16,7 @@ class OpenVinoSession(Session):
     name = "openvino"
 
     def __init__(self, path, threads: int | None = None, device: str = "cpu", precision: str = "f32"):
-        from vitc.export.qdq import guard_int8_isa
+        from .cpu_isa import guard_int8_isa
 
         guard_int8_isa()  # must run before OpenVINO's first compile in this process (AMX listed but faulting)
         try:

@@ -68,6 +68,22 @@ def calibration_batches(backbone, data, config: IntegerConfig, size: int | None 
     return [x for x, _ in iter_batches(source, backbone.preprocess, config.batch_size)]
 
 
+def check_reference(backbone, float_vit, x: torch.Tensor, tol: float = 1e-3) -> None:
+    """The float model the integer one is built from must compute what the backbone computes.
+
+    A layer read in the wrong order (a stem that is not a plain conv-BN-ReLU chain) or an op
+    the adapter did not see would otherwise turn into a silently wrong integer model.
+    """
+    with torch.no_grad():
+        want = backbone(x.float())
+        got = float_vit.forward(x.float())
+    err = float((got - want).abs().max())
+    if not err <= tol * max(1.0, float(want.abs().max())):
+        raise VitcError(f"integer-only: the float reference read from {backbone.source} differs from the model by "
+                        f"{err:.3g} in the logits (an op the integer ViT does not model)",
+                        "quantize without --integer-only")
+
+
 def apply(backbone, config: IntegerConfig | None = None, data=None, ranges: dict[str, float] | None = None,
           progress=None):
     """Convert a float ViT Backbone into an integer-only one.
@@ -85,8 +101,9 @@ def apply(backbone, config: IntegerConfig | None = None, data=None, ranges: dict
     config.validate()
     float_vit = read_vit(backbone)
     if ranges is None:
-        ranges = calibrate(float_vit, calibration_batches(backbone, data, config), config.calibration,
-                           config.percentile, config.act_bits)
+        batches = calibration_batches(backbone, data, config)
+        check_reference(backbone, float_vit, batches[0][:16])
+        ranges = calibrate(float_vit, batches, config.calibration, config.percentile, config.act_bits)
     record = {"pass": "integer", "config": asdict(config), "calibrated_taps": len(ranges)}
     if config.recover_steps:
         from .recover import recover

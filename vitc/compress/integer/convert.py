@@ -13,7 +13,7 @@ import torch
 from vitc.errors import VitcError
 
 from . import kernels as K
-from .program import IntActivation, IntBlock, IntLinear, IntNorm, IntViT, Requant, ResidualAdd
+from .program import IntActivation, IntBlock, IntConv, IntLinear, IntNorm, IntViT, Requant, ResidualAdd
 from .reference import FloatViT, Linear, Norm
 
 INT32_MAX = 2**31 - 1
@@ -25,6 +25,11 @@ PROB_LEVELS = 255  # attention probabilities as uint8, scale 1/255
 
 def is_residual(tap: str) -> bool:
     return tap.rsplit(".", 1)[-1] in RESIDUAL_TAPS
+
+
+def is_unsigned(tap: str) -> bool:
+    """Stem taps follow a ReLU: quantized on [0, 2**bits - 1] (``build`` refuses a stem conv without one)."""
+    return tap.startswith("stem.")
 
 
 @torch.no_grad()
@@ -72,7 +77,7 @@ class _Builder:
     def scale(self, tap: str) -> float:
         if tap not in self.ranges:
             raise VitcError(f"no activation range for '{tap}'", "calibrate again, or pass a range for every tap")
-        return self.ranges[tap] / (self.rq if is_residual(tap) else self.aq)
+        return self.ranges[tap] / (self.rq if is_residual(tap) else 2 * self.aq + 1 if is_unsigned(tap) else self.aq)
 
     def act_range(self) -> tuple[int, int]:
         return -self.aq - 1, self.aq
@@ -80,14 +85,18 @@ class _Builder:
     def res_range(self) -> tuple[int, int]:
         return -self.rq - 1, self.rq
 
-    def linear(self, name: str, lin: Linear, in_scale: float) -> tuple[IntLinear, torch.Tensor]:
-        """Per-output-channel symmetric weights; int32 bias at the accumulator scale; checks the accumulator."""
+    def linear(self, name: str, lin: Linear, in_scale: float, in_max: int | None = None) -> tuple[IntLinear, torch.Tensor]:
+        """Per-output-channel symmetric weights; int32 bias at the accumulator scale; checks the accumulator.
+
+        ``in_max``: the largest input magnitude (128 for int8, 255 for a ReLU's uint8).
+        """
+        in_max = in_max or self.aq + 1
         w, b = lin[0].double(), lin[1].double()
         sw = (w.abs().amax(1) / self.wq).clamp_min(1e-12)
         wq = torch.round(w / sw[:, None]).clamp(-self.wq - 1, self.wq).to(torch.int8)
         acc_scale = in_scale * sw
         bq = torch.round(b / acc_scale)
-        worst = float(bq.abs().max()) + w.shape[1] * (self.aq + 1) * (self.wq + 1)
+        worst = float(bq.abs().max()) + w.shape[1] * in_max * (self.wq + 1)
         if worst > INT32_MAX:
             raise VitcError(f"integer-only: the int32 accumulator of layer {name} can overflow at W{self.weight_bits}"
                             f"A{self.act_bits} (bound {worst:.3g} > 2**31 - 1: its bias is large against its "
@@ -135,13 +144,24 @@ def build(model: FloatViT, ranges: dict[str, float], weight_bits: int = 8, act_b
     B = _Builder(ranges, weight_bits, act_bits, residual_bits, gelu)
     s_in = B.scale("input")
     paths = model.paths
-    patch, patch_acc = B.linear(paths["patch"], (model.patch_weight.flatten(1), model.patch_bias), s_in)
+    stem, s_in_patch, in_max = [], s_in, B.aq + 1
+    for j, conv in enumerate(model.stem):
+        if conv.activation != "relu":
+            raise VitcError(f"integer-only: conv {conv.name} of the stem has no ReLU after it; the integer stem "
+                            "quantizes conv outputs as unsigned", "quantize without --integer-only")
+        lin, acc = B.linear(conv.name, (_nhwc_kernel(conv.weight), conv.bias), s_in_patch, in_max)
+        s_out = B.scale(f"stem.{j}")
+        out = B.requant(conv.name, acc / s_out, 0, 2 * B.aq + 1, _acc_bound(lin, in_max))
+        stem.append(IntConv(conv.name, lin.weight, lin.bias, conv.weight.shape[-1], conv.stride, conv.padding, out))
+        s_in_patch, in_max = s_out, 2 * B.aq + 1
+    patch_w = _nhwc_kernel(model.patch_weight) if model.stem else model.patch_weight.flatten(1)
+    patch, patch_acc = B.linear(paths["patch"], (patch_w, model.patch_bias), s_in_patch, in_max)
     prefix_f = (model.cls + model.pos[:1]).double()
     ranges = dict(ranges)
     ranges["embed"] = max(ranges.get("embed", 0.0), float(prefix_f.abs().max()))
     B.ranges = ranges
     s_h = B.scale("embed")
-    embed = B.residual_add(paths["patch"], s_h, patch_acc, _acc_bound(patch, B.aq + 1), "embed")
+    embed = B.residual_add(paths["patch"], s_h, patch_acc, _acc_bound(patch, in_max), "embed")
     pos = torch.round(model.pos[1:].double() / s_h).clamp(-B.rq - 1, B.rq).to(torch.int64)
     prefix = torch.round(prefix_f / s_h).clamp(-B.rq - 1, B.rq).to(torch.int64)
     lo, hi = B.act_range()
@@ -172,14 +192,23 @@ def build(model: FloatViT, ranges: dict[str, float], weight_bits: int = 8, act_b
         s_h = B.scale(t("residual2"))
         blocks.append(IntBlock(fb.name, fb.heads, fb.head_dim, norm1, lins["q"], lins["k"], lins["v"], outs["q"],
                                outs["k"], outs["v"], sm_mult, sm_shift, ctx_out, o, add1, norm2, fc1, fc1_out, act,
-                               fc2, add2))
+                               fc2, add2, K.shiftmax_table(sm_mult, sm_shift)))
     final = B.norm(paths["final_norm"], model.final_norm, residual_bits, "final_norm")
     cls, cls_acc = B.linear(paths["classifier"], model.classifier, B.scale("final_norm"))
+    grid = int(round(model.pos[1:].shape[0] ** 0.5))
+    side = grid * model.patch_size * math.prod(c.stride for c in model.stem)
+    in_ch = model.stem[0].weight.shape[1] if model.stem else model.patch_weight.shape[1]
     return IntViT(input_scale=torch.tensor(s_in, dtype=torch.float32), patch_size=model.patch_size, patch=patch,
                   embed_add=embed, pos=pos, prefix=prefix, blocks=blocks, final_norm=final, classifier=cls,
                   logit_scale=cls_acc.float(), residual_bits=residual_bits,
                   meta={"weight_bits": weight_bits, "act_bits": act_bits, "residual_bits": residual_bits,
-                        "gelu": gelu, "ranges": ranges})
+                        "gelu": gelu, "ranges": ranges},
+                  stem=stem, image_size=side, in_channels=in_ch)
+
+
+def _nhwc_kernel(w: torch.Tensor) -> torch.Tensor:
+    """(out, in, k, k) -> (out, k*k*in) in (ky, kx, in) order, the order of ``im2col_nhwc``."""
+    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
 
 
 def _activation(B: _Builder, kind: str, s_in: float, s_out: float, in_range: float, name: str) -> IntActivation:

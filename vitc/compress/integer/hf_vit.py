@@ -11,7 +11,8 @@ import torch.nn as nn
 
 from vitc.errors import VitcError
 
-from .reference import FloatBlock, FloatViT
+from . import kernels as K
+from .reference import FloatBlock, FloatConv, FloatViT
 
 SUPPORTED_ACTIVATIONS = ("gelu", "silu", "relu")
 NO_INTEGER = "quantize without --integer-only (W8A8 keeps float non-linearities)"
@@ -56,20 +57,22 @@ def read_vit(backbone) -> FloatViT:
     """The float parameters of a ViT Backbone, or a one-line error naming what has no integer version."""
     module = backbone.require_module("integer-only conversion")
     s = backbone.structure
+    stem: list[FloatConv] = []
+    conv = None
     if s.conv_stages:
-        conv = s.conv_stages[0].convs[0] if s.conv_stages[0].convs else s.conv_stages[0].path
-        raise VitcError(f"integer-only: layer {conv} (BatchNorm conv stage of a {s.kind} model) has no integer "
-                        "version in the integer executor yet (only plain ViTs are converted)", NO_INTEGER)
-    if s.kind != "vit" or not s.blocks or s.patch_embed is None or s.classifier is None:
-        raise VitcError(f"integer-only: {backbone.source} is not a plain ViT (kind {s.kind}, family {s.family})",
+        stem, conv, conv_path = _conv_stem(module, s)
+    if s.kind not in ("vit", "hybrid") or not s.blocks or s.patch_embed is None or s.classifier is None:
+        raise VitcError(f"integer-only: {backbone.source} is not a ViT (kind {s.kind}, family {s.family})",
                         NO_INTEGER)
     tokens = s.transformer_stages[0].tokens
     if tokens.dist_index is not None or tokens.cls_index != 0:
         raise VitcError(f"integer-only: {backbone.source} has a distillation token, which the integer ViT "
                         "does not carry", NO_INTEGER)
-    conv = _get(module, s.patch_embed)
-    if not isinstance(conv, nn.Conv2d) or conv.stride != conv.kernel_size or conv.padding not in ((0, 0), "valid"):
-        raise VitcError(f"integer-only: patch embedding {s.patch_embed} is not a Conv2d with stride = kernel",
+    if conv is None:
+        conv, conv_path = _get(module, s.patch_embed), s.patch_embed
+    if not isinstance(conv, nn.Conv2d) or conv.stride != conv.kernel_size or conv.padding not in ((0, 0), "valid") \
+            or conv.groups != 1:
+        raise VitcError(f"integer-only: patch embedding {conv_path} is not a Conv2d with stride = kernel",
                         NO_INTEGER)
     emb = _embeddings(module, s.patch_embed)
     blocks = []
@@ -97,7 +100,71 @@ def read_vit(backbone) -> FloatViT:
         cls=emb.cls_token.detach().float().reshape(1, -1).clone(),
         pos=emb.position_embeddings.detach().float().reshape(-1, conv.out_channels).clone(),
         blocks=blocks, final_norm=_norm(module, s.final_norm, "final norm"), classifier=_linear(module, s.classifier),
-        paths={"patch": s.patch_embed, "final_norm": s.final_norm, "classifier": s.classifier})
+        paths={"patch": conv_path, "final_norm": s.final_norm, "classifier": s.classifier}, stem=stem)
+
+
+STEM_OPS = "Conv2d, BatchNorm2d, ReLU"
+
+
+def _conv_stem(module: nn.Module, s) -> tuple[list[FloatConv], nn.Conv2d, str]:
+    """A hybrid's conv stem (the conv stage that replaces the patch projection) as BN-folded convs.
+
+    The stage's convs and BatchNorms come from the structure; its leaf modules are read in
+    registration order (a chain: conv, its BatchNorm, its activation), and ``apply`` checks
+    the float reference against the model, so a stem that is not such a chain is caught.
+    The last conv is the patch projection proper (stride = kernel) and stays the token matmul.
+    """
+    stage = s.conv_stages[0]
+    if len(s.conv_stages) != 1 or stage.path != s.patch_embed or not stage.convs:
+        first = stage.convs[0] if stage.convs else stage.path
+        raise VitcError(f"integer-only: layer {first} (BatchNorm conv stage of a {s.kind} model) has no integer "
+                        "version in the integer executor (only a conv stem in place of the patch projection is "
+                        "converted)", NO_INTEGER)
+    convs, norms = set(stage.convs), set(stage.norms)
+    chain: list[dict] = []
+    root = _get(module, stage.path)
+    for name, m in root.named_modules():
+        if not name or any(True for _ in m.children()):
+            continue
+        path = f"{stage.path}.{name}"
+        if path in convs:
+            if not isinstance(m, nn.Conv2d):
+                raise VitcError(f"integer-only: layer {path} is a {type(m).__name__}, which has no integer version "
+                                f"(stem ops: {STEM_OPS})", NO_INTEGER)
+            chain.append({"path": path, "conv": m, "bn": None, "act": None})
+        elif path in norms and isinstance(m, nn.BatchNorm2d) and chain and chain[-1]["act"] is None \
+                and chain[-1]["bn"] is None:
+            chain[-1]["bn"] = m
+        elif isinstance(m, nn.ReLU) and chain and chain[-1]["act"] is None:
+            chain[-1]["act"] = "relu"
+        elif isinstance(m, (nn.Identity, nn.Dropout)):
+            continue
+        else:
+            act = m.__class__.__name__.lower()
+            raise VitcError(f"integer-only: layer {path} ({type(m).__name__}) of the conv stem has no integer "
+                            f"version in the stem (stem ops: {STEM_OPS}, each BatchNorm right after its conv"
+                            f"{'; ' + act + ' is supported only in the MLP' if act in ('silu', 'gelu') else ''})",
+                            NO_INTEGER)
+    last = chain.pop()
+    if last["bn"] is not None or last["act"] is not None:
+        raise VitcError(f"integer-only: the last conv of the stem, {last['path']}, is followed by a BatchNorm or an "
+                        "activation; the integer ViT needs a plain patch projection there", NO_INTEGER)
+    stem = []
+    for c in chain:
+        m = c["conv"]
+        k, st, pad = m.kernel_size, m.stride, m.padding
+        if m.groups != 1 or m.dilation != (1, 1) or k[0] != k[1] or st[0] != st[1] or isinstance(pad, str) \
+                or pad[0] != pad[1] or m.padding_mode != "zeros":
+            raise VitcError(f"integer-only: conv {c['path']} has groups, dilation, a non-square kernel or stride, or "
+                            "non-zero padding, which the integer stem does not cover", NO_INTEGER)
+        w = m.weight.detach().double()
+        b = m.bias.detach().double() if m.bias is not None else torch.zeros(m.out_channels, dtype=torch.float64)
+        if c["bn"] is not None:
+            bn = c["bn"]
+            w, b = K.fold_batchnorm(w, b, bn.running_mean.double(), bn.running_var.double(),
+                                    bn.weight.detach().double(), bn.bias.detach().double(), bn.eps)
+        stem.append(FloatConv(c["path"], w.float(), b.float(), st[0], pad[0], c["act"] or "identity"))
+    return stem, last["conv"], last["path"]
 
 
 def _activation_module(module: nn.Module, fc1_path: str):

@@ -117,6 +117,34 @@ def shiftmax(x: torch.Tensor, multiplier: torch.Tensor, shift: int, levels: int 
     return floor_div(e * levels + (total >> 1), total)
 
 
+EXP_TABLE_MAX = 1 << 22  # longest exponential table Shiftmax is given; beyond it the arithmetic runs
+
+
+def shiftmax_table(multiplier: torch.Tensor, shift: int) -> torch.Tensor | None:
+    """Shiftmax's exponential for every logit gap ``d = max - x``: ``shift_exp2(rshift_round(d * m, shift))``.
+
+    The gap is a non-negative integer and the value is 0 once the exponent has 16 whole
+    bits (``shift_exp2``'s polynomial is below ``2**16``), so ``table[min(d, len - 1)]`` *is*
+    the kernel, not an approximation of it: one lookup instead of a dozen int64 ops per
+    attention score. None when the table would pass ``EXP_TABLE_MAX`` entries (tiny scales).
+    """
+    m = int(multiplier)
+    last = -(-(16 << (EXP_FRAC_BITS + shift)) // m)  # the first gap whose exponent has 16 whole bits
+    if last + 1 > EXP_TABLE_MAX:
+        return None
+    table = shift_exp2(rshift_round(torch.arange(last + 1, dtype=torch.int64) * m, shift))
+    assert int(table[-1]) == 0
+    return table
+
+
+def shiftmax_lut(x: torch.Tensor, table: torch.Tensor, levels: int = 255) -> torch.Tensor:
+    """``shiftmax`` with its exponential looked up in ``shiftmax_table``: the same integers, bit for bit."""
+    below = (x.amax(-1, keepdim=True) - x).clamp_max(table.numel() - 1)
+    e = table[below.to(torch.int64)]
+    total = e.sum(-1, keepdim=True)
+    return floor_div(e * levels + (total >> 1), total)
+
+
 def shift_sigmoid(x: torch.Tensor, multiplier: torch.Tensor, shift: int) -> torch.Tensor:
     """``sigmoid(lambda * x * s)`` as an integer with ``SIGMOID_BITS`` fraction bits.
 

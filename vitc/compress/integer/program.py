@@ -27,8 +27,13 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """int8 (..., K) @ int8 (K, M) -> exact int32, like ONNX ``MatMulInteger``.
 
     ``torch._int_mm`` (int8 GEMM with int32 accumulation) is twice as fast as an int32
-    matmul on CPU; the int32 matmul is the fallback where it is missing.
+    matmul on CPU; the int32 matmul is the fallback where it is missing. A uint8 ``a`` (the
+    output of a ReLU) runs as ``(a - 128) @ b + 128 * colsum(b)``, the same integers on the
+    int8 GEMM.
     """
+    if a.dtype == torch.uint8:
+        shifted = (a.to(torch.int16) - 128).to(torch.int8)
+        return int8_matmul(shifted, b) + 128 * b.to(torch.int32).sum(0)
     lead = a.shape[:-1]
     a2 = a.reshape(-1, a.shape[-1])
     if a2.dtype == torch.int8 and b.dtype == torch.int8 and hasattr(torch, "_int_mm") and a2.shape[0] > 16:
@@ -118,6 +123,43 @@ class IntActivation:
         return self._table[x.to(torch.int64) + 128]
 
 
+def im2col_nhwc(x: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
+    """(N, H, W, C) -> (N, OH, OW, kernel*kernel*C), zero padded, in (ky, kx, c) order."""
+    if padding:
+        x = torch.nn.functional.pad(x, (0, 0, padding, padding, padding, padding))
+    oh = (x.shape[1] - kernel) // stride + 1
+    ow = (x.shape[2] - kernel) // stride + 1
+    cols = [x[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride]
+            for i in range(kernel) for j in range(kernel)]
+    return torch.cat(cols, dim=-1) if len(cols) > 1 else cols[0]
+
+
+@dataclass
+class IntConv:
+    """A BatchNorm-folded conv of a hybrid's stem, in NHWC: im2col, int8 GEMM, int32 bias, requantization.
+
+    After a ReLU the requantization clamps to [0, 2**bits - 1] (the ReLU is the clamp) and
+    the output is uint8 (zero point 0): the unsigned range keeps the bit a symmetric int8
+    would spend on the empty negative half.
+    """
+
+    name: str
+    weight: torch.Tensor  # int8 (out, k*k*in), flattened in (ky, kx, in) order like im2col_nhwc
+    bias: torch.Tensor  # int32 (out,)
+    kernel: int
+    stride: int
+    padding: int
+    out: Requant
+
+    @property
+    def unsigned(self) -> bool:
+        return self.out.lo == 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        acc = int8_matmul(im2col_nhwc(x, self.kernel, self.stride, self.padding), self.weight.t()) + self.bias
+        return self.out(acc).to(torch.uint8 if self.unsigned else torch.int8)
+
+
 @dataclass
 class IntBlock:
     name: str
@@ -141,6 +183,12 @@ class IntBlock:
     act: IntActivation
     fc2: IntLinear
     add2: ResidualAdd
+    softmax_table: torch.Tensor | None = None  # K.shiftmax_table: the exponential for every logit gap
+
+    def shiftmax(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.softmax_table is not None:
+            return K.shiftmax_lut(scores, self.softmax_table)
+        return K.shiftmax(scores, self.softmax_multiplier, self.softmax_shift)
 
 
 @dataclass
@@ -157,6 +205,9 @@ class IntViT:
     logit_scale: torch.Tensor  # float (classes,): int32 accumulator -> logits (the output dequantizer)
     residual_bits: int = 16
     meta: dict = field(default_factory=dict)  # config and calibration record
+    stem: list[IntConv] = field(default_factory=list)  # a hybrid's conv stem (NHWC), before ``patch``
+    image_size: int = 0  # input side in pixels
+    in_channels: int = 3
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return torch.round(x / self.input_scale).clamp(-128, 127).to(torch.int8)
@@ -178,11 +229,25 @@ def patches_of(x: torch.Tensor, p: int) -> torch.Tensor:
     return x.reshape(n, (h // p) * (w // p), c * p * p)
 
 
+def patches_of_nhwc(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(N, H, W, C) -> (N, H/p * W/p, p*p*C) in (ky, kx, c) order (the stem's weight order)."""
+    n, h, w, c = x.shape
+    x = x.reshape(n, h // p, p, w // p, p, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, (h // p) * (w // p), p * p * c)
+
+
 def execute(model: IntViT, x: torch.Tensor) -> torch.Tensor:
     """Run the integer ViT on an int8 image batch (N, C, H, W); return the int32 logit accumulator."""
     _int(x, "input")
     n = x.shape[0]
-    acc = _int(model.patch(patches_of(x, model.patch_size)), model.patch.name)
+    if model.stem:
+        t = x.permute(0, 2, 3, 1)
+        for conv in model.stem:
+            t = _int(conv(t), conv.name)
+        patches = patches_of_nhwc(t, model.patch_size)
+    else:
+        patches = patches_of(x, model.patch_size)
+    acc = _int(model.patch(patches), model.patch.name)
     h = _int(model.embed_add(model.pos.unsqueeze(0), acc), "embeddings")
     h = torch.cat([model.prefix.unsqueeze(0).expand(n, -1, -1), h], dim=1)
     for b in model.blocks:
@@ -201,7 +266,7 @@ def _block(b: IntBlock, h: torch.Tensor) -> torch.Tensor:
 
     q, k, v = heads(b.q, b.q_out), heads(b.k, b.k_out), heads(b.v, b.v_out)
     scores = _int(torch.matmul(q.to(torch.int32), k.to(torch.int32).transpose(-1, -2)), f"{b.name} scores")
-    probs = _int(K.shiftmax(scores, b.softmax_multiplier, b.softmax_shift).to(torch.uint8), f"{b.name} shiftmax")
+    probs = _int(b.shiftmax(scores).to(torch.uint8), f"{b.name} shiftmax")
     ctx = _int(torch.matmul(probs.to(torch.int32), v.to(torch.int32)), f"{b.name} context")
     ctx = b.context_out(ctx).to(torch.int8).transpose(1, 2).reshape(n, t, d)
     h = _int(b.add1(h, b.o(ctx)), f"{b.name} residual 1")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels as K
-from .convert import PROB_LEVELS, is_residual
+from .convert import PROB_LEVELS, is_residual, is_unsigned
 from .reference import FloatViT
 
 
@@ -34,6 +34,10 @@ def _tap(ranges: dict[str, float], act_bits: int, residual_bits: int):
     def tap(name: str, t: torch.Tensor) -> torch.Tensor:
         if name.endswith(".probs"):
             return _ste(t, torch.round(t * PROB_LEVELS) / PROB_LEVELS)
+        if is_unsigned(name):
+            qmax = 2 ** act_bits - 1
+            s = ranges[name] / qmax
+            return _ste(t, torch.round(t / s).clamp(0, qmax) * s)
         bits = residual_bits if is_residual(name) else act_bits
         qmax = 2 ** (bits - 1) - 1
         s = ranges[name] / qmax
@@ -59,8 +63,9 @@ def _simulated(model: FloatViT, slopes: list[float | None], weight_bits: int) ->
         if lam is not None:
             act = lambda x, lam=lam: x * torch.sigmoid(lam * x)  # noqa: E731
         blocks.append(replace(b, q=fq(b.q), k=fq(b.k), v=fq(b.v), o=fq(b.o), fc1=fq(b.fc1), fc2=fq(b.fc2), act_fn=act))
+    stem = [replace(c, weight=fake_quant_weight(c.weight, weight_bits)) for c in model.stem]
     return replace(model, patch_weight=fake_quant_weight(model.patch_weight, weight_bits), blocks=blocks,
-                   classifier=fq(model.classifier))
+                   classifier=fq(model.classifier), stem=stem)
 
 
 def _params(model: FloatViT) -> list[torch.Tensor]:
@@ -70,6 +75,8 @@ def _params(model: FloatViT) -> list[torch.Tensor]:
             out.extend(getattr(b, key))
         out.extend(b.norm1[:2])
         out.extend(b.norm2[:2])
+    for c in model.stem:
+        out.extend((c.weight, c.bias))
     return out
 
 
@@ -88,7 +95,7 @@ def recover(model: FloatViT, ranges: dict[str, float], images: torch.Tensor, ste
             act_bits: int = 8, residual_bits: int = 16, gelu: str = "lambda", lr: float = 1e-5, batch_size: int = 32,
             seed: int = 0, progress=None) -> FloatViT:
     """Fine-tune a copy of ``model`` for ``steps`` steps; return the copy (``model`` is untouched)."""
-    student = replace(model, blocks=[replace(b) for b in model.blocks])
+    student = replace(model, blocks=[replace(b) for b in model.blocks], stem=[replace(c) for c in model.stem])
     params = [p.detach().clone().requires_grad_(True) for p in _params(model)]
     _assign(student, params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -101,8 +108,9 @@ def recover(model: FloatViT, ranges: dict[str, float], images: torch.Tensor, ste
         idx = torch.randint(0, images.shape[0], (min(batch_size, images.shape[0]),), generator=g)
         x = images[idx]
         x = _augment(x, g)
-        with torch.no_grad():
+        with torch.inference_mode():
             target = model.forward(x)
+        target = target.clone()  # an inference tensor cannot be saved for the backward pass
         logits = _simulated(student, slopes, weight_bits).forward(x, tap)
         loss = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(target, -1), log_target=True, reduction="batchmean")
         opt.zero_grad(set_to_none=True)
@@ -126,3 +134,5 @@ def _assign(model: FloatViT, params: list[torch.Tensor]) -> None:
             setattr(b, key, (next(it), next(it)))
         b.norm1 = (next(it), next(it), b.norm1[2])
         b.norm2 = (next(it), next(it), b.norm2[2])
+    for c in model.stem:
+        c.weight, c.bias = next(it), next(it)

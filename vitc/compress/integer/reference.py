@@ -6,7 +6,8 @@ calibration observes those tensors, and the tap names are the keys of the activa
 dict that ``build`` takes (so scales from another calibrator, e.g. the W8A8 pass, can be fed
 in by name).
 
-Tap names: ``input``, ``embed``; per block ``i``: ``i.norm1``, ``i.q``, ``i.k``, ``i.v``,
+Tap names: ``input``; ``stem.j`` after each conv of a hybrid's conv stem (after its ReLU: unsigned);
+``embed``; per block ``i``: ``i.norm1``, ``i.q``, ``i.k``, ``i.v``,
 ``i.probs`` (fixed grid 1/255, not calibrated), ``i.context``, ``i.residual1``, ``i.norm2``, ``i.fc1``, ``i.act``, ``i.residual2``; then
 ``final_norm`` (CLS token only).
 """
@@ -42,6 +43,22 @@ class FloatBlock:
 
 
 @dataclass
+class FloatConv:
+    """One conv of a hybrid's conv stem, its BatchNorm folded in, followed by ``activation``."""
+
+    name: str
+    weight: torch.Tensor  # (out, in, k, k)
+    bias: torch.Tensor
+    stride: int
+    padding: int
+    activation: str  # "relu" | "identity"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
+        return F.relu(y) if self.activation == "relu" else y
+
+
+@dataclass
 class FloatViT:
     patch_size: int
     patch_weight: torch.Tensor  # (dim, C, p, p)
@@ -52,6 +69,7 @@ class FloatViT:
     final_norm: Norm
     classifier: Linear
     paths: dict = field(default_factory=dict)
+    stem: list[FloatConv] = field(default_factory=list)  # a hybrid's convs before the patch projection
 
     def linears(self) -> dict[str, Linear]:
         """Every weight matrix, keyed by its layer path."""
@@ -65,6 +83,8 @@ class FloatViT:
     def forward(self, x: torch.Tensor, tap: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         tap = tap or (lambda name, t: t)
         x = tap("input", x)
+        for j, conv in enumerate(self.stem):
+            x = tap(f"stem.{j}", conv(x))
         h = F.conv2d(x, self.patch_weight, self.patch_bias, stride=self.patch_size).flatten(2).transpose(1, 2)
         h = tap("embed", h + self.pos[1:])
         h = torch.cat([(self.cls + self.pos[:1]).expand(x.shape[0], 1, -1), h], dim=1)

@@ -2,10 +2,17 @@
 
 Order of work: attention sublayers are removed first (by how little they turn the residual
 stream), then every remaining channel group (heads, MLP hidden channels, conv channels) is
-scored once on the dense model and shrunk to its kept count. Kept counts come either from
-explicit ratios or from one keep ratio shared by all unit kinds in ``units``, found by
-bisection on the measured FLOPs or parameters of the pruned model (uniform widths keep the
-model loadable by plain transformers and its kernels regular).
+scored once on the dense model and shrunk to its kept count. Kept counts come from explicit
+ratios, or for a ``flops``/``params`` target from one of two allocations:
+
+* ``uniform``: one keep ratio shared by all unit kinds in ``units``, found by bisection on the
+  measured FLOPs or parameters of the pruned model (uniform widths keep the model loadable by
+  plain transformers and its kernels regular);
+* ``global``: every unit of every searched group ranked together by its Taylor score per
+  FLOP (or parameter) it costs, and the best-ranked kept, the cut found by bisection on the
+  measured size (Molchanov et al. 2019's global ranking; Taylor scores of one loss are on
+  one scale across layers, magnitude and activation scores are not). Blocks end up with
+  different widths, still rounded to ``round_to`` and never below one head.
 
 Every ratio is the fraction *kept*: ``flops=0.7`` keeps 70% of the FLOPs, ``heads=0.75``
 keeps 3 of 4 heads per block.
@@ -25,6 +32,9 @@ from .importance import METHODS, keep_indices
 from .units import KINDS, ChannelGroup, keep_channels, transformer_groups
 
 
+ALLOCATIONS = ("uniform", "global")
+
+
 @dataclass
 class PruneConfig:
     importance: str = "taylor"  # magnitude | activation | taylor
@@ -36,6 +46,7 @@ class PruneConfig:
     drop_attention: int = 0  # attention sublayers to remove entirely
     units: list[str] = field(default_factory=lambda: list(KINDS))  # kinds a --flops/--params target may shrink
     round_to: int = 8  # kept MLP/conv channel counts are multiples of this
+    allocation: str = "uniform"  # uniform | global: how a --flops/--params target is shared between groups
     batch_size: int = 32  # calibration batch for activation/Taylor scores
 
     def validate(self) -> None:
@@ -51,6 +62,11 @@ class PruneConfig:
         bad = [u for u in self.units if u not in KINDS]
         if bad:
             raise VitcError(f"unknown unit kind '{bad[0]}'", f"use some of: {', '.join(KINDS)}")
+        if self.allocation not in ALLOCATIONS:
+            raise VitcError(f"unknown allocation '{self.allocation}'", f"use one of: {', '.join(ALLOCATIONS)}")
+        if self.allocation == "global" and self.importance != "taylor":
+            raise VitcError(f"--allocation global ranks units across layers, which {self.importance} scores do not allow",
+                            "use --importance taylor with --allocation global")
         if self.round_to < 1:
             raise VitcError(f"--round-to {self.round_to} is not positive", "pass 1 for no rounding, 8 for tensor-core friendly widths")
         if self.drop_attention < 0:
@@ -124,16 +140,27 @@ def apply(backbone, config: PruneConfig, data=None):
             counts[g.name] = n
         return counts
 
+    scores = {}
+    global_rank = None
     if target is not None:
         measure = (lambda b: b.flops() / dense_flops) if config.flops is not None else (lambda b: b.parameters_count() / dense_params)
-        ratio = _search_ratio(out, groups, counts_at, measure, target)
-        counts = counts_at(ratio)
+        if config.allocation == "global":
+            ratio = None
+            fixed = counts_at(None)  # explicit ratios of the kinds not searched
+            ranked = [g for g in groups if g.kind in searched]
+            scores = scoring.score_groups(root, groups, config.importance, data, config.batch_size)
+            unit_cost = _unit_costs(out, ranked, measure)
+            counts, global_rank = _search_global(out, groups, ranked, fixed, scores, unit_cost, measure, target, config.round_to)
+        else:
+            ratio = _search_ratio(out, groups, counts_at, measure, target)
+            counts = counts_at(ratio)
     else:
         ratio = None
         counts = counts_at(None)
 
     shrinking = [g for g in groups if g.name in counts and counts[g.name] < g.units(root)]
-    scores = scoring.score_groups(root, shrinking, config.importance, data, config.batch_size) if shrinking else {}
+    if shrinking and not scores:
+        scores = scoring.score_groups(root, shrinking, config.importance, data, config.batch_size)
     plan = {}
     for g in groups:
         if g.name in counts and counts[g.name] < g.units(root):
@@ -146,7 +173,7 @@ def apply(backbone, config: PruneConfig, data=None):
     record = {
         "pass": "prune", "config": asdict(config),
         "plan": {"channels": plan, "dropped_attention": dropped, "config_describes_all_layers": synced},
-        "keep_ratio": ratio, "flops": pruned.flops(), "flops_dense": dense_flops,
+        "keep_ratio": ratio, "global_rank_kept": global_rank, "flops": pruned.flops(), "flops_dense": dense_flops,
         "params": pruned.parameters_count(), "params_dense": dense_params,
     }
     return out.with_module(root, record)
@@ -184,3 +211,76 @@ def _search_ratio(backbone, groups: list[ChannelGroup], counts_at, measure, targ
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if cost(mid) <= target else (lo, mid)
     return lo
+
+
+def _shrunk_cost(backbone, groups: list[ChannelGroup], counts: dict[str, int], measure) -> float:
+    """``measure`` of a copy with every group cut to its count (which channels go does not change the size)."""
+    trial = backbone.copy()
+    for g in groups:
+        n = counts.get(g.name)
+        if n is not None and n < g.units(trial.module):
+            keep_channels(trial.module, g, torch.arange(n))
+    return measure(trial)
+
+
+def _unit_costs(backbone, groups: list[ChannelGroup], measure) -> dict[str, float]:
+    """What one unit of each group costs, as a fraction of the dense size: measured by halving the group."""
+    full = measure(backbone)
+    costs = {}
+    for g in groups:
+        n = g.units(backbone.module)
+        half = max(1, n // 2) if n > 1 else n
+        removed = n - half
+        costs[g.name] = (full - _shrunk_cost(backbone, [g], {g.name: half}, measure)) / removed if removed else 1.0
+    return costs
+
+
+def global_counts(scores: dict[str, torch.Tensor], unit_cost: dict[str, float], unit_size: dict[str, int], kept: int,
+                  round_to: int) -> dict[str, int]:
+    """Kept units per group when the ``kept`` best units by score per cost, over all groups, stay.
+
+    Heads (``unit_size`` > 1) keep at least one; channel counts round to the nearest multiple of
+    ``round_to`` (at least one multiple, at most all).
+    """
+    names = list(scores)
+    value = torch.cat([scores[n].float() / max(unit_cost[n], 1e-12) for n in names])
+    owner = torch.cat([torch.full((scores[n].numel(),), i) for i, n in enumerate(names)])
+    best = owner[torch.argsort(value, descending=True, stable=True)[:kept]]
+    counts = {}
+    for i, n in enumerate(names):
+        units, c = scores[n].numel(), int((best == i).sum())
+        if unit_size[n] > 1:
+            counts[n] = max(1, c)
+        elif round_to <= 1 or units <= round_to:
+            counts[n] = max(1, c)
+        else:
+            counts[n] = min(units, max(round_to, round(c / round_to) * round_to))
+    return counts
+
+
+def _search_global(backbone, groups: list[ChannelGroup], ranked: list[ChannelGroup], fixed: dict[str, int], scores,
+                   unit_cost, measure, target: float, round_to: int) -> tuple[dict[str, int], int]:
+    """The largest number of globally ranked units whose pruned model meets ``target``: the counts and that number.
+
+    ``groups``: every group (those in ``fixed`` keep their explicit counts); ``ranked``: the searched ones.
+    """
+    ranked_scores = {g.name: scores[g.name] for g in ranked}
+    sizes = {g.name: g.unit_size for g in ranked}
+
+    def counts(k: int) -> dict[str, int]:
+        return {**fixed, **global_counts(ranked_scores, unit_cost, sizes, k, round_to)}
+
+    def cost(k: int) -> float:
+        return _shrunk_cost(backbone, groups, counts(k), measure)
+
+    lo, hi = 0, sum(s.numel() for s in ranked_scores.values())
+    floor = cost(lo)
+    if floor > target:
+        raise VitcError(f"the target {target:.2f} is out of reach: the smallest model these units allow keeps {floor:.2f}",
+                        "raise the target, add unit kinds (--units), or remove attention sublayers (--drop-attention)")
+    if cost(hi) <= target:
+        return counts(hi), hi
+    while hi - lo > 1:  # cost(lo) <= target < cost(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if cost(mid) <= target else (lo, mid)
+    return counts(lo), lo

@@ -15,8 +15,13 @@ class QuantConfig:
 
     ``softmax``: "auto" (uniform at 8-bit activations, where it exports to int8 kernels;
     log-sqrt(2) below), "uniform", "log2" or "logsqrt2". ``gelu``: "auto" (uniform at 8 bits;
-    below, twin-uniform where it beats an asymmetric uniform grid), "uniform" or "twin". ``scheme``: "auto" picks symmetric or asymmetric
-    per activation by expected error; ``granularity``: "auto" lets conv inputs of CNN/hybrid
+    below, twin-uniform where it beats an asymmetric uniform grid), "uniform" or "twin". ``scheme``: "auto" is
+    symmetric at 8-bit activations (signed int8, zero point 0: what TensorRT's explicit
+    quantization requires, and OpenVINO pads asymmetric conv inputs with code 0 instead of the
+    zero point, which cost the conv-stem hybrid 7 points of agreement) and, below 8 bits (where no
+    runtime here executes the model), symmetric or asymmetric per activation by expected error
+    ("per-layer" asks for that choice at 8 bits too: OpenVINO and ONNX Runtime run it, TensorRT
+    does not); ``granularity``: "auto" lets conv inputs of CNN/hybrid
     backbones use per-channel grids below 8 bits where that lowers the error ("tensor" never).
     ``ln_reparam``: RepQ-ViT reparameterisation of post-LayerNorm activations;
     ``smooth_alpha``: SmoothQuant (with a shift) before it, off when None.
@@ -44,7 +49,7 @@ class QuantConfig:
             if v not in SUPPORTED_BITS:
                 raise VitcError(f"--{name} {v} is not supported", f"use one of {', '.join(map(str, SUPPORTED_BITS))}")
         choices = {"calibrator": CALIBRATORS, "softmax": ("auto", "uniform", "log2", "logsqrt2"),
-                   "gelu": ("auto", "uniform", "twin"), "scheme": ("auto", "symmetric", "asymmetric"),
+                   "gelu": ("auto", "uniform", "twin"), "scheme": ("auto", "per-layer", "symmetric", "asymmetric"),
                    "granularity": ("auto", "tensor")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -56,6 +61,10 @@ class QuantConfig:
     @property
     def softmax_kind(self) -> str:
         return ("uniform" if self.abits >= 8 else "logsqrt2") if self.softmax == "auto" else self.softmax
+
+    @property
+    def scheme_kind(self) -> str:
+        return ("symmetric" if self.abits >= 8 else "per-layer") if self.scheme == "auto" else self.scheme
 
     @property
     def gelu_kind(self) -> str:

@@ -6,6 +6,8 @@ paths, so ``backbone.structure`` and every other pass still find them. Each owns
 the stored weight already lies on its integer grid (quantize-dequantize is idempotent), so the
 simulation runs plain float kernels; ``export_mode`` re-applies the weight fake-quant so that
 the ONNX exporter emits QuantizeLinear/DequantizeLinear around the weights.
+``set_decomposed_export`` is the ``torch.export`` counterpart (CoreML): the same grids as
+``torch.ops.quantized_decomposed`` ops with the scales frozen into Python numbers.
 
 ``AttentionCore`` runs ``softmax(q k^T * scaling) v`` with quantizers on both inputs of both
 matmuls; the family adapters (``adapters/``) route attention through it.
@@ -43,6 +45,7 @@ class ActQuant(nn.Module):
         self.register_buffer("scale", torch.ones(channels))
         self.register_buffer("zero_point", torch.zeros(channels, dtype=torch.int32))
         self.register_buffer("twin", torch.ones(2))  # negative and positive scales of the twin grid
+        self.frozen_qparams: tuple | None = None  # set by set_decomposed_export
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -60,6 +63,8 @@ class ActQuant(nn.Module):
             self.observer.update(x)
             return x
         if self.kind == "uniform":
+            if getattr(self, "frozen_qparams", None) is not None:
+                return decomposed_fake_quant(x, *self.frozen_qparams)
             qmin, qmax = self.qrange
             if self.per_channel:
                 return Q.fake_quant(x, self.scale, self.zero_point, qmin, qmax, self.channel_axis)
@@ -118,6 +123,13 @@ class _QuantWeighted:
                               qmin, qmax, axis=0)
 
     def _weight(self) -> torch.Tensor:
+        codes = self._buffers.get("weight_int8")
+        if codes is not None:
+            # the stored weight already equals codes * scale, so this is the same tensor, but
+            # torch.export now sees int8 constants and their dequantization
+            qmin, qmax = Q.int_range(self.wbits, True, restricted=True)
+            zero = torch.zeros_like(self.weight_scale, dtype=torch.int32)
+            return _decomposed().dequantize_per_channel(codes, self.weight_scale, zero, 0, qmin, qmax, torch.int8)
         if self.export_mode and self.quantized:
             # the export grid is [-128, 127] (what ONNX allows); codes only use [-127, 127]
             zero = torch.zeros_like(self.weight_scale, dtype=torch.int32)
@@ -155,7 +167,19 @@ class QuantConv2d(nn.Conv2d, _QuantWeighted):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.export_mode and self._pads_asymmetric_input():
+            # OpenVINO pads a quantized conv input with code 0 rather than the zero point, so an
+            # asymmetric grid saw wrong borders there (93% agreement with the simulation on the
+            # conv-stem hybrid). Padding in float before the quantizer is exact: 0 maps to the
+            # zero point and back to 0.
+            x = nn.functional.pad(x, self._reversed_padding_repeated_twice)
+            return nn.functional.conv2d(self.input_quant(x), self._weight(), self.bias, self.stride, 0, self.dilation, self.groups)
         return self._conv_forward(self.input_quant(x), self._weight(), self.bias)
+
+    def _pads_asymmetric_input(self) -> bool:
+        q = self.input_quant
+        return (q.mode == "quant" and q.kind == "uniform" and not q.symmetric and self.padding_mode == "zeros"
+                and any(p > 0 for p in self._reversed_padding_repeated_twice))
 
 
 class AttentionCore(nn.Module):
@@ -190,3 +214,48 @@ def set_mode(module: nn.Module, mode: str) -> None:
 def set_export_mode(module: nn.Module, on: bool) -> None:
     for layer in weighted_layers(module).values():
         layer.export_mode = on
+
+
+def _decomposed():
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
+
+    return torch.ops.quantized_decomposed
+
+
+def decomposed_fake_quant(x: torch.Tensor, scale: float, zero: int, qmin: int, qmax: int) -> torch.Tensor:
+    """Per-tensor quantize-dequantize as ``quantized_decomposed`` ops: the same rounding and clamping
+    as ``torch.fake_quantize_per_tensor_affine``, in ops ``torch.export`` keeps and CoreML converts."""
+    ops = _decomposed()
+    dtype = torch.int8 if qmin < 0 else torch.uint8
+    return ops.dequantize_per_tensor(ops.quantize_per_tensor(x, scale, zero, qmin, qmax, dtype), scale, zero, qmin, qmax, dtype)
+
+
+def set_decomposed_export(module: nn.Module, on: bool) -> None:
+    """Make the simulation capturable by ``torch.export`` (for CoreML), or undo it.
+
+    The simulation reads its activation scales from buffers, which ``torch.export`` traces as
+    tensors it cannot turn into the constant scales a quantize op needs: freeze them into Python
+    numbers. Weights become their int8 codes (a non-persistent buffer, so saving is unchanged)
+    and a per-channel dequantize. Only 8-bit (or narrower) uniform per-tensor activation grids
+    and weights up to 8 bits have this form; anything else raises ValueError, so callers check first.
+    """
+    for name, q in act_quantizers(module).items():
+        if not on:
+            q.frozen_qparams = None
+            continue
+        if q.mode != "quant":
+            continue
+        if q.kind != "uniform" or q.per_channel or q.bits > 8:
+            raise ValueError(f"{q.name or name}: a {q.spec()} quantizer has no quantized_decomposed form")
+        qmin, qmax = q.qrange
+        q.frozen_qparams = (float(q.scale[0]), int(q.zero_point[0]), qmin, qmax)
+    for layer in weighted_layers(module).values():
+        if not on:
+            if "weight_int8" in layer._buffers:
+                del layer._buffers["weight_int8"]
+            continue
+        if not layer.quantized:
+            continue
+        if layer.wbits > 8:
+            raise ValueError(f"a {layer.wbits}-bit weight has no int8 form")
+        layer.register_buffer("weight_int8", layer.weight_codes().to(torch.int8), persistent=False)

@@ -247,8 +247,8 @@ def _remap_observer(o: obs.Observer, r: torch.Tensor, t: torch.Tensor) -> None:
 def _calibrate_uniform(q: ActQuant, method: str, config: QuantConfig, scheme: str | None = None) -> list[tuple[float, bool, torch.Tensor, torch.Tensor]]:
     """Candidates (expected error, symmetric, scale, zero) for a uniform activation quantizer."""
     hist = q.observer.histogram()
-    scheme = scheme or config.scheme
-    options = [True, False] if scheme == "auto" else [scheme == "symmetric"]
+    scheme = scheme or config.scheme_kind
+    options = [True, False] if scheme == "per-layer" else [scheme == "symmetric"]
     out = []
     for symmetric in options:
         lo, hi = obs.calibrate(hist, method, q.bits, symmetric, config.percentile)
@@ -427,7 +427,7 @@ def apply(backbone: Backbone, config: QuantConfig | None = None, data=None, prog
             continue
         cands = [(s, False, sc, z) for _, s, sc, z in ranked]
         if (per_channel_ok and isinstance(layers[layer], QuantConv2d) and q.bits < 8) or (layer in bridge_layers and config.abits < 8):
-            for symmetric in ([True, False] if config.scheme == "auto" else [config.scheme == "symmetric"]):
+            for symmetric in ([True, False] if config.scheme_kind == "per-layer" else [config.scheme_kind == "symmetric"]):
                 lo, hi = q.observer.channel_min, q.observer.channel_max
                 sc, z = Q.uniform_qparams(lo, hi, q.bits, symmetric)
                 cands.append((symmetric, True, sc, z))

@@ -55,11 +55,33 @@ def _stage(backbone):
     return mergeable_stage(backbone.structure, backbone.source)
 
 
+def _layers(stage, layers: list[int] | None) -> list[int] | None:
+    """Blocks that reduce when no ``--layers`` is given: every block with an attention
+    sublayer (structured pruning may have removed some, and they have no keys to match)."""
+    from .adapters import blocks_with_attention
+
+    if layers is not None:
+        return layers
+    present = blocks_with_attention(stage)
+    if not present:
+        raise VitcError("no block of this model has an attention sublayer left, so there is nothing to merge tokens with",
+                        "merge the model before removing attention sublayers")
+    return None if len(present) == len(stage.blocks) else present
+
+
 def plan(backbone, config: MergeConfig) -> Plan:
+    from .adapters import blocks_with_attention
+
     stage = _stage(backbone)
     if config.k < 1 or config.temperature <= 0:
         raise VitcError("Token Transforming needs k >= 1 and temperature > 0", "pass a positive k and temperature")
-    rs = check(config.method, config.r, len(stage.blocks), stage.tokens.num_patches, config.schedule, config.layers)
+    rs = check(config.method, config.r, len(stage.blocks), stage.tokens.num_patches, config.schedule, _layers(stage, config.layers))
+    present = set(blocks_with_attention(stage))
+    bad = [i for i, r in enumerate(rs) if r > 0 and i not in present]
+    if bad:
+        raise VitcError(f"block {bad[0]} ({stage.blocks[bad[0]].path}) has no attention sublayer (structured pruning removed it), "
+                        "so it has no keys or attention to reduce tokens with",
+                        f"reduce only in blocks with attention: --layers {','.join(map(str, sorted(present)))} or an r list with 0 there")
     return Plan(rs, token_counts(rs, stage.tokens.num_patches))
 
 
@@ -78,10 +100,10 @@ def apply(backbone, config: MergeConfig, data=None):
         original = module.get_submodule(site.path)
         parts = block_parts(module, backbone.structure, site)
         bplan = BlockPlan(method=config.method, r=p.removals[i],
-                          sizes_vary=any(p.removals[:i]), prop_attn=config.prop_attn, k=config.k,
+                          sizes_vary=any(p.removals[:i]), tokens=p.tokens[i] + layout.num_prefix, prop_attn=config.prop_attn, k=config.k,
                           temperature=config.temperature)
-        new = ReducingBlock(original, parts, bplan, site.attention.num_heads, site.attention.head_dim,
-                            layout.num_prefix, layout.cls_index)
+        heads, head_dim = (site.attention.num_heads, site.attention.head_dim) if site.attention else (1, layout.dim)
+        new = ReducingBlock(original, parts, bplan, heads, head_dim, layout.num_prefix, layout.cls_index)
         parent, _, name = site.path.rpartition(".")
         setattr(module.get_submodule(parent) if parent else module, name, new)
         chain.append(new)
@@ -99,7 +121,7 @@ def for_flops(backbone, method: str, ratio: float, schedule: str = "constant", l
         raise VitcError(f"--flops {ratio} is outside (0, 1]", "pass the FLOPs fraction to keep, e.g. --flops 0.6")
     stage = _stage(backbone)
     base = backbone.flops()
-    hi = largest_r(method, len(stage.blocks), stage.tokens.num_patches, schedule, layers)
+    hi = largest_r(method, len(stage.blocks), stage.tokens.num_patches, schedule, _layers(stage, layers))
     cache: dict[int, float] = {}
 
     def ratio_at(r: int) -> float:

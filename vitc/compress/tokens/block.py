@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from vitc.errors import VitcError
+
 from .merge import attentive_pruning, bipartite_soft_matching, reduce_tokens, token_transforming
 
 
@@ -23,12 +25,12 @@ from .merge import attentive_pruning, bipartite_soft_matching, reduce_tokens, to
 class BlockParts:
     """Paths of a block's parts, relative to the block."""
 
-    norm1: str
-    out_proj: str
     fc1: str
     act: str
     fc2: str
-    norm2: str
+    norm2: str | None = None
+    norm1: str | None = None
+    out_proj: str | None = None  # None with q/k/v/qkv: the attention sublayer was removed
     attention: str | None = None  # the attention module, where quantization installs its core
     q: str | None = None
     k: str | None = None
@@ -48,6 +50,7 @@ class BlockPlan:
     method: str
     r: int
     sizes_vary: bool  # an earlier block reduced tokens, so proportional attention matters
+    tokens: int  # tokens entering the block (prefix included): static for a schedule
     prop_attn: bool = True
     k: int = 4
     temperature: float = 0.1
@@ -68,6 +71,10 @@ class ReducingBlock(nn.Module):
         self.dim = num_heads * head_dim
         self.num_prefix = num_prefix
         self.cls_index = cls_index
+        # keys averaged over heads as one (C, head_dim) matmul on the projection output: in
+        # ONNX Runtime a ReduceMean over the head axis costs about twice as much
+        head_mean = torch.eye(head_dim).repeat(num_heads, 1) / num_heads
+        self.register_buffer("head_mean", head_mean, persistent=False)
 
     def _part(self, path: str | None):
         return self.get_submodule(path) if path else None
@@ -89,34 +96,55 @@ class ReducingBlock(nn.Module):
         chain = getattr(self, "_chain", None)
         if not chain:
             return hidden
-        x, size, extra = hidden, hidden.new_ones(hidden.shape[:-1] + (1,)), None
+        # sizes from the tensor itself rather than from its shape: no shape ops in the graph
+        x, size, extra = hidden, hidden[..., :1] * 0 + 1, None
         for blk in chain:
             x, size, extra = blk.forward_tokens(x, size, extra)
         return x
 
+    @property
+    def has_attention(self) -> bool:
+        p = self.parts
+        return bool(p.out_proj and (p.qkv or (p.q and p.k and p.v)))
+
     def forward_tokens(self, x: torch.Tensor, size: torch.Tensor, extra: torch.Tensor | None = None):
         """One block on tokens ``x`` (B, N, C) with sizes (B, N, 1) and summed ``extra`` channels."""
-        attn_out, keys, probs = self._attention(self._maybe(self.parts.norm1, x), size)
-        x = x + self._maybe(self.parts.ls1, attn_out)
+        if self.has_attention:
+            attn_out, metric, probs = self._attention(self._maybe(self.parts.norm1, x), size)
+            x = x + self._maybe(self.parts.ls1, attn_out)
+        else:  # attention removed by structured pruning: it added nothing to the residual
+            metric = probs = None
         if self.plan.r > 0:
-            x, size, extra = self._reduce(x, size, extra, keys, probs)
-        y = self.get_submodule(self.parts.fc1)(self.get_submodule(self.parts.norm2)(x))
+            x, size, extra = self._reduce(x, size, extra, metric, probs)
+        y = self.get_submodule(self.parts.fc1)(self._maybe(self.parts.norm2, x))
         y = self._maybe(self.parts.mlp_norm, self.get_submodule(self.parts.act)(y))
         x = x + self._maybe(self.parts.ls2, self.get_submodule(self.parts.fc2)(y))
         return x, size, extra
 
     def _attention(self, x: torch.Tensor, size: torch.Tensor):
-        b, n, _ = x.shape
-        heads, d = self.num_heads, self.head_dim
+        """Attention output, the keys averaged over heads (B, N, head_dim) when this block
+        merges by similarity, and the attention probabilities."""
+        # the token count is a constant of the schedule and the batch axis is -1, so the
+        # exported reshapes take constant shapes instead of computing them
+        n, heads, d = self.plan.tokens, self.num_heads, self.head_dim
+        want_metric = self.plan.r > 0 and self.plan.method in ("tome", "transform")
+        metric = None
         if self.parts.qkv:
-            qkv = self.get_submodule(self.parts.qkv)(x).reshape(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)
+            fused = self.get_submodule(self.parts.qkv)(x)
+            qkv = fused.reshape(-1, n, 3, heads, d).permute(2, 0, 3, 1, 4)
             q, k, v = qkv[0], qkv[1], qkv[2]
+            if want_metric and not self.parts.k_norm:
+                metric = fused[..., heads * d: 2 * heads * d] @ self.head_mean
         else:
-            q, k, v = (self.get_submodule(p)(x).reshape(b, n, heads, d).transpose(1, 2)
-                       for p in (self.parts.q, self.parts.k, self.parts.v))
+            q_lin, k_lin, v_lin = (self.get_submodule(p)(x) for p in (self.parts.q, self.parts.k, self.parts.v))
+            q, k, v = (t.reshape(-1, n, heads, d).transpose(1, 2) for t in (q_lin, k_lin, v_lin))
+            if want_metric and not self.parts.k_norm:
+                metric = k_lin @ self.head_mean
         q, k = self._maybe(self.parts.q_norm, q), self._maybe(self.parts.k_norm, k)
+        if want_metric and metric is None:  # per-head key norm: average the normed keys
+            metric = k.mean(1)
         # a token that stands for s patches gets the attention of s copies of itself
-        bias = size.log().reshape(b, 1, 1, n) if self.plan.prop_attn and self.plan.sizes_vary else None
+        bias = size.log().transpose(1, 2).unsqueeze(1) if self.plan.prop_attn and self.plan.sizes_vary else None
         core = self._quant_core()
         if core is not None:
             # quantized (vitc quantize): the same math with its four matmul inputs quantized
@@ -127,9 +155,9 @@ class ReducingBlock(nn.Module):
         logits = (q @ k_in.transpose(-1, -2)) * d ** -0.5
         probs = (logits if bias is None else logits + bias).softmax(dim=-1)
         out = (core.probs_quant(probs) if core is not None else probs) @ v
-        out = out.transpose(1, 2).contiguous().reshape(b, n, heads * d)
+        out = out.transpose(1, 2).reshape(-1, n, heads * d)
         out = self._maybe(self.parts.attn_norm, out)
-        return self.get_submodule(self.parts.out_proj)(out), k, probs
+        return self.get_submodule(self.parts.out_proj)(out), metric, probs
 
     def _quant_core(self):
         # vitc.compress.quantize swaps the attention module for one whose ``core`` holds the
@@ -138,11 +166,15 @@ class ReducingBlock(nn.Module):
         core = getattr(attn, "core", None) if attn is not None else None
         return core if all(hasattr(core, n) for n in ("q_quant", "k_quant", "probs_quant", "v_quant")) else None
 
-    def _reduce(self, x, size, extra, keys, probs):
+    def _reduce(self, x, size, extra, metric, probs):
         p = self.num_prefix
         plan = self.plan
+        if probs is None or (plan.method in ("tome", "transform") and metric is None):
+            # the pass refuses such plans; this guards blocks built by hand
+            raise VitcError(f"{plan.method} needs this block's attention keys and probabilities, and the block has no attention",
+                            "set r=0 for blocks without attention")
         if plan.method == "tome":
-            reduction = bipartite_soft_matching(keys.mean(1)[:, p:], plan.r, p)
+            reduction = bipartite_soft_matching(metric[:, p:], plan.r, p)
         else:
             if self.cls_index is not None:
                 scores = probs[:, :, self.cls_index, p:].mean(1)
@@ -151,5 +183,5 @@ class ReducingBlock(nn.Module):
             if plan.method == "prune":
                 reduction = attentive_pruning(scores, plan.r, p)
             else:
-                reduction = token_transforming(keys.mean(1)[:, p:], scores, plan.r, plan.k, plan.temperature, p)
+                reduction = token_transforming(metric[:, p:], scores, plan.r, plan.k, plan.temperature, p)
         return reduce_tokens(reduction, x, size, extra)

@@ -1,43 +1,73 @@
 """Token reduction as pure functions on tensors.
 
 Every method looks at one block's patch tokens and returns a ``Reduction``: a linear map over
-the token axis, ``t -> W t`` with ``W`` of shape (kept, tokens), applied with *sum*
-semantics. Applied to the token sizes it gives the new sizes (mass is preserved: every
-column of ``W`` sums to one); applied to ``weight * x`` and divided by ``W weight`` it gives
-the weighted average of the tokens that went into each output. This is Token Transforming's
-view (every reducer is a token matrix): ToMe's matrix is 0/1, EViT-style pruning's has one
-attention-weighted row, Token Transforming's is many-to-many.
+the token axis (Token Transforming's view: every reducer is a token matrix ``W`` of shape
+(kept, tokens); ToMe's is 0/1, EViT-style pruning's has one attention-weighted row, Token
+Transforming's is many-to-many). ``W`` is stored in the shape that is cheap to run in an
+exported graph rather than as a dense (kept, tokens) matrix: each output row has one *base*
+token (its own, taken whole) plus a mix of a few *extra* tokens (ToMe's merged A tokens,
+pruning's fused tokens, Token Transforming's spread tokens):
 
-``prefix`` tokens (CLS, distillation) lead the sequence ``apply`` takes and pass through
-untouched; ``metric`` and ``scores`` cover the patch tokens only. Shapes are static for a
-given ``r`` (no data-dependent sizes) and the graph is gathers, small one-hot matmuls and
-TopK, so it exports to ONNX/OpenVINO as it is.
+    W t = gather(t, base) + spread @ gather(t, extra)
+
+so applying it costs two row gathers and one (kept x extra) matmul, with ``extra`` about
+``r`` tokens, instead of a (kept x tokens) matmul. ``spread`` carries mass: every extra
+token's column sums to one, so sizes are preserved. Features are weighted averages (by size,
+or by ``Reduction.weight``), with the weights folded into per-row coefficients computed on
+(B, kept, extra)-sized tensors, never on (B, tokens, C) ones.
+
+``prefix`` tokens (CLS, distillation) lead the sequence and pass through untouched; ``metric``
+and ``scores`` cover the patch tokens only. Shapes are static for a given ``r`` and the graph
+is gathers, one small batched matmul, comparisons (one-hot) and TopK, so it exports to
+ONNX/OpenVINO as it is.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 
 @dataclass
 class Reduction:
-    """``apply(t)`` maps (B, prefix + N, C) to (B, prefix + N - r, C) with sum semantics;
-    ``weight`` (B, prefix + N, 1) or None says how tokens are weighted when averaged (None: by size)."""
+    """Tokens (B, prefix + N, .) -> (B, prefix + N - r, .).
 
-    apply: Callable[[torch.Tensor], torch.Tensor]
+    ``base`` (B, out): the token each output row starts from (prefix rows included);
+    ``extra`` (B, e): tokens mixed into some rows; ``spread`` (B or 1, out, e): how much of
+    each extra token's mass goes to each row (columns sum to one); ``weight`` (B, prefix + N, 1)
+    or None: how tokens are weighted when averaged (None: by size). ``base`` and ``extra``
+    index rows of the (B * tokens, .) view of a token tensor (batch offsets included), so
+    every use is one Gather."""
+
+    base: torch.Tensor
+    extra: torch.Tensor
+    spread: torch.Tensor
     weight: torch.Tensor | None = None
 
+    def apply(self, t: torch.Tensor) -> torch.Tensor:
+        """``W t`` with sum semantics (sizes, source maps)."""
+        return _rows(t, self.base) + self.spread @ _rows(t, self.extra)
 
-def _flat(idx: torch.Tensor, offset: int, tokens: int) -> torch.Tensor:
-    """Indices (B, K) into rows of a (B * tokens, C) view: one Gather per use, no (B, K, C) index."""
-    batch = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * tokens
-    return idx + (batch + offset)
+    def average(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Each output row's ``weight``-weighted average of the tokens ``W`` puts in it."""
+        wb, we = _rows(weight, self.base), _rows(weight, self.extra)  # (B, out, 1), (B, e, 1)
+        mix = self.spread * we.transpose(1, 2)
+        total = wb + mix.sum(-1, keepdim=True)
+        # coefficients on the small (B, out, e) side, so x itself sees two gathers, one
+        # multiply-add and one small matmul
+        return _rows(x, self.base) * (wb / total) + (mix / total) @ _rows(x, self.extra)
 
 
 def _rows(t: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     return t.flatten(0, 1)[flat]
+
+
+def _offsets(like: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(B, 1) row offsets ``b * tokens`` of the (B * tokens, .) view. They come from a
+    cumulative sum over the batch axis rather than from the tensor's shape, so the exported
+    graph computes no shapes (the batch axis is its only dynamic one)."""
+    ones = like[:, :1] * 0 + 1
+    return (torch.cumsum(ones, 0) - 1) * tokens
 
 
 def _one_hot(idx: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -49,75 +79,91 @@ def _normalize(t: torch.Tensor) -> torch.Tensor:
     return t / t.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, prefix: int = 0) -> Reduction:
-    """ToMe: split patch tokens alternately into sets A and B, join each A token to its most
-    similar B token (cosine similarity of ``metric``), and merge the ``r`` most similar pairs.
+def _with_prefix(rows: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Patch-token indices -> token indices, with the prefix tokens leading."""
+    rows = rows + prefix
+    if not prefix:
+        return rows
+    return torch.cat([rows[:, :1] * 0 + torch.arange(prefix, device=rows.device), rows], dim=1)
 
-    Output order: the prefix, the A tokens that stay, then all B tokens (merged ones included).
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, prefix: int = 0) -> Reduction:
+    """ToMe (Bolya et al., 2023): split patch tokens alternately into sets A and B, join each
+    A token to its most similar B token (cosine similarity of ``metric``), and merge the ``r``
+    most similar pairs.
+
+    Output order: the prefix, the A tokens that stay (most similar first, as ToMe orders
+    them), then all B tokens (merged ones included).
     """
-    n = metric.shape[1]
+    n = int(metric.shape[1])  # static under tracing: the token count is fixed for a schedule
     if not 0 <= r <= n // 2:
         raise ValueError(f"r={r} is out of range for {n} tokens (at most {n // 2})")
     metric = _normalize(metric)
     a, b = metric[:, ::2], metric[:, 1::2]
+    na, nb = (n + 1) // 2, n // 2
     node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
-    order = torch.topk(node_max, a.shape[1], dim=-1).indices  # most similar first
+    order = torch.topk(node_max, na, dim=-1).indices  # most similar first
     src_idx, unm_idx = order[:, :r], order[:, r:]
-    tokens = prefix + n
-    unm = _flat(2 * unm_idx, prefix, tokens)
-    src = _flat(2 * src_idx, prefix, tokens)
-    into_b = _one_hot(node_idx.gather(1, src_idx), b.shape[1], metric.dtype).transpose(1, 2)  # (B, |B|, r)
-
-    def apply(t: torch.Tensor) -> torch.Tensor:
-        merged_b = t[:, prefix + 1::2] + into_b @ _rows(t, src)
-        return torch.cat(([t[:, :prefix]] if prefix else []) + [_rows(t, unm), merged_b], dim=1)
-
-    return Reduction(apply)
+    b_rows = node_idx[:, :1] * 0 + (2 * torch.arange(nb, device=metric.device) + 1)
+    off = _offsets(order, prefix + n)
+    base = _with_prefix(torch.cat([2 * unm_idx, b_rows], dim=1), prefix) + off
+    # output row of each merged A token's B partner; as a one-hot over the output rows
+    dest = node_idx.gather(1, src_idx) + (prefix + na - r)
+    spread = _one_hot(dest, prefix + n - r, metric.dtype).transpose(1, 2)  # (B, out, r)
+    return Reduction(base, 2 * src_idx + prefix + off, spread)
 
 
 def attentive_pruning(scores: torch.Tensor, r: int, prefix: int = 0) -> Reduction:
-    """EViT-style: keep the ``N - r - 1`` patch tokens the CLS token attends to most and fuse
-    the rest into one token, weighted by that attention."""
-    n = scores.shape[1]
+    """EViT-style (Liang et al., 2022): keep the ``N - r - 1`` patch tokens the CLS token
+    attends to most and fuse the rest into one token, weighted by that attention."""
+    n = int(scores.shape[1])
     if not 0 <= r <= n - 2:
         raise ValueError(f"r={r} is out of range for {n} tokens (at most {n - 2})")
     order = torch.topk(scores, n, dim=-1).indices
-    tokens = prefix + n
-    keep = _flat(order[:, : n - r - 1], prefix, tokens)
-    dropped = _one_hot(order[:, n - r - 1:] + prefix, tokens, scores.dtype).sum(1, keepdim=True)  # (B, 1, tokens)
-    weight = torch.cat([scores.new_ones(scores.shape[0], prefix), scores], dim=1) if prefix else scores
-
-    def apply(t: torch.Tensor) -> torch.Tensor:
-        return torch.cat(([t[:, :prefix]] if prefix else []) + [_rows(t, keep), dropped @ t], dim=1)
-
-    return Reduction(apply, weight=weight.unsqueeze(-1))
+    keep = n - r - 1
+    off = _offsets(order, prefix + n)
+    # the fused row starts from the most attended dropped token; the other r are mixed in
+    base = _with_prefix(order[:, : keep + 1], prefix) + off
+    spread = scores.new_tensor([[0.0] * r] * (prefix + keep) + [[1.0] * r]).unsqueeze(0)  # the same for every image
+    # a weight that underflowed to 0 would make a kept row 0/0
+    weight = scores.clamp_min(1e-12)
+    weight = torch.cat([weight[:, :prefix] * 0 + 1, weight], dim=1) if prefix else weight
+    return Reduction(base, order[:, keep + 1:] + prefix + off, spread, weight=weight.unsqueeze(-1))
 
 
 def token_transforming(metric: torch.Tensor, scores: torch.Tensor, r: int, k: int = 4,
                        temperature: float = 0.1, prefix: int = 0) -> Reduction:
-    """Token Transforming (many-to-many): keep the ``N - r`` most attended patch tokens as
-    targets and spread each of the ``r`` others over its ``k`` most similar targets (cosine
-    similarity of ``metric``) with softmax(similarity / temperature) weights."""
-    n = scores.shape[1]
+    """Token Transforming (Zeng, Yu, Kong and Tang, "Token Transforming: A Unified and
+    Training-Free Token Compression Framework for Vision Transformer Acceleration", arXiv
+    2506.05709, 2025): token reduction as one many-to-many token matrix (kept x tokens)
+    that keeps more information than exclusive pruning (a token goes to one place or
+    nowhere) or merging (one-to-one).
+
+    What this follows: the paper's framing (abstract and introduction; its method section
+    and code were not available to us), with the matrix built as follows, our reading:
+    the ``N - r`` patch tokens the CLS token attends to most are kept as targets (the
+    informative tokens, as in attention-based pruning); each of the ``r`` others is spread
+    over its ``k`` most similar targets (cosine similarity of ``metric``, the attention keys)
+    with softmax(similarity / temperature) weights, so every column of the matrix sums to
+    one (mass is preserved); rows are then normalised by the reducer's weights (token sizes)
+    into weighted averages. ``k=1`` is hard nearest-target merging; large ``k`` and
+    temperature approach uniform spreading.
+    """
+    n = int(scores.shape[1])
     if not 0 <= r <= n - 1:
         raise ValueError(f"r={r} is out of range for {n} tokens (at most {n - 1})")
     m = n - r
     order = torch.topk(scores, n, dim=-1).indices
+    tgt, src = order[:, :m], order[:, m:]
     metric = _normalize(metric)
-    own = _flat(order, 0, n)
-    sorted_metric = _rows(metric, own)
-    sim = sorted_metric[:, m:] @ sorted_metric[:, :m].transpose(-1, -2)  # (B, r, m): sources x targets
+    own = _offsets(order, n)
+    sim = _rows(metric, src + own) @ _rows(metric, tgt + own).transpose(-1, -2)  # (B, r, m): sources x targets
     top, idx = torch.topk(sim, min(k, m), dim=-1)
     w = torch.softmax(top / temperature, dim=-1)
-    spread = (_one_hot(idx, m, sim.dtype) * w.unsqueeze(-1)).sum(2).transpose(1, 2)  # (B, m, r)
-    tokens = prefix + n
-    tgt, src = _flat(order[:, :m], prefix, tokens), _flat(order[:, m:], prefix, tokens)
-
-    def apply(t: torch.Tensor) -> torch.Tensor:
-        out = _rows(t, tgt) + spread @ _rows(t, src)
-        return torch.cat([t[:, :prefix], out], dim=1) if prefix else out
-
-    return Reduction(apply)
+    # (B, out, r): output row prefix + j receives w of each source whose j-th most similar target it is
+    spread = (_one_hot(idx + prefix, prefix + m, sim.dtype) * w.unsqueeze(-1)).sum(2).transpose(1, 2)
+    off = _offsets(order, prefix + n)
+    return Reduction(_with_prefix(tgt, prefix) + off, src + prefix + off, spread)
 
 
 def reduce_tokens(reduction: Reduction, x: torch.Tensor, size: torch.Tensor,
@@ -125,6 +171,5 @@ def reduce_tokens(reduction: Reduction, x: torch.Tensor, size: torch.Tensor,
     """Weighted average of the features, summed sizes (and summed ``extra`` channels, e.g. the
     source map the visualisation tracks)."""
     weight = size if reduction.weight is None else reduction.weight
-    total = reduction.apply(weight)
-    new_size = total if reduction.weight is None else reduction.apply(size)
-    return reduction.apply(x * weight) / total, new_size, reduction.apply(extra) if extra is not None else None
+    return (reduction.average(x, weight), reduction.apply(size),
+            reduction.apply(extra) if extra is not None else None)

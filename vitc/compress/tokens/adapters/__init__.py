@@ -37,7 +37,21 @@ def mergeable_stage(structure: Structure, source: str) -> TransformerStage:
 
 
 def block_parts(module, structure: Structure, block: TransformerBlock) -> BlockParts:
-    return PARTS[structure.family](module, block)
+    """The parts of ``block``; a block whose attention is gone (structured pruning) gets
+    MLP parts only, and one whose attention exposes no key projection is refused."""
+    a = block.attention
+    if a is not None and not (a.qkv or (a.q and a.k and a.v)):
+        raise VitcError(f"the attention at {a.path} exposes no query/key/value projections vitc can find, so its keys cannot be matched",
+                        "merge a ViT/DeiT from transformers (hf:) or timm (timm:) whose attention uses q/k/v or qkv Linears")
+    try:
+        return PARTS[structure.family](module, block)
+    except (LookupError, AttributeError) as exc:
+        raise VitcError(f"cannot find the parts of block {block.path} for token merging ({exc})",
+                        "report the model; merging supports the block layouts of transformers and timm ViT/DeiT") from None
+
+
+def blocks_with_attention(stage: TransformerStage) -> list[int]:
+    return [i for i, b in enumerate(stage.blocks) if b.attention is not None]
 
 
 def relative(path: str | None, block: TransformerBlock) -> str | None:

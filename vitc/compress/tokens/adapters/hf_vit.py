@@ -15,7 +15,9 @@ def parts(module, block: TransformerBlock) -> BlockParts:
     if act is None:
         raise LookupError(f"{block.path}: no activation module found")
     a = block.attention
-    return BlockParts(norm1=relative(block.norm1, block), norm2=relative(block.norm2, block), attention=relative(a.path, block),
-                      q=relative(a.q, block), k=relative(a.k, block), v=relative(a.v, block),
-                      out_proj=relative(a.out_proj, block), fc1=relative(block.mlp.fc1, block),
-                      act=act[0], fc2=relative(block.mlp.fc2, block))
+    mlp = dict(norm1=relative(block.norm1, block), norm2=relative(block.norm2, block), act=act[0],
+               fc1=relative(block.mlp.fc1, block), fc2=relative(block.mlp.fc2, block))
+    if a is None:  # removed by structured pruning: the block is its MLP
+        return BlockParts(**mlp)
+    return BlockParts(**mlp, attention=relative(a.path, block), q=relative(a.q, block), k=relative(a.k, block),
+                      v=relative(a.v, block), out_proj=relative(a.out_proj, block))

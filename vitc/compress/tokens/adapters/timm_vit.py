@@ -21,8 +21,11 @@ def parts(module, block: TransformerBlock) -> BlockParts:
         return None if isinstance(m, nn.Identity) else path
 
     a = block.attention
-    return BlockParts(norm1=relative(block.norm1, block), norm2=relative(block.norm2, block), attention=relative(a.path, block),
-                      qkv=relative(a.qkv, block), out_proj=relative(a.out_proj, block),
-                      fc1=relative(block.mlp.fc1, block), act="mlp.act", fc2=relative(block.mlp.fc2, block),
+    mlp = dict(norm1=relative(block.norm1, block), norm2=relative(block.norm2, block), act="mlp.act",
+               fc1=relative(block.mlp.fc1, block), fc2=relative(block.mlp.fc2, block),
+               mlp_norm=present("mlp.norm"), ls2=present("ls2"))
+    if a is None:  # removed by structured pruning: the block is its MLP
+        return BlockParts(**mlp)
+    return BlockParts(**mlp, attention=relative(a.path, block), qkv=relative(a.qkv, block), out_proj=relative(a.out_proj, block),
                       q_norm=present("attn.q_norm"), k_norm=present("attn.k_norm"), attn_norm=present("attn.norm"),
-                      mlp_norm=present("mlp.norm"), ls1=present("ls1"), ls2=present("ls2"))
+                      ls1=present("ls1"))
