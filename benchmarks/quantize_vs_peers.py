@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     from vitc.bench.fingerprint import fingerprint
     from vitc.calibration.sources import open_source
     from vitc.commands.common import set_threads
-    from vitc.export.qdq import guard_int8_isa
+    from vitc.runtimes.cpu_isa import guard_int8_isa
 
     args.threads = set_threads(args.threads)
     isa_cap = guard_int8_isa()

@@ -96,6 +96,40 @@ def tiny_resnet(tiny_resnet_dir):
     return load_model(f"hf:{tiny_resnet_dir}")
 
 
+def _convstem_vit(seed: int = 0, layers: int = 2, edit=None):
+    """A tiny ViT whose patch projection is a BatchNorm conv stem (the zoo hybrid's shape), with
+    trained-looking BatchNorm statistics; ``edit(stem)`` may alter the stem before wrapping."""
+    import transformers as T
+
+    from vitc.backbone import Backbone
+    from vitc.models.convstem import ConvStem
+    from vitc.models.preprocess import Preprocess
+    from vitc.models.wrappers import LogitsModule
+
+    torch.manual_seed(seed)
+    cfg = T.ViTConfig(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                      intermediate_size=64, num_labels=10)
+    m = T.ViTForImageClassification(cfg)
+    m.vit.embeddings.patch_embeddings.projection = ConvStem(3, [8, 16, 16], 32, 4)
+    for bn in m.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.2, 0.2)
+    if edit is not None:
+        edit(m.vit.embeddings.patch_embeddings.projection)
+    module = LogitsModule(m.eval()).eval()
+    mean, std = (0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616)
+    return Backbone(module, Preprocess(32, 32, mean, std), [str(i) for i in range(10)], "test:hybrid")
+
+
+@pytest.fixture(scope="session")
+def make_convstem_vit():
+    """The factory of tiny conv-stem hybrids: ``make_convstem_vit(seed=0, layers=2, edit=None)``."""
+    return _convstem_vit
+
+
 @pytest.fixture(scope="session")
 def eval_images():
     """64 real CIFAR-10 test images from the bundled slice at 32 px (uint8 -> float via the model's preprocess)."""

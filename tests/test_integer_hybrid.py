@@ -19,35 +19,9 @@ from vitc.errors import VitcError
 from vitc.evaluate import agreement
 
 
-def _hybrid(seed: int = 0, edit=None):
-    import transformers as T
-
-    from vitc.backbone import Backbone
-    from vitc.models.convstem import ConvStem
-    from vitc.models.preprocess import Preprocess
-    from vitc.models.wrappers import LogitsModule
-
-    torch.manual_seed(seed)
-    cfg = T.ViTConfig(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, num_labels=10)
-    m = T.ViTForImageClassification(cfg)
-    m.vit.embeddings.patch_embeddings.projection = ConvStem(3, [8, 16, 16], 32, 4)
-    for bn in m.modules():  # non-trivial running statistics, as after training
-        if isinstance(bn, torch.nn.BatchNorm2d):
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.data.uniform_(0.5, 1.5)
-            bn.bias.data.uniform_(-0.2, 0.2)
-    if edit is not None:
-        edit(m.vit.embeddings.patch_embeddings.projection)
-    module = LogitsModule(m.eval()).eval()
-    mean, std = (0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616)
-    return Backbone(module, Preprocess(32, 32, mean, std), [str(i) for i in range(10)], "test:hybrid")
-
-
 @pytest.fixture(scope="module")
-def hybrid():
-    return _hybrid()
+def hybrid(make_convstem_vit):
+    return make_convstem_vit()
 
 
 @pytest.fixture(scope="module")
@@ -151,27 +125,27 @@ def test_recovery_tunes_the_stem_too(hybrid, images):
     assert not torch.equal(tuned.stem[1].weight, before) and not tuned.stem[1].weight.requires_grad
 
 
-def test_stem_activation_without_integer_version_is_named(calib_images):
+def test_stem_activation_without_integer_version_is_named(make_convstem_vit, calib_images):
     def hardswish(stem):
         stem[5] = torch.nn.Hardswish()
 
     with pytest.raises(VitcError, match=r"projection\.5 \(Hardswish\) of the conv stem") as err:
-        integer.apply(_hybrid(edit=hardswish), integer.IntegerConfig(calib_size=8), data=calib_images)
+        integer.apply(make_convstem_vit(edit=hardswish), integer.IntegerConfig(calib_size=8), data=calib_images)
     assert "without --integer-only" in err.value.fix
 
 
-def test_grouped_stem_conv_is_refused_with_its_name(calib_images):
+def test_grouped_stem_conv_is_refused_with_its_name(make_convstem_vit, calib_images):
     def grouped(stem):
         stem[3] = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2, bias=False)
 
     with pytest.raises(VitcError, match=r"conv .*projection\.3 has groups"):
-        integer.apply(_hybrid(edit=grouped), integer.IntegerConfig(calib_size=8), data=calib_images)
+        integer.apply(make_convstem_vit(edit=grouped), integer.IntegerConfig(calib_size=8), data=calib_images)
 
 
-def test_stem_accumulator_overflow_names_the_conv(calib_images):
+def test_stem_accumulator_overflow_names_the_conv(make_convstem_vit, calib_images):
     def huge_bias(stem):
         stem[4].bias.data[0] = 1e9  # the folded bias of conv 3 leaves its int32 accumulator
 
     with pytest.raises(VitcError, match=r"int32 accumulator of layer .*projection\.3"):
-        integer.apply(_hybrid(edit=huge_bias), integer.IntegerConfig(calib_size=8, calibration="minmax"),
+        integer.apply(make_convstem_vit(edit=huge_bias), integer.IntegerConfig(calib_size=8, calibration="minmax"),
                       data=calib_images)

@@ -21,12 +21,22 @@ def _x(backbone, source):
     return load_tensors(source, backbone.preprocess)[0]
 
 
+def _against_simulation(q, backbone, path, runtime, eval_images, session=None):
+    """(top-1 agreement, max |logit error| relative to the logit scale) of the artifact vs the simulation."""
+    from vitc.runtimes import open_session
+
+    x = _x(backbone, eval_images)
+    with torch.no_grad():
+        sim = q(x).numpy()
+    out = (session or open_session(path, runtime=runtime, threads=1)).run(x.numpy())
+    return (out.argmax(-1) == sim.argmax(-1)).mean(), np.abs(out - sim).max() / max(1.0, np.abs(sim).max())
+
+
 @pytest.mark.parametrize("name", ["tiny_vit", "tiny_mobilevit"])
 def test_qdq_export_runs_int8_in_onnxruntime(name, request, calib32, eval_images, tmp_path):
     import onnx
 
     from vitc.export.qdq import export_qdq_onnx
-    from vitc.runtimes import open_session
 
     backbone = request.getfixturevalue(name)
     q = apply(backbone, QuantConfig(), _x(backbone, calib32))
@@ -34,34 +44,25 @@ def test_qdq_export_runs_int8_in_onnxruntime(name, request, calib32, eval_images
     graph = onnx.load(str(path)).graph
     inits = {i.name: i for i in graph.initializer}
     int8 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
-    n_layers = len(q.transforms[-1]["scheme_choice"]) or 1
+    n_layers = sum("input" in spec for spec in q.transforms[-1]["layers"].values())  # quantized Linear/Conv
     assert len(int8) >= n_layers  # every quantized weight is stored as int8 codes
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] in inits for n in graph.node)
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) >= n_layers  # activations are quantized at run time
-    x = _x(backbone, eval_images)
-    with torch.no_grad():
-        sim = q(x).numpy()
-    out = open_session(path, runtime="onnxruntime", threads=1).run(x.numpy())
-    agree = (out.argmax(-1) == sim.argmax(-1)).mean()
+    agree, err = _against_simulation(q, backbone, path, "onnxruntime", eval_images)
     assert agree >= 0.95, f"onnxruntime agrees with the simulation on only {agree:.1%}"
-    assert np.abs(out - sim).max() < 0.1 * max(1.0, np.abs(sim).max())
+    assert err < 0.1
 
 
 def test_openvino_runs_int8_kernels(tiny_vit, calib32, eval_images, tmp_path):
-    from vitc.export.qdq import export_qdq_onnx, guard_int8_isa
+    from vitc.export.qdq import export_qdq_onnx
     from vitc.runtimes import open_session
 
-    guard_int8_isa()
     q = apply(tiny_vit, QuantConfig(), _x(tiny_vit, calib32))
     path = export_qdq_onnx(q, tmp_path / "q.onnx")
     session = open_session(path, runtime="openvino", threads=1)
     precisions = session.runtime_precisions()
     assert precisions.get("i8", 0) + precisions.get("u8", 0) > 0, precisions
-    x = _x(tiny_vit, eval_images)
-    with torch.no_grad():
-        sim = q(x).numpy()
-    out = session.run(x.numpy())
-    assert (out.argmax(-1) == sim.argmax(-1)).mean() >= 0.95
+    assert _against_simulation(q, tiny_vit, path, "openvino", eval_images, session)[0] >= 0.95
 
 
 def test_low_bit_models_do_not_export(tiny_vit, calib32, tmp_path):
@@ -82,7 +83,6 @@ def test_default_w8a8_is_symmetric_and_tensorrt_clean(name, request, calib32, ev
 
     from vitc.export.qdq import export_qdq_onnx
     from vitc.export.trt_rules import check_graph
-    from vitc.runtimes import open_session
 
     backbone = request.getfixturevalue(name)
     q = apply(backbone, QuantConfig(), _x(backbone, calib32))
@@ -95,11 +95,7 @@ def test_default_w8a8_is_symmetric_and_tensorrt_clean(name, request, calib32, ev
     zero_points = [consts[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
     assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
     assert check_graph(model) == [], [str(v) for v in check_graph(model)]
-    x = _x(backbone, eval_images)
-    with torch.no_grad():
-        sim = q(x).numpy()
-    out = open_session(path, runtime="openvino", threads=1).run(x.numpy())
-    agree = (out.argmax(-1) == sim.argmax(-1)).mean()
+    agree, _ = _against_simulation(q, backbone, path, "openvino", eval_images)
     assert agree >= 0.98, f"OpenVINO agrees with the simulation on only {agree:.1%}"
 
 
@@ -109,14 +105,9 @@ def test_asymmetric_padded_convs_match_in_openvino(tiny_mobilevit, calib32, eval
     import onnx
 
     from vitc.export.qdq import export_qdq_onnx
-    from vitc.runtimes import open_session
 
     q = apply(tiny_mobilevit, QuantConfig(scheme="asymmetric"), _x(tiny_mobilevit, calib32))
     path = export_qdq_onnx(q, tmp_path / "q.onnx")
     assert any(n.op_type == "Pad" for n in onnx.load(str(path)).graph.node)
-    x = _x(tiny_mobilevit, eval_images)
-    with torch.no_grad():
-        sim = q(x).numpy()
-    out = open_session(path, runtime="openvino", threads=1).run(x.numpy())
-    assert (out.argmax(-1) == sim.argmax(-1)).mean() >= 0.98
-    assert np.abs(out - sim).max() < 0.1 * max(1.0, np.abs(sim).max())
+    agree, err = _against_simulation(q, tiny_mobilevit, path, "openvino", eval_images)
+    assert agree >= 0.98 and err < 0.1

@@ -140,7 +140,7 @@ def measure_latency(backbone, quantized, images, threads: int, prog=None) -> dic
     from vitc.bench.harness import HarnessConfig, build_pool, measure
     from vitc.export.onnx import write_onnx
     from vitc.export.pipeline import ExportOptions
-    from vitc.export.qdq import guard_int8_isa
+    from vitc.runtimes.cpu_isa import guard_int8_isa
     from vitc.runtimes import open_session
 
     guard_int8_isa()

@@ -39,17 +39,11 @@ def preflight(backbone, opts, quant) -> None:
 
     require("openvino", "openvino")
     onnx_target.preflight(backbone, opts, quant)
-    import os
-    import subprocess
-
-    from vitc.export.qdq import guard_int8_isa
+    from vitc.runtimes.cpu_isa import guard_int8_isa
 
     # Before the first compile in this process: oneDNN reads its ISA cap once, and int8 kernels
     # on a CPU that lists AMX without enabling it die with SIGILL.
-    try:
-        guard_int8_isa()
-    except subprocess.TimeoutExpired:  # the probe stalled on a busy machine: cap, which costs speed only
-        os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    guard_int8_isa()
 
 
 def output_names(stem: str) -> list[str]:

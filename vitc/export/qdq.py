@@ -144,6 +144,3 @@ def store_int8_weights(model) -> int:
         graph.initializer.remove(i)
     return count
 
-
-# Where a runtime meets the CPU, not how a graph is written; kept importable from here too.
-from vitc.runtimes.cpu_isa import guard_int8_isa  # noqa: E402,F401

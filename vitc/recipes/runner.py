@@ -131,11 +131,7 @@ def measure_artifact(path: str | Path, target: str, preprocess, bench: dict, dat
     from vitc.bench.runner import load_images
     from vitc.runtimes import open_session
 
-    runtime = TARGET_RUNTIMES[target][0]
-    if runtime == "openvino":
-        from vitc.export.qdq import guard_int8_isa
-
-        guard_int8_isa()
+    runtime = TARGET_RUNTIMES[target][0]  # the OpenVINO session applies the CPU ISA guard itself
     config = harness_config(bench)
     images = load_images(data, preprocess, min(256, max(bench["batch"]) * config.pool_batches))
     session = open_session(str(path), runtime=runtime, threads=bench["threads"])

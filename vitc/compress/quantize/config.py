@@ -16,9 +16,8 @@ class QuantConfig:
     ``softmax``: "auto" (uniform at 8-bit activations, where it exports to int8 kernels;
     log-sqrt(2) below), "uniform", "log2" or "logsqrt2". ``gelu``: "auto" (uniform at 8 bits;
     below, twin-uniform where it beats an asymmetric uniform grid), "uniform" or "twin". ``scheme``: "auto" is
-    symmetric at 8-bit activations (signed int8, zero point 0: what TensorRT's explicit
-    quantization requires, and OpenVINO pads asymmetric conv inputs with code 0 instead of the
-    zero point, which cost the conv-stem hybrid 7 points of agreement) and, below 8 bits (where no
+    symmetric at 8-bit activations (signed int8, zero point 0: the one grid every target runs,
+    TensorRT's explicit quantization taking nothing else) and, below 8 bits (where no
     runtime here executes the model), symmetric or asymmetric per activation by expected error
     ("per-layer" asks for that choice at 8 bits too: OpenVINO and ONNX Runtime run it, TensorRT
     does not); ``granularity``: "auto" lets conv inputs of CNN/hybrid
