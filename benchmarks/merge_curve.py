@@ -18,13 +18,14 @@ Sections (``--sections``, all by default):
 * vits: a ViT-S-shaped model at 224 px (DeiT-S dimensions, 197 tokens, random weights:
   speed only), ToMe r=13: measured speedup in ONNX Runtime and OpenVINO against the
   FLOPs-predicted one. Goal: within 20%.
-* quant: W8A8 (vitc.compress.quantize) on the original and on the merged model (the fastest
-  curve setting within 1.0 point; ``--quant-method``/``--quant-r`` when the curve is not run);
-  the speedups should multiply within 20% and the drop of both together stay within the sum
-  of the drops + 0.5 point.
+* quant: W8A8 (vitc.compress.quantize) on the original and on the merged model (the curve's
+  headline setting: the most accurate one at >= 1.3x within 1.0 point; ``--quant-method``/
+  ``--quant-r`` when the curve is not run), in ONNX Runtime and in OpenVINO (f32 hint for the
+  float models; OpenVINO is where int8 runs fast on this CPU); the speedups should multiply
+  within 20% and the drop of both together stay within the sum of the drops + 0.5 point.
 
 Throughput rounds alternate between the models compared, so load on a shared machine hits
-them alike; each figure is the median of ``--rounds`` rounds. By default images/s are counted
+them alike; images/s are medians over ``--rounds`` rounds and speedups medians of per-round ratios. By default images/s are counted
 against this process's CPU time (``--clock cpu``): on a machine shared with other jobs that is
 the time the runtime computed; ``--clock wall`` counts wall-clock time.
 """
@@ -78,10 +79,13 @@ def top1(sess, x: torch.Tensor, y: torch.Tensor, batch: int = 250) -> float:
 CLOCK = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
-def throughput(sessions: dict, x: np.ndarray, rounds: int, clock: str = "cpu", min_s: float = 0.3) -> dict[str, float]:
-    """Images/s per session; rounds alternate between sessions, each runs for at least ``min_s``
-    of the clock. ``cpu`` is this process's CPU time: on a machine shared with other jobs it
-    counts the time the runtime actually computed, where wall-clock also counts waiting."""
+def throughput(sessions: dict, x: np.ndarray, rounds: int, clock: str = "cpu", min_s: float = 0.3,
+               base: str = "base") -> tuple[dict[str, float], dict[str, float]]:
+    """Images/s per session and speedups against ``base``. Rounds alternate between sessions,
+    each runs for at least ``min_s`` of the clock; a speedup is the median of per-round ratios,
+    so drift over the run cancels. ``cpu`` is this process's CPU time: on a machine shared with
+    other jobs it counts the time the runtime actually computed, where wall-clock also counts
+    waiting."""
     now = CLOCK[clock]
     for s in sessions.values():
         for _ in range(2):
@@ -97,7 +101,8 @@ def throughput(sessions: dict, x: np.ndarray, rounds: int, clock: str = "cpu", m
                 if elapsed >= min_s:
                     break
             rates[name].append(n * len(x) / elapsed)
-    return {k: statistics.median(v) for k, v in rates.items()}
+    speedup = {k: statistics.median(a / b for a, b in zip(v, rates[base])) for k, v in rates.items()}
+    return {k: statistics.median(v) for k, v in rates.items()}, speedup
 
 
 def load_eval(backbone, data: str, size: int | None, seed: int):
@@ -165,12 +170,12 @@ def curve(args, base, x, y, work: Path) -> dict:
             merged = apply(base, MergeConfig(method, r, schedule, layers))
             sess = session(export(merged, work / f"m{len(points)}.onnx"), args.threads)
             acc = top1(sess, x, y)
-            speed = throughput({"base": base_sess, "merged": sess}, xb, args.rounds, args.clock)
+            speed, ratios = throughput({"base": base_sess, "merged": sess}, xb, args.rounds, args.clock)
             ratio = merged.flops() / base_flops
             p = {"method": series.partition("=")[0], "r": r, "removals": merged.transforms[-1]["removals"],
                  "tokens_out": merged.transforms[-1]["tokens"][-1], "flops_ratio": ratio,
                  "top1": acc, "drop_pt": 100 * (base_top1 - acc), "images_per_s": speed["merged"],
-                 "base_images_per_s": speed["base"], "speedup": speed["merged"] / speed["base"], "flops_speedup": 1 / ratio}
+                 "base_images_per_s": speed["base"], "speedup": ratios["merged"], "flops_speedup": 1 / ratio}
             points.append(p)
             rows.append([p["method"], ",".join(map(str, p["removals"])), p["tokens_out"], f"{ratio:.2f}", f"{100 * acc:.2f}", f"{p['drop_pt']:+.2f}",
                          f"{speed['merged']:.0f}", f"{speed['base']:.0f}", f"{p['speedup']:.2f}x", f"{p['flops_speedup']:.2f}x"])
@@ -178,16 +183,21 @@ def curve(args, base, x, y, work: Path) -> dict:
     table(f"curve: {base.source}, {len(x)} test images, ORT batch {args.batch}, {args.threads} thread(s); original top-1 {100 * base_top1:.2f}%",
           ["series", "r per block", "tokens out", "FLOPs", "top-1 %", "drop pt", "img/s", "orig img/s", "speedup", "FLOPs speedup"], rows)
     ok = [p for p in points if p["drop_pt"] <= 1.0]
-    best = max(ok, key=lambda p: p["speedup"]) if ok else None
-    if best:
-        print(f"best within 1.0 pt: {best['method']} r={best['r']} ({','.join(map(str, best['removals']))}): "
-              f"{best['speedup']:.2f}x at {best['drop_pt']:+.2f} pt -> goal (>= 1.3x) {'met' if best['speedup'] >= 1.3 else 'NOT met'}")
+    fastest = max(ok, key=lambda p: p["speedup"]) if ok else None
+    meeting = [p for p in ok if p["speedup"] >= 1.3]
+    # the headline: the most accurate setting that meets the goal, not the one at the edge of the budget
+    best = min(meeting, key=lambda p: p["drop_pt"]) if meeting else fastest
+    for label, p in (("fastest within 1.0 pt", fastest), ("most accurate at >= 1.3x within 1.0 pt", best)):
+        if p:
+            print(f"{label}: {p['method']} r={p['r']} ({','.join(map(str, p['removals']))}): "
+                  f"{p['speedup']:.2f}x at {p['drop_pt']:+.2f} pt -> goal (>= 1.3x) {'met' if p['speedup'] >= 1.3 else 'NOT met'}")
     per_method = {}
     for m in dict.fromkeys(p["method"] for p in points):
         cand = [p for p in ok if p["method"] == m]
         per_method[m] = max(cand, key=lambda p: p["speedup"]) if cand else None
     equal_flops(points)
-    return {"original_top1": base_top1, "original_flops": base_flops, "points": points, "best": best, "best_per_method": per_method}
+    return {"original_top1": base_top1, "original_flops": base_flops, "points": points, "best": best, "fastest": fastest,
+            "best_per_method": per_method}
 
 
 def equal_flops(points: list[dict]) -> None:
@@ -256,8 +266,9 @@ def vits(args, work: Path) -> dict:
            "flops_predicted_speedup": predicted}
     rows = []
     for runtime in ("onnxruntime", "openvino"):
-        speed = throughput({"base": session(pa, args.threads, runtime), "merged": session(pb, args.threads, runtime)}, xb, args.rounds, args.clock)
-        measured = speed["merged"] / speed["base"]
+        speed, ratios = throughput({"base": session(pa, args.threads, runtime), "merged": session(pb, args.threads, runtime)},
+                                   xb, args.rounds, args.clock)
+        measured = ratios["merged"]
         within = abs(measured / predicted - 1) <= 0.2
         out[runtime] = {"images_per_s": speed["merged"], "base_images_per_s": speed["base"], "speedup": measured,
                         "measured_over_predicted": measured / predicted, "within_20pct": within}
@@ -287,22 +298,26 @@ def quant(args, base, x, y, work: Path, curve_result: dict | None) -> dict:
     q_merged = quantize.apply(merged, qcfg, data=calib)
     paths = {"original": export(base, work / "q_orig.onnx"), "merged": export(merged, work / "q_merged.onnx"),
              "w8a8": export(q_base, work / "q_w8a8.onnx"), "merged+w8a8": export(q_merged, work / "q_both.onnx")}
-    sessions = {k: session(p, args.threads) for k, p in paths.items()}
-    acc = {k: top1(s, x, y) for k, s in sessions.items()}
-    speed = throughput(sessions, x[: args.batch].numpy(), args.rounds, args.clock)
-    sp = {k: speed[k] / speed["original"] for k in sessions}
-    drop = {k: 100 * (acc["original"] - acc[k]) for k in sessions}
-    product = sp["merged"] * sp["w8a8"]
-    speed_ok = abs(sp["merged+w8a8"] / product - 1) <= 0.2
-    acc_ok = drop["merged+w8a8"] <= drop["merged"] + drop["w8a8"] + 0.5
-    rows = [[k, f"{100 * acc[k]:.2f}", f"{drop[k]:+.2f}", f"{speed[k]:.0f}", f"{sp[k]:.2f}x"] for k in sessions]
     label = ",".join(map(str, r)) if isinstance(r, list) else r
-    table(f"merge ({method} r={label}) + W8A8, ONNX Runtime batch {args.batch}, {len(x)} images", ["model", "top-1 %", "drop pt", "img/s", "speedup"], rows)
-    print(f"speedups multiply: {sp['merged']:.2f} x {sp['w8a8']:.2f} = {product:.2f} vs {sp['merged+w8a8']:.2f} measured "
-          f"-> {'within' if speed_ok else 'NOT within'} 20%")
-    print(f"drops add: {drop['merged+w8a8']:+.2f} pt vs {drop['merged']:+.2f} + {drop['w8a8']:+.2f} + 0.5 -> {'ok' if acc_ok else 'NOT ok'}")
-    return {"method": method, "r": r, "top1": acc, "drop_pt": drop, "images_per_s": speed, "speedup": sp,
-            "product_of_speedups": product, "speedups_multiply_within_20pct": speed_ok, "drop_within_sum_plus_0.5": acc_ok}
+    out = {"method": method, "r": r}
+    for runtime in ("onnxruntime", "openvino"):  # OpenVINO with the f32 hint for the float models
+        sessions = {k: session(p, args.threads, runtime) for k, p in paths.items()}
+        acc = {k: top1(s, x, y) for k, s in sessions.items()}
+        speed, sp = throughput(sessions, x[: args.batch].numpy(), args.rounds, args.clock, base="original")
+        drop = {k: 100 * (acc["original"] - acc[k]) for k in sessions}
+        product = sp["merged"] * sp["w8a8"]
+        speed_ok = abs(sp["merged+w8a8"] / product - 1) <= 0.2
+        acc_ok = drop["merged+w8a8"] <= drop["merged"] + drop["w8a8"] + 0.5
+        rows = [[k, f"{100 * acc[k]:.2f}", f"{drop[k]:+.2f}", f"{speed[k]:.0f}", f"{sp[k]:.2f}x"] for k in sessions]
+        table(f"merge ({method} r={label}) + W8A8, {runtime} batch {args.batch}, {len(x)} images",
+              ["model", "top-1 %", "drop pt", "img/s", "speedup"], rows)
+        print(f"{runtime}: speedups multiply: {sp['merged']:.2f} x {sp['w8a8']:.2f} = {product:.2f} vs {sp['merged+w8a8']:.2f} measured "
+              f"-> {'within' if speed_ok else 'NOT within'} 20%")
+        print(f"{runtime}: drops add: {drop['merged+w8a8']:+.2f} pt vs {drop['merged']:+.2f} + {drop['w8a8']:+.2f} + 0.5 "
+              f"-> {'ok' if acc_ok else 'NOT ok'}")
+        out[runtime] = {"top1": acc, "drop_pt": drop, "images_per_s": speed, "speedup": sp, "product_of_speedups": product,
+                        "speedups_multiply_within_20pct": speed_ok, "drop_within_sum_plus_0.5": acc_ok}
+    return out
 
 
 def main() -> None:

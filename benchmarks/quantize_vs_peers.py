@@ -11,7 +11,8 @@ same test set (the full 10,000-image CIFAR-10 test archive), same machine, one r
 
 Latency: batch 1 and 32, OpenVINO, FP32 with ``INFERENCE_PRECISION_HINT=f32`` against each int8
 model, measured by vitc's harness in the same run. Optional figures (``--bits 6,4``) add the
-simulation's accuracy at W6A6 and W4A4.
+simulation's accuracy at W6A6 and W4A4; ``--vits`` adds the same latency comparison on a
+ViT-S-shaped model at 224 px (random weights: speed only).
 
     python benchmarks/quantize_vs_peers.py --out benchmarks/results/quantize_vs_peers.json
 """
@@ -29,6 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+IMAGENET = ROOT.parent / "shared" / "data" / "imagenet-samples"
 MODELS = ("zoo:resnet-c10", "zoo:convvit-c10", "zoo:vit-c10")
 
 
@@ -42,7 +44,8 @@ def top1(run, x: torch.Tensor, y: torch.Tensor, batch: int = 200) -> tuple[float
     return float((p == y.numpy()).mean()), p
 
 
-def interleaved_latency_ms(paths: dict[str, Path], x: torch.Tensor, batch: int, threads: int, rounds: int) -> dict[str, float]:
+def interleaved_latency_ms(paths: dict[str, Path], x: torch.Tensor, batch: int, threads: int, rounds: int,
+                           max_time_s: float = 2.0) -> dict[str, list[float]]:
     """p50 latency (ms) of each OpenVINO artifact, from ``rounds`` interleaved rounds.
 
     Each round times every artifact once (short adaptive run, shuffled order) and the figure is the
@@ -54,7 +57,7 @@ def interleaved_latency_ms(paths: dict[str, Path], x: torch.Tensor, batch: int, 
     from vitc.bench.harness import HarnessConfig, build_pool, measure
     from vitc.runtimes import open_session
 
-    config = HarnessConfig(min_samples=20, min_time_s=0.4, max_time_s=2.0, warmup_max_s=1.0)
+    config = HarnessConfig(min_samples=20, min_time_s=0.4, max_time_s=max_time_s, warmup_max_s=1.0)
     sessions = {k: open_session(p, runtime="openvino", threads=threads) for k, p in paths.items()}
     pool = build_pool(x[:256].numpy(), batch)
     per_round: dict[str, list[float]] = {k: [] for k in paths}
@@ -170,6 +173,45 @@ def bench_model(spec: str, calib_src, test_src, args) -> list[dict]:
     return rows
 
 
+def vits_speed(args) -> list[dict]:
+    """Latency only: a ViT-S-shaped model (DeiT-S dimensions, 224 px, 197 tokens, random weights,
+    as no hub weights reach this machine), W8A8 by vitc and by NNCF (64 ImageNet sample images
+    to calibrate), FP32 (f32 hint) against each int8 model in OpenVINO, interleaved rounds. It
+    shows how the int8 speedup grows with the width of the GEMMs, next to the 128-wide reference ViT."""
+    import transformers as T
+
+    from vitc.backbone import Backbone
+    from vitc.calibration.data import load_tensors
+    from vitc.calibration.sources import open_source
+    from vitc.compress.quantize import QuantConfig, apply
+    from vitc.export.onnx import write_onnx
+    from vitc.export.pipeline import ExportOptions
+    from vitc.export.qdq import export_qdq_onnx
+    from vitc.models.preprocess import Preprocess
+    from vitc.models.wrappers import LogitsModule
+
+    torch.manual_seed(0)
+    cfg = T.ViTConfig(image_size=224, patch_size=16, hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                      intermediate_size=1536, num_labels=1000, qkv_bias=True)
+    backbone = Backbone(LogitsModule(T.ViTForImageClassification(cfg).eval()).eval(), Preprocess(224, 256),
+                        [str(i) for i in range(1000)], "vit-s-shaped (random)")
+    calib, _ = load_tensors(open_source(IMAGENET).select(64, seed=0), backbone.preprocess)
+    tmp = Path(tempfile.mkdtemp(prefix="vitc-qbench-vits-"))
+    paths = {"fp32": tmp / "fp32.onnx", "vitc W8A8": tmp / "vitc_int8.onnx", "nncf.quantize (TRANSFORMER)": tmp / "nncf_int8.xml"}
+    write_onnx(backbone, paths["fp32"], ExportOptions("fp32"), None)
+    export_qdq_onnx(apply(backbone, QuantConfig(wbits=8, abits=8, calibrator=args.calib), calib), paths["vitc W8A8"])
+    nncf_quantize(paths["fp32"], paths["nncf.quantize (TRANSFORMER)"], calib, "vit")
+    rows = [{"model": "vit-s-shaped@224 (random weights)", "method": k, "runtime": "openvino", "artifact": str(v)} for k, v in paths.items()]
+    for b in (1, 32):
+        per_round = interleaved_latency_ms(dict(enumerate(paths.values())), calib, b, args.threads, max(3, args.rounds // 3),
+                                           max_time_s=6.0)
+        for i, samples in per_round.items():
+            rows[i][f"latency_b{b}_ms"] = float(np.median(samples))
+            rows[i][f"speedup_b{b}"] = float(np.median(np.array(per_round[0]) / np.array(samples)))
+            rows[i][f"latency_b{b}_rounds_ms"] = samples
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS))
@@ -182,6 +224,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--no-latency", action="store_true")
     p.add_argument("--rounds", type=int, default=9, help="interleaved latency rounds (each times every OpenVINO artifact once)")
+    p.add_argument("--vits", action="store_true", help="add a latency-only ViT-S-shaped model at 224 px (random weights)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     args.bits = [int(b) for b in args.bits.split(",")]
@@ -200,8 +243,10 @@ def main(argv=None) -> int:
     calib_src = open_source(CIFAR / "train.tar.gz").select(args.calib_size, seed=0)
     test_src = open_source(CIFAR / "test.tar.gz").select(args.test_size, seed=0)
     rows = []
-    for spec in args.models.split(","):
+    for spec in filter(None, args.models.split(",")):
         rows += bench_model(spec, calib_src, test_src, args)
+    if args.vits:
+        rows += vits_speed(args)
 
     table = Table(title=f"W8A8 PTQ: vitc vs NNCF vs ONNX Runtime ({args.calib_size} calibration images, {len(test_src)} test images)")
     for col in ("model", "method", "runtime", "top-1", "drop (pt)", "agree", "calib (s)", "b1 ms", "b32 ms", "speedup b1/b32"):
@@ -209,9 +254,10 @@ def main(argv=None) -> int:
     for r in rows:
         lat = lambda b: f"{r[f'latency_b{b}_ms']:.3f}" if f"latency_b{b}_ms" in r else "-"
         speed = f"{r['speedup_b1']:.2f}x / {r['speedup_b32']:.2f}x" if "speedup_b1" in r else "-"
-        table.add_row(r["model"], r["method"], r["runtime"], f"{100 * r['top1']:.2f}%", f"{r['drop_pt']:+.2f}",
-                      f"{100 * r['agreement']:.2f}%", f"{r['calibration_s']:.1f}" if r["calibration_s"] else "-",
-                      lat(1), lat(32), speed)
+        acc = "top1" in r
+        table.add_row(r["model"], r["method"], r["runtime"], f"{100 * r['top1']:.2f}%" if acc else "-",
+                      f"{r['drop_pt']:+.2f}" if acc else "-", f"{100 * r['agreement']:.2f}%" if acc else "-",
+                      f"{r['calibration_s']:.1f}" if r.get("calibration_s") else "-", lat(1), lat(32), speed)
     Console(width=200).print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

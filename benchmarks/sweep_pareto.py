@@ -6,11 +6,14 @@
 * a 12-point grid on zoo:vit-c10: token merging r in {off, 4, 8} x MLP pruning (Taylor, keep
   50%) on/off x W8A8 on/off, no recovery steps; accuracy on a class-stratified subset of the
   CIFAR-10 test archive (``--eval-size``, 2,000 by default: said in the output), latency at
-  batch 1, one thread, by the sweep's one measuring worker after every compression job is done;
+  batch 1, one thread, by the sweep's one measuring worker after every compression job is done
+  (4 s of timed calls per artifact, in 20 interleaved rounds over all artifacts);
 * the table, the front per target, and whether the front holds a combined point faster than the
   best single-technique point within a 1-point top-1 budget (or that none exists);
-* the latency of one artifact as the sweep measured it against a standalone ``vitc bench`` of the
-  same file, with both confidence intervals;
+* the latency of each target's fastest front point as the sweep measured it (every artifact timed
+  in interleaved rounds) against a standalone ``vitc bench`` of the same file run right after the
+  sweep for ``--standalone-seconds`` (60 s), with both confidence intervals (``--check all``: every
+  artifact);
 * with ``--ray-compare``: the same sweep on a local Ray cluster (its latencies timed briefly, as
   only its accuracies are compared) and the accuracies point for point.
 
@@ -33,7 +36,7 @@ SPACE = {
         "calibration": {"data": "bundled:calib", "size": 128, "seed": 0},
         "passes": [{"prune": {"importance": "taylor"}}, {"quantize": {}}],
         "export": {"parity_data": "bundled:eval", "parity_size": 64},
-        "bench": {"batch": [1], "threads": 1, "min_time_s": 1.0, "max_time_s": 4.0},
+        "bench": {"batch": [1], "threads": 1, "min_time_s": 4.0, "max_time_s": 8.0},
     },
     "params": {"merge.r": [None, 4, 8], "prune.mlp": [None, 0.5], "quantize.bits": [None, 8]},
     "strategy": "grid",
@@ -47,12 +50,11 @@ def load() -> str:
         return "?"
 
 
-def standalone_bench(artifact: Path, bench: dict) -> dict:
+def standalone_bench(artifact: Path, bench: dict, seconds: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
         cmd = [sys.executable, "-m", "vitc.cli", "bench", "--model", str(artifact), "--batch", "1", "--threads",
-               str(bench["threads"]), "--min-time", str(bench["min_time_s"]), "--max-time", str(bench["max_time_s"]),
-               "--out", str(out)]
+               str(bench["threads"]), "--min-time", str(seconds), "--max-time", str(seconds), "--out", str(out)]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         doc = json.loads(out.read_text())
     p50 = doc["results"][0]["stats"]["p50"]
@@ -71,6 +73,11 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=0.01, help="top-1 budget of the single-technique point (fraction)")
     ap.add_argument("--measure-only", action="store_true",
                     help="time and report the points --out-dir already holds (an interrupted run); the rest stay pending")
+    ap.add_argument("--check", choices=("all", "fastest"), default="fastest",
+                    help="standalone vitc bench of every timed artifact (all) or of each target's fastest front point")
+    ap.add_argument("--standalone-seconds", type=float, default=60.0,
+                    help="length of each standalone vitc bench run (the sweep spreads each artifact's timing over its whole "
+                         "measuring period, minutes; a standalone run must span as many of the machine's speed states)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -96,23 +103,35 @@ def main() -> int:
 
     report: dict = {"model": args.model, "eval_size": args.eval_size, "data": args.data, "targets": targets,
                     "sweep_s": sweep_s, "summary": summary, "out_dir": str(out_dir)}
-    # standalone vitc bench of one artifact the sweep timed: the fastest front point of the last target
-    target = targets[-1]
-    fastest = summary["fronts"][target]["front_2d"][0]
-    row = next(r for r in summary["points"] if r["id"] == fastest)
+    # standalone vitc bench of the artifacts the sweep timed (every point and target, or the fastest
+    # front point of the last target), right after the sweep, one at a time on the same machine
     from vitc.sweep.store import load_results
 
-    rec = next(r for r in load_results(out_dir)[1] if r["kind"] == "eval" and r["id"] == fastest)
-    artifact = out_dir / rec["artifacts"][target]["path"]
-    alone = standalone_bench(artifact, summary["settings"]["bench"])
-    swept = row["latency"][target]
-    inside = alone["ci_ms"][0] <= swept["p50_ms"] <= alone["ci_ms"][1]
-    overlap = max(alone["ci_ms"][0], swept["ci_ms"][0]) <= min(alone["ci_ms"][1], swept["ci_ms"][1])
-    print(f"latency of {fastest} ({target}): sweep {swept['p50_ms']:.3f} ms [{swept['ci_ms'][0]:.3f}, {swept['ci_ms'][1]:.3f}], "
-          f"standalone `{alone['command']}` {alone['p50_ms']:.3f} ms [{alone['ci_ms'][0]:.3f}, {alone['ci_ms'][1]:.3f}]: "
-          f"sweep p50 inside the standalone CI: {inside}; CIs overlap: {overlap}")
-    report["bench_check"] = {"point": fastest, "target": target, "sweep": swept, "standalone": alone,
-                             "sweep_p50_inside_standalone_ci": inside, "cis_overlap": overlap}
+    evals = {r["id"]: r for r in load_results(out_dir)[1] if r["kind"] == "eval"}
+    checks = []
+    if args.check == "fastest":
+        pairs = [(summary["fronts"][t]["front_2d"][0], t) for t in targets]
+    else:
+        pairs = [(r["id"], t) for r in summary["points"] for t in targets if r["latency"].get(t)]
+    for point, target in pairs:
+        row = next(r for r in summary["points"] if r["id"] == point)
+        alone = standalone_bench(out_dir / evals[point]["artifacts"][target]["path"], summary["settings"]["bench"],
+                                 args.standalone_seconds)
+        swept = row["latency"][target]
+        inside = alone["ci_ms"][0] <= swept["p50_ms"] <= alone["ci_ms"][1]
+        overlap = max(alone["ci_ms"][0], swept["ci_ms"][0]) <= min(alone["ci_ms"][1], swept["ci_ms"][1])
+        checks.append({"point": point, "target": target, "sweep": swept, "standalone": alone,
+                       "sweep_p50_inside_standalone_ci": inside, "cis_overlap": overlap,
+                       "difference_pct": 100 * (swept["p50_ms"] / alone["p50_ms"] - 1)})
+        print(f"latency of {point} ({target}): sweep {swept['p50_ms']:.3f} ms [{swept['ci_ms'][0]:.3f}, {swept['ci_ms'][1]:.3f}], "
+              f"standalone {alone['p50_ms']:.3f} ms [{alone['ci_ms'][0]:.3f}, {alone['ci_ms'][1]:.3f}] "
+              f"({checks[-1]['difference_pct']:+.1f}%): sweep p50 inside the standalone CI: {inside}; CIs overlap: {overlap}", flush=True)
+    diffs = sorted(abs(c["difference_pct"]) for c in checks)
+    print(f"sweep vs standalone `{checks[0]['standalone']['command']}` (and the same for each artifact): "
+          f"{sum(c['cis_overlap'] for c in checks)}/{len(checks)} with overlapping 95% CIs, "
+          f"{sum(c['sweep_p50_inside_standalone_ci'] for c in checks)}/{len(checks)} with the sweep's p50 inside the standalone CI; "
+          f"|difference| median {diffs[len(diffs) // 2]:.1f}%, max {diffs[-1]:.1f}%; load average after: {load()}")
+    report["bench_check"] = checks
 
     if args.ray_compare:
         ray_space = json.loads(json.dumps(SPACE))

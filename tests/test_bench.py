@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,47 @@ def test_pool_rotates_distinct_real_batches(eval_images, tiny_vit):
     times = timed_calls(session, pool, 8)
     assert len(times) == 8 and session.runs == 8 and session.syncs == 8  # every timed call synchronises
     assert len(set(session.seen)) == 4  # cycles through the pool, not one cached tensor
+
+
+class SpinSession:
+    """A session whose calls take ``seconds(now)``: a machine whose speed changes over time."""
+
+    def __init__(self, seconds):
+        self.seconds, self.calls = seconds, []
+
+    def run(self, batch):
+        t0 = time.perf_counter()
+        self.calls.append(t0)
+        end = t0 + self.seconds(t0)
+        while time.perf_counter() < end:
+            pass
+
+    def synchronize(self):
+        pass
+
+    def fallbacks(self):
+        return []
+
+
+def test_interleaved_rounds_give_sessions_the_same_machine_states():
+    from vitc.bench.harness import measure_interleaved
+
+    start = time.perf_counter()
+    slow_after = start + 0.6  # the machine halves its speed part-way through the measurement
+    factor = lambda t: 2.0 if t > slow_after else 1.0
+    sessions = {"a": SpinSession(lambda t: 2e-4 * factor(t)), "b": SpinSession(lambda t: 4e-4 * factor(t))}
+    pool = build_pool(np.zeros((4, 3, 8, 8), np.float32), 1, 4)
+    config = HarnessConfig(min_samples=40, min_time_s=0.6, warmup_max_s=0.2)
+    out = measure_interleaved(sessions, {"a": pool, "b": pool}, 1, config, rounds=20)
+    # both sessions were sampled across the whole period, before and after the change
+    for s in sessions.values():
+        assert min(s.calls) < slow_after < max(s.calls)
+    ratio = out["b"]["stats"]["p50"]["value"] / out["a"]["stats"]["p50"]["value"]
+    assert 1.6 < ratio < 2.5  # the true 2x survives the change; timed one after the other it would read ~1x or ~4x
+    for r in out.values():
+        assert r["phases"]["steady"]["stopped_by"] == "rounds" and r["stats"]["n"] >= 40
+        p50 = r["stats"]["p50"]
+        assert p50["lo"] <= p50["value"] <= p50["hi"]
 
 
 def test_harness_overhead_is_tiny(eval_images):

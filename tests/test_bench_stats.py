@@ -37,6 +37,33 @@ def test_quantile_ci_covers_the_true_quantile_at_the_stated_rate():
         assert 0.93 <= hits / reps <= 0.995, (q, n, hits / reps)
 
 
+def test_blocked_median_ci_widens_with_drift_and_matches_iid_without_it():
+    rng = np.random.default_rng(1)
+    # a machine that switches from a 1.5 ms to a 2.1 ms state mid-run (as this VM does in episodes)
+    drifting = np.concatenate([1.5 + 0.05 * rng.standard_normal(2000), 2.1 + 0.05 * rng.standard_normal(2000),
+                               1.5 + 0.05 * rng.standard_normal(1000)])
+    iid, blocked = stats.median_ci(drifting), stats.median_ci_blocked(drifting)
+    assert blocked.value == iid.value
+    assert iid.hi - iid.lo < 0.05  # the iid interval claims a precision the run does not have
+    assert blocked.lo < 1.6 and blocked.hi > 2.0  # the blocked one spans both states
+    # stationary samples: the blocked interval is about as tight as the iid one
+    steady = 2.0 + 0.05 * rng.standard_normal(5000)
+    a, b = stats.median_ci(steady), stats.median_ci_blocked(steady)
+    assert (b.hi - b.lo) < 4 * (a.hi - a.lo) and b.lo <= b.value <= b.hi
+    assert abs(b.value - 2.0) < 0.01
+    # 20 blocks need 20 samples; fewer give no interval yet
+    assert math.isnan(stats.median_ci_blocked(np.ones(5)).lo)
+
+
+def test_blocked_median_ci_covers_a_stationary_median():
+    rng = np.random.default_rng(2)
+    reps, hits = 400, 0
+    for _ in range(reps):
+        ci = stats.median_ci_blocked(rng.exponential(size=400))
+        hits += ci.lo <= math.log(2) <= ci.hi
+    assert hits / reps >= 0.93
+
+
 def test_relative_half_width():
     assert stats.relative_half_width(stats.Interval(10.0, 9.0, 11.0)) == pytest.approx(0.1)
     assert stats.relative_half_width(stats.Interval(10.0, float("nan"), 11.0)) == math.inf

@@ -58,15 +58,21 @@ def test_attentive_pruning_hand_worked():
     assert s[0, :, 0].tolist() == [1.0, 1.0, 3.0]
 
 
-def test_token_transforming_hard_limit_is_nearest_target():
-    # with k=1 each removed token goes wholly to its most similar target
-    metric = torch.tensor([[[1, 0], [0, 1], [0.9, 0.1], [0.1, 0.9]]], dtype=torch.float32)
-    scores = torch.tensor([[0.4, 0.3, 0.2, 0.1]])  # targets: tokens 0 and 1
-    red = token_transforming(metric, scores, r=2, k=1)
-    out = red.apply(torch.eye(4).unsqueeze(0))[0]
-    assert torch.equal(out, torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 1]]))
-    soft = token_transforming(metric, scores, r=2, k=2, temperature=1.0).apply(torch.eye(4).unsqueeze(0))[0]
-    assert (soft[:, 2:] > 0).all() and torch.allclose(soft[:, 2:].sum(0), torch.ones(2))  # many-to-many, mass kept
+def test_token_transforming_spreads_redundant_tokens_over_nearest_targets():
+    # A = tokens 0, 2, 4; B = 1, 3, 5. Token 2 is A's most redundant (identical to B token 3),
+    # so r=1 removes it; with k=1 it goes wholly to token 3, with k=2 also to its runner-up, 0.
+    metric = torch.tensor([[[1, 0], [0, 1], [0.6, 0.8], [0.6, 0.8], [-1, 0], [0, -1]]], dtype=torch.float32)
+    hard = token_transforming(metric, r=1, k=1).apply(torch.eye(6).unsqueeze(0))[0]
+    # output rows: kept A (0, 4; most similar first: cos 0 and -0 tie, topk keeps index order), then B (1, 3, 5)
+    rows = [0, 4, 1, 3, 5]
+    expected = torch.eye(6)[rows]
+    expected[3, 2] = 1.0
+    assert torch.equal(hard, expected)
+    soft = token_transforming(metric, r=1, k=2, temperature=1.0).apply(torch.eye(6).unsqueeze(0))[0]
+    # cos(token 2, token 3) = 1, cos(token 2, token 0) = 0.6, cos(token 2, token 1) = 0.8: the two most similar are 3 and 1
+    w3, w1 = torch.softmax(torch.tensor([1.0, 0.8]), 0).tolist()
+    assert soft[3, 2].item() == pytest.approx(w3, abs=1e-6) and soft[2, 2].item() == pytest.approx(w1, abs=1e-6)
+    assert soft[:, 2].sum().item() == pytest.approx(1.0, abs=1e-6)  # many-to-many, mass kept
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -78,7 +84,7 @@ def test_merging_preserves_token_mass(method):
     metric = torch.randn(b, n, 16, generator=g)
     scores = torch.rand(b, n, generator=g).softmax(-1)
     red = {"tome": lambda: bipartite_soft_matching(metric, r), "prune": lambda: attentive_pruning(scores, r),
-           "transform": lambda: token_transforming(metric, scores, r)}[method]()
+           "transform": lambda: token_transforming(metric, r)}[method]()
     y, s, _ = reduce_tokens(red, x, size)
     assert y.shape == (b, n - r, c) and s.shape == (b, n - r, 1)
     assert torch.allclose(s.sum(1), size.sum(1), atol=1e-4)  # every patch is counted once

@@ -4,7 +4,9 @@ One measurement of one session at one batch size goes through four phases, timed
 load (done by the caller, who opens the session), the first inference, a warm-up that runs
 windows of calls until three consecutive window medians agree within 2% (capped), and the
 steady state, which keeps sampling until it has a minimum count and time and the confidence
-interval of the median is within 1% of it (or ``max_time_s`` is reached).
+interval of the median is within 1% of it (or ``max_time_s`` is reached). That interval is
+drift-aware (``stats.median_ci_blocked``: from the medians of 20 consecutive blocks), so on a
+machine whose speed wanders it widens and the run goes on to ``max_time_s`` with a warning.
 
 Each timed call reads a monotonic clock around ``run`` + ``synchronize``; the inputs rotate
 through several distinct batches of preprocessed real images, so caches see what they see in
@@ -181,13 +183,13 @@ def steady_state(session, pool, config: HarnessConfig, window: int, on_progress=
         if on_progress is not None:
             on_progress(min(elapsed, config.max_time_s))
         if len(samples) >= config.min_samples and elapsed >= config.min_time_s:
-            rel = stats.relative_half_width(stats.median_ci(samples, config.confidence))
+            rel = stats.relative_half_width(stats.median_ci_blocked(samples, config.confidence))
             if rel <= config.target_rel_ci:
                 stopped_by = "ci"
                 break
         if elapsed >= config.max_time_s:
             if len(samples) >= 2:
-                rel = stats.relative_half_width(stats.median_ci(samples, config.confidence))
+                rel = stats.relative_half_width(stats.median_ci_blocked(samples, config.confidence))
             break
     x = np.asarray(samples, dtype=float) / 1e9
     return x, {"seconds": time.perf_counter() - t0, "calls": len(samples), "stopped_by": stopped_by,
@@ -227,3 +229,57 @@ def measure(session, pool: list[np.ndarray], batch: int, config: HarnessConfig, 
         "samples_s": samples.tolist(),
         "warnings": warnings,
     }
+
+
+def measure_interleaved(sessions: dict, pools: dict, batch: int, config: HarnessConfig, rounds: int = stats.CI_BLOCKS,
+                        seed: int = 0, on_progress=None) -> dict[str, dict]:
+    """Several sessions timed in alternating slices: after each one's first inference and warm-up,
+    ``rounds`` rounds give every session one slice of about ``min_time_s / rounds`` seconds, in a
+    shuffled order. Returns, per key, what ``measure`` returns.
+
+    Why: this machine's speed wanders in states that last 10-30 s (measured: one session moving
+    between 2.1 and 3.4 ms at batch 1 in about 20-second episodes), so sessions timed one after
+    another are ranked by the state each happened to meet. Slices spread every session's samples
+    over the whole measuring period, so all of them meet the same states; with ``rounds`` equal to
+    the blocks of the p50 interval, each block is one slice and the interval carries the drift.
+    """
+    import random
+
+    warm: dict[str, tuple[float, dict]] = {}
+    for key, session in sessions.items():
+        first_s = first_inference(session, pools[key], batch, str(key))
+        window = calls_per_window(session, pools[key], config.window_s)
+        warm[key] = (first_s, warm_up(session, pools[key], config, window))
+    slice_s = max(config.min_time_s / rounds, 1e-3)
+    min_calls = max(1, -(-config.min_samples // rounds))
+    samples: dict[str, list[int]] = {k: [] for k in sessions}
+    t0 = time.perf_counter()
+    order = list(sessions)
+    rng = random.Random(seed)
+    for r in range(rounds):
+        rng.shuffle(order)
+        for key in order:
+            per_call = warm[key][1]["last_median_s"] or slice_s
+            calls = max(min_calls, int(round(slice_s / max(per_call, 1e-7))))
+            samples[key].extend(timed_calls(sessions[key], pools[key], calls, len(samples[key])))
+        if on_progress is not None:
+            on_progress(r + 1)
+    seconds = time.perf_counter() - t0
+    out = {}
+    for key, session in sessions.items():
+        x = np.asarray(samples[key], dtype=float) / 1e9
+        summary = stats.summarize(x, config.confidence)
+        rel = stats.relative_half_width(stats.median_ci_blocked(x, config.confidence))
+        first_s, warm_info = warm[key]
+        warnings = [f"{key} b={batch}: warm-up did not settle within {config.warmup_max_s:g} s"] if not warm_info["converged"] else []
+        if summary["cv"] > config.cv_warn:
+            warnings.append(f"{key} b={batch}: coefficient of variation {summary['cv']:.1%} is over {config.cv_warn:.0%}; "
+                            "the machine is noisy, so treat the tails with care")
+        warnings.extend(f"{key}: {w}" for w in session.fallbacks())
+        out[key] = {"batch": batch,
+                    "phases": {"first_inference_s": first_s, "warmup": warm_info,
+                               "steady": {"seconds": seconds, "calls": len(x), "stopped_by": "rounds", "rounds": rounds,
+                                          "interleaved_with": len(sessions) - 1, "median_ci_rel_half_width": rel}},
+                    "stats": summary, "throughput_ips": batch / summary["mean"] if summary["mean"] > 0 else float("nan"),
+                    "samples_s": x.tolist(), "warnings": warnings}
+    return out

@@ -147,6 +147,35 @@ def measure_artifact(path: str | Path, target: str, preprocess, bench: dict, dat
     return rows
 
 
+def measure_artifacts(items: list[tuple[str | Path, str, object]], bench: dict, data: str | None = None) -> list[list[dict]]:
+    """Latency of several artifacts ``(path, target, preprocess)`` timed in interleaved rounds
+    (``harness.measure_interleaved``), one list of rows per artifact, as ``measure_artifact`` gives.
+    Each artifact gets ``min_time_s`` of timed calls in all, spread over the whole measuring period."""
+    import json as _json
+
+    from vitc.bench.harness import build_pool, measure_interleaved
+    from vitc.bench.runner import load_images
+    from vitc.runtimes import open_session
+
+    config = harness_config(bench)
+    sessions, images, image_key = {}, {}, {}
+    for i, (path, target, preprocess) in enumerate(items):
+        sessions[i] = open_session(str(path), runtime=TARGET_RUNTIMES[target][0], threads=bench["threads"])
+        image_key[i] = _json.dumps(preprocess.to_dict(), sort_keys=True)  # artifacts of one model share images
+        if image_key[i] not in images:
+            images[image_key[i]] = load_images(data, preprocess, min(256, max(bench["batch"]) * config.pool_batches))
+    rows: list[list[dict]] = [[] for _ in items]
+    for batch in bench["batch"]:
+        pools = {i: build_pool(images[image_key[i]], batch, config.pool_batches) for i in sessions}
+        results = measure_interleaved(sessions, pools, batch, config)
+        for i, r in results.items():
+            p50 = r["stats"]["p50"]
+            rows[i].append({"target": items[i][1], "batch": batch, "threads": bench["threads"], "p50_ms": 1000 * p50["value"],
+                            "ci_ms": [1000 * p50["lo"], 1000 * p50["hi"]], "cv": r["stats"]["cv"], "samples": len(r["samples_s"]),
+                            "stopped_by": "rounds", "interleaved_with": len(items) - 1, "warnings": r["warnings"]})
+    return rows
+
+
 def parity_summary(parity: dict | None) -> dict | None:
     if not parity:
         return parity

@@ -1,7 +1,9 @@
 """Where sweep jobs run: a local process pool, or a Ray cluster.
 
 Both give the runner the same two calls: ``compress(jobs)`` yields records as jobs finish
-(many at a time), ``measure(job)`` times one artifact on the device's one measuring worker.
+(many at a time), ``measure(job)`` times one artifact on the device's one measuring worker. The
+local executor also has ``measure_many``: all pending artifacts timed together in interleaved
+rounds (a Ray device worker times one artifact per call).
 The runner only calls ``measure`` once every compression job of the batch has finished, so a
 latency is never taken while compression loads the machine.
 """
@@ -57,6 +59,14 @@ class LocalExecutor:
         for r in rows:
             r["host"] = platform.node()
         return rows
+
+    def measure_many(self, items: list[tuple[dict, Path, str]]) -> list[list[dict]]:
+        """Every pending artifact timed together in interleaved rounds, so all meet the same machine states."""
+        out = J.measure_jobs([{**job, "artifact": str(point_dir / rel)} for job, point_dir, rel in items])
+        for rows in out:
+            for r in rows:
+                r["host"] = platform.node()
+        return out
 
     def close(self) -> None:
         pass

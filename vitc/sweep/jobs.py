@@ -61,6 +61,20 @@ def measure_job(job: dict) -> list[dict]:
     return measure_artifact(artifact, job["target"], preprocess, job["bench"], job.get("data"))
 
 
+def measure_jobs(jobs: list[dict]) -> list[list[dict]]:
+    """Time several artifacts together in interleaved rounds (one list of rows per job)."""
+    from vitc.models.preprocess import Preprocess
+    from vitc.recipes.runner import measure_artifacts
+
+    items = []
+    for job in jobs:
+        artifact = Path(job["artifact"])
+        folder = artifact if artifact.is_dir() else artifact.parent
+        manifest = json.loads(next(folder.glob("*.manifest.json")).read_text())
+        items.append((artifact, job["target"], Preprocess.from_dict(manifest["preprocess"])))
+    return measure_artifacts(items, jobs[0]["bench"], jobs[0].get("data"))
+
+
 # --------------------------------------------------------------- Ray: files travel with the jobs
 
 def pack(folder: Path) -> dict[str, bytes]:

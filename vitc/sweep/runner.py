@@ -164,10 +164,17 @@ def _measure_all(jobs, store: Store, executor, targets, bench, data, device, pro
     measured = {(r["id"], r["target"]) for r in records if r["kind"] == "latency"}
     todo = [(evals[j["id"]], t) for j in jobs if j["id"] in evals for t in targets if (j["id"], t) not in measured]
     task = progress.add_task(f"timing on {device} (one measuring worker)", total=len(todo)) if progress is not None and todo else None
+    items = []
     for rec, target in todo:
         art = rec["artifacts"][target]
-        rel = str(Path(art["path"]).relative_to(Path("points") / rec["id"]))
-        rows = executor.measure({"target": target, "bench": bench, "data": data}, store.point_dir(rec["id"]), rel)
+        items.append(({"target": target, "bench": bench, "data": data}, store.point_dir(rec["id"]),
+                      str(Path(art["path"]).relative_to(Path("points") / rec["id"]))))
+    if todo and hasattr(executor, "measure_many"):
+        # interleaved rounds: every artifact meets the same machine states (results stored once all are timed)
+        results = executor.measure_many(items)
+    else:
+        results = (executor.measure(*item) for item in items)
+    for (rec, target), rows in zip(todo, results):
         for row in rows:
             store.append({"kind": "latency", "id": rec["id"], "device": device, "executor": executor.name, **row})
         if task is not None:

@@ -175,13 +175,12 @@ class ReducingBlock(nn.Module):
                             "set r=0 for blocks without attention")
         if plan.method == "tome":
             reduction = bipartite_soft_matching(metric[:, p:], plan.r, p)
+        elif plan.method == "transform":
+            reduction = token_transforming(metric[:, p:], plan.r, plan.k, plan.temperature, p)
         else:
             if self.cls_index is not None:
                 scores = probs[:, :, self.cls_index, p:].mean(1)
             else:  # no CLS token: how much attention each token receives
                 scores = probs.mean(1).mean(1)[:, p:]
-            if plan.method == "prune":
-                reduction = attentive_pruning(scores, plan.r, p)
-            else:
-                reduction = token_transforming(metric[:, p:], scores, plan.r, plan.k, plan.temperature, p)
+            reduction = attentive_pruning(scores, plan.r, p)
         return reduce_tokens(reduction, x, size, extra)

@@ -9,11 +9,9 @@ SCHEDULES = ("constant", "decreasing")
 
 def max_r(method: str, tokens: int) -> int:
     """The most tokens one block may remove from ``tokens`` patch tokens."""
-    if method == "tome":
-        return tokens // 2  # every merged A token needs a B partner
     if method == "prune":
         return max(tokens - 2, 0)  # at least one kept token beside the fused one
-    return max(tokens - 1, 0)
+    return tokens // 2  # tome and transform remove tokens of the A half only
 
 
 def per_layer(r: int | list[int], depth: int, schedule: str = "constant", layers: list[int] | None = None) -> list[int]:
