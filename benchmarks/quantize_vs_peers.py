@@ -45,8 +45,8 @@ def top1(run, x: torch.Tensor, y: torch.Tensor, batch: int = 200) -> tuple[float
 
 
 def interleaved_latency_ms(paths: dict[str, Path], x: torch.Tensor, batch: int, threads: int, rounds: int,
-                           max_time_s: float = 2.0) -> dict[str, list[float]]:
-    """p50 latency (ms) of each OpenVINO artifact, from ``rounds`` interleaved rounds.
+                           max_time_s: float = 2.0, runtimes: dict | None = None) -> dict[str, list[float]]:
+    """p50 latency (ms) of each artifact (OpenVINO unless ``runtimes`` says otherwise), from ``rounds`` interleaved rounds.
 
     Each round times every artifact once (short adaptive run, shuffled order) and the figure is the
     median over rounds, so load from other jobs on a shared machine hits all artifacts alike; the
@@ -58,7 +58,7 @@ def interleaved_latency_ms(paths: dict[str, Path], x: torch.Tensor, batch: int, 
     from vitc.runtimes import open_session
 
     config = HarnessConfig(min_samples=20, min_time_s=0.4, max_time_s=max_time_s, warmup_max_s=1.0)
-    sessions = {k: open_session(p, runtime="openvino", threads=threads) for k, p in paths.items()}
+    sessions = {k: open_session(p, runtime=(runtimes or {}).get(k, "openvino"), threads=threads) for k, p in paths.items()}
     pool = build_pool(x[:256].numpy(), batch)
     per_round: dict[str, list[float]] = {k: [] for k in paths}
     order = list(paths)
@@ -143,11 +143,12 @@ def bench_model(spec: str, calib_src, test_src, args) -> list[dict]:
         sim = row(label, "torch (sim)", *top1(q, x, y), calib_s=q_s)
         if bits != 8:
             continue
-        int8 = tmp / f"vitc_int8_{scheme}.onnx"
-        export_qdq_onnx(q, int8)
+        int8, int8_ov = tmp / f"vitc_int8_{scheme}.onnx", tmp / f"vitc_int8_{scheme}_for_openvino.onnx"
+        export_qdq_onnx(q, int8)  # as `vitc export --target onnx` writes it
+        export_qdq_onnx(q, int8_ov, split_shared_inputs=False)  # as `--target openvino` converts it
         row(label, "onnxruntime", *top1(open_session(int8, runtime="onnxruntime", threads=args.threads), x, y), artifact=int8)
-        ov_row = row(label, "openvino", *top1(open_session(int8, runtime="openvino", threads=args.threads), x, y),
-                     artifact=int8)
+        ov_row = row(label, "openvino", *top1(open_session(int8_ov, runtime="openvino", threads=args.threads), x, y),
+                     artifact=int8_ov)
         ov_row["vs_simulation_pt"] = 100 * abs(ov_row["top1"] - sim["top1"])
 
     if not args.no_peers:
@@ -161,15 +162,19 @@ def bench_model(spec: str, calib_src, test_src, args) -> list[dict]:
             calib_s=s, artifact=ort_q)
 
     if not args.no_latency:
-        fp = next(r for r in rows if r["method"] == "fp32" and r["runtime"] == "openvino")
-        timed = {i: Path(r["artifact"]) for i, r in enumerate(rows) if r["artifact"] and r["runtime"] == "openvino"}
-        for b in (1, 32):
-            per_round = interleaved_latency_ms(timed, x, b, args.threads, args.rounds)
-            base = per_round[rows.index(fp)]
-            for i, samples in per_round.items():
-                rows[i][f"latency_b{b}_ms"] = float(np.median(samples))
-                rows[i][f"speedup_b{b}"] = float(np.median(np.array(base) / np.array(samples)))
-                rows[i][f"latency_b{b}_rounds_ms"] = samples
+        for runtime in args.latency_runtimes:
+            if runtime == "onnxruntime":  # the FP32 baseline in ONNX Runtime is the FP32 export itself
+                rows.append({**next(r for r in rows if r["method"] == "fp32" and r["runtime"] == "openvino"),
+                             "runtime": "onnxruntime"})
+            fp = next(r for r in rows if r["method"] == "fp32" and r["runtime"] == runtime)
+            timed = {i: Path(r["artifact"]) for i, r in enumerate(rows) if r["artifact"] and r["runtime"] == runtime}
+            for b in (1, 32):
+                per_round = interleaved_latency_ms(timed, x, b, args.threads, args.rounds, runtimes={i: runtime for i in timed})
+                base = per_round[rows.index(fp)]
+                for i, samples in per_round.items():
+                    rows[i][f"latency_b{b}_ms"] = float(np.median(samples))
+                    rows[i][f"speedup_b{b}"] = float(np.median(np.array(base) / np.array(samples)))
+                    rows[i][f"latency_b{b}_rounds_ms"] = samples
     return rows
 
 
@@ -199,7 +204,8 @@ def vits_speed(args) -> list[dict]:
     tmp = Path(tempfile.mkdtemp(prefix="vitc-qbench-vits-"))
     paths = {"fp32": tmp / "fp32.onnx", "vitc W8A8": tmp / "vitc_int8.onnx", "nncf.quantize (TRANSFORMER)": tmp / "nncf_int8.xml"}
     write_onnx(backbone, paths["fp32"], ExportOptions("fp32"), None)
-    export_qdq_onnx(apply(backbone, QuantConfig(wbits=8, abits=8, calibrator=args.calib), calib), paths["vitc W8A8"])
+    export_qdq_onnx(apply(backbone, QuantConfig(wbits=8, abits=8, calibrator=args.calib), calib), paths["vitc W8A8"],
+                    split_shared_inputs=False)  # as `vitc export --target openvino` converts it
     nncf_quantize(paths["fp32"], paths["nncf.quantize (TRANSFORMER)"], calib, "vit")
     rows = [{"model": "vit-s-shaped@224 (random weights)", "method": k, "runtime": "openvino", "artifact": str(v)} for k, v in paths.items()]
     for b in (1, 32):
@@ -224,11 +230,14 @@ def main(argv=None) -> int:
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--no-latency", action="store_true")
     p.add_argument("--rounds", type=int, default=9, help="interleaved latency rounds (each times every OpenVINO artifact once)")
+    p.add_argument("--latency-runtimes", default="openvino",
+                   help="comma-separated runtimes to time each artifact in against its FP32 export: openvino, onnxruntime")
     p.add_argument("--vits", action="store_true", help="add a latency-only ViT-S-shaped model at 224 px (random weights)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     args.bits = [int(b) for b in args.bits.split(",")]
     args.schemes = args.schemes.split(",")
+    args.latency_runtimes = [r for r in args.latency_runtimes.split(",") if r]
 
     from rich.console import Console
     from rich.table import Table

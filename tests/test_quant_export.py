@@ -53,6 +53,34 @@ def test_qdq_export_runs_int8_in_onnxruntime(name, request, calib32, eval_images
     assert err < 0.1
 
 
+def test_onnxruntime_runs_every_projection_in_int8(tiny_vit, calib32, eval_images, tmp_path):
+    """q, k and v share one quantized input; without a Q/DQ pair each, ORT keeps them float MatMuls."""
+    import onnx
+    import onnxruntime as ort
+
+    from vitc.export.qdq import export_qdq_onnx
+
+    q = apply(tiny_vit, QuantConfig(), _x(tiny_vit, calib32))
+
+    def float_matmuls_with_int8_weights(path):
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        g = onnx.load(opts.optimized_model_filepath).graph
+        dq_weights = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear" and any(
+            i.name == n.input[0] and i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2 for i in g.initializer)}
+        return [n.name for n in g.node if n.op_type == "MatMul" and n.input[1] in dq_weights]
+
+    shared = export_qdq_onnx(q, tmp_path / "shared.onnx", split_shared_inputs=False)
+    split = export_qdq_onnx(q, tmp_path / "split.onnx")
+    assert len(float_matmuls_with_int8_weights(shared)) >= 3  # the q/k/v projections of each block
+    assert float_matmuls_with_int8_weights(split) == []
+    qs = lambda p: sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(p)).graph.node)
+    assert qs(split) == qs(shared) + 2 * len(tiny_vit.structure.transformer_stages[0].blocks)  # k and v get their own pair
+    agree, err = _against_simulation(q, tiny_vit, split, "onnxruntime", eval_images)
+    assert agree >= 0.95 and err < 0.1
+
+
 def test_openvino_runs_int8_kernels(tiny_vit, calib32, eval_images, tmp_path):
     from vitc.export.qdq import export_qdq_onnx
     from vitc.runtimes import open_session

@@ -73,8 +73,9 @@ def check_onnx_source(backbone, opts) -> None:
                         "pass --static-batch, or export the PyTorch model it came from")
 
 
-def write_onnx(backbone, path: Path, opts, quant, progress=None) -> dict:
-    """Write ``backbone`` as an ONNX graph at ``path``; return facts for the manifest."""
+def write_onnx(backbone, path: Path, opts, quant, progress=None, for_openvino: bool = False) -> dict:
+    """Write ``backbone`` as an ONNX graph at ``path``; return facts for the manifest.
+    ``for_openvino``: the graph is converted to OpenVINO IR next (quantized graphs keep shared Q/DQ pairs)."""
     import onnx
     import torch
 
@@ -83,7 +84,7 @@ def write_onnx(backbone, path: Path, opts, quant, progress=None) -> dict:
         shutil.copyfile(backbone.onnx_path, path)
         exporter = {"name": "copy of the source ONNX file", "version": onnx.__version__}
     elif quant is not None:
-        exporter = _write_quantized(backbone, path, opts, quant)
+        exporter = _write_quantized(backbone, path, opts, quant, for_openvino)
     else:
         exporter = _torch_export(backbone, path, opts)
     model = onnx.load(str(path))
@@ -173,7 +174,7 @@ def layer_using(module, x, op: str) -> str | None:
     return None
 
 
-def _write_quantized(backbone, path: Path, opts, quant: dict) -> dict:
+def _write_quantized(backbone, path: Path, opts, quant: dict, for_openvino: bool = False) -> dict:
     import importlib
 
     kind = quant["pass"]
@@ -184,7 +185,10 @@ def _write_quantized(backbone, path: Path, opts, quant: dict) -> dict:
     except (ImportError, AttributeError) as exc:
         raise VitcError(f"this vitc has no ONNX writer for {kind}d models ({module_name}.{fn_name} is missing)",
                         "export the model from before the quantization pass, or update vitc") from exc
-    fn(backbone, path, opts.opset, opts.dynamic_batch)
+    if kind == "quantize":
+        fn(backbone, path, opts.opset, opts.dynamic_batch, split_shared_inputs=not for_openvino)
+    else:
+        fn(backbone, path, opts.opset, opts.dynamic_batch)
     if not path.exists():
         raise VitcError(f"{module_name}.{fn_name} wrote no file at {path}", "report it as a bug, with --debug")
     return {"name": f"{module_name}.{fn_name}", "version": _vitc_version()}
