@@ -163,9 +163,9 @@ def bench_model(spec: str, calib_src, test_src, args) -> list[dict]:
 
     if not args.no_latency:
         for runtime in args.latency_runtimes:
-            if runtime == "onnxruntime":  # the FP32 baseline in ONNX Runtime is the FP32 export itself
-                rows.append({**next(r for r in rows if r["method"] == "fp32" and r["runtime"] == "openvino"),
-                             "runtime": "onnxruntime"})
+            if runtime == "onnxruntime":  # the FP32 baseline in ONNX Runtime: the FP32 export, evaluated there too
+                row("fp32", "onnxruntime", *top1(open_session(fp32_onnx, runtime="onnxruntime", threads=args.threads), x, y),
+                    artifact=fp32_onnx)
             fp = next(r for r in rows if r["method"] == "fp32" and r["runtime"] == runtime)
             timed = {i: Path(r["artifact"]) for i, r in enumerate(rows) if r["artifact"] and r["runtime"] == runtime}
             for b in (1, 32):

@@ -103,8 +103,8 @@ def main() -> int:
 
     report: dict = {"model": args.model, "eval_size": args.eval_size, "data": args.data, "targets": targets,
                     "sweep_s": sweep_s, "summary": summary, "out_dir": str(out_dir)}
-    # standalone vitc bench of the artifacts the sweep timed (every point and target, or the fastest
-    # front point of the last target), right after the sweep, one at a time on the same machine
+    # standalone vitc bench of the artifacts the sweep timed (every point and target, or each
+    # target's fastest front point), right after the sweep, one at a time on the same machine
     from vitc.sweep.store import load_results
 
     evals = {r["id"]: r for r in load_results(out_dir)[1] if r["kind"] == "eval"}

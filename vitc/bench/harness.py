@@ -199,17 +199,23 @@ def steady_state(session, pool, config: HarnessConfig, window: int, on_progress=
 def measure(session, pool: list[np.ndarray], batch: int, config: HarnessConfig, label: str = "model",
             threads: int | None = None, on_progress=None) -> dict:
     """All phases after loading for one session and batch size: phases, statistics, samples, warnings."""
-    warnings: list[str] = []
     first_s = first_inference(session, pool, batch, label)
     window = calls_per_window(session, pool, config.window_s)
     warm = warm_up(session, pool, config, window)
     samples, steady = steady_state(session, pool, config, window, on_progress)
+    return _result(session, pool, batch, config, label, threads, first_s, warm, steady, samples)
+
+
+def _result(session, pool, batch: int, config: HarnessConfig, label: str, threads: int | None, first_s: float,
+            warm: dict, steady: dict, samples: np.ndarray) -> dict:
+    """One measurement's record: phases, statistics, samples and the warnings they call for."""
     summary = stats.summarize(samples, config.confidence)
     overhead = harness_overhead_s(pool)
+    warnings: list[str] = []
     if not warm["converged"]:
         warnings.append(f"{label} b={batch}: warm-up did not settle within {config.warmup_max_s:g} s "
                         f"(window medians kept moving by more than {config.warmup_tolerance:.0%})")
-    if steady["stopped_by"] != "ci":
+    if steady["stopped_by"] == "max_time":
         warnings.append(f"{label} b={batch}: the median's CI is ±{steady['median_ci_rel_half_width']:.1%} after "
                         f"{config.max_time_s:g} s, not within {config.target_rel_ci:.0%} (noisy machine; raise --max-time)")
     if summary["cv"] > config.cv_warn:
@@ -232,7 +238,7 @@ def measure(session, pool: list[np.ndarray], batch: int, config: HarnessConfig, 
 
 
 def measure_interleaved(sessions: dict, pools: dict, batch: int, config: HarnessConfig, rounds: int = stats.CI_BLOCKS,
-                        seed: int = 0, on_progress=None) -> dict[str, dict]:
+                        threads: int | None = None, seed: int = 0) -> dict:
     """Several sessions timed in alternating slices: after each one's first inference and warm-up,
     ``rounds`` rounds give every session one slice of about ``min_time_s / rounds`` seconds, in a
     shuffled order. Returns, per key, what ``measure`` returns.
@@ -245,41 +251,29 @@ def measure_interleaved(sessions: dict, pools: dict, batch: int, config: Harness
     """
     import random
 
-    warm: dict[str, tuple[float, dict]] = {}
+    warm: dict = {}
     for key, session in sessions.items():
         first_s = first_inference(session, pools[key], batch, str(key))
         window = calls_per_window(session, pools[key], config.window_s)
         warm[key] = (first_s, warm_up(session, pools[key], config, window))
     slice_s = max(config.min_time_s / rounds, 1e-3)
     min_calls = max(1, -(-config.min_samples // rounds))
-    samples: dict[str, list[int]] = {k: [] for k in sessions}
+    samples: dict = {k: [] for k in sessions}
     t0 = time.perf_counter()
     order = list(sessions)
     rng = random.Random(seed)
-    for r in range(rounds):
+    for _ in range(rounds):
         rng.shuffle(order)
         for key in order:
             per_call = warm[key][1]["last_median_s"] or slice_s
             calls = max(min_calls, int(round(slice_s / max(per_call, 1e-7))))
             samples[key].extend(timed_calls(sessions[key], pools[key], calls, len(samples[key])))
-        if on_progress is not None:
-            on_progress(r + 1)
     seconds = time.perf_counter() - t0
     out = {}
     for key, session in sessions.items():
         x = np.asarray(samples[key], dtype=float) / 1e9
-        summary = stats.summarize(x, config.confidence)
-        rel = stats.relative_half_width(stats.median_ci_blocked(x, config.confidence))
-        first_s, warm_info = warm[key]
-        warnings = [f"{key} b={batch}: warm-up did not settle within {config.warmup_max_s:g} s"] if not warm_info["converged"] else []
-        if summary["cv"] > config.cv_warn:
-            warnings.append(f"{key} b={batch}: coefficient of variation {summary['cv']:.1%} is over {config.cv_warn:.0%}; "
-                            "the machine is noisy, so treat the tails with care")
-        warnings.extend(f"{key}: {w}" for w in session.fallbacks())
-        out[key] = {"batch": batch,
-                    "phases": {"first_inference_s": first_s, "warmup": warm_info,
-                               "steady": {"seconds": seconds, "calls": len(x), "stopped_by": "rounds", "rounds": rounds,
-                                          "interleaved_with": len(sessions) - 1, "median_ci_rel_half_width": rel}},
-                    "stats": summary, "throughput_ips": batch / summary["mean"] if summary["mean"] > 0 else float("nan"),
-                    "samples_s": x.tolist(), "warnings": warnings}
+        steady = {"seconds": seconds, "calls": len(x), "stopped_by": "rounds", "rounds": rounds,
+                  "interleaved_with": len(sessions) - 1,
+                  "median_ci_rel_half_width": stats.relative_half_width(stats.median_ci_blocked(x, config.confidence))}
+        out[key] = _result(session, pools[key], batch, config, str(key), threads, warm[key][0], warm[key][1], steady, x)
     return out

@@ -139,12 +139,19 @@ def measure_artifact(path: str | Path, target: str, preprocess, bench: dict, dat
     for batch in bench["batch"]:
         r = measure(session, build_pool(images, batch, config.pool_batches), batch, config, label=target,
                     threads=bench["threads"])
-        p50 = r["stats"]["p50"]
-        rows.append({"target": target, "batch": batch, "threads": bench["threads"], "p50_ms": 1000 * p50["value"],
-                     "ci_ms": [1000 * p50["lo"], 1000 * p50["hi"]], "cv": r["stats"]["cv"],
-                     "samples": len(r["samples_s"]), "stopped_by": r["phases"]["steady"]["stopped_by"],
-                     "warnings": r["warnings"]})
+        rows.append(_latency_row(target, bench["threads"], r))
     return rows
+
+
+def _latency_row(target: str, threads: int, r: dict) -> dict:
+    """A harness measurement as the row sweeps and recipes store: p50 and its CI in ms."""
+    p50, steady = r["stats"]["p50"], r["phases"]["steady"]
+    row = {"target": target, "batch": r["batch"], "threads": threads, "p50_ms": 1000 * p50["value"],
+           "ci_ms": [1000 * p50["lo"], 1000 * p50["hi"]], "cv": r["stats"]["cv"], "samples": len(r["samples_s"]),
+           "stopped_by": steady["stopped_by"], "warnings": r["warnings"]}
+    if "interleaved_with" in steady:
+        row["interleaved_with"] = steady["interleaved_with"]
+    return row
 
 
 def measure_artifacts(items: list[tuple[str | Path, str, object]], bench: dict, data: str | None = None) -> list[list[dict]]:
@@ -167,12 +174,9 @@ def measure_artifacts(items: list[tuple[str | Path, str, object]], bench: dict, 
     rows: list[list[dict]] = [[] for _ in items]
     for batch in bench["batch"]:
         pools = {i: build_pool(images[image_key[i]], batch, config.pool_batches) for i in sessions}
-        results = measure_interleaved(sessions, pools, batch, config)
+        results = measure_interleaved(sessions, pools, batch, config, threads=bench["threads"])
         for i, r in results.items():
-            p50 = r["stats"]["p50"]
-            rows[i].append({"target": items[i][1], "batch": batch, "threads": bench["threads"], "p50_ms": 1000 * p50["value"],
-                            "ci_ms": [1000 * p50["lo"], 1000 * p50["hi"]], "cv": r["stats"]["cv"], "samples": len(r["samples_s"]),
-                            "stopped_by": "rounds", "interleaved_with": len(items) - 1, "warnings": r["warnings"]})
+            rows[i].append(_latency_row(items[i][1], bench["threads"], r))
     return rows
 
 

@@ -49,30 +49,28 @@ def compress_job(job: dict) -> dict:
     }
 
 
-def measure_job(job: dict) -> list[dict]:
-    """Time one artifact (``job["artifact"]``, its export manifest beside it) at each bench batch."""
+def _artifact(job: dict) -> tuple[Path, str, object]:
+    """(artifact path, target, preprocessing) of a measuring job, from the export manifest beside it."""
     from vitc.models.preprocess import Preprocess
-    from vitc.recipes.runner import measure_artifact
 
     artifact = Path(job["artifact"])
     folder = artifact if artifact.is_dir() else artifact.parent
     manifest = json.loads(next(folder.glob("*.manifest.json")).read_text())
-    preprocess = Preprocess.from_dict(manifest["preprocess"])
-    return measure_artifact(artifact, job["target"], preprocess, job["bench"], job.get("data"))
+    return artifact, job["target"], Preprocess.from_dict(manifest["preprocess"])
+
+
+def measure_job(job: dict) -> list[dict]:
+    """Time one artifact (``job["artifact"]``, its export manifest beside it) at each bench batch."""
+    from vitc.recipes.runner import measure_artifact
+
+    return measure_artifact(*_artifact(job), job["bench"], job.get("data"))
 
 
 def measure_jobs(jobs: list[dict]) -> list[list[dict]]:
     """Time several artifacts together in interleaved rounds (one list of rows per job)."""
-    from vitc.models.preprocess import Preprocess
     from vitc.recipes.runner import measure_artifacts
 
-    items = []
-    for job in jobs:
-        artifact = Path(job["artifact"])
-        folder = artifact if artifact.is_dir() else artifact.parent
-        manifest = json.loads(next(folder.glob("*.manifest.json")).read_text())
-        items.append((artifact, job["target"], Preprocess.from_dict(manifest["preprocess"])))
-    return measure_artifacts(items, jobs[0]["bench"], jobs[0].get("data"))
+    return measure_artifacts([_artifact(job) for job in jobs], jobs[0]["bench"], jobs[0].get("data"))
 
 
 # --------------------------------------------------------------- Ray: files travel with the jobs
