@@ -1,0 +1,107 @@
+"""The quantization plan: which ops of a model are quantized, with which quantizers, and why.
+
+One plan, whichever way its sites were found (PyTorch graph capture, ONNX graph, or a family
+adapter adding precision to known sites). The backends (``compress/quantize/torch_graph.py``
+for ``nn.Module``s, ``compress/quantize/onnx_graph.py`` for ONNX graphs) fill it in, the
+calibrators work on it, and the exports consume it. Coverage (the share of the model's
+matmul/conv FLOPs that runs quantized) is a property of the plan, printed and recorded by
+every pass.
+
+Vocabulary:
+
+* ``Site``: one matmul-like op (linear, conv, matmul/bmm/einsum, the two matmuls inside an
+  attention) with the quantizers on its inputs. ``inputs`` holds one ``TensorQuant`` per
+  quantized activation operand; ``weight`` the weight's grid where the op has a constant one.
+* ``TensorQuant``: bits, grid kind (uniform, log2/logsqrt2 for softmax outputs, twin for
+  GELU outputs), scheme and granularity, and the pattern that chose them.
+* ``Skipped``: an op left in float, with its FLOPs and the reason (a user reads it).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+# Op kinds a site may have; their FLOPs count toward coverage.
+MATMUL_KINDS = ("linear", "conv", "matmul", "bmm", "einsum", "attention")
+# Patterns recognised around a site's input, each selecting a ViT-specific quantizer.
+PATTERNS = ("post-layernorm", "post-softmax", "post-gelu", "plain")
+COVERAGE_WARN = 0.90  # below this share of matmul/conv FLOPs quantized, a pass warns
+
+
+@dataclass
+class TensorQuant:
+    bits: int = 8
+    kind: str = "uniform"  # uniform | log2 | logsqrt2 | twin
+    symmetric: bool = True
+    per_channel: bool = False
+    pattern: str = "plain"  # which pattern chose this quantizer (PATTERNS)
+    operand: int = 0  # which input of the op it quantizes
+
+
+@dataclass
+class WeightQuant:
+    bits: int = 8
+    per_channel: bool = True
+    group_size: int | None = None  # per-group scales (weight-only int4/int8)
+
+
+@dataclass
+class Site:
+    name: str  # stable id: module path, fx node name or ONNX node name
+    op: str  # MATMUL_KINDS
+    flops: int
+    inputs: list[TensorQuant] = field(default_factory=list)
+    weight: WeightQuant | None = None
+    found_by: str = "graph"  # graph | adapter | onnx
+    module: str | None = None  # owning module path, where there is one
+
+    @property
+    def bits(self) -> tuple[int | None, int | None]:
+        wb = self.weight.bits if self.weight else None
+        ab = min((q.bits for q in self.inputs), default=None)
+        return wb, ab
+
+
+@dataclass
+class Skipped:
+    name: str
+    op: str
+    flops: int
+    reason: str
+
+
+@dataclass
+class QuantPlan:
+    sites: list[Site] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    capture: str = ""  # how the sites were found, e.g. "torch.fx symbolic trace", "onnx graph"
+
+    def coverage(self) -> dict:
+        """Share of matmul/conv FLOPs quantized, and the bit widths actually used."""
+        done = sum(s.flops for s in self.sites)
+        left = sum(s.flops for s in self.skipped)
+        total = done + left
+        widths = sorted({f"W{w or 16}A{a or 16}" for w, a in (s.bits for s in self.sites)})
+        return {
+            "ops_quantized": len(self.sites),
+            "ops_total": len(self.sites) + len(self.skipped),
+            "flops_quantized": done,
+            "flops_total": total,
+            "flops_share": done / total if total else 0.0,
+            "bit_widths": widths,
+            "left_float": [asdict(s) for s in sorted(self.skipped, key=lambda s: -s.flops)],
+            "capture": self.capture,
+        }
+
+    def to_dict(self) -> dict:
+        return {"capture": self.capture, "sites": [asdict(s) for s in self.sites],
+                "skipped": [asdict(s) for s in self.skipped]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantPlan":
+        sites = []
+        for s in d.get("sites", []):
+            s = dict(s)
+            s["inputs"] = [TensorQuant(**q) for q in s.get("inputs", [])]
+            s["weight"] = WeightQuant(**s["weight"]) if s.get("weight") else None
+            sites.append(Site(**s))
+        return cls(sites=sites, skipped=[Skipped(**k) for k in d.get("skipped", [])], capture=d.get("capture", ""))
