@@ -30,6 +30,7 @@ ResizeOpt = Annotated[Optional[int], typer.Option("--resize", help="short side b
 MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="normalisation mean, e.g. 0.485,0.456,0.406")]
 StdOpt = Annotated[Optional[str], typer.Option("--std", help="normalisation std, e.g. 0.229,0.224,0.225")]
 InterpOpt = Annotated[Optional[str], typer.Option("--interpolation", help="bilinear or bicubic")]
+FitOpt = Annotated[Optional[str], typer.Option("--fit", help="crop (short side to --resize, center crop) or letterbox (long side to --input-size, zero-pad)")]
 
 
 def allowed_cpus() -> int:
@@ -63,13 +64,16 @@ def _triple(text: str | None, flag: str):
 
 
 def load_backbone(model: str, weights: Path | None = None, input_size: int | None = None, resize: int | None = None,
-                  mean: str | None = None, std: str | None = None, interpolation: str | None = None):
+                  mean: str | None = None, std: str | None = None, interpolation: str | None = None,
+                  fit: str | None = None):
     from vitc.errors import VitcError
     from vitc.models.intake import PreprocessFlags, load_model
 
     if interpolation not in (None, "bilinear", "bicubic"):
         raise VitcError(f"--interpolation '{interpolation}' is not supported", "use bilinear or bicubic")
-    flags = PreprocessFlags(input_size, resize, _triple(mean, "--mean"), _triple(std, "--std"), interpolation)
+    if fit not in (None, "crop", "letterbox"):
+        raise VitcError(f"--fit '{fit}' is not supported", "use crop or letterbox")
+    flags = PreprocessFlags(input_size, resize, _triple(mean, "--mean"), _triple(std, "--std"), interpolation, fit)
     return load_model(model, str(weights) if weights else None, flags)
 
 

@@ -6,7 +6,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import (BatchOpt, ConvertOpt, DataOpt, InputSizeOpt, InterpOpt, LabelsOpt, MeanOpt, ModelOpt, OutOpt,
+from .common import (BatchOpt, ConvertOpt, DataOpt, InputSizeOpt, FitOpt, InterpOpt, LabelsOpt, MeanOpt, ModelOpt, OutOpt,
                      ResizeOpt, SeedOpt, StdOpt, ThreadsOpt, WeightsOpt, console, load_backbone, pct, progress, set_threads)
 
 
@@ -26,6 +26,7 @@ def eval_cmd(
     mean: MeanOpt = None,
     std: StdOpt = None,
     interpolation: InterpOpt = None,
+    fit: FitOpt = None,
 ) -> None:
     """Top-1/top-5 accuracy and images/s of a model on --data."""
     from vitc.artifacts import write_json
@@ -33,7 +34,7 @@ def eval_cmd(
     from vitc.evaluate import evaluate
 
     n_threads = set_threads(threads)
-    backbone = load_backbone(model, weights, input_size, resize, mean, std, interpolation)
+    backbone = load_backbone(model, weights, input_size, resize, mean, std, interpolation, fit)
     source = DataSpec(data, str(labels) if labels else None, eval_size, seed, convert_rgb).open()
     run = runner_for(backbone, n_threads)
     with progress() as prog:

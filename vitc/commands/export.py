@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import (DataOpt, ForceOpt, InputSizeOpt, InterpOpt, MeanOpt, ModelOpt, OutOpt, OutputOpt, ResizeOpt, StdOpt,
+from .common import (DataOpt, ForceOpt, InputSizeOpt, FitOpt, InterpOpt, MeanOpt, ModelOpt, OutOpt, OutputOpt, ResizeOpt, StdOpt,
                      ThreadsOpt, WeightsOpt, console, err_console, load_backbone, pct, progress, set_threads)
 
 TARGET_CHOICES = ("onnx", "openvino", "tensorrt", "coreml", "all")
@@ -35,6 +35,7 @@ def export_cmd(
     mean: MeanOpt = None,
     std: StdOpt = None,
     interpolation: InterpOpt = None,
+    fit: FitOpt = None,
 ) -> None:
     """Export a model to a deployable artifact, with a manifest, and check it against PyTorch."""
     from vitc.artifacts import atomic_path, check_writable, write_json
@@ -53,7 +54,7 @@ def export_cmd(
             check_writable(path, force)
     else:
         check_writable(output, force)
-    backbone = load_backbone(model, weights, input_size, resize, mean, std, interpolation)
+    backbone = load_backbone(model, weights, input_size, resize, mean, std, interpolation, fit)
     if not check:
         err_console.print("[bold yellow]warning: --no-check: the artifacts are NOT compared with PyTorch; their manifests say "
                           "\"unchecked\"[/bold yellow]")

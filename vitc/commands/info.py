@@ -6,7 +6,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import (InputSizeOpt, InterpOpt, MeanOpt, OutOpt, ResizeOpt, StdOpt, WeightsOpt, console, load_backbone, pct)
+from .common import (InputSizeOpt, FitOpt, InterpOpt, MeanOpt, OutOpt, ResizeOpt, StdOpt, WeightsOpt, console, load_backbone, pct)
 
 
 def info(
@@ -18,6 +18,7 @@ def info(
     mean: MeanOpt = None,
     std: StdOpt = None,
     interpolation: InterpOpt = None,
+    fit: FitOpt = None,
 ) -> None:
     """List the reference zoo, or print a model's parameters, FLOPs and structure."""
     from vitc.artifacts import write_json
@@ -32,7 +33,7 @@ def info(
                           pct(e["test_top1"]) if e["test_top1"] is not None else "not trained")
         console.print(table)
     else:
-        backbone = load_backbone(model, weights, input_size, resize, mean, std, interpolation)
+        backbone = load_backbone(model, weights, input_size, resize, mean, std, interpolation, fit)
         data = describe_model(backbone)
         print_model(data)
     if out:

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import (BatchOpt, ConvertOpt, DataOpt, ForceOpt, InputSizeOpt, InterpOpt, LabelsOpt, MeanOpt, ModelOpt,
+from .common import (BatchOpt, ConvertOpt, DataOpt, ForceOpt, InputSizeOpt, FitOpt, InterpOpt, LabelsOpt, MeanOpt, ModelOpt,
                      OutOpt, OutputOpt, ResizeOpt, SeedOpt, StdOpt, ThreadsOpt, WeightsOpt, console, load_backbone, pct,
                      progress, set_threads)
 
@@ -54,6 +54,7 @@ def merge_cmd(
     mean: MeanOpt = None,
     std: StdOpt = None,
     interpolation: InterpOpt = None,
+    fit: FitOpt = None,
 ) -> None:
     """Reduce a ViT's tokens without training; report accuracy, FLOPs and speed against the original.
 
@@ -77,7 +78,7 @@ def merge_cmd(
     if viz is not None and viz.suffix.lower() != ".png":
         raise VitcError(f"--viz {viz} is not a .png path", "pass --viz merges.png")
     n_threads = set_threads(threads)
-    backbone = load_backbone(model, weights, input_size, resize, mean, std, interpolation)
+    backbone = load_backbone(model, weights, input_size, resize, mean, std, interpolation, fit)
     layer_list = _ints(layers, "--layers")
     options = dict(prop_attn=prop_attn, k=k, temperature=temperature)
     if flops is not None:

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import (BatchOpt, ConvertOpt, DataOpt, ForceOpt, InputSizeOpt, InterpOpt, MeanOpt, ModelOpt, OutOpt,
+from .common import (BatchOpt, ConvertOpt, DataOpt, ForceOpt, InputSizeOpt, FitOpt, InterpOpt, MeanOpt, ModelOpt, OutOpt,
                      OutputOpt, ResizeOpt, SeedOpt, StdOpt, ThreadsOpt, WeightsOpt, console, load_backbone, pct,
                      progress, set_threads)
 
@@ -59,6 +59,7 @@ def prune_cmd(
     mean: MeanOpt = None,
     std: StdOpt = None,
     interpolation: InterpOpt = None,
+    fit: FitOpt = None,
 ) -> None:
     """Remove heads, MLP channels, attention sublayers or conv channels; -o DIR saves a model that loads as hf:DIR."""
     from vitc.artifacts import check_writable
@@ -71,7 +72,7 @@ def prune_cmd(
     if output is not None:
         check_writable(output, force)
     set_threads(threads)
-    dense = load_backbone(model, weights, input_size, resize, mean, std, interpolation)
+    dense = load_backbone(model, weights, input_size, resize, mean, std, interpolation, fit)
     images = None
     if importance != "magnitude" or drop_attention:
         images = calibration_images(dense, data, calib_size, seed, convert_rgb)

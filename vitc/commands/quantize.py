@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import (BatchOpt, ConvertOpt, DataOpt, ForceOpt, InputSizeOpt, InterpOpt, LabelsOpt, MeanOpt, OutOpt,
+from .common import (BatchOpt, ConvertOpt, DataOpt, ForceOpt, InputSizeOpt, FitOpt, InterpOpt, LabelsOpt, MeanOpt, OutOpt,
                      OutputOpt, ResizeOpt, SeedOpt, StdOpt, ThreadsOpt, WeightsOpt, console, load_backbone, pct,
                      progress, set_threads)
 
@@ -55,6 +55,7 @@ def quantize_cmd(
     mean: MeanOpt = None,
     std: StdOpt = None,
     interpolation: InterpOpt = None,
+    fit: FitOpt = None,
     integer_only: bool = typer.Option(False, "--integer-only", help="integer-only inference (ViT): integer kernels for every op, written as an integer ONNX graph"),
     recover_steps: int = typer.Option(0, "--recover-steps", help="with --integer-only: fine-tune steps with the integer rounding simulated"),
 ) -> None:
@@ -80,7 +81,7 @@ def quantize_cmd(
                          bias_correction=bias_correction).validate()
     check_count(config.calibrator, calib_size)
     n_threads = set_threads(threads)
-    backbone = load_backbone(model, weights, input_size, resize, mean, std, interpolation)
+    backbone = load_backbone(model, weights, input_size, resize, mean, std, interpolation, fit)
     backbone.require_module("quantization")
     output = output or Path("quantized") / f"{_model_name(backbone.source)}-w{config.wbits}a{config.abits}"
     check_writable(output, force)

