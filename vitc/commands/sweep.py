@@ -3,7 +3,9 @@
 JSON (``--out``): ``settings``, ``points`` (per point: ``id``, ``params``, ``passes``, ``top1``,
 ``top5``, ``flops``, ``latency`` and ``size`` per target, ``parity``), ``fronts`` per target
 (``front``: top-1/latency/size, ``front_2d``: top-1/latency), ``single_technique`` (does the
-front beat the best single-technique point), ``errors``.
+front beat the best single-technique point), ``errors``; on Ray also ``nodes`` (records per node)
+and ``retried`` (points whose task was lost with its node and was submitted again: stage,
+attempts, each loss with Ray's error).
 """
 from __future__ import annotations
 
@@ -71,3 +73,23 @@ def print_summary(summary: dict) -> None:
                       f"{summary['single_technique'][t]['answer']}", highlight=False)
     for e in summary["errors"]:
         console.print(f"[yellow]point {e['id']} ({e['params']}) failed: {e['error']}[/yellow]")
+    print_cluster(summary)
+
+
+def print_cluster(summary: dict) -> None:
+    """Where a Ray sweep ran (records per node) and which points were retried after their task was lost."""
+    nodes = summary.get("nodes") or {}
+    if nodes:
+        console.print("ran on: " + "; ".join(f"{n} ({c['compress']} compress, {c['latency']} latency)"
+                                             for n, c in sorted(nodes.items())), highlight=False)
+    retried = summary.get("retried") or []
+    if not retried:
+        return
+    table = Table(title=f"retried: {len(retried)} (their task was lost and submitted again)")
+    for col in ("point", "params", "stage", "attempts", "lost on", "Ray's error"):
+        table.add_column(col)
+    for r in retried:
+        last = r["lost"][-1]
+        table.add_row(r["id"], ", ".join(f"{k}={v}" for k, v in (r["params"] or {}).items()), r["stage"], str(r["attempts"]),
+                      ", ".join(sorted({x.get("node") or "?" for x in r["lost"]})), f"{last['error']}: {last['detail'][:80]}")
+    console.print(table)

@@ -41,7 +41,8 @@ def compress_job(job: dict) -> dict:
         "top1": ev.get("top1"), "top5": ev.get("top5"), "images": ev.get("images"),
         "flops": manifest["flops"], "params_count": manifest["params"],
         "weights_sha256": manifest["weights"]["sha256"],
-        "artifacts": {t: {k: a[k] for k in ("path", "precision", "status", "size_bytes", "parity")}
+        # "files": each artifact file's sha256, so runs on different machines can be compared bit for bit
+        "artifacts": {t: {k: a[k] for k in ("path", "precision", "status", "size_bytes", "parity", "files") if k in a}
                       for t, a in manifest["artifacts"].items()},
         "sensitivity": manifest["sensitivity"],
         "compress_s": manifest["compress_s"],
@@ -86,12 +87,20 @@ def unpack(files: dict[str, bytes], folder: Path) -> None:
         dest.write_bytes(data)
 
 
+def ray_node() -> dict:
+    """The Ray node this task runs on (its id and address): where each record's work was done."""
+    import ray
+
+    return {"id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
+
+
 def compress_job_remote(job: dict) -> tuple[dict, dict[str, bytes]]:
     """``compress_job`` on a worker that may not share the driver's disk: the point folder comes back as bytes."""
     with tempfile.TemporaryDirectory(prefix="vitc-ray-point-") as tmp:
         point = Path(tmp) / "point"
         record = compress_job({**job, "point_dir": str(point) if job.get("point_dir") else None})
         files = pack(point) if record["kind"] != "error" and point.exists() else {}
+    record["node"] = ray_node()
     return record, files
 
 
@@ -102,6 +111,7 @@ def measure_job_remote(job: dict, files: dict[str, bytes], artifact_rel: str) ->
         rows = measure_job({**job, "artifact": str(Path(tmp) / artifact_rel)})
     import platform
 
+    node = ray_node()
     for r in rows:
-        r["host"] = platform.node()
+        r["host"], r["node"] = platform.node(), node
     return rows

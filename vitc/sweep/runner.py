@@ -52,7 +52,7 @@ def run_sweep(model: str, space: Space, targets: list[str], data: str, out_dir: 
     from vitc.recipes.runner import require_runtimes
     from vitc.recipes.schema import EXPORT_TARGETS
 
-    from .executors import LocalExecutor, RayExecutor, check_reachable, local_device
+    from .executors import LocalExecutor, RayExecutor, inspect_cluster, local_device
 
     log = log or (lambda text: None)
     if not targets:
@@ -68,11 +68,13 @@ def run_sweep(model: str, space: Space, targets: list[str], data: str, out_dir: 
     settings = {"model": model, "space_sha256": space.digest(), "space": space.to_dict(), "targets": list(targets),
                 "device": device, "data": data, "eval_size": eval_size, "seed": seed, "bench": bench}
     if ray is not None:
-        check_reachable(ray)
+        # the head answers, takes this token, runs this Ray and Python, and a node has the device:
+        # each checked (one line when not) before anything is written or any task runs
+        inspect_cluster(ray, device)
     elif device != local_device():
         LocalExecutor(jobs, device)  # refuses before anything is written
     store.check(settings)  # refuses another sweep's folder before a cluster is joined or anything written
-    executor = RayExecutor(ray, jobs, device) if ray is not None else LocalExecutor(jobs, device)
+    executor = RayExecutor(ray, jobs, device, log=log, inspected=True) if ray is not None else LocalExecutor(jobs, device)
     try:
         if store.open(settings):
             log(f"resuming the sweep in {out_dir}")
@@ -103,7 +105,11 @@ def _compress_all(jobs: list[dict], store: Store, executor, progress, label: str
     for rec in executor.compress(todo):
         if rec["kind"] == "error":
             rec["for"] = next(j["kind"] for j in todo if j["id"] == rec["id"] and j["rung"] == rec.get("rung"))
-        elif rec["kind"] == "eval":
+        key = (rec["id"], rec.get("rung"), rec["kind"] if rec["kind"] != "error" else rec["for"])
+        if key in have:  # never store a point twice, whatever an executor hands back
+            continue
+        have[key] = rec
+        if rec["kind"] == "eval":
             for a in rec["artifacts"].values():
                 a["path"] = str(Path("points") / rec["id"] / a["path"])
         store.append(rec)
@@ -239,4 +245,30 @@ def summarize(folder: Path | str, top1_budget: float | None = 0.01) -> dict:
     errors = [{"id": r["id"], "params": r["params"], "error": r["error"]} for r in records if r["kind"] == "error"]
     return {"settings": settings, "points": rows, "fronts": {t: {k: v for k, v in f[t].items() if k != "points"} for t in targets},
             "single_technique": verdict, "errors": errors,
-            "proxy": [r for r in records if r["kind"] == "proxy"]}
+            "proxy": [r for r in records if r["kind"] == "proxy"],
+            "retried": retried(records), "nodes": nodes_used(records)}
+
+
+def retried(records: list[dict]) -> list[dict]:
+    """The points whose task was lost and submitted again (a Ray node that went away), per stage."""
+    params = {r["id"]: r.get("params") for r in records if "params" in r}
+    out = []
+    for r in records:
+        if r.get("retried"):
+            stage = {"latency": f"latency ({r.get('target')}, batch {r.get('batch')})", "proxy": f"proxy rung {r.get('rung')}"}.get(
+                r["kind"], "compress and evaluate" if r["kind"] != "error" else "compress (given up)")
+            out.append({"id": r["id"], "params": params.get(r["id"]), "stage": stage, "attempts": len(r["retried"]) + 1,
+                        "lost": r["retried"]})
+    return out
+
+
+def nodes_used(records: list[dict]) -> dict:
+    """Per Ray node (by address and id): how many compress/evaluate and latency records it produced."""
+    out: dict = {}
+    for r in records:
+        node = r.get("node")
+        if not node:
+            continue
+        entry = out.setdefault(f"{node['ip']} {node['id'][:8]}", {"compress": 0, "latency": 0})
+        entry["latency" if r["kind"] == "latency" else "compress"] += 1
+    return out
