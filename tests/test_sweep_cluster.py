@@ -246,3 +246,101 @@ def test_sweep_survives_losing_the_second_node(cluster, space, local, tmp_path):
     assert any(x.get("node") == SECOND for r in retried for x in r["lost"])
     assert "retried: " in stdout and all(r["id"] in stdout for r in retried)
     assert {r["node"]["ip"] for r in records if r["kind"] == "latency"} == {HEAD}
+
+
+# ------------------------------------------------------------------ resubmission, without a cluster
+
+class _FakeRay:
+    """Ray's calls the executor makes, with results scripted per submission (real Ray exceptions)."""
+
+    def __init__(self, outcomes, alive_device=True):
+        import ray
+
+        self.exceptions = ray.exceptions
+        self.outcomes, self.submitted, self.cancelled = list(outcomes), [], []
+        self.alive_device = alive_device
+
+    def remote(self, *args):
+        ref = object()
+        self.submitted.append((ref, args))
+        return ref
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        if not self.outcomes:  # nothing will ever come back (a task waiting for a resource that left)
+            time.sleep(timeout or 0)
+            return [], list(refs)
+        return [refs[0]], list(refs[1:])
+
+    def get(self, ref):
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def nodes(self):
+        res = {"CPU": 1.0, **({"device:loop-head": 1.0} if self.alive_device else {})}
+        return [{"NodeID": "ab" * 28, "NodeManagerAddress": HEAD, "Alive": True, "Resources": res}]
+
+    def cancel(self, ref, force=False):
+        self.cancelled.append(ref)
+
+
+def _executor(fake):
+    from vitc.sweep.executors import RayExecutor
+
+    ex = object.__new__(RayExecutor)
+    ex.ray, ex.device, ex.started, ex.log = fake, "loop-head", False, lambda text: None
+    ex._compress = ex._measure = fake
+    return ex
+
+
+def _died(ip=SECOND):
+    import ray
+
+    return ray.exceptions.NodeDiedError(f"Task failed because the node it was running on is dead or unavailable. "
+                                        f"Node IP: {ip}, node ID: {'cd' * 28}. This can happen if ...")
+
+
+def test_a_lost_task_is_submitted_again_and_recorded_once():
+    job = {"id": "p1", "params": {"merge.r": 4}, "rung": None, "kind": "eval", "point_dir": None}
+    done = {"id": "p1", "params": {"merge.r": 4}, "rung": None, "kind": "eval", "node": {"ip": HEAD, "id": "ab" * 28}}
+    fake = _FakeRay([_died(), (dict(done), {})])
+    out = list(_executor(fake).compress([job]))
+    assert len(fake.submitted) == 2 and len(out) == 1
+    assert out[0]["kind"] == "eval" and out[0]["retried"] == [
+        {"attempt": 1, "error": "NodeDiedError", "node": SECOND, "detail": str(_died()).splitlines()[0][:300]}]
+
+
+def test_a_task_lost_every_time_becomes_the_points_error_record():
+    import ray
+
+    job = {"id": "p1", "params": {}, "rung": None, "kind": "eval", "point_dir": None}
+    fake = _FakeRay([_died(), ray.exceptions.WorkerCrashedError(), _died()])
+    out = list(_executor(fake).compress([job]))
+    assert len(fake.submitted) == 3 and len(out) == 1
+    assert out[0]["kind"] == "error" and "its task was lost 3 times (last: NodeDiedError" in out[0]["error"]
+    assert [x["error"] for x in out[0]["retried"]] == ["NodeDiedError", "WorkerCrashedError", "NodeDiedError"]
+    # an error of the job itself (Ray wraps it in RayTaskError) is not a lost task: not resubmitted
+    fake = _FakeRay([ray.exceptions.RayTaskError("compress_job_remote", "tb", ValueError("bad"))])
+    with pytest.raises(ray.exceptions.RayTaskError):
+        list(_executor(fake).compress([job]))
+    assert len(fake.submitted) == 1
+
+
+def test_latency_waits_for_the_device_then_says_it_left(monkeypatch, tmp_path):
+    from vitc.errors import VitcError
+    from vitc.sweep import executors
+
+    monkeypatch.setattr(executors, "DEVICE_GRACE_S", 0.5)
+    (tmp_path / "p" / "onnx").mkdir(parents=True)
+    (tmp_path / "p" / "onnx" / "model.onnx").write_bytes(b"x")
+    fake = _FakeRay([], alive_device=False)
+    with pytest.raises(VitcError, match=r"the node advertising device:loop-head left the Ray cluster while latencies "
+                                        r"were measured; the compressed points are stored: run the same command again"):
+        _executor(fake).measure({"target": "onnx"}, tmp_path / "p", "onnx/model.onnx")
+    assert len(fake.cancelled) == 1
+    # lost, then measured: the rows say it was retried
+    rows = [{"batch": 1, "p50_ms": 1.0}]
+    fake = _FakeRay([_died(HEAD), [dict(r) for r in rows]])
+    got = _executor(fake).measure({"target": "onnx"}, tmp_path / "p", "onnx/model.onnx")
+    assert len(fake.submitted) == 2 and got[0]["retried"][0]["node"] == HEAD
