@@ -335,10 +335,15 @@ def test_latency_waits_for_the_device_then_says_it_left(monkeypatch, tmp_path):
     (tmp_path / "p" / "onnx").mkdir(parents=True)
     (tmp_path / "p" / "onnx" / "model.onnx").write_bytes(b"x")
     fake = _FakeRay([], alive_device=False)
-    with pytest.raises(VitcError, match=r"the node advertising device:loop-head left the Ray cluster while latencies "
-                                        r"were measured; the compressed points are stored: run the same command again"):
+    with pytest.raises(VitcError, match=r"the node advertising device:loop-head left the Ray cluster during latency; "
+                                        r"the finished points are stored: run the same command again"):
         _executor(fake).measure({"target": "onnx"}, tmp_path / "p", "onnx/model.onnx")
     assert len(fake.cancelled) == 1
+    # compression waits the same way for a node with a CPU
+    fake = _FakeRay([], alive_device=False)
+    fake.nodes = lambda: [{"NodeID": "ab" * 28, "NodeManagerAddress": HEAD, "Alive": True, "Resources": {"CPU": 0.0}}]
+    with pytest.raises(VitcError, match=r"every node with a CPU left the Ray cluster during compression"):
+        list(_executor(fake).compress([{"id": "p1", "params": {}, "rung": None, "kind": "eval", "point_dir": None}]))
     # lost, then measured: the rows say it was retried
     rows = [{"batch": 1, "p50_ms": 1.0}]
     fake = _FakeRay([_died(HEAD), [dict(r) for r in rows]])

@@ -198,7 +198,9 @@ def _gcs_client(address: str):
             return attempt()
         except Exception as exc:
             if not _unauthenticated(exc):
-                raise
+                first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+                raise VitcError(f"the Ray cluster at {address} does not answer as a Ray head ({first})",
+                                "pass the head's GCS address (ray start --head prints it)") from None
     raise VitcError(f"the Ray cluster at {address} rejects this machine's token (from {source}): it is not the head's",
                     TOKEN_HELP) from None
 
@@ -276,7 +278,7 @@ def inspect_cluster(address: str, device: str) -> list[dict]:
 
 
 MAX_ATTEMPTS = 3  # a point is given up (an error record) after its task was lost this many times
-DEVICE_GRACE_S = 20.0  # how long a latency task may wait for a node advertising the device
+DEVICE_GRACE_S = 20.0  # how long tasks may wait with no alive node that has their resource (device, CPU)
 
 
 class RayExecutor:
@@ -344,10 +346,10 @@ class RayExecutor:
         ray = self.ray
         refs = {self._compress.remote(job): (job, []) for job in jobs}
         while refs:
-            done, _ = ray.wait(list(refs), num_returns=1)
-            job, losses = refs.pop(done[0])
+            ref = self._wait_one(list(refs), "CPU", "compression")
+            job, losses = refs.pop(ref)
             try:
-                record, files = ray.get(done[0])
+                record, files = ray.get(ref)
             except Exception as exc:
                 if not self._lost(exc):
                     raise
@@ -395,22 +397,27 @@ class RayExecutor:
             return rows
 
     def _get_on_device(self, ref):
-        """``ray.get`` that gives up, in one line, when no alive node advertises the device any more
-        (the task would wait forever for a resource that left with its node)."""
-        resource, gone_since = f"device:{self.device}", None
+        return self.ray.get(self._wait_one([ref], f"device:{self.device}", "latency"))
+
+    def _wait_one(self, refs: list, resource: str, stage: str):
+        """The first of ``refs`` to finish; one line instead of waiting forever when no alive node
+        has ``resource`` any more (the tasks would wait for a resource that left with its node)."""
+        gone_since = None
         while True:
-            done, _ = self.ray.wait([ref], timeout=2.0)
+            done, _ = self.ray.wait(refs, num_returns=1, timeout=2.0)
             if done:
-                return self.ray.get(done[0])
+                return done[0]
             if any(n["resources"].get(resource, 0) >= 1 for n in self.nodes()):
                 gone_since = None
                 continue
             gone_since = gone_since or time.monotonic()
             if time.monotonic() - gone_since > DEVICE_GRACE_S:
-                self.ray.cancel(ref, force=True)
-                raise VitcError(f"the node advertising {resource} left the Ray cluster while latencies were measured",
-                                "the compressed points are stored: run the same command again once a node with that "
-                                "device has joined, and it times only what is missing")
+                for ref in refs:
+                    self.ray.cancel(ref, force=True)
+                what = f"the node advertising {resource}" if resource.startswith("device:") else f"every node with a {resource}"
+                raise VitcError(f"{what} left the Ray cluster during {stage}",
+                                "the finished points are stored: run the same command again once such a node has joined, "
+                                "and it does only what is missing")
 
     def close(self) -> None:
         if self.started:
