@@ -243,7 +243,8 @@ def test_sweep_survives_losing_the_second_node(cluster, space, local, tmp_path):
         assert r["lost"][0]["error"] in ("NodeDiedError", "WorkerCrashedError", "ObjectLostError", "OwnerDiedError",
                                          "LocalRayletDiedError", "RaySystemError")
         assert by_id[r["id"]]["node"]["ip"] == HEAD  # redone on the node that remained
-    assert any(x.get("node") == SECOND for r in retried for x in r["lost"])
+    # NodeDiedError names the node; a WorkerCrashedError (Ray not yet sure the node died) names none
+    assert all(x.get("node") in (SECOND, None) for r in retried for x in r["lost"])
     assert "retried: " in stdout and all(r["id"] in stdout for r in retried)
     assert {r["node"]["ip"] for r in records if r["kind"] == "latency"} == {HEAD}
 
