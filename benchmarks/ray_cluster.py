@@ -15,8 +15,8 @@
   timed it, and the retried points (``vitc sweep``'s own report).
 
 Accuracy is on a class-stratified ``--eval-size`` subset of the CIFAR-10 test archive (256 by
-default, not the 2,000 of sweep_pareto.py), with 32 calibration and 16 parity images (not 128 and
-64): the machine is shared by several jobs on 2 cores. Each artifact is timed briefly
+default, not the 2,000 of sweep_pareto.py) with 32 calibration images (not 128): the machine is
+shared by several jobs on 2 cores. Each artifact is timed briefly
 (``--bench-seconds``): latency is not what this compares. The wall
 times are single runs one after another, not interleaved; the load average is printed with them.
 """
@@ -54,9 +54,11 @@ def records(folder: Path) -> list[dict]:
 def compare(run: list[dict], local: list[dict]) -> dict:
     """Points present (each how many times) and equal to the local run's, field by field."""
     ref = {r["id"]: r for r in local if r["kind"] == "eval"}
+    ref_errors = {r["id"]: r["error"].split(" failed ", 1)[-1] for r in local if r["kind"] == "error"}
     evals = [r for r in run if r["kind"] == "eval"]
+    errors = {r["id"]: r["error"].split(" failed ", 1)[-1] for r in run if r["kind"] == "error"}
     counts: dict = {}
-    for r in evals:
+    for r in evals + [r for r in run if r["kind"] == "error"]:  # a point is an eval or an error record, once
         counts[r["id"]] = counts.get(r["id"], 0) + 1
     same = {f: sum(1 for r in evals if r["id"] in ref and r[f] == ref[r["id"]][f]) for f in ("top1", "top5", "weights_sha256")}
     same["artifact_files"] = sum(1 for r in evals if r["id"] in ref and
@@ -65,7 +67,9 @@ def compare(run: list[dict], local: list[dict]) -> dict:
     for r in run:
         if r["kind"] == "latency":
             lat_counts[(r["id"], r["target"], r["batch"])] = lat_counts.get((r["id"], r["target"], r["batch"]), 0) + 1
-    return {"points": len(counts), "expected": len(ref), "each_exactly_once": sorted(counts) == sorted(ref) and set(counts.values()) == {1},
+    return {"points": len(counts), "expected": len(ref) + len(ref_errors), "evaluated": len(evals), "errors": errors,
+            "same_errors": errors == ref_errors,
+            "each_exactly_once": sorted(counts) == sorted([*ref, *ref_errors]) and set(counts.values()) == {1},
             "latency_rows_each_once": set(lat_counts.values()) <= {1}, "latency_rows": len(lat_counts), "same": same,
             "compressed_on": sorted({r["node"]["ip"] for r in evals if r.get("node")}),
             "compress_per_node": {ip: sum(1 for r in evals if r.get("node", {}).get("ip") == ip) for ip in (HEAD, SECOND)},
@@ -111,7 +115,8 @@ def main() -> int:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--eval-size", type=int, default=256)
     ap.add_argument("--calibration-size", type=int, default=32, help="calibration images (sweep_pareto.py: 128)")
-    ap.add_argument("--parity-size", type=int, default=16, help="parity images per export (sweep_pareto.py: 64)")
+    ap.add_argument("--parity-size", type=int, default=64, help="parity images per export (as sweep_pareto.py: with "
+                    "fewer, one disagreement fails the 98%% int8 parity gate and the W8A8 point becomes an error record)")
     ap.add_argument("--targets", default="onnx")
     ap.add_argument("--bench-seconds", type=float, default=0.5, help="timed calls per artifact (min_time_s)")
     ap.add_argument("--kill-after", type=int, default=4, help="points stored before the second node is killed")
@@ -134,14 +139,17 @@ def main() -> int:
     print(f"{args.model}: {points} points (benchmarks/sweep_pareto.py's grid); top-1 on a class-stratified subset of "
           f"{args.eval_size} CIFAR-10 test images ({args.data}), {args.calibration_size} calibration and {args.parity_size} parity images; targets {args.targets}, {args.bench_seconds:g} s timed per "
           f"artifact; load average before: {load()}", flush=True)
-    report: dict = {"model": args.model, "points": points, "eval_size": args.eval_size, "targets": args.targets,
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=str(ROOT), capture_output=True, text=True).stdout.strip()
+    report: dict = {"commit": commit, "model": args.model, "points": points, "eval_size": args.eval_size, "targets": args.targets,
                     "data": args.data, "space": space}
 
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
     base_env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), COLUMNS="200")
     local = sweep(args, space_path, tmp / "local", base_env, ["--jobs", "2"])
     local_recs = records(tmp / "local")
-    print(f"local (process pool of 2): {local['wall_s']:.0f} s; load average {load()}", flush=True)
+    n_eval = len([r for r in local_recs if r["kind"] == "eval"])
+    print(f"local (process pool of 2): {local['wall_s']:.0f} s; {n_eval} points evaluated, "
+          f"{len([r for r in local_recs if r['kind'] == 'error'])} error records; load average {load()}", flush=True)
     report["local"] = {k: v for k, v in local.items() if k != "summary"} | {"retried": local["summary"].get("retried")}
 
     root = tmp / "cluster"
@@ -163,8 +171,9 @@ def main() -> int:
             report[name] = {k: v for k, v in run.items() if k != "summary"} | {"compare": cmp, "retried": retried,
                                                                                 "nodes": run["summary"]["nodes"]}
             print(f"{name}: {run['wall_s']:.0f} s ({run['wall_s'] / local['wall_s']:.2f}x the local run); "
-                  f"{cmp['points']} of {cmp['expected']} points, each exactly once: {cmp['each_exactly_once']}; "
-                  f"same top-1 {cmp['same']['top1']}/{cmp['expected']}, top-5 {cmp['same']['top5']}, weights sha256 "
+                  f"{cmp['points']} of {cmp['expected']} points, each exactly once: {cmp['each_exactly_once']} "
+                  f"({cmp['evaluated']} evaluated, {len(cmp['errors'])} error records, the same as locally: {cmp['same_errors']}); "
+                  f"same top-1 {cmp['same']['top1']}/{cmp['evaluated']}, top-5 {cmp['same']['top5']}, weights sha256 "
                   f"{cmp['same']['weights_sha256']}, artifact files sha256 {cmp['same']['artifact_files']}; compressed on "
                   f"{cmp['compress_per_node']}, timed on {cmp['timed_on']}; load average {load()}", flush=True)
             for r in retried:
