@@ -350,3 +350,19 @@ def test_latency_waits_for_the_device_then_says_it_left(monkeypatch, tmp_path):
     fake = _FakeRay([_died(HEAD), [dict(r) for r in rows]])
     got = _executor(fake).measure({"target": "onnx"}, tmp_path / "p", "onnx/model.onnx")
     assert len(fake.submitted) == 2 and got[0]["retried"][0]["node"] == HEAD
+
+
+def test_summary_lists_retried_points_and_nodes():
+    from vitc.sweep.runner import nodes_used, retried
+
+    loss = {"attempt": 1, "error": "NodeDiedError", "node": SECOND, "detail": "Task failed ..."}
+    node = {"ip": HEAD, "id": "ab" * 28}
+    recs = [{"kind": "eval", "id": "a", "params": {"merge.r": 4}, "node": node, "retried": [loss]},
+            {"kind": "eval", "id": "b", "params": {"merge.r": None}, "node": {"ip": SECOND, "id": "cd" * 28}},
+            {"kind": "error", "id": "c", "params": {}, "error": "its task was lost 3 times (last: ...)", "retried": [loss] * 3},
+            {"kind": "latency", "id": "a", "target": "onnx", "batch": 1, "node": node, "retried": [loss]}]
+    got = retried(recs)
+    assert [(r["id"], r["stage"], r["attempts"]) for r in got] == [
+        ("a", "compress and evaluate", 2), ("c", "compress (given up)", 3), ("a", "latency (onnx, batch 1)", 2)]
+    assert got[0]["params"] == {"merge.r": 4} and got[0]["lost"] == [loss]
+    assert nodes_used(recs) == {f"{HEAD} abababab": {"compress": 1, "latency": 1}, f"{SECOND} cdcdcdcd": {"compress": 1, "latency": 0}}

@@ -255,10 +255,11 @@ def retried(records: list[dict]) -> list[dict]:
     out = []
     for r in records:
         if r.get("retried"):
+            given_up = r["kind"] == "error" and r["error"].startswith("its task was lost")
             stage = {"latency": f"latency ({r.get('target')}, batch {r.get('batch')})", "proxy": f"proxy rung {r.get('rung')}"}.get(
-                r["kind"], "compress and evaluate" if r["kind"] != "error" else "compress (given up)")
-            out.append({"id": r["id"], "params": params.get(r["id"]), "stage": stage, "attempts": len(r["retried"]) + 1,
-                        "lost": r["retried"]})
+                r["kind"], "compress (given up)" if given_up else "compress and evaluate")
+            out.append({"id": r["id"], "params": params.get(r["id"]), "stage": stage,
+                        "attempts": len(r["retried"]) + (0 if given_up else 1), "lost": r["retried"]})
     return out
 
 
