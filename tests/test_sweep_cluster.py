@@ -69,6 +69,8 @@ def local(space, tmp_path_factory) -> dict:
 def cluster(tmp_path_factory):
     """Two nodes, one CPU each; the head advertises device:loop-head, the second device:loop-worker.
     Torn down (every process of both node sessions killed) however the tests end."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the nodes use 127.0.0.2 and 127.0.0.3, which only Linux routes to loopback by default")
     root = Path(tmp_path_factory.mktemp("rc"))
     c = LocalCluster([NodeSpec(HEAD, 1, {"device:loop-head": 1}), NodeSpec(SECOND, 1, {"device:loop-worker": 1})],
                      root=root, extra_env={"PYTHONPATH": str(ROOT)})
