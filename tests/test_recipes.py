@@ -44,7 +44,7 @@ def test_recipe_runs_every_pass_and_reproduces_bit_for_bit(tiny_vit_dir, tmp_pat
     (lat,) = m1["bench"]  # timed through vitc's harness: one row per target and batch
     assert lat["target"] == "onnx" and lat["batch"] == 1 and lat["ci_ms"][0] <= lat["p50_ms"] <= lat["ci_ms"][1]
     # the export manifest embeds the same resolved recipe
-    onnx_manifest = json.loads((first / "onnx" / "model.manifest.json").read_text())
+    onnx_manifest = json.loads((first / "onnx" / "model.onnx.manifest.json").read_text())
     assert onnx_manifest["recipe"] == m1["recipe"] and onnx_manifest["recipe_sha256"] == m1["recipe_sha256"]
 
     # from the folder's manifest, with no --model: same weights and ONNX, byte for byte
@@ -54,7 +54,7 @@ def test_recipe_runs_every_pass_and_reproduces_bit_for_bit(tiny_vit_dir, tmp_pat
     assert m2["artifacts"]["onnx"]["files"] == m1["artifacts"]["onnx"]["files"]
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
     # and from the export manifest too
-    assert run(["compress", "--recipe", str(first / "onnx" / "model.manifest.json"), "--out-dir", str(third)]) == 0
+    assert run(["compress", "--recipe", str(first / "onnx" / "model.onnx.manifest.json"), "--out-dir", str(third)]) == 0
     m3 = json.loads((third / "manifest.json").read_text())
     assert m3["weights"]["sha256"] == m1["weights"]["sha256"] and m3["evaluate"]["top1"] == m1["evaluate"]["top1"]
     # an existing output is refused, not overwritten
