@@ -73,12 +73,48 @@ def stale_entries(path: Path) -> list[Path]:
     return out
 
 
+JOURNAL = ".vitc-moving.json"  # in a staging folder while its files move into place: {"dests": [...], "last": path}
+
+
 def remove_stale(path: Path) -> list[Path]:
-    """Remove what killed writers of ``path`` left behind; returns what was removed."""
+    """Remove what killed writers of ``path`` left behind; returns what was removed. A writer killed
+    while moving several files into place (an export: artifact, sidecars, manifest last) left a
+    journal in its staging folder: unless the last file (the manifest) made it, the files it had
+    already moved are incomplete and are removed too."""
     removed = stale_entries(path)
     for entry in removed:
+        journal = entry / JOURNAL if entry.is_dir() else None
+        if journal is not None and journal.exists():
+            try:
+                moving = json.loads(journal.read_text())
+            except (OSError, ValueError):
+                moving = {}
+            if moving.get("last") and not Path(moving["last"]).exists():
+                for dest in map(Path, moving.get("dests", [])):
+                    if dest.parent == path.parent:  # never anything outside the claimed folder
+                        shutil.rmtree(dest, ignore_errors=True) if dest.is_dir() else dest.unlink(missing_ok=True)
         shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
     return removed
+
+
+def fault_point(name: str) -> None:
+    """Fault injection for tests/test_faults.py (a no-op unless asked): ``VITC_FAULT_KILL=<name>``
+    SIGKILLs this process at the named point; ``VITC_FAULT_WAIT=<name>:<file>`` waits there until
+    ``file`` exists (so a test can start a concurrent writer at a known moment)."""
+    kill = os.environ.get("VITC_FAULT_KILL")
+    if kill == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    wait = os.environ.get("VITC_FAULT_WAIT", "")
+    if wait.startswith(f"{name}:"):
+        import time
+
+        flag = Path(wait.split(":", 1)[1])
+        Path(f"{flag}.reached").write_text(str(os.getpid()))
+        deadline = time.monotonic() + 120
+        while not flag.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def _lock_holder(lock: Path) -> str:
@@ -132,6 +168,7 @@ def claim(path: Path | str, force: bool = False) -> Iterator[Path]:
         os.write(fd, f"{os.getpid()}\n".encode())
         remove_stale(path)
         check_writable(path, force)  # the run that held the lock before us may have just written it
+        fault_point("claim:held")
     except BaseException:
         _release(lock, fd)
         _remove_created_dirs(path.parent, first_existing)
@@ -235,6 +272,7 @@ def atomic_path(path: Path, force: bool = False, is_dir: bool = False) -> Iterat
                     raise VitcError(f"{path} appeared while it was being written", "pass --force to overwrite it, or choose another -o/--output")
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
             honour_umask(tmp)
+            fault_point("atomic:staged")
             os.replace(tmp, path)
         finally:
             if tmp.exists():

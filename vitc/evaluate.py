@@ -19,6 +19,7 @@ def evaluate(run: Callable[[torch.Tensor], torch.Tensor], source: ImageSource, p
 
     ``images_per_s`` counts model time only (decoding and preprocessing are excluded).
     """
+    from vitc.artifacts import fault_point
     from vitc.numerics import check_outputs
 
     mapping = label_map(source, labels)
@@ -47,6 +48,7 @@ def evaluate(run: Callable[[torch.Tensor], torch.Tensor], source: ImageSource, p
             all_logits.append(logits)
         if task is not None:
             progress.advance(task, len(y))
+        fault_point("evaluate:batch")
     out = {
         "images": n,
         "top1": correct1 / n if n else float("nan"),

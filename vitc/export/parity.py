@@ -54,6 +54,7 @@ def check(backbone, session, precision: str, data: str = "bundled:eval", eval_si
         mapping, labelled = None, False
     refs, outs, ys = [], [], []
     task = progress.add_task(f"parity ({session.name})", total=len(source)) if progress is not None else None
+    from vitc.artifacts import fault_point
     from vitc.numerics import check_outputs
 
     for x, y in iter_batches(source, backbone.preprocess, batch_size):
@@ -64,6 +65,7 @@ def check(backbone, session, precision: str, data: str = "bundled:eval", eval_si
         ys.append(torch.from_numpy(mapping[y.numpy()]) if mapping is not None else y)
         if task is not None:
             progress.advance(task, len(y))
+        fault_point("parity:batch")
     if task is not None:
         progress.remove_task(task)
     ref, out, y = torch.cat(refs), torch.cat(outs), torch.cat(ys)

@@ -8,6 +8,7 @@ Anything else that goes wrong leaves nothing behind.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shutil
 import tempfile
@@ -172,7 +173,7 @@ def export_artifact(backbone, target: str, output_path, *, force: bool = False, 
 
 def _export_claimed(backbone, mod, target, folder: Path, stem: str, output_path, opts, quant, force, check, data, eval_size,
                     progress, batch_size, parity_mod, manifest_mod) -> Artifact:
-    from vitc.artifacts import check_writable, disk_error, find_disk_error, honour_umask, staging_prefix
+    from vitc.artifacts import JOURNAL, check_writable, disk_error, fault_point, find_disk_error, honour_umask, staging_prefix
 
     manifest_file = manifest_name(stem, target)
     for path in planned_paths(output_path, target):
@@ -184,6 +185,7 @@ def _export_claimed(backbone, mod, target, folder: Path, stem: str, output_path,
     moved: list[Path] = []
     try:
         staged: Staged = mod.write(backbone, staging, stem, opts, quant, progress=progress)
+        fault_point("export:staged")
         parity = None
         if not check:
             parity = {"skipped": "--no-check: the artifact was not compared with PyTorch"}
@@ -199,12 +201,17 @@ def _export_claimed(backbone, mod, target, folder: Path, stem: str, output_path,
         manifest_mod.write(staging / manifest_file, manifest)
         honour_umask(staging)
         order = sorted(staging.iterdir(), key=lambda p: p.name == manifest_file)  # the manifest lands last
+        # a run killed while moving leaves this journal: the next run on the path rolls the move back
+        (staging / JOURNAL).write_text(json.dumps({"dests": [str(folder / e.name) for e in order],
+                                                   "last": str(folder / manifest_file)}))
+        fault_point("export:manifest")
         for entry in order:
             dest = folder / entry.name
             if dest.exists():
                 shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
             os.replace(entry, dest)
             moved.append(dest)
+            fault_point("export:moving")
     except BaseException as exc:
         for dest in moved:
             shutil.rmtree(dest, ignore_errors=True) if dest.is_dir() else dest.unlink(missing_ok=True)
