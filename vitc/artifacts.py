@@ -38,6 +38,14 @@ def check_writable(path: Path, force: bool = False) -> None:
         raise VitcError(f"{parent} is a file, not a folder", "choose an -o/--output inside a folder")
 
 
+def _check_parent(path: Path) -> None:
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise VitcError(f"{parent} is a file, not a folder", "choose an -o/--output inside a folder")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise VitcError(f"cannot write into {parent}", "choose a writable -o/--output")
+
+
 def staging_prefix(path: Path) -> str:
     """Name prefix of this process's staging entries for ``path`` (``.<name>.<pid>.``)."""
     return f".{Path(path).name}.{os.getpid()}."
@@ -135,7 +143,7 @@ def claim(path: Path | str, force: bool = False) -> Iterator[Path]:
     if key in _HELD:
         yield path
         return
-    check_writable(path, force)
+    _check_parent(path)  # the full check comes once the lock is held and a dead run's debris is gone
     first_existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

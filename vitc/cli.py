@@ -40,12 +40,21 @@ app.command("report")(report_cmd)
 app.add_typer(bench_app, name="bench")
 
 
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def run(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("VITC_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
     from vitc.artifacts import command_scope, disk_error, find_disk_error
     from vitc.errors import VitcError
+
+    if not debug:  # libraries imported on the way (transformers -> torchao) log import-time noise that is not the user's
+        import logging
+
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
     # A CI runner's timeout sends SIGTERM: unwind like an exception so atomic writes remove
     # their staging paths instead of leaving half artifacts behind.

@@ -118,8 +118,9 @@ def probe_input_size(backbone, size: int) -> None:
 def progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    # off a terminal (CI logs, pipes) a transient bar shows nothing useful and leaves a blank line before an error
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err_console, transient=True)
+                    console=err_console, transient=True, disable=not err_console.is_terminal)
 
 
 def pct(x: float | None) -> str:

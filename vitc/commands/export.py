@@ -53,9 +53,9 @@ def export_cmd(
     options = dict(force=force, check=check, data=data, eval_size=eval_size, precision=precision, dynamic_batch=dynamic_batch,
                    opset=opset, simplify=simplify, max_batch=max_batch)
     if target != "all":  # a bad, existing or busy -o fails before the model loads
+        hold(claim_path(output, target), force)  # held until the command ends: a concurrent export to it fails now
         for path in planned_paths(output, target):
             check_writable(path, force)
-        hold(claim_path(output, target), force)  # held until the command ends: a concurrent export to it fails now
     else:
         hold(output, force)
     backbone = load_backbone(model, weights, input_size, resize, mean, std, interpolation, fit)

@@ -88,6 +88,9 @@ def quantize_cmd(
     n_threads = set_threads(threads)
     backbone = load_backbone(model, weights, input_size, resize, mean, std, interpolation, fit)
     backbone.require_module("quantization")
+    from vitc.numerics import check_weights
+
+    check_weights(backbone)  # name the NaN/Inf weight itself, not the activation it poisons downstream
     output = output or Path("quantized") / f"{_model_name(backbone.source)}-w{config.wbits}a{config.abits}"
     hold(output, force)  # a second run on this -o fails now, before calibration; held until the command ends
     calib_source = DataSpec(calib_data, None, calib_size or DEFAULT_CALIB_SIZE, seed, convert_rgb,

@@ -124,6 +124,11 @@ def _torch_export(backbone, path: Path, opts) -> dict:
         path.unlink(missing_ok=True)
         raise _unsupported_op_error("onnx", module, x, exc) from exc
     except Exception as exc:  # the tracer cannot take the module: try torch.export
+        from vitc.artifacts import find_disk_error
+
+        if find_disk_error(exc):  # a full disk is not the tracer's fault: no second exporter, no more warnings
+            path.unlink(missing_ok=True)
+            raise
         first_error = exc
     path.unlink(missing_ok=True)
     try:
