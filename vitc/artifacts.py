@@ -118,7 +118,7 @@ def fault_point(name: str) -> None:
     if wait.startswith(f"{name}:"):
         import time
 
-        flag = Path(wait.split(":", 1)[1])
+        flag = Path(wait[len(name) + 1:])
         Path(f"{flag}.reached").write_text(str(os.getpid()))
         deadline = time.monotonic() + 120
         while not flag.exists() and time.monotonic() < deadline:
