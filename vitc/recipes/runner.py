@@ -62,7 +62,7 @@ def calibration_images(backbone, recipe: Recipe):
     from vitc.calibration.data import DataSpec, load_tensors
 
     c = recipe.calibration
-    source = DataSpec(c["data"], None, c["size"], c["seed"], True).open()
+    source = DataSpec(c["data"], None, c["size"], c["seed"], True, size_flag=f"{recipe.origin}: calibration size").open()
     return load_tensors(source, backbone.preprocess, True)[0]
 
 
