@@ -211,6 +211,8 @@ CASES = [
      r"--calib-size 100000 is more than the 500 images in"),
     ("quantize-calib-size-zero", Q[:2] + ["{vit}", "--calib-size", "0", "-o", "{out}"], 2, r"--calib-size 0 is not positive"),
     ("quantize-existing", Q + ["-o", "{existing}"], 2, r"existing\.onnx already exists"),
+    ("quantize-integer-calib-size-zero", ["quantize", "--integer-only", "--model", "{vit}", "--calib-size", "0", "-o", "{out}"], 2,
+     r"--calib-size 0 is not positive"),
     ("quantize-softmax", Q + ["--softmax", "cubic", "-o", "{out}"], 2, r"softmax 'cubic' is not supported"),
     ("quantize-threads-zero", Q + ["--threads", "0", "-o", "{out}"], 2, r"--threads 0 is not positive"),
     ("quantize-nan-model", ["quantize", "--model", "{nan}", "--calib-size", "16", "--eval-size", "16", "--no-latency", "-o", "{out}"], 2,

@@ -62,6 +62,9 @@ def quantize_cmd(
     allow_unlabelled: AllowUnlabelledOpt = False,
 ) -> None:
     """Quantize a model (W8A8 by default), compare it with FP32, and save it (-o, default quantized/<model>-w<W>a<A>/)."""
+    positive(calib_size, "--calib-size")
+    positive(eval_size, "--eval-size")
+    positive(batch_size, "--batch-size")
     if integer_only:
         from vitc.compress.integer.command import run_integer_only
 
@@ -81,9 +84,6 @@ def quantize_cmd(
     config = QuantConfig(wbits=wbits or bits, abits=abits or bits, calibrator=calib, percentile=percentile, softmax=softmax,
                          gelu=gelu, scheme=scheme, granularity=granularity, ln_reparam=repq, smooth_alpha=smooth,
                          bias_correction=bias_correction).validate()
-    positive(calib_size, "--calib-size")
-    positive(eval_size, "--eval-size")
-    positive(batch_size, "--batch-size")
     check_count(config.calibrator, calib_size or DEFAULT_CALIB_SIZE)
     n_threads = set_threads(threads)
     backbone = load_backbone(model, weights, input_size, resize, mean, std, interpolation, fit)
