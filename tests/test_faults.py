@@ -540,3 +540,25 @@ def test_allow_unlabelled_leaves_out_what_the_labels_file_does_not_list(world, t
     assert json.loads(out.read_text())["images"] == 8
     assert run(["eval", "--model", world["vit"], "--data", str(world["flat"]), "--labels", world["lab_ok"], "--out", str(out)]) == 0
     assert json.loads(out.read_text())["images"] == 10
+
+
+def test_parity_sizes_its_default_image_count_by_cost_and_says_so(tiny_vit, monkeypatch):
+    """Without --eval-size parity fits a time budget (at least MIN_IMAGES), stated in the result;
+    it used to run all 1,000 images whatever the model cost (7.5 minutes for a ViT-S on OpenVINO)."""
+    from vitc.export import parity
+
+    class Same:
+        name = "same"
+
+        def __call__(self, x):
+            return tiny_vit(x)
+
+        def describe(self):
+            return {"runtime": "test"}
+
+    monkeypatch.setattr(parity, "TIME_BUDGET_S", 1e-6)  # every model is "too slow" for this budget
+    r = parity.check(tiny_vit, Same(), "fp32")
+    assert r["images"] == parity.MIN_IMAGES == 200 and r["passed"]
+    assert r["images_chosen"].startswith("200 of 1000 images: the default parity budget")
+    r = parity.check(tiny_vit, Same(), "fp32", eval_size=64)  # an explicit count always wins, with no note
+    assert r["images"] == 64 and "images_chosen" not in r
