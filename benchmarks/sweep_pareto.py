@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -130,7 +131,7 @@ def main() -> int:
     print(f"sweep vs standalone `{checks[0]['standalone']['command']}` (and the same for each artifact): "
           f"{sum(c['cis_overlap'] for c in checks)}/{len(checks)} with overlapping 95% CIs, "
           f"{sum(c['sweep_p50_inside_standalone_ci'] for c in checks)}/{len(checks)} with the sweep's p50 inside the standalone CI; "
-          f"|difference| median {diffs[len(diffs) // 2]:.1f}%, max {diffs[-1]:.1f}%; load average after: {load()}")
+          f"|difference| median {statistics.median(diffs):.1f}%, max {diffs[-1]:.1f}%; load average after: {load()}")
     report["bench_check"] = checks
 
     if args.ray_compare:

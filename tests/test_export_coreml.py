@@ -27,7 +27,7 @@ def test_coreml_package_is_structurally_valid(tiny_vit, tmp_path):
     from vitc.export.coreml import validate_package
 
     art = export_artifact(tiny_vit, "coreml", tmp_path / "vit.mlpackage", eval_size=16)
-    assert art.path.is_dir() and art.precision == "fp16" and (tmp_path / "vit.manifest.json").exists()
+    assert art.path.is_dir() and art.precision == "fp16" and (tmp_path / "vit.mlpackage.manifest.json").exists()
     structure = art.manifest["export"]["structure"]
     assert structure["type"] == "mlProgram"
     assert structure["input"] == {"name": "pixel_values", "dtype": "FLOAT32", "shape": [1, 3, 32, 32], "batch_range": [1, 64]}

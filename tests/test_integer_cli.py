@@ -15,8 +15,19 @@ def test_integer_only_command_writes_a_bit_exact_graph(tiny_vit_dir, tmp_path, c
     assert (out_dir / "model.onnx").exists() and (out_dir / "integer.json").exists()
     assert r["exact_images"] == 40 and r["exact_mismatches"] == 0
     assert r["eval_images"] == 40 and r["calibration_images"] == 32
-    assert r["top1_agreement"] >= 0.85  # random-weight tiny ViT: near-tied logits, so not 1.0
     assert "bit-exact" in capsys.readouterr().out
+
+
+def test_integer_only_keeps_the_int8_promise_on_the_trained_vit(tmp_path, capsys):
+    """Agreement is held to the product's int8 promise (98%) on the trained zoo ViT; a random-weight
+    tiny ViT has near-tied logits, so it only checks the mechanics above."""
+    report = tmp_path / "r.json"
+    code = run(["quantize", "--integer-only", "-m", "zoo:vit-c10", "--calib-size", "32", "--calib", "minmax",
+                "--eval-size", "200", "-o", str(tmp_path / "int"), "--out", str(report), "--threads", "1"])
+    assert code == 0, capsys.readouterr().err
+    r = json.loads(report.read_text())
+    assert r["eval_images"] == 200 and r["top1_agreement"] >= 0.98 and r["exact_mismatches"] == 0
+    assert abs(r["top1_drop"]) <= 0.01  # a fraction (docs/json.md): within one point of FP32
 
 
 def test_integer_only_refuses_widths_above_8(tiny_vit_dir, tmp_path, capsys):

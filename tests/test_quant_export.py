@@ -49,7 +49,7 @@ def test_qdq_export_runs_int8_in_onnxruntime(name, request, calib32, eval_images
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] in inits for n in graph.node)
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) >= n_layers  # activations are quantized at run time
     agree, err = _against_simulation(q, backbone, path, "onnxruntime", eval_images)
-    assert agree >= 0.95, f"onnxruntime agrees with the simulation on only {agree:.1%}"
+    assert agree >= 0.98, f"onnxruntime agrees with the simulation on only {agree:.1%}"  # the int8 parity promise
     assert err < 0.1
 
 

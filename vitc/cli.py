@@ -40,11 +40,21 @@ app.command("report")(report_cmd)
 app.add_typer(bench_app, name="bench")
 
 
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def run(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("VITC_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
+    from vitc.artifacts import command_scope, disk_error, find_disk_error
     from vitc.errors import VitcError
+
+    if not debug:  # libraries imported on the way (transformers -> torchao) log import-time noise that is not the user's
+        import logging
+
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
     # A CI runner's timeout sends SIGTERM: unwind like an exception so atomic writes remove
     # their staging paths instead of leaving half artifacts behind.
@@ -52,7 +62,8 @@ def run(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         # Without standalone mode click returns typer.Exit's code instead of raising it.
-        code = app(args=argv, prog_name="vitc", standalone_mode=False)
+        with command_scope():  # output claims taken by the command are released when it ends
+            code = app(args=argv, prog_name="vitc", standalone_mode=False)
     except VitcError as exc:
         if debug:
             raise
@@ -71,6 +82,10 @@ def run(argv: list[str] | None = None) -> int:
             return 130
         if debug:
             raise
+        full = find_disk_error(exc)
+        if full is not None:  # a full disk is the disk's fault, whatever library hit it
+            print(f"error: {disk_error(full, getattr(full, 'filename', None) or 'the output')}", file=sys.stderr)
+            return 2
         first = str(exc).splitlines()[0] if str(exc) else ""
         print(f"error: unexpected {type(exc).__name__}: {first} (run again with --debug for the traceback)", file=sys.stderr)
         return 1

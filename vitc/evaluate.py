@@ -19,7 +19,12 @@ def evaluate(run: Callable[[torch.Tensor], torch.Tensor], source: ImageSource, p
 
     ``images_per_s`` counts model time only (decoding and preprocessing are excluded).
     """
+    from vitc.artifacts import fault_point
+    from vitc.numerics import check_outputs
+
     mapping = label_map(source, labels)
+    if mapping is None:  # labels from a labels file are the model's indices: refuse ones it cannot predict
+        source.check_label_range(len(labels), getattr(run, "source", "the model"))
     correct1 = correct5 = n = 0
     model_seconds = 0.0
     all_logits = []
@@ -32,6 +37,8 @@ def evaluate(run: Callable[[torch.Tensor], torch.Tensor], source: ImageSource, p
             logits = run(x)
         model_seconds += time.perf_counter() - t0
         logits = torch.as_tensor(logits).float()
+        # NaN logits argmax to class 0: without this a broken model reports chance accuracy, exit 0
+        check_outputs(logits, run, x, getattr(run, "source", None) or getattr(run, "name", "the model"))
         k = min(5, logits.shape[-1])
         top = logits.topk(k, dim=-1).indices
         correct1 += (top[:, 0] == y).sum().item()
@@ -41,6 +48,7 @@ def evaluate(run: Callable[[torch.Tensor], torch.Tensor], source: ImageSource, p
             all_logits.append(logits)
         if task is not None:
             progress.advance(task, len(y))
+        fault_point("evaluate:batch")
     out = {
         "images": n,
         "top1": correct1 / n if n else float("nan"),
@@ -58,8 +66,10 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
     """Top-1 agreement and logit errors between two logit tensors for the same images."""
     a, b = a.float(), b.float()
     diff = (a - b).abs()
+    # a row with a NaN/Inf in either tensor never agrees (argmax of NaN rows is meaningless)
+    finite = torch.isfinite(a).all(-1) & torch.isfinite(b).all(-1)
     return {
-        "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
+        "top1_agreement": ((a.argmax(-1) == b.argmax(-1)) & finite).float().mean().item(),
         "max_abs_logit_error": diff.max().item() if diff.numel() else 0.0,
         "mean_abs_logit_error": diff.mean().item() if diff.numel() else 0.0,
     }

@@ -4,6 +4,10 @@ from __future__ import annotations
 import math
 
 
+def _finite(v) -> bool:
+    return v is not None and math.isfinite(v)
+
+
 def ms(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "-"
@@ -11,7 +15,7 @@ def ms(seconds: float | None) -> str:
 
 
 def ms_ci(q: dict) -> str:
-    if not math.isfinite(q.get("lo", float("nan"))):
+    if not _finite(q.get("lo")):  # NaN in memory, null once read back from --out JSON
         return f"{ms(q['value'])} (n too small for a CI)"
     return f"{ms(q['value'])} [{ms(q['lo'])}, {ms(q['hi'])}]"
 
@@ -25,7 +29,7 @@ def size(nbytes: int | None) -> str:
 def pct_interval(d: dict | None) -> str:
     if not d:
         return "-"
-    if not (math.isfinite(d["lo"]) and math.isfinite(d["hi"])):
+    if not (_finite(d["lo"]) and _finite(d["hi"])):
         return f"{d['value']:+.1%} (too few units for a CI)"
     return f"{d['value']:+.1%} [{d['lo']:+.1%}, {d['hi']:+.1%}]"
 

@@ -96,8 +96,10 @@ def module_size(backbone) -> int:
 def _manifest_preprocess(path: Path):
     from vitc.models.preprocess import Preprocess
 
-    manifest = path.with_suffix(".manifest.json")
-    if manifest.exists():
+    from vitc.artifacts import manifest_beside
+
+    manifest = manifest_beside(path)
+    if manifest is not None:
         data = json.loads(manifest.read_text())
         if "preprocess" in data:
             return Preprocess.from_dict(data["preprocess"]), data
@@ -117,6 +119,7 @@ def _artifact_side(path: Path) -> int | None:
 def artifact_subject(path: str, runtime: str | None, flags) -> Subject:
     """A subject for an artifact file, its preprocessing from the export manifest, its shape or flags."""
     from vitc.models.intake import load_model
+    from vitc.artifacts import onnx_precision
     from vitc.models.preprocess import Preprocess
     from vitc.runtimes import runtime_for
 
@@ -147,7 +150,8 @@ def artifact_subject(path: str, runtime: str | None, flags) -> Subject:
             raise BenchError(exc.problem, exc.fix) from exc
         labels = manifest.get("labels") or []
     target = {"onnxruntime": "onnx"}.get(runtime, runtime)
-    return Subject(p.name, target, runtime, str(p), pre, labels, manifest.get("precision", "graph"), artifact_size(p))
+    precision = manifest.get("precision") or (onnx_precision(p) if p.suffix == ".onnx" else "graph")  # read from the graph
+    return Subject(p.name, target, runtime, str(p), pre, labels, precision, artifact_size(p))
 
 
 def model_subjects(spec: str, targets: list[str], workdir: Path, flags, weights=None, on_status=None,

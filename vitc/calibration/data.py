@@ -28,9 +28,17 @@ class DataSpec:
     size: int | None = None
     seed: int = 0
     convert_rgb: bool = False
+    allow_unlabelled: bool = False  # images a labels file does not list are left out instead of refused
+    size_flag: str | None = None  # the flag that asked for ``size`` (e.g. --calib-size): more than the data holds is then an error
 
     def open(self) -> ImageSource:
-        return open_source(self.location, self.labels).select(self.size, self.seed)
+        source = open_source(self.location, self.labels, self.allow_unlabelled)
+        if self.size is not None and self.size <= 0:
+            raise VitcError(f"{self.size_flag or 'the image count'} {self.size} is not positive", "ask for 1 or more images")
+        if self.size_flag and self.size is not None and self.size > len(source):
+            raise VitcError(f"{self.size_flag} {self.size} is more than the {len(source)} images in {source.location}",
+                            f"pass {self.size_flag} {len(source)} or fewer, or point at more images")
+        return source.select(self.size, self.seed)
 
 
 def iter_batches(source: ImageSource, preprocess: Preprocess, batch_size: int = 64,

@@ -47,6 +47,21 @@ class ImageSource:
     classes: list[str] = field(default_factory=list)
     _archive: Path | None = None
     _root: Path | None = None
+    labels_file: str | None = None  # the labels file the labels came from, if any
+    label_lines: dict[str, int] = field(default_factory=dict)  # sample key -> its line in labels_file
+
+    def _like(self, samples: list[Sample]) -> "ImageSource":
+        return ImageSource(self.location, samples, self.classes, self._archive, self._root, self.labels_file, self.label_lines)
+
+    def check_label_range(self, num_classes: int, model: str = "the model") -> None:
+        """Refuse labels the model cannot predict (a class id past its last class), naming the line."""
+        if num_classes <= 0:
+            return
+        for s in self.samples:
+            if s.label >= num_classes:
+                where = f"labels file {self.labels_file} line {self.label_lines.get(s.key, '?')}" if self.labels_file else self.location
+                raise VitcError(f"{where}: class id {s.label} of {Path(s.key).name} is out of range for {model} "
+                                f"({num_classes} classes: 0-{num_classes - 1})", "fix the labels file, or evaluate a model with these classes")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -76,14 +91,14 @@ class ImageSource:
                     picked.append(q[depth])
             depth += 1
         picked.sort(key=lambda s: s.key)
-        return ImageSource(self.location, picked, self.classes, self._archive, self._root)
+        return self._like(picked)
 
     def split_off(self, n: int, seed: int = 0) -> tuple["ImageSource", "ImageSource"]:
         """Split into (a stratified subset of n images, the rest): calibrate on one, evaluate on the other."""
         head = self.select(n, seed)
         chosen = {s.key for s in head.samples}
         rest = [s for s in self.samples if s.key not in chosen]
-        return head, ImageSource(self.location, rest, self.classes, self._archive, self._root)
+        return head, self._like(rest)
 
     def iter_bytes(self) -> Iterator[tuple[Sample, bytes]]:
         """Yield (sample, encoded image bytes) in the source's order, reading lazily."""
@@ -115,7 +130,13 @@ def _open_tar(path: Path) -> tarfile.TarFile:
     try:
         return tarfile.open(path, mode="r:*")
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise VitcError(f"cannot read archive {path} ({exc})", "check that it is a .tar or .tar.gz file") from exc
+        raise VitcError(f"cannot read archive {path} ({_one_line(exc)})", "check that it is a .tar or .tar.gz file") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    # tarfile's "r:*" lists every compression it tried, one per line
+    lines = str(exc).splitlines()
+    return lines[0] if len(lines) == 1 else "not a tar archive in any compression tarfile reads (gz, bz2, xz, none)"
 
 
 def _is_image_name(name: str) -> bool:
@@ -147,12 +168,21 @@ def _class_layout(names: Sequence[str], location: str) -> tuple[list[str], list[
     return classes, samples
 
 
-def _read_labels_file(path: Path) -> dict[str, int]:
-    """Map file name -> class index from a TSV/CSV with ``index`` and ``file`` columns."""
+@dataclass
+class LabelsFile:
+    path: Path
+    labels: dict[str, int]  # file name -> class index
+    lines: dict[str, int]  # file name -> line number (1-based, the header is line 1)
+
+
+def _read_labels_file(path: Path) -> LabelsFile:
+    """Read a TSV/CSV with ``index`` and ``file`` columns, refusing (with the line number) a
+    non-numeric or negative class id, a short row and a file listed twice."""
     try:
         lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise VitcError(f"cannot read labels file {path} ({exc.strerror})", "pass a readable --labels file") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VitcError(f"cannot read labels file {path} ({getattr(exc, 'strerror', None) or 'not UTF-8 text'})",
+                        "pass a readable --labels file") from exc
     if not lines:
         raise VitcError(f"labels file {path} is empty", "give it a header with 'index' and 'file' columns")
     sep = "\t" if "\t" in lines[0] else ","
@@ -160,24 +190,58 @@ def _read_labels_file(path: Path) -> dict[str, int]:
     if "index" not in header or "file" not in header:
         raise VitcError(f"labels file {path} has no 'index' and 'file' columns", "use a header like: index<TAB>file")
     i_idx, i_file = header.index("index"), header.index("file")
-    out = {}
-    for line in lines[1:]:
-        if line.strip():
-            cols = line.split(sep)
-            out[cols[i_file].strip()] = int(cols[i_idx])
-    return out
+    out, where = {}, {}
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        cols = line.split(sep)
+        if len(cols) <= max(i_idx, i_file) or not cols[i_file].strip():
+            raise VitcError(f"labels file {path} line {number} has no '{'file' if len(cols) > i_idx else 'index'}' value",
+                            f"give every line an index and a file, separated by {'a tab' if sep == chr(9) else 'a comma'}")
+        name, text = cols[i_file].strip(), cols[i_idx].strip()
+        try:
+            label = int(text)
+        except ValueError:
+            raise VitcError(f"labels file {path} line {number}: class id '{text}' is not a whole number",
+                            "the index column holds the model's class indices (0, 1, ...)") from None
+        if label < 0:
+            raise VitcError(f"labels file {path} line {number}: class id {label} is negative", "class indices start at 0")
+        if name in out:
+            raise VitcError(f"labels file {path} line {number}: {name} is listed again (first on line {where[name]})",
+                            "give each image one line")
+        out[name], where[name] = label, number
+    if not out:
+        raise VitcError(f"labels file {path} lists no images", "add one line per image: index<TAB>file")
+    return LabelsFile(path, out, where)
 
 
-def _flat_layout(names: Sequence[str], labels: dict[str, int], location: str) -> list[Sample]:
-    samples = []
+def _flat_layout(names: Sequence[str], labels: LabelsFile, location: str, allow_unlabelled: bool = False) -> list[Sample]:
+    """Samples of a flat folder/archive: every listed file must exist and every image must be
+    listed (unless ``allow_unlabelled``), so no image is dropped or scored without a word."""
+    samples, unlabelled, present = [], [], set()
     for n in names:
-        if _is_hidden(n) or Path(n).name not in labels:
+        if _is_hidden(n):
+            continue
+        base = Path(n).name
+        if base not in labels.labels:
+            if _is_image_name(n):
+                unlabelled.append(n)
             continue
         if not _is_image_name(n):
             raise VitcError(f"{location} contains a file that is not an image: {n}", "remove it from the data folder")
-        samples.append(Sample(n, labels[Path(n).name]))
-    if not samples:
-        raise VitcError(f"no image in {location} is named in the labels file", "check that --labels lists these files")
+        if base in present:
+            raise VitcError(f"{location} holds two images named {base}; the labels file cannot tell them apart", "rename one")
+        present.add(base)
+        samples.append(Sample(n, labels.labels[base]))
+    missing = [name for name in labels.labels if name not in present]
+    if missing:
+        first = min(missing, key=labels.lines.get)
+        raise VitcError(f"labels file {labels.path} line {labels.lines[first]} lists {first}, which is not in {location}"
+                        + (f" ({len(missing)} listed files are missing)" if len(missing) > 1 else ""),
+                        "remove the lines of missing images, or point --data at the folder that holds them")
+    if unlabelled and not allow_unlabelled:
+        raise VitcError(f"{len(unlabelled)} of {len(unlabelled) + len(samples)} images in {location} have no line in "
+                        f"{labels.path} (first: {sorted(unlabelled)[0]})", "label them, or pass --allow-unlabelled to leave them out")
     return sorted(samples, key=lambda s: s.key)
 
 
@@ -189,7 +253,7 @@ def _list_archive(path: Path) -> list[str]:
             raise VitcError(f"cannot read archive {path} ({exc})", "check that the file is complete") from exc
 
 
-def open_source(spec: str | os.PathLike, labels: str | os.PathLike | None = None) -> ImageSource:
+def open_source(spec: str | os.PathLike, labels: str | os.PathLike | None = None, allow_unlabelled: bool = False) -> ImageSource:
     """Open an image source from a path or ``bundled:<split>``; see the module docstring."""
     spec = str(spec)
     if spec in ("bundled", "bundled:calib", "bundled:eval"):
@@ -209,11 +273,12 @@ def open_source(spec: str | os.PathLike, labels: str | os.PathLike | None = None
         archives = sorted(p for p in path.iterdir() if p.name.endswith((".tar", ".tar.gz", ".tgz")))
         if labels_path is not None and archives and not any(_is_image_name(p.name) for p in path.iterdir()):
             # e.g. imagenet-samples/: labels.tsv beside val.tar
-            return open_source(archives[0], labels_path)
+            return open_source(archives[0], labels_path, allow_unlabelled)
         names = [str(p.relative_to(path)) for p in sorted(path.rglob("*")) if p.is_file() and p.name != "labels.tsv"]
         if labels_path is not None:
-            samples = _flat_layout(names, _read_labels_file(labels_path), str(path))
-            return ImageSource(str(path), samples, [], None, path)
+            table = _read_labels_file(labels_path)
+            samples = _flat_layout(names, table, str(path), allow_unlabelled)
+            return ImageSource(str(path), samples, [], None, path, str(labels_path), _lines_of(samples, table))
         classes, samples = _class_layout(names, str(path))
         return ImageSource(str(path), samples, classes, None, path)
 
@@ -221,13 +286,18 @@ def open_source(spec: str | os.PathLike, labels: str | os.PathLike | None = None
         raise VitcError(f"{path} is neither a folder nor a .tar/.tar.gz archive", "pass --data a folder of images or an archive")
     names = _list_archive(path)
     if labels_path is not None:
-        samples = _flat_layout(names, _read_labels_file(labels_path), str(path))
-        return ImageSource(str(path), samples, [], path, None)
+        table = _read_labels_file(labels_path)
+        samples = _flat_layout(names, table, str(path), allow_unlabelled)
+        return ImageSource(str(path), samples, [], path, None, str(labels_path), _lines_of(samples, table))
     if not names:
         raise VitcError(f"archive {path} is empty", "pass an archive that holds images in <class>/<image> layout")
     # parts[-2] is the class both for <class>/<image> and <split>/<class>/<image>.
     classes, samples = _class_layout(names, str(path))
     return ImageSource(str(path), samples, classes, path, None)
+
+
+def _lines_of(samples: list[Sample], table: LabelsFile) -> dict[str, int]:
+    return {s.key: table.lines[Path(s.key).name] for s in samples}
 
 
 def decode_rgb(data: bytes, key: str, convert: bool = False):

@@ -1,6 +1,7 @@
 """Options and helpers shared by every CLI command, so flags have one name and one meaning."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -30,6 +31,7 @@ ResizeOpt = Annotated[Optional[int], typer.Option("--resize", help="short side b
 MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="normalisation mean, e.g. 0.485,0.456,0.406")]
 StdOpt = Annotated[Optional[str], typer.Option("--std", help="normalisation std, e.g. 0.229,0.224,0.225")]
 InterpOpt = Annotated[Optional[str], typer.Option("--interpolation", help="bilinear or bicubic")]
+AllowUnlabelledOpt = Annotated[bool, typer.Option("--allow-unlabelled", help="leave out images the labels file does not list (default: refuse them)")]
 FitOpt = Annotated[Optional[str], typer.Option("--fit", help="crop (short side to --resize, center crop) or letterbox (long side to --input-size, zero-pad)")]
 
 
@@ -41,9 +43,20 @@ def allowed_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def positive(value, flag: str, minimum: int = 1):
+    """Refuse a numeric flag below ``minimum`` (0 and negatives never silently mean "default")."""
+    from vitc.errors import VitcError
+
+    if value is not None and value < minimum:
+        raise VitcError(f"{flag} {value} is {'not positive' if minimum == 1 else f'below {minimum}'}",
+                        f"pass {flag} {minimum} or more, or leave it out for the default")
+    return value
+
+
 def set_threads(threads: int | None) -> int:
     import torch
 
+    positive(threads, "--threads")
     n = threads or allowed_cpus()
     torch.set_num_threads(n)
     return n
@@ -58,8 +71,10 @@ def _triple(text: str | None, flag: str):
         vals = tuple(float(v) for v in text.split(","))
     except ValueError:
         vals = ()
-    if len(vals) != 3:
+    if len(vals) != 3 or not all(math.isfinite(v) for v in vals):
         raise VitcError(f"{flag} '{text}' is not three numbers", f"pass {flag} as R,G,B, e.g. 0.5,0.5,0.5")
+    if flag == "--std" and min(vals) <= 0:  # dividing by 0 makes every pixel Inf/NaN
+        raise VitcError(f"--std '{text}' has a value that is not positive", "pass three positive numbers, e.g. 0.229,0.224,0.225")
     return vals
 
 
@@ -73,15 +88,39 @@ def load_backbone(model: str, weights: Path | None = None, input_size: int | Non
         raise VitcError(f"--interpolation '{interpolation}' is not supported", "use bilinear or bicubic")
     if fit not in (None, "crop", "letterbox"):
         raise VitcError(f"--fit '{fit}' is not supported", "use crop or letterbox")
+    positive(input_size, "--input-size")
+    positive(resize, "--resize")
     flags = PreprocessFlags(input_size, resize, _triple(mean, "--mean"), _triple(std, "--std"), interpolation, fit)
-    return load_model(model, str(weights) if weights else None, flags)
+    backbone = load_model(model, str(weights) if weights else None, flags)
+    if input_size is not None:
+        probe_input_size(backbone, input_size)
+    return backbone
+
+
+def probe_input_size(backbone, size: int) -> None:
+    """Run one blank image at ``--input-size``: a model that cannot take that size fails here, in
+    one line, instead of deep inside the first batch."""
+    import torch
+
+    from vitc.errors import VitcError
+
+    if backbone.module is None:
+        return
+    try:
+        with torch.no_grad():
+            backbone(torch.zeros(1, 3, size, size))
+    except Exception as exc:
+        raise VitcError(f"{backbone.source} cannot take {size}x{size} inputs (--input-size {size}: "
+                        f"{str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})",
+                        "pass the input size the model was built for, or leave --input-size out") from None
 
 
 def progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    # off a terminal (CI logs, pipes) a transient bar shows nothing useful and leaves a blank line before an error
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err_console, transient=True)
+                    console=err_console, transient=True, disable=not err_console.is_terminal)
 
 
 def pct(x: float | None) -> str:

@@ -22,11 +22,12 @@ def compress_cmd(
     out: OutOpt = None,
 ) -> None:
     """Compress a model as a recipe says, export and check it, and record the recipe in every manifest."""
-    from vitc.artifacts import write_json
+    from vitc.artifacts import hold, write_json
     from vitc.recipes import compress, load_recipe
     from vitc.recipes.runner import describe_passes
 
     r = load_recipe(recipe)
+    hold(out_dir, force)  # a concurrent run on this --out-dir fails now, not after the passes
     with progress() as prog:
         manifest = compress(r, out_dir, model=model, data=data, force=force, progress=prog)
     table = Table(title=f"compress: {manifest['source']['model']} by {recipe}")

@@ -6,8 +6,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import (BatchOpt, ConvertOpt, DataOpt, InputSizeOpt, FitOpt, InterpOpt, LabelsOpt, MeanOpt, ModelOpt, OutOpt,
-                     ResizeOpt, SeedOpt, StdOpt, ThreadsOpt, WeightsOpt, console, load_backbone, pct, progress, set_threads)
+from .common import (AllowUnlabelledOpt, BatchOpt, ConvertOpt, DataOpt, InputSizeOpt, FitOpt, InterpOpt, LabelsOpt, MeanOpt, ModelOpt, OutOpt,
+                     ResizeOpt, SeedOpt, StdOpt, ThreadsOpt, WeightsOpt, console, load_backbone, pct, positive, progress, set_threads)
 
 
 def eval_cmd(
@@ -27,15 +27,18 @@ def eval_cmd(
     std: StdOpt = None,
     interpolation: InterpOpt = None,
     fit: FitOpt = None,
+    allow_unlabelled: AllowUnlabelledOpt = False,
 ) -> None:
     """Top-1/top-5 accuracy and images/s of a model on --data."""
     from vitc.artifacts import write_json
     from vitc.calibration.data import DataSpec
     from vitc.evaluate import evaluate
 
+    positive(eval_size, "--eval-size")
+    positive(batch_size, "--batch-size")
     n_threads = set_threads(threads)
     backbone = load_backbone(model, weights, input_size, resize, mean, std, interpolation, fit)
-    source = DataSpec(data, str(labels) if labels else None, eval_size, seed, convert_rgb).open()
+    source = DataSpec(data, str(labels) if labels else None, eval_size, seed, convert_rgb, allow_unlabelled).open()
     run = runner_for(backbone, n_threads)
     with progress() as prog:
         result = evaluate(run, source, backbone.preprocess, backbone.labels, batch_size, convert_rgb, prog)

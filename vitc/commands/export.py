@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from .common import (DataOpt, ForceOpt, InputSizeOpt, FitOpt, InterpOpt, MeanOpt, ModelOpt, OutOpt, OutputOpt, ResizeOpt, StdOpt,
-                     ThreadsOpt, WeightsOpt, console, err_console, load_backbone, pct, progress, set_threads)
+                     ThreadsOpt, WeightsOpt, console, err_console, load_backbone, pct, positive, progress, set_threads)
 
 TARGET_CHOICES = ("onnx", "openvino", "tensorrt", "coreml", "all")
 
@@ -38,22 +38,26 @@ def export_cmd(
     fit: FitOpt = None,
 ) -> None:
     """Export a model to a deployable artifact, with a manifest, and check it against PyTorch."""
-    from vitc.artifacts import atomic_path, check_writable, write_json
+    from vitc.artifacts import atomic_path, check_writable, hold, write_json
     from vitc.errors import VitcError
     from vitc.export import TARGETS, planned_paths
+    from vitc.export.pipeline import claim_path
 
     if target not in TARGET_CHOICES:
         raise VitcError(f"unknown export target '{target}'", f"use one of: {', '.join(TARGET_CHOICES)}")
     if output is None:
         raise VitcError("vitc export needs -o/--output", "pass -o model.onnx (or a folder; with --target all, a folder)")
+    positive(eval_size, "--eval-size")
+    positive(max_batch, "--max-batch")
     set_threads(threads)
     options = dict(force=force, check=check, data=data, eval_size=eval_size, precision=precision, dynamic_batch=dynamic_batch,
                    opset=opset, simplify=simplify, max_batch=max_batch)
-    if target != "all":  # a bad or existing -o fails before the model loads
+    if target != "all":  # a bad, existing or busy -o fails before the model loads
+        hold(claim_path(output, target), force)  # held until the command ends: a concurrent export to it fails now
         for path in planned_paths(output, target):
             check_writable(path, force)
     else:
-        check_writable(output, force)
+        hold(output, force)
     backbone = load_backbone(model, weights, input_size, resize, mean, std, interpolation, fit)
     if not check:
         err_console.print("[bold yellow]warning: --no-check: the artifacts are NOT compared with PyTorch; their manifests say "
@@ -130,6 +134,8 @@ def _print_table(source: str, rows: list[dict]) -> None:
             runtime = (p.get("runtime") or {}).get("runtime", "?")
             notes.append(f"{r['target']}: parity on {p['images']} images of {p['data']} with {runtime}"
                          + (f" (reference top-1 {pct(p['reference_top1'])}, artifact {pct(p['artifact_top1'])})" if "artifact_top1" in p else ""))
+            if p.get("images_chosen"):
+                notes.append(f"{r['target']}: parity on {p['images_chosen']}")
         if r.get("note"):
             notes.append(f"{r['target']}: {r['note']}")
     console.print(table)

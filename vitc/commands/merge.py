@@ -62,7 +62,7 @@ def merge_cmd(
     as a model; -o FILE.onnx / FILE.xml exports the merged model (with its parity check);
     --viz draws the merges.
     """
-    from vitc.artifacts import atomic_path, check_writable, write_json
+    from vitc.artifacts import atomic_path, check_writable, hold, write_json
     from vitc.calibration.data import DataSpec, load_tensors
     from vitc.compress.tokens import MergeConfig, apply, for_flops, save_description
     from vitc.errors import VitcError
@@ -75,6 +75,9 @@ def merge_cmd(
             raise VitcError(f"-o {output} does not end in one of {', '.join(OUTPUT_KINDS)}",
                             "pass -o merged.json (a description any vitc command loads) or -o merged.onnx / merged.xml (an exported artifact)")
         check_writable(output, force)
+        from vitc.export.pipeline import claim_path
+
+        hold(output if output.suffix == ".json" else claim_path(output, OUTPUT_KINDS[output.suffix]), force)
     if viz is not None and viz.suffix.lower() != ".png":
         raise VitcError(f"--viz {viz} is not a .png path", "pass --viz merges.png")
     n_threads = set_threads(threads)

@@ -62,7 +62,7 @@ def prune_cmd(
     fit: FitOpt = None,
 ) -> None:
     """Remove heads, MLP channels, attention sublayers or conv channels; -o DIR saves a model that loads as hf:DIR."""
-    from vitc.artifacts import check_writable
+    from vitc.artifacts import hold
     from vitc.compress.prune import PruneConfig, apply
 
     config = PruneConfig(importance=importance, flops=flops, params=params, heads=heads, mlp=mlp, conv=conv,
@@ -70,7 +70,7 @@ def prune_cmd(
                          round_to=round_to, allocation=allocation, batch_size=batch_size)
     config.validate()
     if output is not None:
-        check_writable(output, force)
+        hold(output, force)  # a concurrent run on this -o fails now, not after the work
     set_threads(threads)
     dense = load_backbone(model, weights, input_size, resize, mean, std, interpolation, fit)
     images = None
@@ -94,7 +94,7 @@ def calibration_images(backbone, data: str, size: int, seed: int, convert_rgb: b
 
     if size <= 0:
         raise VitcError(f"--calib-size {size} is not positive", "pass 1 or more images")
-    source = DataSpec(data, None, size, seed, convert_rgb).open()
+    source = DataSpec(data, None, size, seed, convert_rgb, size_flag="--calib-size").open()
     return load_tensors(source, backbone.preprocess, convert_rgb)[0]
 
 
@@ -126,6 +126,8 @@ def finish(dense, compressed, verb: str, recover_steps: int, train_data: str, tr
         with progress() as prog:
             for row, (_, b) in zip(rows, stages):
                 row["top1"] = evaluate(b, source, b.preprocess, b.labels, eval_batch, convert_rgb, prog)["top1"]
+        for row in rows:  # a fraction of the images, like every accuracy figure (docs/json.md)
+            row["top1_drop"] = rows[0]["top1"] - row["top1"]
     table = Table(title=f"{verb}: {dense.source}")
     for col in ("stage", "params", "FLOPs / image", "FLOPs kept", "top-1"):
         table.add_column(col)

@@ -2,7 +2,7 @@
 
 JSON (``--out``) keys, stable: ``model``, ``wbits``, ``abits``, ``calibrator``,
 ``calibration_images``, ``calibration_s``, ``eval_images``, ``fp32_top1``, ``quantized_top1``,
-``top1_drop`` (points), ``top1_agreement``, ``fp32_bytes``, ``quantized_bytes``,
+``top1_drop`` (a fraction, like every accuracy: docs/json.md), ``top1_agreement``, ``fp32_bytes``, ``quantized_bytes``,
 ``compression``, ``latency`` (``runtime``, ``batch``, ``fp32_ms``, ``int8_ms``, ``speedup``;
 null when not measured), ``worst_sqnr`` (list of ``{"layer", "sqnr_db"}``, five worst),
 ``vit_quantizers``, ``scheme_choice``, ``output``.
@@ -15,11 +15,12 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import (BatchOpt, ConvertOpt, DataOpt, ForceOpt, InputSizeOpt, FitOpt, InterpOpt, LabelsOpt, MeanOpt, OutOpt,
+from .common import (AllowUnlabelledOpt, BatchOpt, ConvertOpt, DataOpt, ForceOpt, InputSizeOpt, FitOpt, InterpOpt, LabelsOpt, MeanOpt, OutOpt,
                      OutputOpt, ResizeOpt, SeedOpt, StdOpt, ThreadsOpt, WeightsOpt, console, load_backbone, pct,
-                     progress, set_threads)
+                     positive, progress, set_threads)
 
 DEFAULT_MODEL = "zoo:vit-c10"
+DEFAULT_CALIB_SIZE = 512
 
 
 def quantize_cmd(
@@ -30,7 +31,7 @@ def quantize_cmd(
     calib: str = typer.Option("mse", "--calib", help="activation calibrator: minmax, percentile, mse or entropy"),
     percentile: float = typer.Option(99.99, "--percentile", help="percentile of the percentile calibrator"),
     calib_data: str = typer.Option("bundled:calib", "--calib-data", help="calibration images (same forms as --data)"),
-    calib_size: int = typer.Option(512, "--calib-size", help="calibration images drawn (class-stratified) from --calib-data"),
+    calib_size: Optional[int] = typer.Option(None, "--calib-size", help="calibration images drawn (class-stratified) from --calib-data (default 512, or all when fewer; more than the data holds is an error)"),
     softmax: str = typer.Option("auto", "--softmax", help="post-softmax quantizer: auto, uniform, log2 or logsqrt2"),
     gelu: str = typer.Option("auto", "--gelu", help="post-GELU quantizer: auto, uniform or twin"),
     scheme: str = typer.Option("auto", "--scheme", help="activation grids: auto (symmetric int8 at 8 bits, which every target runs; per layer below), per-layer, symmetric or asymmetric"),
@@ -58,18 +59,22 @@ def quantize_cmd(
     fit: FitOpt = None,
     integer_only: bool = typer.Option(False, "--integer-only", help="integer-only inference (ViT): integer kernels for every op, written as an integer ONNX graph"),
     recover_steps: int = typer.Option(0, "--recover-steps", help="with --integer-only: fine-tune steps with the integer rounding simulated"),
+    allow_unlabelled: AllowUnlabelledOpt = False,
 ) -> None:
     """Quantize a model (W8A8 by default), compare it with FP32, and save it (-o, default quantized/<model>-w<W>a<A>/)."""
+    positive(calib_size, "--calib-size")
+    positive(eval_size, "--eval-size")
+    positive(batch_size, "--batch-size")
     if integer_only:
         from vitc.compress.integer.command import run_integer_only
 
         return run_integer_only(model=model, weights=weights, input_size=input_size, resize=resize, mean=mean, std=std,
                                 interpolation=interpolation, wbits=wbits or bits, abits=abits or bits, calib=calib,
-                                percentile=percentile, calib_data=calib_data, calib_size=calib_size,
+                                percentile=percentile, calib_data=calib_data, calib_size=calib_size or DEFAULT_CALIB_SIZE,
                                 recover_steps=recover_steps, data=data, labels=labels, eval_size=eval_size, seed=seed,
                                 batch_size=batch_size, output=output, force=force, threads=threads,
                                 convert_rgb=convert_rgb, out=out)
-    from vitc.artifacts import check_writable, write_json
+    from vitc.artifacts import hold, write_json
     from vitc.calibration.data import DataSpec, load_tensors
     from vitc.calibration.observers import check_count
     from vitc.compress.quantize import QuantConfig, apply
@@ -79,14 +84,18 @@ def quantize_cmd(
     config = QuantConfig(wbits=wbits or bits, abits=abits or bits, calibrator=calib, percentile=percentile, softmax=softmax,
                          gelu=gelu, scheme=scheme, granularity=granularity, ln_reparam=repq, smooth_alpha=smooth,
                          bias_correction=bias_correction).validate()
-    check_count(config.calibrator, calib_size)
+    check_count(config.calibrator, calib_size or DEFAULT_CALIB_SIZE)
     n_threads = set_threads(threads)
     backbone = load_backbone(model, weights, input_size, resize, mean, std, interpolation, fit)
     backbone.require_module("quantization")
+    from vitc.numerics import check_weights
+
+    check_weights(backbone)  # name the NaN/Inf weight itself, not the activation it poisons downstream
     output = output or Path("quantized") / f"{_model_name(backbone.source)}-w{config.wbits}a{config.abits}"
-    check_writable(output, force)
-    calib_source = DataSpec(calib_data, None, calib_size, seed, convert_rgb).open()
-    eval_source = DataSpec(data, str(labels) if labels else None, eval_size, seed, convert_rgb).open()
+    hold(output, force)  # a second run on this -o fails now, before calibration; held until the command ends
+    calib_source = DataSpec(calib_data, None, calib_size or DEFAULT_CALIB_SIZE, seed, convert_rgb,
+                            size_flag="--calib-size" if calib_size is not None else None).open()
+    eval_source = DataSpec(data, str(labels) if labels else None, eval_size, seed, convert_rgb, allow_unlabelled).open()
     with progress() as prog:
         task = prog.add_task("reading calibration images", total=None)
         x, _ = load_tensors(calib_source, backbone.preprocess, convert_rgb)
@@ -110,7 +119,7 @@ def quantize_cmd(
         "eval_images": quant["images"],
         "fp32_top1": base["top1"],
         "quantized_top1": quant["top1"],
-        "top1_drop": round(100 * (base["top1"] - quant["top1"]), 3),
+        "top1_drop": base["top1"] - quant["top1"],
         "top1_agreement": agreement(base["logits"], quant["logits"])["top1_agreement"],
         "fp32_bytes": fp32_bytes,
         "quantized_bytes": q_bytes,
@@ -167,7 +176,7 @@ def _print(r: dict) -> None:
     table.add_column("")
     table.add_column("FP32")
     table.add_column(f"W{r['wbits']}A{r['abits']}")
-    table.add_row(f"top-1 ({r['eval_images']} images)", pct(r["fp32_top1"]), f"{pct(r['quantized_top1'])} ({-r['top1_drop']:+.2f} pt)")
+    table.add_row(f"top-1 ({r['eval_images']} images)", pct(r["fp32_top1"]), f"{pct(r['quantized_top1'])} ({-100 * r['top1_drop']:+.2f} pt)")
     table.add_row("top-1 agreement with FP32", "", pct(r["top1_agreement"]))
     table.add_row("size", f"{r['fp32_bytes'] / 2**20:.2f} MiB", f"{r['quantized_bytes'] / 2**20:.2f} MiB ({r['compression']:.1f}x smaller)")
     if r["latency"]:

@@ -42,7 +42,7 @@ def sparsify_cmd(
     fit: FitOpt = None,
 ) -> None:
     """Make every eligible Linear/Conv 2:4 sparse (2 non-zeros in each 4 inputs); -o DIR saves a model that loads as hf:DIR."""
-    from vitc.artifacts import check_writable
+    from vitc.artifacts import hold
     from vitc.compress.sparsity import SparsityConfig, apply, layer_masks
     from vitc.compress.sparsity.api import selected_layers
 
@@ -52,7 +52,7 @@ def sparsify_cmd(
     config = SparsityConfig(method=method, layers=paths(layers), exclude=paths(exclude) or [], damp=damp, batch_size=batch_size)
     config.validate()
     if output is not None:
-        check_writable(output, force)
+        hold(output, force)  # a concurrent run on this -o fails now, not after the work
     set_threads(threads)
     dense = load_backbone(model, weights, input_size, resize, mean, std, interpolation, fit)
     selected_layers(dense.require_module("2:4 sparsity"), config)  # a wrong layer name fails before any work

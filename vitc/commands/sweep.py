@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import DataOpt, OutOpt, SeedOpt, allowed_cpus, console, pct, progress
+from .common import DataOpt, OutOpt, SeedOpt, allowed_cpus, console, pct, positive, progress
 
 
 def sweep_cmd(
@@ -26,7 +26,7 @@ def sweep_cmd(
     out_dir: Path = typer.Option(..., "--out-dir", help="results folder (resumes when it holds the same sweep)"),
     eval_size: Optional[int] = typer.Option(None, "--eval-size", help="evaluate each point on a deterministic subset of this many images"),
     seed: SeedOpt = 0,
-    jobs: int = typer.Option(0, "--jobs", "-j", help="compression jobs in parallel (0: the CPUs this process may use)"),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="compression jobs in parallel (default: the CPUs this process may use)"),
     ray: Optional[str] = typer.Option(None, "--ray", help="run on a Ray cluster: host:port, ray://host:port, auto, or local (starts one here)"),
     device: Optional[str] = typer.Option(None, "--device", help="device tag latency is measured on (Ray resource device:<tag>); default this machine's, e.g. cpu-x86"),
     measure_only: bool = typer.Option(False, "--measure-only", help="time and summarise the points an interrupted sweep already compressed; the rest stay pending"),
@@ -36,6 +36,8 @@ def sweep_cmd(
     from vitc.artifacts import write_json
     from vitc.sweep import load_space, run_sweep
 
+    positive(jobs, "--jobs")
+    positive(eval_size, "--eval-size")
     sp = load_space(space)
     target_list = [t.strip() for t in targets.split(",") if t.strip()]
     with progress() as prog:

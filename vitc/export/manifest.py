@@ -63,6 +63,7 @@ def build(backbone, target: str, stem: str, staging: Path, staged, opts, parity:
     size = backbone.preprocess.input_size
     batch = "batch" if opts.dynamic_batch else 1
     files = {p.name: sha256_of(p) for p in sorted(staging.iterdir())}
+    graph_in, graph_out = graph_io(staged.info)
     return {
         "manifest_version": MANIFEST_VERSION,
         "status": status_of(parity),
@@ -75,8 +76,8 @@ def build(backbone, target: str, stem: str, staging: Path, staged, opts, parity:
         "transforms": backbone.transforms,
         "quantization": quant,
         "input": {"name": "pixel_values", "shape": [batch, 3, size, size], "dtype": "float32", "layout": "NCHW",
-                  "batch_range": [1, opts.max_batch] if opts.dynamic_batch else [1, 1]},
-        "output": {"name": "logits", "shape": [batch, backbone.num_classes], "dtype": "float32"},
+                  "batch_range": [1, opts.max_batch] if opts.dynamic_batch else [1, 1], **graph_in},
+        "output": {"name": "logits", "shape": [batch, backbone.num_classes], "dtype": "float32", **graph_out},
         "preprocess": backbone.preprocess.to_dict(),
         "labels": backbone.labels,
         "options": opts.to_dict(),
@@ -89,10 +90,21 @@ def build(backbone, target: str, stem: str, staging: Path, staged, opts, parity:
     }
 
 
-def write(path: Path, manifest: dict) -> None:
-    from vitc.artifacts import _jsonable
+def graph_io(info: dict) -> tuple[dict, dict]:
+    """The input's and output's name, shape and dtype as the written ONNX graph has them (the onnx
+    target records them in ``info``, the targets that convert an ONNX graph under ``info["onnx"]``):
+    an ONNX file given as the model keeps its own names, which are not pixel_values/logits."""
+    graph = info if "input" in info and "output" in info else info.get("onnx") or {}
+    if not ("input" in graph and "output" in graph):
+        return {}, {}
+    pick = lambda d: {k: d[k] for k in ("name", "shape", "dtype") if k in d}  # noqa: E731
+    return pick(graph["input"]), pick(graph["output"])
 
-    path.write_text(json.dumps(manifest, indent=2, default=_jsonable) + "\n")
+
+def write(path: Path, manifest: dict) -> None:
+    from vitc.artifacts import dumps
+
+    path.write_text(dumps(manifest))
 
 
 def read(path: Path) -> dict:

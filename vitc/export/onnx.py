@@ -98,7 +98,8 @@ def write_onnx(backbone, path: Path, opts, quant, progress=None, for_openvino: b
                         "report it with the model; try --target openvino or --simplify") from exc
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if opset < opts.opset:
-        raise VitcError(f"{path.name} has opset {opset}, older than the {opts.opset} asked for", "export the PyTorch model instead of an old ONNX file")
+        named = backbone.onnx_path if backbone.module is None else path.name  # the user's file, never the staging copy
+        raise VitcError(f"{named} has opset {opset}, older than the {opts.opset} asked for", "export the PyTorch model instead of an old ONNX file")
     _check_batch(path, model, backbone, opts)
     if task is not None:
         progress.remove_task(task)
@@ -123,6 +124,11 @@ def _torch_export(backbone, path: Path, opts) -> dict:
         path.unlink(missing_ok=True)
         raise _unsupported_op_error("onnx", module, x, exc) from exc
     except Exception as exc:  # the tracer cannot take the module: try torch.export
+        from vitc.artifacts import find_disk_error
+
+        if find_disk_error(exc):  # a full disk is not the tracer's fault: no second exporter, no more warnings
+            path.unlink(missing_ok=True)
+            raise
         first_error = exc
     path.unlink(missing_ok=True)
     try:

@@ -8,6 +8,7 @@ Anything else that goes wrong leaves nothing behind.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shutil
 import tempfile
@@ -114,10 +115,27 @@ def resolve_output(output_path: Path | str, target: str) -> tuple[Path, str]:
                     f"pass a path ending in {mod.SUFFIX}, or a folder")
 
 
+def artifact_name(stem: str, target: str) -> str:
+    """The artifact's own name in its folder (``X.onnx``, ``X.xml``); a folder target's stem."""
+    return f"{stem}{target_module(target).SUFFIX or ''}"
+
+
+def manifest_name(stem: str, target: str) -> str:
+    """Manifests are named after the artifact file (``X.onnx.manifest.json``, ``X.xml.manifest.json``), so
+    two targets exported into one folder never share (and overwrite) one manifest."""
+    return f"{artifact_name(stem, target)}.manifest.json"
+
+
+def claim_path(output_path, target: str) -> Path:
+    """The path whose claim (vitc.artifacts.claim) guards an export to ``output_path``."""
+    folder, stem = resolve_output(output_path, target)
+    return folder / artifact_name(stem, target)
+
+
 def planned_paths(output_path, target: str) -> list[Path]:
     """Every path an export to ``output_path`` may write (the artifact, its sidecars, the manifest)."""
     folder, stem = resolve_output(output_path, target)
-    return [folder / name for name in (*target_module(target).output_names(stem), f"{stem}.manifest.json")]
+    return [folder / name for name in (*target_module(target).output_names(stem), manifest_name(stem, target))]
 
 
 def export_artifact(backbone, target: str, output_path, *, force: bool = False, check: bool = True,
@@ -141,23 +159,33 @@ def export_artifact(backbone, target: str, output_path, *, force: bool = False, 
     if opts.max_batch < 1 or not 1 <= opts.opt_batch <= opts.max_batch:
         raise VitcError(f"batch range opt {opts.opt_batch}, max {opts.max_batch} is not valid", "use 1 <= opt_batch <= max_batch")
     mod.preflight(backbone, opts, quant)
+    from vitc.numerics import check_weights
 
-    from vitc.artifacts import check_writable
+    check_weights(backbone)  # a NaN weight would export "fine" and fail parity with 100% agreement
+
+    from vitc.artifacts import claim
 
     folder, stem = resolve_output(output_path, target)
-    manifest_name = f"{stem}.manifest.json"
+    with claim(claim_path(output_path, target), force):  # held by the command already when run from the CLI
+        return _export_claimed(backbone, mod, target, folder, stem, output_path, opts, quant, force, check, data, eval_size,
+                               progress, batch_size, parity_mod, manifest_mod)
+
+
+def _export_claimed(backbone, mod, target, folder: Path, stem: str, output_path, opts, quant, force, check, data, eval_size,
+                    progress, batch_size, parity_mod, manifest_mod) -> Artifact:
+    from vitc.artifacts import JOURNAL, check_writable, disk_error, fault_point, find_disk_error, honour_umask, staging_prefix
+
+    manifest_file = manifest_name(stem, target)
     for path in planned_paths(output_path, target):
-        if path.name == manifest_name and path.exists() and not force:
-            # Manifests sit at <stem>.manifest.json, where intake and bench look for them.
-            raise VitcError(f"{path} already exists (the manifest of another export named {stem} in this folder)",
-                            "pass --force to overwrite it, or choose another -o/--output name")
         check_writable(path, force)
     first_existing = next(p for p in (folder, *folder.parents) if p.exists())
     folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{stem}.{target}.", dir=folder))
+    # the pid in the name lets the next run on this path recognise the staging of a killed run
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(folder / artifact_name(stem, target)), dir=folder))
     moved: list[Path] = []
     try:
         staged: Staged = mod.write(backbone, staging, stem, opts, quant, progress=progress)
+        fault_point("export:staged")
         parity = None
         if not check:
             parity = {"skipped": "--no-check: the artifact was not compared with PyTorch"}
@@ -170,19 +198,28 @@ def export_artifact(backbone, target: str, output_path, *, force: bool = False, 
             if staged.parity_subject:
                 parity["checked"] = staged.parity_subject
         manifest = manifest_mod.build(backbone, target, stem, staging, staged, opts, parity, quant)
-        manifest_mod.write(staging / manifest_name, manifest)
-        order = sorted(staging.iterdir(), key=lambda p: p.name == manifest_name)  # the manifest lands last
+        manifest_mod.write(staging / manifest_file, manifest)
+        honour_umask(staging)
+        order = sorted(staging.iterdir(), key=lambda p: p.name == manifest_file)  # the manifest lands last
+        # a run killed while moving leaves this journal: the next run on the path rolls the move back
+        (staging / JOURNAL).write_text(json.dumps({"dests": [str(folder / e.name) for e in order],
+                                                   "last": str(folder / manifest_file)}))
+        fault_point("export:manifest")
         for entry in order:
             dest = folder / entry.name
             if dest.exists():
                 shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
             os.replace(entry, dest)
             moved.append(dest)
-    except BaseException:
+            fault_point("export:moving")
+    except BaseException as exc:
         for dest in moved:
             shutil.rmtree(dest, ignore_errors=True) if dest.is_dir() else dest.unlink(missing_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
         _remove_created_dirs(folder, first_existing)
+        full = find_disk_error(exc) if isinstance(exc, Exception) else None
+        if full is not None:  # exporters wrap ENOSPC in their own errors: blame the disk, not the model
+            raise disk_error(full, folder / artifact_name(stem, target)) from exc
         raise
     shutil.rmtree(staging, ignore_errors=True)
     artifact = Artifact(path=folder / staged.primary.relative_to(staging), target=target, precision=opts.precision,

@@ -110,9 +110,11 @@ def _check_file(path: Path, what: str) -> None:
         raise VitcError(f"{what} path {path} is a folder, not a file", "for a transformers folder use hf:<dir>")
     try:
         with open(path, "rb") as f:
-            f.read(1)
+            first = f.read(1)
     except OSError as exc:
         raise VitcError(f"cannot read {what} file {path} ({exc.strerror})", "check its permissions") from exc
+    if not first:
+        raise VitcError(f"{what} file {path} is empty (0 bytes)", "write it again; an interrupted copy or save leaves empty files")
 
 
 # ---------------------------------------------------------------- weights files
@@ -352,11 +354,19 @@ def _labels_from(model: nn.Module, module: nn.Module, pre: Preprocess) -> list[s
 
 def _load_exported(path: Path, flags: PreprocessFlags) -> Backbone:
     _check_file(path, "model")
+    import logging
+
+    # torch.export.load logs the whole traceback of a corrupt archive as a warning before raising
+    quiet = logging.getLogger("torch.export")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         ep = torch.export.load(str(path))
     except Exception as exc:
         raise VitcError(f"{path} is not a readable torch.export program ({str(exc).splitlines()[0][:100]})",
                         "save it with torch.export.save(torch.export.export(model, (x,)), 'model.pt2')") from exc
+    finally:
+        quiet.setLevel(level)
     module = ep.module()
     shapes = [tuple(t.shape) for t in (ep.example_inputs[0] if ep.example_inputs else []) if hasattr(t, "shape")]
     base = None
@@ -405,11 +415,16 @@ def _load_onnx(path: Path, flags: PreprocessFlags) -> Backbone:
         graph = onnx.load(str(path), load_external_data=False).graph
     except Exception as exc:
         raise VitcError(f"{path} is not a readable ONNX model", "export it again (vitc export --target onnx)") from exc
+    if not graph.input or not graph.output:
+        raise VitcError(f"{path} is not a readable ONNX model (its graph has no {'inputs' if not graph.input else 'outputs'})",
+                        "export it again (vitc export --target onnx)")
     dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
     out_dims = [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
     base = Preprocess(dims[-1], dims[-1]) if len(dims) == 4 and dims[-1] > 0 else None
-    manifest = path.with_suffix(".manifest.json")
-    if manifest.exists():  # written by vitc export: carries the real preprocessing
+    from vitc.artifacts import manifest_beside
+
+    manifest = manifest_beside(path)
+    if manifest is not None:  # written by vitc export: carries the real preprocessing
         m = json.loads(manifest.read_text())
         if "preprocess" in m:
             base = Preprocess.from_dict(m["preprocess"])

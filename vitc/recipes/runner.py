@@ -62,8 +62,23 @@ def calibration_images(backbone, recipe: Recipe):
     from vitc.calibration.data import DataSpec, load_tensors
 
     c = recipe.calibration
-    source = DataSpec(c["data"], None, c["size"], c["seed"], True).open()
+    source = DataSpec(c["data"], None, c["size"], c["seed"], True, size_flag=f"{recipe.origin}: calibration size").open()
     return load_tensors(source, backbone.preprocess, True)[0]
+
+
+def check_passes_fit(backbone, recipe: Recipe) -> None:
+    """Check the passes whose validity depends on the model (token counts) right after it loads,
+    before calibration and the passes run, and name the recipe line of the one that does not fit."""
+    for i, (name, config) in enumerate(recipe.passes):
+        if name != "merge":
+            continue
+        from vitc.compress.tokens.api import plan
+
+        try:
+            plan(backbone, config)
+        except VitcError as exc:
+            where = recipe.pass_where[i] if i < len(recipe.pass_where) else recipe.origin
+            raise VitcError(f"{where}: merge does not fit {backbone.source}: {exc.problem}", exc.fix) from None
 
 
 def apply_passes(backbone, recipe: Recipe, images, progress=None):
@@ -228,6 +243,7 @@ def compress(recipe: Recipe, out_dir: Path, model: str | None = None, data: str 
     t0 = time.perf_counter()
     try:
         base = load_model(spec)
+        check_passes_fit(base, recipe)  # e.g. merge r past the token count: the recipe's line, before calibration
         images = calibration_images(base, recipe) if recipe.passes else None
         compressed = apply_passes(base, recipe, images, progress)
         compress_s = time.perf_counter() - t0

@@ -214,6 +214,7 @@ class Recipe:
     evaluate: dict
     bench: dict | None
     origin: str = "recipe"
+    pass_where: list[str] = field(default_factory=list)  # "<file> line N" of each pass, for errors found once the model loads
 
     def to_dict(self) -> dict:
         return {
@@ -336,7 +337,8 @@ def parse_recipe(data: dict, src: Source) -> Recipe:
             raise src.error(("bench",), "bench times exported artifacts, but export lists no targets",
                             "add export: {targets: [onnx]} or drop the bench section")
     return Recipe(model=data.get("model"), seed=data.get("seed", 0), threads=threads, calibration=calibration,
-                  passes=passes, export=export, evaluate=evaluate, bench=bench, origin=src.name)
+                  passes=passes, export=export, evaluate=evaluate, bench=bench, origin=src.name,
+                  pass_where=[src.at("passes", i, name) for i, name in enumerate(names)])
 
 
 def load_recipe(path: Path | str) -> Recipe:

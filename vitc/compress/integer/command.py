@@ -3,7 +3,7 @@ the reference executor, and write the integer ONNX graph.
 
 JSON (``--out``) keys: ``model``, ``weight_bits``, ``act_bits``, ``residual_bits``,
 ``calibrator``, ``calibration_images``, ``recover_steps``, ``eval_images``, ``fp32_top1``,
-``integer_top1``, ``top1_drop`` (points), ``top1_agreement``, ``exact_images`` (images whose
+``integer_top1``, ``top1_drop`` (a fraction: docs/json.md), ``top1_agreement``, ``exact_images`` (images whose
 ONNX Runtime int32 logits were compared with the reference executor), ``exact_mismatches``
 (must be 0), ``convert_s``, ``output``.
 """
@@ -72,7 +72,7 @@ def run_integer_only(*, model: str, weights, input_size, resize, mean, std, inte
         "calibrator": calib, "calibration_data": calib_source.location, "calibration_images": min(calib_size, len(x)),
         "recover_steps": recover_steps, "eval_data": eval_source.location, "eval_images": integer["images"],
         "fp32_top1": base["top1"], "integer_top1": integer["top1"],
-        "top1_drop": round(100 * (base["top1"] - integer["top1"]), 3),
+        "top1_drop": base["top1"] - integer["top1"],
         "top1_agreement": agreement(base["logits"], integer["logits"])["top1_agreement"],
         "exact_images": exact_n, "exact_mismatches": mismatches, "convert_s": convert_s, "threads": n_threads,
         "output": str(output / "model.onnx"),
@@ -83,7 +83,7 @@ def run_integer_only(*, model: str, weights, input_size, resize, mean, std, inte
     table.add_column("FP32")
     table.add_column("integer-only (ONNX Runtime)")
     table.add_row(f"top-1 ({result['eval_images']} images)", pct(result["fp32_top1"]),
-                  f"{pct(result['integer_top1'])} ({-result['top1_drop']:+.2f} pt)")
+                  f"{pct(result['integer_top1'])} ({-100 * result['top1_drop']:+.2f} pt)")
     table.add_row("top-1 agreement with FP32", "", pct(result["top1_agreement"]))
     table.add_row("ONNX Runtime vs reference executor", "",
                   f"{exact_n - mismatches} of {exact_n} images bit-exact")
