@@ -5,6 +5,14 @@ The Python API mirrors the CLI. Each verb imports its machinery on first call, s
 """
 from __future__ import annotations
 
+from vitc.models import loaders as _loaders
+
+# The composition root: each pass that saves an artifact registers its loader in its own module;
+# these are the modules, imported on the first lookup of a saved artifact (so models/ never
+# imports compress/, and ``import vitc`` stays fast).
+for _m in ("vitc.compress.quantize.saved", "vitc.compress.prune.persist", "vitc.compress.tokens.api"):
+    _loaders.register_module(_m)
+
 
 def quantize(model, calibration_data, config=None, **settings):
     """Post-training quantization, as ``vitc quantize`` does it.

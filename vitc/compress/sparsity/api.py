@@ -178,7 +178,8 @@ def apply(backbone, config: SparsityConfig, data=None, progress=None):
             raise RuntimeError(f"{path} is not 2:4 after masking")
         if task is not None:
             progress.advance(task)
-    record = {"pass": "sparsify", "config": asdict(config), "pattern": "2:4", "sparse_layers": chosen, "dense_layers": skipped}
+    record = {"pass": "sparsify", "config": asdict(config), "pattern": "2:4", "sparse_layers": chosen, "dense_layers": skipped,
+              "coverage": coverage(backbone, chosen, skipped)}
     return out.with_module(root, record)
 
 
@@ -186,3 +187,20 @@ def layer_masks(backbone) -> dict[str, torch.Tensor]:
     """Keep-masks (weight != 0) of the 2:4 layers, for recovery with fixed masks."""
     names = dict(backbone.module.named_modules())
     return {p: names[p].weight.detach() != 0 for p in sparse_layers(backbone)}
+
+
+def coverage(backbone, chosen: list[str], skipped: dict[str, str]) -> dict:
+    """Share of the weighted ops' FLOPs (every Linear/Conv2d, subclasses included) that run 2:4; the rest with why."""
+    from vitc.compress.prune.api import layer_flops
+
+    flops = layer_flops(backbone)
+    modules = dict(backbone.module.named_modules())
+    done = sum(flops.get(p, 0) for p in chosen)
+    total = sum(flops.values())
+    left = [{"name": p, "op": "linear" if isinstance(modules.get(p), nn.Linear) else "conv", "flops": flops.get(p, 0),
+             "reason": why} for p, why in skipped.items()]
+    left += [{"name": p, "op": "linear" if isinstance(modules.get(p), nn.Linear) else "conv", "flops": f,
+              "reason": "not a Linear/Conv2d vitc can mask"} for p, f in flops.items() if p not in skipped and p not in chosen]
+    return {"ops_sparsified": len(chosen), "ops_total": len(flops), "flops_sparsified": done, "flops_total": total,
+            "flops_share": done / total if total else 0.0, "capture": "Linear/Conv2d modules, subclasses included",
+            "left_alone": sorted(left, key=lambda d: -d["flops"])}
