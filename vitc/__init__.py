@@ -43,3 +43,53 @@ def quantize(model, calibration_data, config=None, **settings):
     if settings:
         config = QuantConfig.from_dict({**config.to_dict(), **settings})
     return apply(model, config, calibration_data)
+
+
+def prune(model, data=None, config=None, **settings):
+    """Structured pruning (``vitc prune``); see ``vitc.api.prune``."""
+    from vitc import api
+
+    return api.prune(model, data, config, **settings)
+
+
+def sparsify(model, data=None, config=None, **settings):
+    """2:4 sparsity (``vitc sparsify``); see ``vitc.api.sparsify``."""
+    from vitc import api
+
+    return api.sparsify(model, data, config, **settings)
+
+
+def merge(model, config=None, **settings):
+    """Token merging (``vitc merge``); see ``vitc.api.merge``."""
+    from vitc import api
+
+    return api.merge(model, config, **settings)
+
+
+def save(backbone, folder, force: bool = False) -> str:
+    """Save a pruned/sparse Backbone (``-o``); returns the spec that loads it; see ``vitc.api.save``."""
+    from vitc import api
+
+    return api.save(backbone, folder, force)
+
+
+def export(model, target: str = "onnx", path=None, **options):
+    """Export and check (``vitc export``); see ``vitc.api.export``."""
+    from vitc import api
+
+    return api.export(model, target, path, **options)
+
+
+def bench(model, targets=("torch",), batches=(1,), threads=None, data=None, **harness):
+    """Latency (``vitc bench``); see ``vitc.api.bench``."""
+    from vitc import api
+
+    return api.bench(model, targets, batches, threads, data, **harness)
+
+
+def evaluate(model, data: str = "bundled:eval", size=None, batch_size: int = 64, seed: int = 0) -> dict:
+    """Top-1/top-5 (``vitc eval``); see ``vitc.api.evaluate``. (Importing the module ``vitc.evaluate``
+    replaces this attribute; that module is callable and forwards here, so ``vitc.evaluate(...)`` always works.)"""
+    from vitc import api
+
+    return api.evaluate(model, data, size, batch_size, seed)

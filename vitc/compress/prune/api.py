@@ -163,6 +163,8 @@ def apply(backbone, config: PruneConfig, data=None):
     global_rank = None
     if target is not None:
         measure = (lambda b: b.flops() / dense_flops) if config.flops is not None else (lambda b: b.parameters_count() / dense_params)
+        if config.flops is not None and graph is not None:
+            measure = lambda b: generic.relative_flops(graph, b.module)  # noqa: E731  (the same ops, from shapes)
         if config.allocation == "global":
             ratio = None
             fixed = counts_at(None)  # explicit ratios of the kinds not searched

@@ -159,6 +159,36 @@ def coverage(g: Graph, groups: list[GraphGroup], kinds: list[str]) -> dict:
             "left_alone": sorted(left, key=lambda d: -d["flops"])}
 
 
+def relative_flops(g: Graph, root: nn.Module) -> float:
+    """Conv/matmul FLOPs of ``root`` as pruned so far over the dense model's, from the graph's shapes.
+
+    Each op's FLOPs scale with the kept share of its input and output channels (a depthwise
+    conv's and an attention's with their one channel axis), which is what a FLOP counter would
+    measure on those ops, without running the model (the allocation searches ask often).
+    """
+    kept = root.__dict__.get(KEPT, {})
+
+    def share(s: int) -> float:
+        r = g.find(s)
+        parts = g.split.get(r)
+        if parts:
+            return sum(share(p) for p in parts) / len(parts)
+        sp = g.spaces[r]
+        k = kept.get(r)
+        return len(k) / (sp.size // sp.unit) if k is not None else 1.0
+
+    dense = pruned = 0.0
+    for op in g.ops:
+        f = float(op.flops)
+        for pieces in op.scales:
+            total = sum(n for _, n in pieces)
+            if total:
+                f *= sum(n * share(s) for s, n in pieces) / total
+        dense += op.flops
+        pruned += f
+    return pruned / dense if dense else 1.0
+
+
 # ---------------------------------------------------------------- scores
 
 def magnitude(root: nn.Module, group: GraphGroup) -> torch.Tensor:

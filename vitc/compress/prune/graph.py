@@ -81,6 +81,7 @@ class WeightedOp:
     module: str | None
     flops: int
     spaces: list  # space ids it reads or writes (roots resolved later)
+    scales: list = field(default_factory=list)  # [[(space, n), ...], ...]: its FLOPs scale with each list's kept share
 
 
 class Graph:
@@ -166,8 +167,15 @@ def capture(module: nn.Module, example: torch.Tensor):
     """``torch.export`` (non-strict) of ``module`` on ``example``; one-line VitcError if it cannot be captured."""
     import traceback
 
+    import logging
+
+    import contextlib
+    import io
+
+    logging.disable(logging.WARNING)  # export logs and prints the partial graph of a failed capture; the user gets one line
     try:
-        return torch.export.export(module.eval(), (example,), strict=False)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return torch.export.export(module.eval(), (example,), strict=False)
     except Exception as exc:  # export raises many types; the user gets the op/line and what to do
         frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename and "/vitc/" not in f.filename]
         where = f" at {frames[-1].filename}:{frames[-1].lineno} ({frames[-1].line})" if frames else ""
@@ -175,6 +183,8 @@ def capture(module: nn.Module, example: torch.Tensor):
         raise VitcError(f"cannot capture the model as a graph{where}: {type(exc).__name__}: {first}",
                         "make that code traceable (no data-dependent Python control flow), prune with a family "
                         "adapter (--method adapter), or export the model to ONNX first") from exc
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def analyse(module: nn.Module, example: torch.Tensor) -> tuple[Graph, dict]:
@@ -291,7 +301,8 @@ def _step(g: Graph, n, op: str, args: list, out_shape, chan, pfqn, module_of, ba
                     g.spaces[g.find(s2)].consumers.append(path)
                     if len(cx.pieces) == 1:
                         g.spaces[g.find(s2)].gates.insert(0, (path, "in", 1))
-            g.ops.append(WeightedOp(n.name, "conv", path, _flops_per_image(out_shape, batch, k), spaces + [s]))
+            g.ops.append(WeightedOp(n.name, "conv", path, _flops_per_image(out_shape, batch, k), spaces + [s],
+                                    [list(cx.pieces) if cx else [], [(s, cout)]]))
             return Chan(1, [(s, cout)]), used
         if groups == cin == cout and cx is not None:  # depthwise: its channels are its input's
             g.add_members(wf, 0, cx)
@@ -299,7 +310,7 @@ def _step(g: Graph, n, op: str, args: list, out_shape, chan, pfqn, module_of, ba
                 g.add_members(pfqn(bias), 0, cx)
             for s2, _ in cx.pieces:
                 g.spaces[g.find(s2)].fresh = False
-            g.ops.append(WeightedOp(n.name, "conv", path, _flops_per_image(out_shape, batch, k), spaces))
+            g.ops.append(WeightedOp(n.name, "conv", path, _flops_per_image(out_shape, batch, k), spaces, [list(cx.pieces)]))
             return Chan(1, list(cx.pieces)), used
         g.block_chan(cx, f"grouped conv ({groups} groups) {path}")
         s = g.new(cout, f"output of grouped conv ({groups} groups) {path}")
@@ -333,7 +344,8 @@ def _step(g: Graph, n, op: str, args: list, out_shape, chan, pfqn, module_of, ba
                 g.spaces[g.find(s2)].consumers.append(path)
                 if len(cx.pieces) == 1:
                     g.spaces[g.find(s2)].gates.insert(0, (path, "in", -1))
-        g.ops.append(WeightedOp(n.name, "linear", path, _flops_per_image(out_shape, batch, kdim), spaces + [s]))
+        g.ops.append(WeightedOp(n.name, "linear", path, _flops_per_image(out_shape, batch, kdim), spaces + [s],
+                                [list(cx.pieces) if cx else [], [(s, cout)]]))
         return Chan(len(out_shape) - 1, [(s, cout)]), {args[1]} | ({bias} if pfqn(bias) else set())
     if op in BATCHNORM:
         if cx is None:
@@ -375,18 +387,20 @@ def _step(g: Graph, n, op: str, args: list, out_shape, chan, pfqn, module_of, ba
             sp.attention.append(list((n.meta.get("nn_module_stack") or {"": ("",)}).values())[-1][0])
         hd = out_shape[-1]
         g.ops.append(WeightedOp(n.name, "attention", None, _flops_per_image(out_shape, batch, 2 * _shape(args[1])[-2]),
-                                [s for s, _ in v.pieces]))
+                                [s for s, _ in v.pieces], [list(v.pieces)]))
         return Chan(cx.dim, list(v.pieces), hd, len(out_shape) - 1), set()
     if op in ("matmul", "bmm"):
         a, b = chan(args[0]), chan(args[1])
         sa, sb = _shape(args[0]), _shape(args[1])
         nd = len(out_shape)
-        g.ops.append(WeightedOp(n.name, "matmul", None, _flops_per_image(out_shape, batch, sa[-1]),
-                                [s for c in (a, b) if c for s, _ in c.pieces or []]))
+        op_ = WeightedOp(n.name, "matmul", None, _flops_per_image(out_shape, batch, sa[-1]),
+                         [s for c in (a, b) if c for s, _ in c.pieces or []])
+        g.ops.append(op_)
         batch_a = a is not None and a.dim < len(sa) - 2 and not a.outer
         batch_b = b is not None and b.dim < len(sb) - 2 and not b.outer
         if batch_a and batch_b and a.dim - len(sa) == b.dim - len(sb):
             _unite_pieces(g, [a, b], f"matmul {where}")
+            op_.scales = [list(a.pieces)]
             od = a.dim - len(sa) + nd
             sub = nd - 1 if b.sub == len(sb) - 1 else None
             for s, _ in a.pieces:
