@@ -58,7 +58,8 @@ def test_prune_engages_exports_and_reloads(name, written, images, tmp_path):
     spec, weights = written[name]
     dense = load_model(spec, weights)
     x = images(dense)
-    pruned = vitc.prune(dense, x, importance="activation", flops=TARGET, method="graph", batch_size=8)
+    # round_to=1: the tiny test widths (8-64 channels) would make multiples of 8 a coarse staircase
+    pruned = vitc.prune(dense, x, importance="activation", flops=TARGET, method="graph", batch_size=8, round_to=1)
     rec = pruned.transforms[-1]
     assert rec["groups_from"] == "graph"
     reached = rec["flops"] / rec["flops_dense"]
@@ -155,11 +156,12 @@ def test_cli_prune_and_sparsify_a_factory_model_then_eval_and_export_the_folder(
     assert "coverage:" in stdout
     doc = json.loads((tmp_path / "p.json").read_text())
     assert doc["coverage"]["flops_share"] > 0.9 and doc["groups_from"] == "graph"
-    cli("sparsify", "--model", str(tmp_path / "p"), "--method", "magnitude", "-o", str(tmp_path / "ps"),
+    meta = json.loads((tmp_path / "p" / "vitc_model.json").read_text())
+    assert meta["base"] == {"spec": spec, "weights": weights, "sha256": meta["base"]["sha256"]} and meta["base"]["sha256"]
+    cli("eval", "--model", str(tmp_path / "p"), "--eval-size", "16")
+    cli("sparsify", "--model", spec, "--weights", weights, "--method", "wanda", "--calib-size", "16", "-o", str(tmp_path / "ps"),
         "--out", str(tmp_path / "ps.json"))
-    meta = json.loads((tmp_path / "ps" / "vitc_model.json").read_text())
-    assert meta["base"]["spec"] == str(tmp_path / "p")
-    cli("eval", "--model", str(tmp_path / "ps"), "--eval-size", "16")
+    assert json.loads((tmp_path / "ps.json").read_text())["coverage"]["flops_share"] > 0.5
     cli("export", "--model", str(tmp_path / "ps"), "--target", "onnx", "-o", str(tmp_path / "ps.onnx"), "--eval-size", "16")
     assert (tmp_path / "ps.onnx").exists()
 

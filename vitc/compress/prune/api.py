@@ -190,12 +190,12 @@ def apply(backbone, config: PruneConfig, data=None):
     from vitc.models.adapters import discover
 
     if graph is not None:
+        heads = {a: {"heads": g.units(root), "head_dim": g.unit_size} for g in groups if g.kind == "heads" for a in g.attention if a}
         root.__dict__.pop(generic.KEPT, None)
         synced = False
         _check_runs(backbone, root)
         cover = generic.coverage(graph, [g for g in groups if g.name in counts and counts[g.name] < g.size // g.unit_size],
                                  list(KINDS))
-        heads = {a: {"heads": g.units(root), "head_dim": g.unit_size} for g in groups if g.kind == "heads" for a in g.attention if a}
     else:
         synced = sync_config(root, discover(root))
         cover = _adapter_coverage(backbone, root, groups, counts)

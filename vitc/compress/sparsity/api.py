@@ -86,7 +86,16 @@ def _inputs_2d(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A layer's input as rows of its weight's columns (conv: unfolded, in (kh, kw, in) order)."""
     if isinstance(layer, nn.Linear):
         return x.detach().float().reshape(-1, x.shape[-1])
-    cols = F.unfold(x.detach().float(), layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+    x, padding = x.detach().float(), layer.padding
+    if isinstance(padding, str):  # padding="same"/"valid" (EfficientNet ports): unfold takes numbers only
+        padding = (0, 0)
+        if layer.padding == "same":
+            pads = []
+            for k, d in zip(reversed(layer.kernel_size), reversed(layer.dilation)):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            x = F.pad(x, pads)
+    cols = F.unfold(x, layer.kernel_size, layer.dilation, padding, layer.stride)
     cin, (kh, kw) = layer.in_channels, layer.kernel_size
     perm = torch.arange(cin * kh * kw).reshape(cin, kh, kw).permute(1, 2, 0).reshape(-1)
     return cols.transpose(1, 2).reshape(-1, cin * kh * kw)[:, perm]
