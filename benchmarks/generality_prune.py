@@ -53,7 +53,7 @@ def row(name: str, work: Path, flops: float, calib: int) -> dict:
     out["flops_ratio"] = rec["flops"] / rec["flops_dense"]
     out["prune_coverage"] = rec["coverage"]["flops_share"]
     out["prune_left_alone"] = rec["coverage"]["left_alone"]
-    art = vitc.export(pruned, "onnx", work / name / "pruned.onnx", eval_size=32, batch_size=16)
+    art = vitc.export(pruned, "onnx", work / name / "pruned.onnx", eval_size=16, batch_size=16)
     out["onnx_parity"] = art.status
     with torch.no_grad():
         y = pruned.module(check)
@@ -79,7 +79,7 @@ def row(name: str, work: Path, flops: float, calib: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--flops", type=float, default=0.6, help="fraction of FLOPs to keep")
-    ap.add_argument("--calib", type=int, default=32, help="real calibration images (bundled CIFAR-10 slice)")
+    ap.add_argument("--calib", type=int, default=16, help="real calibration images (bundled CIFAR-10 slice)")
     ap.add_argument("--models", default=",".join(ROWS))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()

@@ -67,6 +67,8 @@ def test_sparsify_and_save_reload_a_factory_model(tmp_path):
     assert torch.equal(again(x), s(x))
     with pytest.raises(VitcError, match="already exists"):
         vitc.save(s, tmp_path / "s")
+    doc = vitc.bench(folder, targets=["torch"], batches=[2], min_samples=5, min_time_s=0.05, max_time_s=0.5, warmup_max_s=0.3)
+    assert doc["results"][0]["stats"]["p50"]["value"] > 0  # vitc bench loads the saved folder too
 
 
 def test_merge_and_evaluate_by_spec(tiny_vit_dir):

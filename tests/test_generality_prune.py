@@ -182,3 +182,21 @@ def test_models_never_import_compress():
             if s.startswith(("import ", "from ")) and "compress" in s:
                 offenders.append(f"{p.name}: {s}")
     assert offenders == []
+
+
+def test_a_torch_export_program_sparsifies_saves_and_reloads_and_prune_says_why_not(tmp_path):
+    model = gm.subclassed_cnn().eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    ep = torch.export.export(model, (torch.randn(2, 3, 32, 32),), dynamic_shapes={"x": {0: batch}})
+    torch.export.save(ep, str(tmp_path / "m.pt2"))
+    b = load_model(str(tmp_path / "m.pt2"))
+    sparse = vitc.sparsify(b, None, method="magnitude")
+    rec = sparse.transforms[-1]
+    assert rec["coverage"]["flops_share"] > 0.9 and "model.block1.pw" in rec["sparse_layers"]
+    again = load_model(vitc.save(sparse, tmp_path / "s"))
+    x = b.example_input(2)
+    assert torch.equal(again(x), sparse(x))
+    with pytest.raises(VitcError, match="wanda reads each layer's inputs"):
+        vitc.sparsify(b, x, method="wanda")
+    with pytest.raises(VitcError, match="torch.export program bakes layer widths"):
+        vitc.prune(b, None, importance="magnitude", flops=0.7, method="graph")

@@ -235,8 +235,12 @@ def _check_runs(backbone, root: nn.Module) -> None:
         try:
             shape = tuple(root.eval()(x).shape)
         except Exception as exc:
-            raise VitcError(f"the pruned model no longer runs ({type(exc).__name__}: {str(exc).splitlines()[0][:140]})",
-                            "its forward reads a width vitc cannot change; prune fewer unit kinds (--units mlp,conv)") from exc
+            if any(isinstance(m, torch.fx.GraphModule) for m in root.modules()):
+                fix = ("a torch.export program bakes layer widths (conv groups, reshape sizes) into its graph; "
+                       "prune the model from its Python code (pkg.module:factory --weights), or use vitc sparsify")
+            else:
+                fix = "its forward reads a width vitc cannot change; prune fewer unit kinds (--units mlp,conv)"
+            raise VitcError(f"the pruned model no longer runs ({type(exc).__name__}: {str(exc).splitlines()[0][:140]})", fix) from exc
     if shape != dense_shape:
         raise VitcError(f"pruning changed the output shape {dense_shape} -> {shape}", "prune fewer unit kinds (--units)")
 
