@@ -200,3 +200,13 @@ def test_a_torch_export_program_sparsifies_saves_and_reloads_and_prune_says_why_
         vitc.sparsify(b, x, method="wanda")
     with pytest.raises(VitcError, match="torch.export program bakes layer widths"):
         vitc.prune(b, None, importance="magnitude", flops=0.7, method="graph")
+
+
+def test_global_taylor_allocation_ranks_graph_groups(images):
+    from vitc.api import as_backbone
+
+    b = as_backbone(gm.subclassed_cnn(), input_size=32)
+    p = vitc.prune(b, images(b), importance="taylor", flops=0.6, allocation="global", method="graph", round_to=1)
+    rec = p.transforms[-1]
+    assert 0.55 <= rec["flops"] / rec["flops_dense"] <= 0.6 + 1e-6
+    assert rec["keep_ratio"] is None and rec["global_rank_kept"] > 0  # ranked units, not one shared ratio
