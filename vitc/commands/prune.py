@@ -100,7 +100,7 @@ def print_coverage(cover: dict, verb: str, whole: bool = True, shown: int = 8) -
     """What a pass covered, said out loud: ops and FLOPs, the ops left alone with why, a warning below 90%."""
     from vitc.compress.quantize.plan import COVERAGE_WARN
 
-    console.print(f"coverage: {cover[f'ops_{verb}']}/{cover['ops_total']} weighted ops {verb}, "
+    console.print(f"coverage: {cover[f'ops_{verb}']}/{cover['ops_total']} matmul/conv ops {verb}, "
                   f"{pct(cover['flops_share'])} of matmul/conv FLOPs ({cover['capture']})")
     left = cover["left_alone"]
     for item in left[:shown]:
