@@ -199,7 +199,8 @@ def apply(backbone, config: PruneConfig, data=None):
     else:
         synced = sync_config(root, discover(root))
         cover = _adapter_coverage(backbone, root, groups, counts)
-        heads = {}
+        # head counts travel with a saved state (a family whose forward reads them needs them back)
+        heads = {g.attention: {"heads": g.units(root), "head_dim": g.unit_size} for g in groups if g.kind == "heads" and g.attention}
     pruned = replace(out, module=root)
     record = {
         "pass": "prune", "config": asdict(config), "groups_from": "graph" if graph is not None else "adapter",
