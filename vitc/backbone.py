@@ -35,6 +35,7 @@ class Backbone:
     preprocess_origin: str = "config"  # "config" | "flags" | "defaults"
     onnx_path: Path | None = None
     card: dict | None = None  # zoo model card, when loaded from the zoo
+    source_weights: str | None = None  # the --weights file of a factory/timm source (a saved artifact rebuilds from it)
 
     @cached_property
     def structure(self) -> Structure:

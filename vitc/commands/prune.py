@@ -35,6 +35,8 @@ def prune_cmd(
     units: str = typer.Option("heads,mlp,conv", "--units", help="unit kinds a --flops/--params target may shrink"),
     importance: str = typer.Option("taylor", "--importance", help="magnitude, activation, or taylor (distillation loss)"),
     round_to: int = typer.Option(8, "--round-to", help="kept MLP/conv channel counts are multiples of this"),
+    method: str = typer.Option("auto", "--method", help="where channel groups come from: adapter (family knowledge), graph "
+                               "(the model's torch.export graph: any CNN or ViT), auto (adapter where the family has one, else graph)"),
     allocation: str = typer.Option("uniform", "--allocation", help="how a --flops/--params target is shared: uniform (one "
                                    "keep ratio for every block) or global (units of all blocks ranked by Taylor score per cost)"),
     data: DataOpt = "bundled:calib",
@@ -67,12 +69,16 @@ def prune_cmd(
 
     config = PruneConfig(importance=importance, flops=flops, params=params, heads=heads, mlp=mlp, conv=conv,
                          drop_attention=drop_attention, units=[u.strip() for u in units.split(",") if u.strip()],
-                         round_to=round_to, allocation=allocation, batch_size=batch_size)
+                         round_to=round_to, allocation=allocation, batch_size=batch_size, method=method)
     config.validate()
     if output is not None:
         hold(output, force)  # a concurrent run on this -o fails now, not after the work
     set_threads(threads)
     dense = load_backbone(model, weights, input_size, resize, mean, std, interpolation, fit)
+    if output is not None:
+        from vitc.compress.prune.persist import check_savable
+
+        check_savable(dense)  # before any work: a result that cannot be saved is not computed
     images = None
     if importance != "magnitude" or drop_attention:
         images = calibration_images(dense, data, calib_size, seed, convert_rgb)
@@ -81,11 +87,29 @@ def prune_cmd(
     record = pruned.transforms[-1]
     if record["plan"]["dropped_attention"]:
         console.print("removed attention sublayers: " + ", ".join(record["plan"]["dropped_attention"]))
+    print_coverage(record["coverage"], "pruned", whole=not (set(config.units) < {"heads", "mlp", "conv"}))
     finish(dense, pruned, "prune", recover_steps, train_data, train_size, recover_lr, recover_batch, seed,
            eval_data, eval_size, batch_size, convert_rgb, output, force, out, masks=None,
            extra={"keep_ratio": record["keep_ratio"], "allocation": allocation, "channels": record["plan"]["channels"],
                   "dropped_attention": record["plan"]["dropped_attention"],
-                  "reloads_with_plain_transformers": record["plan"]["config_describes_all_layers"]})
+                  "reloads_with_plain_transformers": record["plan"]["config_describes_all_layers"],
+                  "groups_from": record["groups_from"], "coverage": record["coverage"]})
+
+
+def print_coverage(cover: dict, verb: str, whole: bool = True, shown: int = 8) -> None:
+    """What a pass covered, said out loud: ops and FLOPs, the ops left alone with why, a warning below 90%."""
+    from vitc.compress.quantize.plan import COVERAGE_WARN
+
+    console.print(f"coverage: {cover[f'ops_{verb}']}/{cover['ops_total']} matmul/conv ops {verb}, "
+                  f"{pct(cover['flops_share'])} of matmul/conv FLOPs ({cover['capture']})")
+    left = cover["left_alone"]
+    for item in left[:shown]:
+        console.print(f"  left alone: {item['name']} ({item['op']}, {item['flops'] / 1e6:.2f} MFLOPs): {item['reason']}")
+    if len(left) > shown:
+        console.print(f"  ... and {len(left) - shown} more (all listed in --out)")
+    if whole and cover["flops_share"] < COVERAGE_WARN:
+        console.print(f"[yellow]warning: only {pct(cover['flops_share'])} of the model's matmul/conv FLOPs are {verb} "
+                      f"(below {COVERAGE_WARN:.0%}); the ops above were left alone[/yellow]")
 
 
 def calibration_images(backbone, data: str, size: int, seed: int, convert_rgb: bool):
@@ -142,9 +166,9 @@ def finish(dense, compressed, verb: str, recover_steps: int, train_data: str, tr
     result = {"model": dense.source, "stages": rows, **extra, "transforms": compressed.transforms}
     if output is not None:
         with atomic_path(output, force, is_dir=True) as tmp:
-            save_backbone(compressed, tmp)
+            spec = save_backbone(compressed, tmp)
         result["output"] = str(output)
-        console.print(f"saved {output} (load it with --model hf:{output})")
+        console.print(f"saved {output} (load it with --model {'hf:' if spec.startswith('hf:') else ''}{output})")
     if out:
         write_json(out, result)
     return result

@@ -8,7 +8,7 @@ import typer
 from .common import (BatchOpt, ConvertOpt, DataOpt, ForceOpt, InputSizeOpt, FitOpt, InterpOpt, MeanOpt, ModelOpt, OutOpt,
                      OutputOpt, ResizeOpt, SeedOpt, StdOpt, ThreadsOpt, WeightsOpt, console, load_backbone, progress, set_threads)
 from .prune import (CalibSizeOpt, EvalDataOpt, EvalSizeOpt, RecoverBatchOpt, RecoverLrOpt, RecoverStepsOpt, TrainDataOpt,
-                    TrainSizeOpt, calibration_images, finish)
+                    TrainSizeOpt, calibration_images, finish, print_coverage)
 
 
 def sparsify_cmd(
@@ -56,12 +56,16 @@ def sparsify_cmd(
     set_threads(threads)
     dense = load_backbone(model, weights, input_size, resize, mean, std, interpolation, fit)
     selected_layers(dense.require_module("2:4 sparsity"), config)  # a wrong layer name fails before any work
+    if output is not None:
+        from vitc.compress.prune.persist import check_savable
+
+        check_savable(dense)  # before the work, not after it
     images = calibration_images(dense, data, calib_size, seed, convert_rgb) if method != "magnitude" else None
     with progress() as prog:
         sparse = apply(dense, config, images, prog)
     record = sparse.transforms[-1]
-    console.print(f"2:4 layers: {len(record['sparse_layers'])}; left dense: {len(record['dense_layers'])}"
-                  + "".join(f"\n  dense: {p} ({why})" for p, why in record["dense_layers"].items()))
+    print_coverage(record["coverage"], "sparsified", whole=not (config.layers or config.exclude))
     finish(dense, sparse, "2:4", recover_steps, train_data, train_size, recover_lr, recover_batch, seed,
            eval_data, eval_size, batch_size, convert_rgb, output, force, out, masks=layer_masks,
-           extra={"method": method, "sparse_layers": record["sparse_layers"], "dense_layers": record["dense_layers"]})
+           extra={"method": method, "sparse_layers": record["sparse_layers"], "dense_layers": record["dense_layers"],
+                  "coverage": record["coverage"]})

@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from vitc.backbone import Backbone
 from vitc.errors import MissingExtraError, VitcError
+from vitc.models.loaders import find_loader
 from vitc.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from vitc.models.wrappers import LogitsModule, logits_of
 
@@ -69,20 +70,20 @@ def load_model(spec: str, weights: str | None = None, flags: PreprocessFlags | N
     if spec.startswith("zoo:"):
         return _load_zoo(spec[4:], flags)
     if spec.startswith("hf:"):
-        return _load_hf(Path(spec[3:]).expanduser(), flags, spec)
+        folder = Path(spec[3:]).expanduser()
+        saved = find_loader(folder) if folder.is_dir() else None  # a folder vitc prune/sparsify wrote
+        return saved.load(folder, flags) if saved else _load_hf(folder, flags, spec)
     if spec.startswith("timm:"):
         return _load_timm(spec[5:], weights, flags)
     path = Path(spec).expanduser()
-    if path.is_dir() and (path / "vitc_quant.json").exists():  # written by vitc quantize
-        from vitc.compress.quantize.saved import load_quantized
-
-        return load_quantized(path)
+    saved = find_loader(path) if path.is_dir() or (path.suffix == ".json" and path.is_file()) else None
+    if saved is not None:  # written by a vitc pass (quantize, prune, sparsify, merge): its own loader
+        return saved.load(path, flags)
     if path.suffix == ".onnx":
         return _load_onnx(path, flags)
-    if path.suffix == ".json":  # a merged-model description written by vitc merge -o
-        from vitc.compress.tokens import load_description
-
-        return load_description(path, flags)
+    if path.suffix == ".json":
+        _check_file(path, "model description")
+        raise VitcError(f"{path} is not a model description vitc wrote", "pass a file written by vitc merge -o FILE.json")
     if path.suffix == ".pt2":
         return _load_exported(path, flags)
     if path.suffix in (".pt", ".pth", ".ts", ".jit", ".torchscript"):
@@ -223,6 +224,13 @@ def _hf_preprocess(folder: Path, config) -> Preprocess | None:
 
 
 def _load_hf(folder: Path, flags: PreprocessFlags, spec: str, preprocess: Preprocess | None = None) -> Backbone:
+    return load_hf_folder(folder, flags, spec, preprocess)
+
+
+def load_hf_folder(folder: Path, flags: PreprocessFlags, spec: str, preprocess: Preprocess | None = None,
+                   shrink=None, transforms: list | None = None) -> Backbone:
+    """A transformers classifier folder as a Backbone. ``shrink(model)``: reshape a freshly built
+    model before its weights load strictly (a pass's loader passes it for a model it resized)."""
     try:
         import transformers
     except ImportError as exc:
@@ -245,11 +253,8 @@ def _load_hf(folder: Path, flags: PreprocessFlags, spec: str, preprocess: Prepro
     read_state_dict(wfile)  # a corrupt file gets vitc's one-line error, not transformers' traceback
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    from vitc.compress.prune.persist import read_record, rebuild
-
-    record = read_record(folder)
-    if record is not None:  # written by vitc prune/sparsify: layer widths may differ from config.json
-        model = rebuild(cls(config), record["plan"])
+    if shrink is not None:  # layer widths may differ from config.json
+        model = shrink(cls(config))
         load_weights(model, read_state_dict(wfile), wfile)
     else:
         # Load through transformers so that its checkpoint key conversions (v4 names in v5) apply;
@@ -275,7 +280,7 @@ def _load_hf(folder: Path, flags: PreprocessFlags, spec: str, preprocess: Prepro
     labels = [config.id2label[i] for i in range(config.num_labels)] if config.id2label else [str(i) for i in range(config.num_labels)]
     return Backbone(module=LogitsModule(model).eval(), preprocess=pre, labels=labels, source=spec,
                     source_hash=file_sha256(wfile), preprocess_origin=origin,
-                    transforms=list(record["transforms"]) if record else [])
+                    transforms=list(transforms or []))
 
 
 def _config_preprocess(config) -> Preprocess | None:
@@ -311,7 +316,7 @@ def _load_timm(name: str, weights: str | None, flags: PreprocessFlags) -> Backbo
     pre, origin = flags.apply(base, f"timm:{name}")
     n = getattr(model, "num_classes", 0) or 0
     return Backbone(module=model.eval(), preprocess=pre, labels=[str(i) for i in range(n)], source=f"timm:{name}",
-                    source_hash=file_sha256(Path(weights)), preprocess_origin=origin)
+                    source_hash=file_sha256(Path(weights)), preprocess_origin=origin, source_weights=str(weights))
 
 
 def _load_factory(spec: str, weights: str | None, flags: PreprocessFlags) -> Backbone:
@@ -333,7 +338,7 @@ def _load_factory(spec: str, weights: str | None, flags: PreprocessFlags) -> Bac
     module = LogitsModule(model) if getattr(model, "main_input_name", None) == "pixel_values" else _MaybeLogits(model)
     pre, origin = flags.apply(getattr(model, "vitc_preprocess", None), spec)
     return Backbone(module=module.eval(), preprocess=pre, labels=_labels_from(model, module, pre), source=spec,
-                    source_hash=digest, preprocess_origin=origin)
+                    source_hash=digest, preprocess_origin=origin, source_weights=str(weights) if weights else None)
 
 
 class _MaybeLogits(LogitsModule):

@@ -31,3 +31,20 @@ def logits_of(out) -> torch.Tensor:
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     raise TypeError(f"cannot find logits in a model output of type {type(out).__name__}")
+
+
+class DroppedAttention(nn.Module):
+    """Stands in for a removed attention sublayer: adds nothing to the residual stream.
+
+    Returns a scalar zero that broadcasts onto the residual, so neither the projections nor
+    the attention matrix are computed. ``returns_tuple`` mirrors attentions that return
+    ``(output, weights)``.
+    """
+
+    def __init__(self, returns_tuple: bool):
+        super().__init__()
+        self.returns_tuple = returns_tuple
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        zero = hidden_states.new_zeros(())
+        return (zero, None) if self.returns_tuple else zero

@@ -26,13 +26,14 @@ import torch.nn as nn
 
 from vitc.errors import VitcError
 
-from . import scoring
+from . import generic, scoring
 from .adapters import conv_groups, drop_attention, sync_config
 from .importance import METHODS, keep_indices
 from .units import KINDS, ChannelGroup, keep_channels, transformer_groups
 
 
 ALLOCATIONS = ("uniform", "global")
+GROUP_METHODS = ("auto", "adapter", "graph")
 
 
 @dataclass
@@ -48,6 +49,7 @@ class PruneConfig:
     round_to: int = 8  # kept MLP/conv channel counts are multiples of this
     allocation: str = "uniform"  # uniform | global: how a --flops/--params target is shared between groups
     batch_size: int = 32  # calibration batch for activation/Taylor scores
+    method: str = "auto"  # where groups come from: adapter (family knowledge), graph (any model), auto (adapter, else graph)
 
     def validate(self) -> None:
         for name in ("flops", "params", "heads", "mlp", "conv"):
@@ -67,6 +69,8 @@ class PruneConfig:
         if self.allocation == "global" and self.importance != "taylor":
             raise VitcError(f"--allocation global ranks units across layers, which {self.importance} scores do not allow",
                             "use --importance taylor with --allocation global")
+        if self.method not in GROUP_METHODS:
+            raise VitcError(f"unknown group method '{self.method}'", f"use one of: {', '.join(GROUP_METHODS)}")
         if self.round_to < 1:
             raise VitcError(f"--round-to {self.round_to} is not positive", "pass 1 for no rounding, 8 for tensor-core friendly widths")
         if self.drop_attention < 0:
@@ -112,10 +116,25 @@ def apply(backbone, config: PruneConfig, data=None):
     structure = backbone.structure  # paths are identical in the copy
 
     dropped = _drop_attention(root, structure, config, data) if config.drop_attention else []
-    groups = transformer_groups(structure, set(dropped)) + conv_groups(root, structure)
+    groups, graph = [], None
+    if config.method != "graph":
+        try:
+            groups = transformer_groups(structure, set(dropped)) + conv_groups(root, structure)
+        except VitcError:
+            if config.method == "adapter":
+                raise
+    if config.method == "adapter" and not groups:
+        raise VitcError(f"{backbone.source} has no prunable units that a family adapter knows ({structure.family})",
+                        "use --method graph (or auto) to find channel groups from the model's graph")
+    if config.method == "graph" or not groups:
+        if dropped:
+            raise VitcError("--drop-attention needs a family adapter", "drop --drop-attention, or prune a ViT/DeiT/MobileViT")
+        groups, graph = generic.find_groups(root, backbone.example_input(2))
     if not groups and (config.flops or config.params or config.heads or config.mlp or config.conv):
-        raise VitcError(f"{backbone.source} has no prunable heads, MLP or conv channels that vitc knows ({structure.family})",
-                        "prune a transformers ViT/DeiT, MobileViT or ResNet")
+        reasons = generic.coverage(graph, [], []) if graph is not None else {"left_alone": []}
+        top = reasons["left_alone"][0]["reason"] if reasons["left_alone"] else "no conv/linear layers"
+        raise VitcError(f"{backbone.source} has no channel group that can shrink (e.g. {top})",
+                        "see vitc prune --out for every op and why it was left alone")
     explicit = {"heads": config.heads, "mlp": config.mlp, "conv": config.conv}
     for kind, ratio in explicit.items():
         if ratio is not None and not any(g.kind == kind for g in groups):
@@ -144,11 +163,13 @@ def apply(backbone, config: PruneConfig, data=None):
     global_rank = None
     if target is not None:
         measure = (lambda b: b.flops() / dense_flops) if config.flops is not None else (lambda b: b.parameters_count() / dense_params)
+        if config.flops is not None and graph is not None:
+            measure = lambda b: generic.relative_flops(graph, b.module)  # noqa: E731  (the same ops, from shapes)
         if config.allocation == "global":
             ratio = None
             fixed = counts_at(None)  # explicit ratios of the kinds not searched
             ranked = [g for g in groups if g.kind in searched]
-            scores = scoring.score_groups(root, groups, config.importance, data, config.batch_size)
+            scores = _score(root, groups, config.importance, data, config.batch_size)
             unit_cost = _unit_costs(out, ranked, measure)
             counts, global_rank = _search_global(out, groups, ranked, fixed, scores, unit_cost, measure, target, config.round_to)
         else:
@@ -160,23 +181,104 @@ def apply(backbone, config: PruneConfig, data=None):
 
     shrinking = [g for g in groups if g.name in counts and counts[g.name] < g.units(root)]
     if shrinking and not scores:
-        scores = scoring.score_groups(root, shrinking, config.importance, data, config.batch_size)
+        scores = _score(root, shrinking, config.importance, data, config.batch_size)
     plan = {}
     for g in groups:
         if g.name in counts and counts[g.name] < g.units(root):
-            keep_channels(root, g, keep_indices(scores[g.name], counts[g.name]))
+            _keep(root, g, keep_indices(scores[g.name], counts[g.name]))
         plan[g.name] = g.units(root) * g.unit_size
     from vitc.models.adapters import discover
 
-    synced = sync_config(root, discover(root))
+    if graph is not None:
+        heads = {a: {"heads": g.units(root), "head_dim": g.unit_size} for g in groups if g.kind == "heads" for a in g.attention if a}
+        root.__dict__.pop(generic.KEPT, None)
+        synced = False
+        _check_runs(backbone, root)
+        cover = generic.coverage(graph, [g for g in groups if g.name in counts and counts[g.name] < g.size // g.unit_size],
+                                 list(KINDS))
+    else:
+        synced = sync_config(root, discover(root))
+        cover = _adapter_coverage(backbone, root, groups, counts)
+        # head counts travel with a saved state (a family whose forward reads them needs them back)
+        heads = {g.attention: {"heads": g.units(root), "head_dim": g.unit_size} for g in groups if g.kind == "heads" and g.attention}
     pruned = replace(out, module=root)
     record = {
-        "pass": "prune", "config": asdict(config),
-        "plan": {"channels": plan, "dropped_attention": dropped, "config_describes_all_layers": synced},
+        "pass": "prune", "config": asdict(config), "groups_from": "graph" if graph is not None else "adapter",
+        "plan": {"channels": plan, "dropped_attention": dropped, "config_describes_all_layers": synced, "heads": heads},
         "keep_ratio": ratio, "global_rank_kept": global_rank, "flops": pruned.flops(), "flops_dense": dense_flops,
-        "params": pruned.parameters_count(), "params_dense": dense_params,
+        "params": pruned.parameters_count(), "params_dense": dense_params, "coverage": cover,
     }
     return out.with_module(root, record)
+
+
+def _keep(root: nn.Module, g, unit_keep) -> None:
+    if isinstance(g, generic.GraphGroup):
+        g.keep(root, unit_keep)
+    else:
+        keep_channels(root, g, unit_keep)
+
+
+def _score(root: nn.Module, groups: list, method: str, data, batch: int) -> dict:
+    graph_groups = [g for g in groups if isinstance(g, generic.GraphGroup)]
+    family = [g for g in groups if not isinstance(g, generic.GraphGroup)]
+    scores = scoring.score_groups(root, family, method, data, batch) if family else {}
+    if graph_groups:
+        scores.update(generic.score(root, graph_groups, method, data, batch))
+    return scores
+
+
+def _check_runs(backbone, root: nn.Module) -> None:
+    """The pruned model still runs and keeps its output shape (a forward that reads a width from
+    somewhere vitc did not slice fails here, not later)."""
+    x = backbone.example_input(2)
+    with torch.no_grad():
+        dense_shape = tuple(backbone.module.eval()(x).shape)
+        try:
+            shape = tuple(root.eval()(x).shape)
+        except Exception as exc:
+            if any(isinstance(m, torch.fx.GraphModule) for m in root.modules()):
+                fix = ("a torch.export program bakes layer widths (conv groups, reshape sizes) into its graph; "
+                       "prune the model from its Python code (pkg.module:factory --weights), or use vitc sparsify")
+            else:
+                fix = "its forward reads a width vitc cannot change; prune fewer unit kinds (--units mlp,conv)"
+            raise VitcError(f"the pruned model no longer runs ({type(exc).__name__}: {str(exc).splitlines()[0][:140]})", fix) from exc
+    if shape != dense_shape:
+        raise VitcError(f"pruning changed the output shape {dense_shape} -> {shape}", "prune fewer unit kinds (--units)")
+
+
+def _adapter_coverage(backbone, root: nn.Module, groups: list, counts: dict) -> dict:
+    """Coverage of a family-adapter prune, counted on the layers the groups name (per-op FLOPs by hooks)."""
+    from .surgery import get_module
+
+    touched = {p for g in groups if g.name in counts for p in list(g.producers) + list(g.consumers) + list(g.depthwise)}
+    flops = layer_flops(backbone)
+    done = {k: v for k, v in flops.items() if k in touched}
+    total = sum(flops.values())
+    return {"ops_pruned": len(done), "ops_total": len(flops), "flops_pruned": sum(done.values()), "flops_total": total,
+            "flops_share": sum(done.values()) / total if total else 0.0, "capture": "family adapter",
+            "left_alone": sorted(({"name": k, "op": "linear" if isinstance(get_module(backbone.module, k), nn.Linear) else "conv",
+                                   "flops": v, "reason": "outside the blocks the family adapter prunes"}
+                                  for k, v in flops.items() if k not in touched), key=lambda d: -d["flops"])}
+
+
+@torch.no_grad()
+def layer_flops(backbone) -> dict[str, int]:
+    """FLOPs per image of every Linear/Conv2d (subclasses included) of the backbone, measured by hooks."""
+    module = backbone.module
+    out: dict[str, int] = {}
+    handles = []
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            def hook(mod, args, y, name=name):
+                k = mod.in_features if isinstance(mod, nn.Linear) else (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
+                out[name] = out.get(name, 0) + 2 * y.numel() * k
+            handles.append(m.register_forward_hook(hook))
+    try:
+        module.eval()(backbone.example_input(1))
+    finally:
+        for h in handles:
+            h.remove()
+    return out
 
 
 def _drop_attention(root: nn.Module, structure, config: PruneConfig, data: torch.Tensor) -> list[str]:
@@ -199,7 +301,7 @@ def _search_ratio(backbone, groups: list[ChannelGroup], counts_at, measure, targ
         for g in groups:
             n = counts_at(r).get(g.name)
             if n is not None and n < g.units(trial.module):
-                keep_channels(trial.module, g, torch.arange(n))
+                _keep(trial.module, g, torch.arange(n))
         return measure(trial)
 
     lo, hi = 1e-3, 1.0
@@ -219,7 +321,7 @@ def _shrunk_cost(backbone, groups: list[ChannelGroup], counts: dict[str, int], m
     for g in groups:
         n = counts.get(g.name)
         if n is not None and n < g.units(trial.module):
-            keep_channels(trial.module, g, torch.arange(n))
+            _keep(trial.module, g, torch.arange(n))
     return measure(trial)
 
 

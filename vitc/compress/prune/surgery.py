@@ -87,18 +87,5 @@ def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
-class DroppedAttention(nn.Module):
-    """Stands in for a removed attention sublayer: adds nothing to the residual stream.
-
-    Returns a scalar zero that broadcasts onto the residual, so neither the projections nor
-    the attention matrix are computed. ``returns_tuple`` mirrors attentions that return
-    ``(output, weights)``.
-    """
-
-    def __init__(self, returns_tuple: bool):
-        super().__init__()
-        self.returns_tuple = returns_tuple
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        zero = hidden_states.new_zeros(())
-        return (zero, None) if self.returns_tuple else zero
+# lives in models/ so that structure discovery can recognise a removed sublayer without importing compress/
+from vitc.models.wrappers import DroppedAttention  # noqa: E402,F401

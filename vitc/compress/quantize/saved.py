@@ -128,3 +128,12 @@ def model_size(backbone: Backbone) -> int:
         if not name.endswith("num_batches_tracked"):
             total += b.numel() * 4
     return int(total)
+
+
+def _load_saved(folder, flags=None) -> Backbone:
+    return load_quantized(folder)
+
+
+from vitc.models.loaders import register_loader  # noqa: E402
+
+register_loader(FORMAT.split("/")[0] + "/", _load_saved, META_FILE)

@@ -40,6 +40,12 @@ class SparsityConfig:
             raise VitcError(f"--block-size {self.block_size} is not a positive multiple of 4", "pass e.g. 128")
 
 
+def _graph_layer(m: nn.Module) -> bool:
+    """A weight holder of a ``torch.export`` program's module (its convs/linears are graph ops, not layers)."""
+    w = getattr(m, "weight", None)
+    return type(m) is nn.Module and isinstance(w, nn.Parameter) and w.dim() in (2, 4)
+
+
 def ineligibility(layer: nn.Module) -> str | None:
     """Why a layer cannot be 2:4 (None when it can)."""
     if isinstance(layer, nn.Linear):
@@ -48,6 +54,10 @@ def ineligibility(layer: nn.Module) -> str | None:
         if layer.groups != 1:
             return "grouped or depthwise conv"
         rows, cols = layer.out_channels, layer.in_channels
+    elif _graph_layer(layer):
+        rows, cols = layer.weight.shape[0], layer.weight.shape[1]
+        if layer.weight.dim() == 4 and cols == 1:
+            return "depthwise conv"
     else:
         return "not a Linear or Conv2d"
     if rows % ROWS_MULTIPLE or cols % COLS_MULTIPLE:
@@ -58,8 +68,9 @@ def ineligibility(layer: nn.Module) -> str | None:
 def eligible_layers(root: nn.Module) -> tuple[list[str], dict[str, str]]:
     """(eligible Linear/Conv2d paths, {ineligible path: reason}), in module order."""
     ok, skipped = [], {}
+    program = any(isinstance(m, torch.fx.GraphModule) for m in root.modules())
     for name, m in root.named_modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
+        if isinstance(m, (nn.Linear, nn.Conv2d)) or (program and _graph_layer(m)):
             why = ineligibility(m)
             if why is None:
                 ok.append(name)
@@ -86,7 +97,16 @@ def _inputs_2d(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A layer's input as rows of its weight's columns (conv: unfolded, in (kh, kw, in) order)."""
     if isinstance(layer, nn.Linear):
         return x.detach().float().reshape(-1, x.shape[-1])
-    cols = F.unfold(x.detach().float(), layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+    x, padding = x.detach().float(), layer.padding
+    if isinstance(padding, str):  # padding="same"/"valid" (EfficientNet ports): unfold takes numbers only
+        padding = (0, 0)
+        if layer.padding == "same":
+            pads = []
+            for k, d in zip(reversed(layer.kernel_size), reversed(layer.dilation)):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            x = F.pad(x, pads)
+    cols = F.unfold(x, layer.kernel_size, layer.dilation, padding, layer.stride)
     cin, (kh, kw) = layer.in_channels, layer.kernel_size
     perm = torch.arange(cin * kh * kw).reshape(cin, kh, kw).permute(1, 2, 0).reshape(-1)
     return cols.transpose(1, 2).reshape(-1, cin * kh * kw)[:, perm]
@@ -159,6 +179,10 @@ def apply(backbone, config: SparsityConfig, data=None, progress=None):
     chosen, skipped = selected_layers(root, config)
     if config.method != "magnitude" and (data is None or len(data) == 0):
         raise VitcError(f"{config.method} needs calibration images", "pass --data, or use --method magnitude")
+    names = dict(root.named_modules())
+    if config.method != "magnitude" and any(_graph_layer(names[p]) for p in chosen):
+        raise VitcError(f"{config.method} reads each layer's inputs, which a torch.export program does not expose per layer",
+                        "use --method magnitude, or load the model from its Python code (pkg.module:factory --weights)")
     task = progress.add_task(f"2:4 by {config.method}", total=len(chosen)) if progress is not None else None
     for path in chosen:
         layer = root.get_submodule(path)
@@ -178,7 +202,8 @@ def apply(backbone, config: SparsityConfig, data=None, progress=None):
             raise RuntimeError(f"{path} is not 2:4 after masking")
         if task is not None:
             progress.advance(task)
-    record = {"pass": "sparsify", "config": asdict(config), "pattern": "2:4", "sparse_layers": chosen, "dense_layers": skipped}
+    record = {"pass": "sparsify", "config": asdict(config), "pattern": "2:4", "sparse_layers": chosen, "dense_layers": skipped,
+              "coverage": coverage(backbone, chosen, skipped)}
     return out.with_module(root, record)
 
 
@@ -186,3 +211,35 @@ def layer_masks(backbone) -> dict[str, torch.Tensor]:
     """Keep-masks (weight != 0) of the 2:4 layers, for recovery with fixed masks."""
     names = dict(backbone.module.named_modules())
     return {p: names[p].weight.detach() != 0 for p in sparse_layers(backbone)}
+
+
+def coverage(backbone, chosen: list[str], skipped: dict[str, str]) -> dict:
+    """Share of the weighted ops' FLOPs (every Linear/Conv2d, subclasses included) that run 2:4; the rest with why."""
+    flops = _op_flops(backbone)
+    modules = dict(backbone.module.named_modules())
+    done = sum(flops.get(p, 0) for p in chosen)
+    total = sum(flops.values())
+    left = [{"name": p, "op": "linear" if isinstance(modules.get(p), nn.Linear) else "conv", "flops": flops.get(p, 0),
+             "reason": why} for p, why in skipped.items()]
+    left += [{"name": p, "op": "linear" if isinstance(modules.get(p), nn.Linear) else "conv", "flops": f,
+              "reason": "not a Linear/Conv2d vitc can mask"} for p, f in flops.items() if p not in skipped and p not in chosen]
+    return {"ops_sparsified": len(chosen), "ops_total": len(flops), "flops_sparsified": done, "flops_total": total,
+            "flops_share": done / total if total else 0.0, "capture": "Linear/Conv2d modules, subclasses included",
+            "left_alone": sorted(left, key=lambda d: -d["flops"])}
+
+
+def _op_flops(backbone) -> dict[str, int]:
+    """FLOPs per image of every weighted layer: by forward hooks on Linear/Conv2d (subclasses
+    included), or from the captured graph where the layers are graph ops (a torch.export program)."""
+    from vitc.compress.prune.api import layer_flops
+
+    if not any(isinstance(m, torch.fx.GraphModule) for m in backbone.module.modules()):
+        return layer_flops(backbone)
+    from vitc.compress.prune.graph import analyse
+
+    g, _ = analyse(backbone.module, backbone.example_input(2))
+    out: dict[str, int] = {}
+    for op in g.ops:
+        if op.module is not None:
+            out[op.module] = out.get(op.module, 0) + op.flops
+    return out

@@ -175,3 +175,8 @@ def load_description(path: Path, flags=None):
 
 
 __all__ = ["MergeConfig", "METHODS", "apply", "plan", "for_flops", "per_layer", "save_description", "load_description"]
+
+
+from vitc.models.loaders import register_loader  # noqa: E402
+
+register_loader("merged-model", load_description, key="vitc")  # a JSON description written by vitc merge -o
