@@ -73,35 +73,59 @@ def _torch_backbone(threads: int):
     return run
 
 
+def interleaved(samples: list) -> list:
+    """Samples reordered round-robin over classes, so that every prefix is class-balanced: an
+    extraction stopped early (a shared machine, a time budget) still leaves a stratified set."""
+    by_class: dict[int, list] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    order = []
+    for depth in range(max(len(v) for v in by_class.values())):
+        order += [by_class[c][depth] for c in sorted(by_class) if depth < len(by_class[c])]
+    return order
+
+
 def extract(split: str, images: int | None, out: Path, engine: str = "ort", batch: int = 32, seed: int = 0,
-            threads: int = 2, data: Path = CIFAR) -> dict:
-    """Features of a class-stratified subset of a CIFAR-10 archive, saved to ``out`` (resumes a partial file)."""
+            threads: int = 2, data: Path = CIFAR, reuse: list[Path] = ()) -> dict:
+    """Features of a class-stratified subset of a CIFAR-10 archive, saved to ``out`` with each
+    image's key. Images already in ``out`` or in a ``reuse`` file (same backbone and
+    preprocessing) are not run again, so an interrupted extraction resumes."""
     from vitc.calibration.data import iter_batches
     from vitc.calibration.sources import open_source
 
     source = open_source(str(data / f"{split}.tar.gz")).select(images, seed)
+    known: dict[str, tuple[np.ndarray, int]] = {}
+    for f in [*reuse, out]:
+        if Path(f).exists():
+            d = np.load(f)
+            known.update({str(k): (v, int(l)) for k, v, l in zip(d["keys"], d["features"], d["labels"])})
+    order = interleaved(source.samples)
+    have = [s for s in order if s.key in known]
+    todo = [s for s in order if s.key not in known]
+    keys = [s.key for s in have]
+    feats = [np.stack([known[k][0] for k in keys])] if keys else []
+    labels = [np.array([known[k][1] for k in keys])] if keys else []
     run = _ort_backbone(threads) if engine == "ort" else _torch_backbone(threads)
-    feats, labels, done = [], [], 0
-    if out.exists():  # resume: the subset is deterministic, so skip what is already there
-        d = np.load(out)
-        feats, labels, done = [d["features"]], [d["labels"]], len(d["labels"])
-    todo = source if done == 0 else type(source)(source.location, source.samples[done:], source.classes,
-                                                  source._archive, source._root)
+    # iter_batches reads the archive in one pass and yields in the given order; keep the
+    # interleaved order by sorting each batch's worth of keys in reading order (gzip has no random access)
+    todo_source = type(source)(source.location, todo, source.classes, source._archive, source._root)
     t0, n = time.time(), 0
-    for i, (x, y) in enumerate(iter_batches(todo, C10_PREPROCESS, batch)):
+    for i, (x, y) in enumerate(iter_batches(todo_source, C10_PREPROCESS, batch)):
         feats.append(probe_features(run(x)))
         labels.append(y.numpy())
+        keys += [s.key for s in todo[n:n + len(y)]]
         n += len(y)
-        if (i + 1) % 10 == 0 or done + n == len(source):
-            _save_npz(out, np.concatenate(feats), np.concatenate(labels))
-            print(f"{split}: {done + n}/{len(source)} images, {n / (time.time() - t0):.1f} img/s", flush=True)
-    _save_npz(out, np.concatenate(feats), np.concatenate(labels))
-    return {"images": done + n, "seconds": time.time() - t0, "engine": engine}
+        if (i + 1) % 10 == 0 or n == len(todo):
+            _save_npz(out, np.concatenate(feats), np.concatenate(labels), keys)
+            print(f"{split}: {len(keys)}/{len(source)} images, {n / (time.time() - t0):.1f} img/s", flush=True)
+    if feats:
+        _save_npz(out, np.concatenate(feats), np.concatenate(labels), keys)
+    return {"images": len(keys), "new_images": n, "seconds": round(time.time() - t0, 1), "engine": engine}
 
 
-def _save_npz(path: Path, features: np.ndarray, labels: np.ndarray) -> None:
+def _save_npz(path: Path, features: np.ndarray, labels: np.ndarray, keys: list[str]) -> None:
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, features=features, labels=labels)
+    np.savez(tmp, features=features, labels=labels, keys=np.array(keys))
     tmp.replace(path)
 
 
@@ -117,6 +141,14 @@ def check(images: int = 8, threads: int = 2) -> float:
 
 
 # ---------------------------------------------------------------- the head
+
+def balanced(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first m images of every class (m = the smallest class count): a class-balanced set."""
+    m = np.bincount(y).min()
+    keep = np.concatenate([np.flatnonzero(y == c)[:m] for c in np.unique(y)])
+    keep.sort()
+    return x[keep], y[keep]
+
 
 def _standardise(train: np.ndarray):
     mu = train.mean(0)
@@ -154,7 +186,7 @@ def fit(train_npz: Path, test_npz: Path | None, out_dir: Path, holdout: float = 
     """Choose the L2 weight on a held-out split, refit on all training features, fold the
     standardisation into the layer and write the head (safetensors + config + card)."""
     d = np.load(train_npz)
-    x, y = d["features"], d["labels"]
+    x, y = balanced(d["features"], d["labels"])
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(y))
     n_val = int(len(y) * holdout)
@@ -176,9 +208,9 @@ def fit(train_npz: Path, test_npz: Path | None, out_dir: Path, holdout: float = 
     result = {"l2_grid": {f"{k:g}": v for k, v in scores.items()}, "l2": best, "train_images": int(len(y)),
               "holdout_images": n_val, "train_top1": _accuracy_raw(w, b, x, y)}
     if test_npz is not None:
-        t = np.load(test_npz)
-        acc = _accuracy_raw(w, b, t["features"], t["labels"])
-        n = len(t["labels"])
+        tx, ty = balanced(*(lambda t: (t["features"], t["labels"]))(np.load(test_npz)))
+        acc = _accuracy_raw(w, b, tx, ty)
+        n = len(ty)
         result.update(test_top1=acc, test_images=int(n), test_top1_se=math.sqrt(acc * (1 - acc) / n))
     write_head(out_dir, w, b, result, extract_info or {})
     return result
@@ -239,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--engine", choices=["ort", "torch"], default="ort")
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--batch", type=int, default=32)
+    e.add_argument("--reuse", type=Path, nargs="*", default=[], help="feature files of earlier runs to take images from")
     c = sub.add_parser("check")
     c.add_argument("--images", type=int, default=8)
     f = sub.add_parser("fit")
@@ -248,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--extract-info", type=Path, default=None, help="JSON with the extraction times, recorded in the card")
     a = p.parse_args(argv)
     if a.cmd == "extract":
-        info = extract(a.split, a.images, a.out, a.engine, a.batch, threads=a.threads)
+        info = extract(a.split, a.images, a.out, a.engine, a.batch, threads=a.threads, reuse=a.reuse)
         print(json.dumps(info))
     elif a.cmd == "check":
         print(f"max abs feature difference ORT vs PyTorch: {check(a.images):.3g}")
