@@ -178,3 +178,23 @@ def test_c10_probe_classifies_cifar():
     pred = bb(x).argmax(1)
     assert bb(x).shape == (20, 10)
     assert int((pred == y).sum()) >= 16  # the card's top-1 is about 90%: 16/20 is > 2 SE below it
+
+
+def test_probe_helpers():
+    from vitc.calibration.sources import Sample
+    from vitc.models.train_probe import balanced, interleaved, probe_features, train_head
+
+    samples = [Sample(f"{c}/{i}", c) for c in range(3) for i in range(4 if c else 2)]
+    order = interleaved(samples)
+    assert [s.label for s in order[:6]] == [0, 1, 2, 0, 1, 2]  # every prefix of whole rounds is balanced
+    h = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2)  # (N, CLS + 2 patches, D)
+    assert probe_features(h).tolist() == [[0, 1, 3, 4], [6, 7, 9, 10]]  # [CLS, mean of patches]
+    y = np.array([0, 0, 0, 1, 2, 2])
+    _, yb = balanced(np.zeros((6, 1)), y)
+    assert np.bincount(yb).tolist() == [1, 1, 1]
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    x = (np.eye(3)[y] * 4 + rng.standard_normal((300, 3))).astype(np.float32)
+    head = train_head(x, y, 1e-4)
+    with torch.no_grad():
+        assert float((head(torch.from_numpy(x)).argmax(1).numpy() == y).mean()) > 0.95

@@ -158,9 +158,14 @@ def _standardise(train: np.ndarray):
 
 def train_head(x: np.ndarray, y: np.ndarray, weight_decay: float, epochs: int = 100, lr: float = 0.05,
                seed: int = 0) -> torch.nn.Linear:
-    """Multinomial logistic regression (full-batch L-BFGS on cross-entropy + L2) on standardised features."""
+    """Multinomial logistic regression (full-batch L-BFGS on cross-entropy + L2) on standardised features.
+
+    The loss weighs every class equally (weights n / (classes * n_c)): a training set whose
+    classes are unevenly represented still yields a head with a uniform class prior."""
     torch.manual_seed(seed)
     xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y).long()
+    counts = torch.bincount(yt).float()
+    class_weight = len(yt) / (len(counts) * counts.clamp_min(1))
     head = torch.nn.Linear(x.shape[1], int(y.max()) + 1)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
@@ -168,7 +173,7 @@ def train_head(x: np.ndarray, y: np.ndarray, weight_decay: float, epochs: int = 
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(head(xt), yt) + weight_decay * head.weight.pow(2).sum()
+        loss = torch.nn.functional.cross_entropy(head(xt), yt, weight=class_weight) + weight_decay * head.weight.pow(2).sum()
         loss.backward()
         return loss
 
@@ -182,11 +187,11 @@ def _accuracy(head: torch.nn.Linear, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def fit(train_npz: Path, test_npz: Path | None, out_dir: Path, holdout: float = 0.2, seed: int = 0,
-        extract_info: dict | None = None) -> dict:
+        extract_info: dict | None = None, balance: bool = False) -> dict:
     """Choose the L2 weight on a held-out split, refit on all training features, fold the
     standardisation into the layer and write the head (safetensors + config + card)."""
     d = np.load(train_npz)
-    x, y = balanced(d["features"], d["labels"])
+    x, y = (balanced(d["features"], d["labels"]) if balance else (d["features"], d["labels"]))
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(y))
     n_val = int(len(y) * holdout)
@@ -206,6 +211,7 @@ def fit(train_npz: Path, test_npz: Path | None, out_dir: Path, holdout: float = 
         w = head.weight / torch.from_numpy(sd).float()
         b = head.bias - w @ torch.from_numpy(mu).float()
     result = {"l2_grid": {f"{k:g}": v for k, v in scores.items()}, "l2": best, "train_images": int(len(y)),
+              "train_per_class": np.bincount(y).tolist(),
               "holdout_images": n_val, "train_top1": _accuracy_raw(w, b, x, y)}
     if test_npz is not None:
         tx, ty = balanced(*(lambda t: (t["features"], t["labels"]))(np.load(test_npz)))
@@ -242,6 +248,7 @@ def write_head(out_dir: Path, w: torch.Tensor, b: torch.Tensor, result: dict, ex
             "features": "final-LayerNorm CLS token concatenated with the mean of the 256 patch tokens (DINOv2 linear evaluation)",
             "head": "multinomial logistic regression, full-batch L-BFGS (100 iterations, strong Wolfe) on standardised features, "
                     "standardisation folded into the layer",
+            "class_weighting": "cross-entropy weighted n / (classes * n_c), so unevenly extracted classes keep a uniform prior",
             "l2_selection": f"L2 weight chosen on a {result['holdout_images']}-image held-out split of the training features, "
                             "then refit on all of them",
             **{k: result[k] for k in ("l2_grid", "l2")},
@@ -249,7 +256,8 @@ def write_head(out_dir: Path, w: torch.Tensor, b: torch.Tensor, result: dict, ex
         "training_command": "python -m vitc.models.train_probe extract --split train --images N --out train.npz; "
                             "python -m vitc.models.train_probe extract --split test --out test.npz; "
                             "python -m vitc.models.train_probe fit --train train.npz --test test.npz",
-        "data": f"CIFAR-10 train.tar.gz, class-stratified subset of {result['train_images']} images (seed 0)",
+        "data": f"CIFAR-10 train.tar.gz: {result['train_images']} images (per class {result['train_per_class']}), the "
+                "class-interleaved prefix of a stratified 10,000-image draw (seed 0) that feature extraction reached",
         "extract": extract_info,
         "train_top1": result["train_top1"],
         "test_top1": result.get("test_top1"),
@@ -279,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--test", type=Path, default=None)
     f.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent.parent / "zoo" / "dinov2s-c10")
     f.add_argument("--extract-info", type=Path, default=None, help="JSON with the extraction times, recorded in the card")
+    f.add_argument("--balance", action="store_true", help="subsample every class to the smallest class count")
     a = p.parse_args(argv)
     if a.cmd == "extract":
         info = extract(a.split, a.images, a.out, a.engine, a.batch, threads=a.threads, reuse=a.reuse)
@@ -287,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"max abs feature difference ORT vs PyTorch: {check(a.images):.3g}")
     else:
         info = json.loads(a.extract_info.read_text()) if a.extract_info else {}
-        print(json.dumps(fit(a.train, a.test, a.out_dir, extract_info=info), indent=2))
+        print(json.dumps(fit(a.train, a.test, a.out_dir, extract_info=info, balance=a.balance), indent=2))
 
 
 if __name__ == "__main__":
