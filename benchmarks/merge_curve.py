@@ -159,8 +159,11 @@ def curve(args, base, x, y, work: Path) -> dict:
     stage = _stage(base)
     depth, patches = len(stage.blocks), stage.tokens.num_patches
     base_flops = base.flops()
-    base_sess = session(export(base, work / "base.onnx"), args.threads)
+    base_path = export(base, work / "base.onnx")
+    base_sess = session(base_path, args.threads)
     base_top1 = top1(base_sess, x, y)
+    # further runtimes time the same exported graphs (OpenVINO with the f32 hint); accuracy is ONNX Runtime's
+    extra_rt = {rt: session(base_path, args.threads, rt) for rt in args.curve_runtimes if rt != "onnxruntime"}
     xb = x[: args.batch].numpy()
     rows, points = [], []
     for series in args.methods:
@@ -168,20 +171,26 @@ def curve(args, base, x, y, work: Path) -> dict:
         hi = largest_r(method, depth, patches, schedule, layers)
         for r in r_values(rs, hi, args.r_step):
             merged = apply(base, MergeConfig(method, r, schedule, layers))
-            sess = session(export(merged, work / f"m{len(points)}.onnx"), args.threads)
+            merged_path = export(merged, work / f"m{len(points)}.onnx")
+            sess = session(merged_path, args.threads)
             acc = top1(sess, x, y)
             speed, ratios = throughput({"base": base_sess, "merged": sess}, xb, args.rounds, args.clock)
+            per_rt = {}
+            for rt, b_sess in extra_rt.items():
+                rt_speed, rt_ratios = throughput({"base": b_sess, "merged": session(merged_path, args.threads, rt)}, xb, args.rounds, args.clock)
+                per_rt[rt] = {"images_per_s": rt_speed["merged"], "base_images_per_s": rt_speed["base"], "speedup": rt_ratios["merged"]}
             ratio = merged.flops() / base_flops
             p = {"method": series.partition("=")[0], "r": r, "removals": merged.transforms[-1]["removals"],
                  "tokens_out": merged.transforms[-1]["tokens"][-1], "flops_ratio": ratio,
                  "top1": acc, "drop_pt": 100 * (base_top1 - acc), "images_per_s": speed["merged"],
-                 "base_images_per_s": speed["base"], "speedup": ratios["merged"], "flops_speedup": 1 / ratio}
+                 "base_images_per_s": speed["base"], "speedup": ratios["merged"], "flops_speedup": 1 / ratio, "runtimes": per_rt}
             points.append(p)
             rows.append([p["method"], ",".join(map(str, p["removals"])), p["tokens_out"], f"{ratio:.2f}", f"{100 * acc:.2f}", f"{p['drop_pt']:+.2f}",
-                         f"{speed['merged']:.0f}", f"{speed['base']:.0f}", f"{p['speedup']:.2f}x", f"{p['flops_speedup']:.2f}x"])
+                         f"{speed['merged']:.0f}", f"{speed['base']:.0f}", f"{p['speedup']:.2f}x", f"{p['flops_speedup']:.2f}x",
+                         " ".join(f"{rt} {v['speedup']:.2f}x" for rt, v in per_rt.items()) or "-"])
             print(f"  {p['method']} r={r}: top-1 {100 * acc:.2f}%, {p['speedup']:.2f}x", file=sys.stderr, flush=True)
     table(f"curve: {base.source}, {len(x)} test images, ORT batch {args.batch}, {args.threads} thread(s); original top-1 {100 * base_top1:.2f}%",
-          ["series", "r per block", "tokens out", "FLOPs", "top-1 %", "drop pt", "img/s", "orig img/s", "speedup", "FLOPs speedup"], rows)
+          ["series", "r per block", "tokens out", "FLOPs", "top-1 %", "drop pt", "img/s", "orig img/s", "speedup", "FLOPs speedup", "other runtimes"], rows)
     ok = [p for p in points if p["drop_pt"] <= 1.0]
     fastest = max(ok, key=lambda p: p["speedup"]) if ok else None
     meeting = [p for p in ok if p["speedup"] >= 1.3]
@@ -340,10 +349,12 @@ def main() -> None:
     ap.add_argument("--quant-method", default="tome")
     ap.add_argument("--quant-r", type=int, default=6, help="merge r for the quant section when the curve is not run")
     ap.add_argument("--sections", default="curve,vits,quant")
+    ap.add_argument("--curve-runtimes", default="onnxruntime", help="comma-separated runtimes the curve times: onnxruntime, openvino")
     ap.add_argument("--png", type=Path, default=Path("merge_curve.png"))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     args.methods = [m for m in args.methods.split(";") if m]
+    args.curve_runtimes = [r for r in args.curve_runtimes.split(",") if r]
     sections = set(args.sections.split(","))
     torch.set_num_threads(args.threads)
     from vitc.models.intake import load_model

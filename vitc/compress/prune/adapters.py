@@ -73,7 +73,7 @@ def _mobilevit_groups(root: nn.Module, structure) -> list[ChannelGroup]:
 def drop_attention(root: nn.Module, attention_path: str, structure) -> None:
     """Replace an attention sublayer by one that adds nothing to the residual stream."""
     # transformers ViT/DeiT attentions return (output, weights); MobileViT's returns the output
-    returns_tuple = structure.family in ("hf-vit", "hf-deit")
+    returns_tuple = structure.family in ("hf-vit", "hf-deit", "hf-dinov2")
     set_module(root, attention_path, DroppedAttention(returns_tuple))
 
 

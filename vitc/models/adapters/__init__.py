@@ -14,11 +14,12 @@ import torch.nn as nn
 
 from vitc.models.structure import Structure
 
-from . import generic, hf_convnext, hf_mobilevit, hf_resnet, hf_vit, timm_vit
+from . import generic, hf_convnext, hf_dinov2, hf_mobilevit, hf_resnet, hf_vit, timm_vit
 
 # (name, matches(module) -> bool, discover(module, prefix) -> Structure)
 ADAPTERS: list[tuple[str, Callable[[nn.Module], bool], Callable[..., Structure]]] = [
     ("hf-vit", hf_vit.matches, hf_vit.discover),
+    ("hf-dinov2", hf_dinov2.matches, hf_dinov2.discover),
     ("hf-mobilevit", hf_mobilevit.matches, hf_mobilevit.discover),
     ("hf-convnext", hf_convnext.matches, hf_convnext.discover),
     ("hf-resnet", hf_resnet.matches, hf_resnet.discover),

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from . import hf_mobilevit, hf_vit
 
-ADAPTERS = {"hf-vit": hf_vit, "hf-deit": hf_vit, "hf-mobilevit": hf_mobilevit}
+# Dinov2's attention holds the same q/k/v/o projections as ViT v5 and is called the same way
+ADAPTERS = {"hf-vit": hf_vit, "hf-deit": hf_vit, "hf-dinov2": hf_vit, "hf-mobilevit": hf_mobilevit}
 
 
 def for_family(family: str):

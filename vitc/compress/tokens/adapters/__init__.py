@@ -12,7 +12,7 @@ from vitc.models.structure import Structure, TransformerBlock, TransformerStage
 from ..block import BlockParts
 from . import hf_vit, timm_vit
 
-PARTS = {"hf-vit": hf_vit.parts, "hf-deit": hf_vit.parts, "timm-vit": timm_vit.parts}
+PARTS = {"hf-vit": hf_vit.parts, "hf-deit": hf_vit.parts, "hf-dinov2": hf_vit.parts, "timm-vit": timm_vit.parts}
 
 
 def mergeable_stage(structure: Structure, source: str) -> TransformerStage:
