@@ -29,6 +29,16 @@ def _check_exportable(backbone) -> dict:
     from vitc.compress.quantize.saved import quant_record
 
     record = quant_record(backbone)
+    if record.get("mixed_precision"):
+        # weights of any width up to 8 are exact as int8 codes (their grid is a subset of int8's);
+        # activations must be 8-bit: name every layer that is not, before anything is written
+        low = [name for name, spec in record["layers"].items()
+               if any(g["bits"] != 8 for g in ([spec["input"]] if "input" in spec else [spec[k] for k in ("q", "k", "probs", "v")]))]
+        if low:
+            shown = ", ".join(low[:6]) + (f" (+{len(low) - 6} more)" if len(low) > 6 else "")
+            raise VitcError(f"the int8 QDQ export cannot run the activation widths below 8 bits chosen for {shown}",
+                            "allocate with 8-bit activations (drop --act-budget), or keep this model in the PyTorch simulation (vitc eval)")
+        return record
     for name, spec in record["layers"].items():
         grids = [spec["input"]] if "input" in spec else [spec[k] for k in ("q", "k", "probs", "v")]
         bits = {spec.get("wbits", 8)} | {g["bits"] for g in grids}
@@ -44,13 +54,23 @@ def export_qdq_onnx(backbone, path, opset: int = 17, dynamic_batch: bool = True,
     ``split_shared_inputs``: give every consumer of a shared quantized activation its own Q/DQ
     pair (``split_shared_activation_qdq``), which ONNX Runtime needs; the OpenVINO export turns it off."""
     onnx = require("onnx", "onnx")
+    from vitc.compress.quantize import weight_only
     from vitc.compress.quantize.modules import set_export_mode
+    from vitc.compress.quantize.saved import quant_record
 
+    if weight_only.is_weight_only(quant_record(backbone)):  # int4/int8 blocked weights, float activations
+        return weight_only.export_onnx(backbone, path, dynamic_batch)
     _check_exportable(backbone)
     if opset < 13:
         raise VitcError(f"opset {opset} has no per-channel QuantizeLinear", "pass --opset 13 or higher")
     module = copy.deepcopy(backbone.require_module("QDQ export")).eval()
     set_export_mode(module, True)
+    from vitc.compress.quantize.modules import weighted_layers
+
+    for layer in weighted_layers(module).values():
+        # a 4/6-bit weight already lies on its grid: re-quantizing it on the int8 grid with the same
+        # scale keeps every code, and ONNX's QuantizeLinear takes the int8 range only
+        layer.wbits = 8
     path = Path(path)
     example = backbone.example_input(2 if dynamic_batch else 1)  # a batch of 1 lets the tracer fix the batch
     with warnings.catch_warnings(), torch.no_grad():
