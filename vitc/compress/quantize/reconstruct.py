@@ -64,6 +64,7 @@ class ReconstructOptions:
     beta: tuple[float, float] = (20.0, 2.0)
     drop_prob: float = 0.5  # QDrop: probability of keeping an activation element in float
     learn_act: bool = True
+    float_bias: bool = False  # start from the float bias instead of the bias-corrected one
     seed: int = 0
 
     def validate(self) -> "ReconstructOptions":
@@ -296,10 +297,9 @@ def learn_unit(module: nn.Module, unit: Unit, reference: nn.Module, quant_in: Ca
         floor, v = init_rounding(w, layer.weight_scale)
         v = nn.Parameter(v)
         state[name] = (floor, v)
-        ref_bias = ref_layers[name].bias
-        if ref_bias is not None:  # the float bias: reconstruction absorbs the shift bias correction removed
+        if options.float_bias and ref_layers[name].bias is not None:
             with torch.no_grad():
-                layer.bias.copy_(ref_bias.detach())
+                layer.bias.copy_(ref_layers[name].bias.detach())
         layer._weight = (lambda f=floor, v=v, l=layer: soft_weight(f, v, l.weight_scale, l.wbits))
     acts = {n: q for n, q in act_quantizers(unit_module).items()}
     scales = {n: _learnable_act(q, options.drop_prob, options.learn_act, gen) for n, q in acts.items()}
