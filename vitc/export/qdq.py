@@ -29,22 +29,19 @@ def _check_exportable(backbone) -> dict:
     from vitc.compress.quantize.saved import quant_record
 
     record = quant_record(backbone)
-    if record.get("mixed_precision"):
-        # weights of any width up to 8 are exact as int8 codes (their grid is a subset of int8's);
-        # activations must be 8-bit: name every layer that is not, before anything is written
-        low = [name for name, spec in record["layers"].items()
-               if any(g["bits"] != 8 for g in ([spec["input"]] if "input" in spec else [spec[k] for k in ("q", "k", "probs", "v")]))]
-        if low:
-            shown = ", ".join(low[:6]) + (f" (+{len(low) - 6} more)" if len(low) > 6 else "")
-            raise VitcError(f"the int8 QDQ export cannot run the activation widths below 8 bits chosen for {shown}",
-                            "allocate with 8-bit activations (drop --act-budget), or keep this model in the PyTorch simulation (vitc eval)")
-        return record
-    for name, spec in record["layers"].items():
-        grids = [spec["input"]] if "input" in spec else [spec[k] for k in ("q", "k", "probs", "v")]
-        bits = {spec.get("wbits", 8)} | {g["bits"] for g in grids}
-        if bits != {8}:
-            raise VitcError(f"{name} is quantized to {min(bits)} bits; the QDQ ONNX export takes 8-bit models only",
-                            "export a --bits 8 model; W6/W4 models run in the PyTorch simulation (vitc eval)")
+    # Weights of any width up to 8 are exact as int8 codes (a 4/6-bit grid is a subset of int8's,
+    # same scale), so W4A8/W6A8 and mixed-precision weights export; activations must be 8-bit:
+    # name every layer that is not, before anything is written.
+    low = [(name, min(g["bits"] for g in grids)) for name, spec in record["layers"].items()
+           for grids in [[spec["input"]] if "input" in spec else [spec[k] for k in ("q", "k", "probs", "v")]]
+           if any(g["bits"] != 8 for g in grids)]
+    if low:
+        shown = ", ".join(n for n, _ in low[:6]) + (f" (+{len(low) - 6} more)" if len(low) > 6 else "")
+        fix = ("allocate with 8-bit activations (drop --act-budget), or keep the model in the PyTorch simulation (vitc eval)"
+               if record.get("mixed_precision") else
+               "quantize activations to 8 bits (--abits 8); W6A6/W4A4 models run in the PyTorch simulation (vitc eval)")
+        raise VitcError(f"{shown} quantize their inputs to {min(b for _, b in low)} bits; the int8 QDQ export takes "
+                        "8-bit activations only", fix)
     return record
 
 
