@@ -147,6 +147,8 @@ def quantize_cmd(
             quantized.transforms[-1]["mixed_precision"] = {k: v for k, v in mixed_info.items() if k != "rows"}
         else:
             quantized = run(config)
+        if staging.exists() and not any(staging.iterdir()):  # each finished key folder removes itself
+            staging.rmdir()
         base = evaluate(backbone, eval_source, backbone.preprocess, backbone.labels, batch_size, convert_rgb, prog, keep_logits=True)
         quant = evaluate(quantized, eval_source, backbone.preprocess, backbone.labels, batch_size, convert_rgb, prog, keep_logits=True)
         lat = measure_latency(backbone, quantized, x, n_threads, prog) if latency and config.wbits == config.abits == 8 and not auto else None
@@ -276,6 +278,9 @@ def _print(r: dict) -> None:
     console.print(table)
     if r["vit_quantizers"]:
         console.print("ViT quantizers: " + ", ".join(f"{k}={v}" for k, v in r["vit_quantizers"].items()))
+    if not r["worst_sqnr"]:  # weight-only: no activation quantizers, no per-layer SQNR pass
+        console.print(f"wrote {r['output']}")
+        return
     worst = Table(title="five layers with the worst SQNR")
     worst.add_column("layer")
     worst.add_column("SQNR (dB)")
