@@ -261,3 +261,23 @@ def test_cli_bad_inputs(tiny_vit_dir, tmp_path, capsys):
         assert code == 2, (args, err)
         assert message in err and len(err.splitlines()) == 1, (args, err)
         assert not out.exists()
+
+
+def test_cli_weight_only_quantize_and_export(tiny_vit_dir, tmp_path, capsys):
+    from vitc.cli import run
+
+    model = tmp_path / "wo"
+    assert run(["quantize", "-m", f"hf:{tiny_vit_dir}", "--wbits", "4", "--abits", "16", "--group-size", "32",
+                "--eval-size", "32", "--threads", "1", "-o", str(model), "--out", str(tmp_path / "q.json")]) == 0
+    result = json.loads((tmp_path / "q.json").read_text())
+    assert result["weight_only"]["group_size"] == 32 and result["compression"] > 3.3
+    for target in ("onnx", "openvino"):
+        out = tmp_path / target
+        assert run(["export", "-m", str(model), "--target", target, "-o", str(out), "--eval-size", "32"]) == 0, capsys.readouterr().err
+        manifest = json.loads(next(out.glob("*.manifest.json")).read_text())
+        assert manifest["status"] == "passed"
+        if target == "openvino":
+            assert manifest["parity"]["compressed_weight_constants"].get("i4", 0) > 0
+    code = run(["export", "-m", str(model), "--target", "coreml", "-o", str(tmp_path / "c")])
+    assert code == 2 and "weight-only" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
