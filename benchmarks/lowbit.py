@@ -113,7 +113,9 @@ def bench_model(spec: str, calib_src, test_src, args, plot_rows: list) -> list[d
     _, w4a4r = quantize(QuantConfig(wbits=4, abits=4, reconstruct_iters=iters), f"W4A4 + reconstruction ({iters} it)")
     q48, w4a8 = quantize(QuantConfig(wbits=4, abits=8), "W4A8")
     exported(q48, w4a8, "W4A8")
-    quantize(QuantConfig(wbits=6, abits=6, reconstruct_iters=iters), f"W6A6 + reconstruction ({iters} it)")
+    quantize(QuantConfig(wbits=6, abits=6), "W6A6 calibration only")
+    if not args.no_w6a6_reconstruct:
+        quantize(QuantConfig(wbits=6, abits=6, reconstruct_iters=iters), f"W6A6 + reconstruction ({iters} it)")
     q88, w8a8 = quantize(QuantConfig(), "W8A8")
     w8a8_xml = exported(q88, w8a8, "W8A8")
 
@@ -222,6 +224,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--no-latency", action="store_true")
+    p.add_argument("--no-w6a6-reconstruct", action="store_true", help="W6A6 calibration only (saves one reconstruction)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
     args = p.parse_args(argv)
