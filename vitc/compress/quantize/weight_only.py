@@ -158,6 +158,11 @@ def apply_weight_only(backbone: Backbone, config) -> Backbone:
     start = time.perf_counter()
     out = backbone.copy()
     module = out.require_module("weight-only quantization").eval()
+    from .ptq import fold_batchnorms
+
+    # fold BatchNorms first: the ONNX exporter folds them into the conv weights itself, which
+    # would leave the exported weights off their grid (and unmatched by store_compressed_weights)
+    folded = fold_batchnorms(module, backbone.structure) if config.fold_bn else []
     plan = layer_plan(module, backbone.structure, config.wbits, config.group_size)
     if not plan:
         raise VitcError("the model has no Linear or Conv2d layer to quantize", "quantize a model built from Linear/Conv2d layers")
@@ -166,8 +171,8 @@ def apply_weight_only(backbone: Backbone, config) -> Backbone:
         layer.quantize(config.weight_search)
     record = {"pass": "quantize", "config": config.to_dict(), "calibration_images": 0,
               "calibration_s": round(time.perf_counter() - start, 3),
-              "weight_only": {"layers": plan, "wbits": config.wbits, "group_size": config.group_size},
-              "plan": {"folded_bn": [], "attention": [], "ends_8bit": [n for n, s in plan.items() if s["group_size"] is None]},
+              "weight_only": {"layers": plan, "wbits": config.wbits, "group_size": config.group_size, "folded_bn": folded},
+              "plan": {"folded_bn": folded, "attention": [], "ends_8bit": [n for n, s in plan.items() if s["group_size"] is None]},
               "layers": {}, "scheme_choice": {}, "vit_quantizers": {}, "sqnr_db": {}}
     return out.with_module(module, record)
 
@@ -222,6 +227,20 @@ def load(folder: Path, meta: dict) -> Backbone:
 
     base = load_model(meta["base"]["spec"])
     module = base.copy().require_module("loading a weight-only model")
+    # redo the BatchNorm folding structurally (the folded weights and biases come from the state)
+    folded = set(meta["weight_only"].get("folded_bn", []))
+    before, last = {}, None
+    for name, m in module.named_modules():  # each BatchNorm was folded into the conv registered just before it
+        if isinstance(m, nn.Conv2d):
+            last = m
+        elif name in folded:
+            before[name] = last
+    for path in folded:
+        conv = before[path]
+        if conv.bias is None:
+            conv.bias = nn.Parameter(torch.zeros(conv.out_channels))
+        owner, _, attr = path.rpartition(".")
+        setattr(module.get_submodule(owner), attr, nn.Identity())
     install(module, meta["weight_only"]["layers"])
     state = load_file(str(folder / WEIGHTS_FILE))
     for name, layer in weight_only_layers(module).items():
