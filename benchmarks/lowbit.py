@@ -109,6 +109,8 @@ def bench_model(spec: str, calib_src, test_src, args, plot_rows: list) -> list[d
         return xml
 
     iters = args.iters
+    if args.weight_only_only:  # rerun the weight-only comparison alone
+        return _weight_only_section(backbone, x, y, calib, tmp, args, rows, row, quantize, exported, plot_rows)
     _, w4a4 = quantize(QuantConfig(wbits=4, abits=4), "W4A4 calibration only")
     _, w4a4r = quantize(QuantConfig(wbits=4, abits=4, reconstruct_iters=iters), f"W4A4 + reconstruction ({iters} it)")
     q48, w4a8 = quantize(QuantConfig(wbits=4, abits=8), "W4A8")
@@ -149,6 +151,23 @@ def bench_model(spec: str, calib_src, test_src, args, plot_rows: list) -> list[d
                   "top1": float((w6a8.argmax(-1) == y).mean())})
     plot_rows.append({"model": spec, "fp32_top1": fp_top1, "curve": curve})
 
+    return _weight_only_section(backbone, x, y, calib, tmp, args, rows, row, quantize, exported, plot_rows)
+
+
+def _weight_only_section(backbone, x, y, calib, tmp, args, rows, row, quantize, exported, plot_rows):
+    import openvino as ov
+
+    from vitc.compress.quantize import QuantConfig
+    from vitc.compress.quantize.weight_only import ir_weight_types
+    from vitc.export.onnx import write_onnx
+    from vitc.export.pipeline import ExportOptions
+    from vitc.runtimes import open_session
+
+    spec = backbone.source
+    w8a8_xml = tmp / "W8A8.xml"
+    if not w8a8_xml.exists():
+        q88, w8a8 = quantize(QuantConfig(), "W8A8")
+        w8a8_xml = exported(q88, w8a8, "W8A8")
     # weight-only int4 g64 against NNCF compress_weights on the same FP32 model
     qwo, wo = quantize(QuantConfig(wbits=4, abits=16, group_size=64), "W4A16 g64 (weight-only)")
     wo_xml = exported(qwo, wo, "W4A16g64")
@@ -224,6 +243,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--no-latency", action="store_true")
+    p.add_argument("--weight-only-only", action="store_true", help="only the weight-only comparison (with W8A8 for latency)")
     p.add_argument("--no-w6a6-reconstruct", action="store_true", help="W6A6 calibration only (saves one reconstruction)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
