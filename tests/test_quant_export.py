@@ -96,8 +96,9 @@ def test_openvino_runs_int8_kernels(tiny_vit, calib32, eval_images, tmp_path):
 def test_low_bit_models_do_not_export(tiny_vit, calib32, tmp_path):
     from vitc.export.qdq import export_qdq_onnx
 
-    q = apply(tiny_vit, QuantConfig(wbits=4, abits=8, calibrator="minmax"), _x(tiny_vit, calib32))
-    with pytest.raises(VitcError, match="4 bits; the QDQ ONNX export takes 8-bit models only"):
+    # low-bit activations have no int8 QDQ form (4-bit weights do: issue 18, tests/test_lowbit.py)
+    q = apply(tiny_vit, QuantConfig(wbits=8, abits=4, calibrator="minmax"), _x(tiny_vit, calib32))
+    with pytest.raises(VitcError, match="to 4 bits; the int8 QDQ export takes 8-bit activations only"):
         export_qdq_onnx(q, tmp_path / "q.onnx")
     assert not (tmp_path / "q.onnx").exists()
 

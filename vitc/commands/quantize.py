@@ -25,7 +25,7 @@ DEFAULT_CALIB_SIZE = 512
 
 def quantize_cmd(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="zoo:<name>, hf:<dir>, timm:<name>, pkg.module:factory, FILE.pt2"),
-    bits: int = typer.Option(8, "--bits", help="weight and activation bits (8, 6 or 4): WnAn"),
+    bits: str = typer.Option("8", "--bits", help="weight and activation bits (8, 6 or 4): WnAn; auto: mixed precision per layer (with --size-budget or --max-drop)"),
     wbits: Optional[int] = typer.Option(None, "--wbits", help="weight bits (overrides --bits)"),
     abits: Optional[int] = typer.Option(None, "--abits", help="activation bits (overrides --bits)"),
     calib: str = typer.Option("mse", "--calib", help="activation calibrator: minmax, percentile, mse or entropy"),
@@ -60,11 +60,35 @@ def quantize_cmd(
     integer_only: bool = typer.Option(False, "--integer-only", help="integer-only inference (ViT): integer kernels for every op, written as an integer ONNX graph"),
     recover_steps: int = typer.Option(0, "--recover-steps", help="with --integer-only: fine-tune steps with the integer rounding simulated"),
     allow_unlabelled: AllowUnlabelledOpt = False,
+    reconstruct: bool = typer.Option(False, "--reconstruct", help="block reconstruction after calibration (learned rounding and step sizes, BRECQ/QDrop)"),
+    iters: int = typer.Option(150, "--iters", help="with --reconstruct: learning steps per block"),
+    size_budget: Optional[float] = typer.Option(None, "--size-budget", help="with --bits auto: average weight bits, e.g. 5.0"),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="with --bits auto: the smallest model whose top-1 drop on the calibration images is at most this many points"),
+    act_budget: Optional[float] = typer.Option(None, "--act-budget", help="with --bits auto --size-budget: also allocate activation bits, average at most this"),
+    alloc: str = typer.Option("ilp", "--alloc", help="with --bits auto: ilp (exact) or greedy (MPTQ-ViT)"),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="weight-only (--abits 16): input channels per weight scale, 32, 64 or 128 (default 64)"),
 ) -> None:
     """Quantize a model (W8A8 by default), compare it with FP32, and save it (-o, default quantized/<model>-w<W>a<A>/)."""
     positive(calib_size, "--calib-size")
     positive(eval_size, "--eval-size")
     positive(batch_size, "--batch-size")
+    from vitc.errors import VitcError
+
+    auto = bits == "auto"
+    if not auto:
+        try:
+            bits = int(bits)
+        except ValueError:
+            raise VitcError(f"--bits {bits} is not a bit width", "pass 8, 6, 4, or auto (mixed precision)") from None
+    else:
+        if (size_budget is None) == (max_drop is None):
+            raise VitcError("--bits auto needs exactly one of --size-budget (average weight bits) and --max-drop (points)",
+                            "e.g. --bits auto --size-budget 5.0")
+        bits = 8
+    if not auto and (size_budget is not None or max_drop is not None or act_budget is not None):
+        raise VitcError("--size-budget, --max-drop and --act-budget choose widths per layer", "pass them with --bits auto")
+    if act_budget is not None and max_drop is not None:
+        raise VitcError("--act-budget goes with --size-budget, not --max-drop", "pass --size-budget with --act-budget")
     if integer_only:
         from vitc.compress.integer.command import run_integer_only
 
@@ -83,27 +107,60 @@ def quantize_cmd(
 
     config = QuantConfig(wbits=wbits or bits, abits=abits or bits, calibrator=calib, percentile=percentile, softmax=softmax,
                          gelu=gelu, scheme=scheme, granularity=granularity, ln_reparam=repq, smooth_alpha=smooth,
-                         bias_correction=bias_correction).validate()
-    check_count(config.calibrator, calib_size or DEFAULT_CALIB_SIZE)
+                         bias_correction=bias_correction, group_size=group_size,
+                         reconstruct_iters=iters if reconstruct else 0).validate()
+    weight_only = config.abits == 16
+    if not weight_only:
+        check_count(config.calibrator, calib_size or DEFAULT_CALIB_SIZE)
+    if reconstruct:
+        from vitc.compress.quantize.reconstruct import check_count as check_reconstruct_count
+
+        check_reconstruct_count(calib_size or DEFAULT_CALIB_SIZE)
+    if auto and weight_only:
+        raise VitcError("--bits auto allocates weight and activation widths", "drop --abits 16, or drop --bits auto")
     n_threads = set_threads(threads)
     backbone = load_backbone(model, weights, input_size, resize, mean, std, interpolation, fit)
     backbone.require_module("quantization")
     from vitc.numerics import check_weights
 
     check_weights(backbone)  # name the NaN/Inf weight itself, not the activation it poisons downstream
-    output = output or Path("quantized") / f"{_model_name(backbone.source)}-w{config.wbits}a{config.abits}"
+    tag = (f"mixed{size_budget:g}" if size_budget is not None else f"maxdrop{max_drop:g}") if auto else f"w{config.wbits}a{config.abits}"
+    tag += f"g{config.group_size}" if weight_only else ""
+    tag += "-rec" if reconstruct else ""
+    output = output or Path("quantized") / f"{_model_name(backbone.source)}-{tag}"
     hold(output, force)  # a second run on this -o fails now, before calibration; held until the command ends
     calib_source = DataSpec(calib_data, None, calib_size or DEFAULT_CALIB_SIZE, seed, convert_rgb,
                             size_flag="--calib-size" if calib_size is not None else None).open()
     eval_source = DataSpec(data, str(labels) if labels else None, eval_size, seed, convert_rgb, allow_unlabelled).open()
     with progress() as prog:
-        task = prog.add_task("reading calibration images", total=None)
-        x, _ = load_tensors(calib_source, backbone.preprocess, convert_rgb)
-        prog.remove_task(task)
-        quantized = apply(backbone, config, x, prog)
+        x = None
+        if not weight_only:  # weight-only needs no calibration images
+            task = prog.add_task("reading calibration images", total=None)
+            x, y_calib = load_tensors(calib_source, backbone.preprocess, convert_rgb)
+            prog.remove_task(task)
+        staging = output.parent / f".{output.name}.reconstruct"
+        run = lambda cfg: apply(backbone, cfg, x, prog, reconstruct_staging=staging, say=prog.console.print)
+        mixed_info = None
+        if auto:
+            from dataclasses import replace
+
+            from vitc.compress.quantize import mixed
+
+            if size_budget is not None:
+                mixed_info = mixed.plan_mixed(backbone, x, size_budget, act_budget, config.abits, alloc, progress=prog)
+                quantized = run(replace(config, layer_bits=mixed_info["layer_bits"]))
+            else:
+                mixed_info, quantized = mixed.search_max_drop(
+                    backbone, x, _calib_labels(calib_source, backbone, y_calib), max_drop,
+                    lambda lb: run(replace(config, layer_bits=lb)), config.abits, alloc, prog, say=prog.console.print)
+            quantized.transforms[-1]["mixed_precision"] = {k: v for k, v in mixed_info.items() if k != "rows"}
+        else:
+            quantized = run(config)
+        if staging.exists() and not any(staging.iterdir()):  # each finished key folder removes itself
+            staging.rmdir()
         base = evaluate(backbone, eval_source, backbone.preprocess, backbone.labels, batch_size, convert_rgb, prog, keep_logits=True)
         quant = evaluate(quantized, eval_source, backbone.preprocess, backbone.labels, batch_size, convert_rgb, prog, keep_logits=True)
-        lat = measure_latency(backbone, quantized, x, n_threads, prog) if latency and config.wbits == config.abits == 8 else None
+        lat = measure_latency(backbone, quantized, x, n_threads, prog) if latency and config.wbits == config.abits == 8 and not auto else None
     record = quantized.transforms[-1]
     fp32_bytes, q_bytes = model_size(backbone), model_size(quantized)
     worst = sorted(((k, v) for k, v in record["sqnr_db"].items() if v is not None), key=lambda kv: kv[1])[:5]
@@ -129,6 +186,9 @@ def quantize_cmd(
         "vit_quantizers": record["vit_quantizers"],
         "scheme_choice": record["scheme_choice"],
         "config": config.to_dict(),
+        "reconstruction": _recon_summary(record.get("reconstruction")),
+        "mixed_precision": {k: v for k, v in mixed_info.items() if k != "sensitivity"} if mixed_info else None,
+        "weight_only": record.get("weight_only"),
         "threads": n_threads,
         "output": str(output),
     }
@@ -136,6 +196,37 @@ def quantize_cmd(
     _print(result)
     if out:
         write_json(out, result)
+
+
+def _calib_labels(source, backbone, y):
+    """The calibration images' labels in the model's label space, or None where they have none."""
+    import torch
+
+    from vitc.calibration.data import label_map
+
+    try:
+        mapping = label_map(source, backbone.labels)
+    except Exception:
+        return None
+    return torch.from_numpy(mapping[y.numpy()]) if mapping is not None else None
+
+
+def _recon_summary(rec: dict | None) -> dict | None:
+    if not rec:
+        return None
+    return {"iters": rec["options"]["iters"], "units": len(rec["units"]), "seconds": rec["seconds"],
+            "estimate_s": rec["estimate_s"], "images": rec["images"],
+            "unit_mse": [{"unit": u["unit"], "before": u["mse_before"], "after": u["mse_after"]} for u in rec["units"]]}
+
+
+def _print_mixed(info: dict) -> None:
+    table = Table(title=f"mixed precision ({info['method']}): average {info['average_wbits']:.2f} weight bits")
+    for col in ("layer", "params", "W", "A", "KL W4", "KL W6", "KL W8"):
+        table.add_column(col)
+    fmt = lambda v: "-" if v is None else f"{v:.2e}"
+    for r in info["rows"]:
+        table.add_row(r["layer"], str(r["params"]), str(r["wbits"]), str(r["abits"]), fmt(r["kl_w4"]), fmt(r["kl_w6"]), fmt(r["kl_w8"]))
+    console.print(table)
 
 
 def _model_name(source: str) -> str:
@@ -172,10 +263,17 @@ def measure_latency(backbone, quantized, images, threads: int, prog=None) -> dic
 
 
 def _print(r: dict) -> None:
-    table = Table(title=f"quantize: {r['model']} W{r['wbits']}A{r['abits']} ({r['calibrator']}, {r['calibration_images']} images)")
+    if r.get("mixed_precision"):
+        _print_mixed(r["mixed_precision"])
+    label = f"mixed W{r['mixed_precision']['average_wbits']:.2f}A{r['abits']}" if r.get("mixed_precision") else f"W{r['wbits']}A{r['abits']}"
+    if r.get("weight_only"):
+        label += f" g{r['weight_only']['group_size']}"
+    if r.get("reconstruction"):
+        label += " +reconstruction"
+    table = Table(title=f"quantize: {r['model']} {label} ({r['calibrator']}, {r['calibration_images']} images)")
     table.add_column("")
     table.add_column("FP32")
-    table.add_column(f"W{r['wbits']}A{r['abits']}")
+    table.add_column(label)
     table.add_row(f"top-1 ({r['eval_images']} images)", pct(r["fp32_top1"]), f"{pct(r['quantized_top1'])} ({-100 * r['top1_drop']:+.2f} pt)")
     table.add_row("top-1 agreement with FP32", "", pct(r["top1_agreement"]))
     table.add_row("size", f"{r['fp32_bytes'] / 2**20:.2f} MiB", f"{r['quantized_bytes'] / 2**20:.2f} MiB ({r['compression']:.1f}x smaller)")
@@ -183,9 +281,15 @@ def _print(r: dict) -> None:
         lat = r["latency"]
         table.add_row(f"CPU latency, batch 1 ({lat['runtime']})", f"{lat['fp32_ms']:.3f} ms", f"{lat['int8_ms']:.3f} ms ({lat['speedup']:.2f}x)")
     table.add_row("calibration time", "", f"{r['calibration_s']:.1f} s")
+    if r.get("reconstruction"):
+        rec = r["reconstruction"]
+        table.add_row("reconstruction", "", f"{rec['units']} units x {rec['iters']} steps, {rec['seconds']:.0f} s (estimated {rec['estimate_s']:.0f} s)")
     console.print(table)
     if r["vit_quantizers"]:
         console.print("ViT quantizers: " + ", ".join(f"{k}={v}" for k, v in r["vit_quantizers"].items()))
+    if not r["worst_sqnr"]:  # weight-only: no activation quantizers, no per-layer SQNR pass
+        console.print(f"wrote {r['output']}")
+        return
     worst = Table(title="five layers with the worst SQNR")
     worst.add_column("layer")
     worst.add_column("SQNR (dB)")

@@ -74,6 +74,9 @@ def check_w8a8(quant: dict) -> None:
         # integer-only models replace softmax/GELU/LayerNorm by integer kernels CoreML has no ops for
         raise VitcError(f"the coreml target takes the quantize pass's W8A8 models, not the {quant.get('pass')} pass's",
                         "quantize without --integer-only (vitc quantize --bits 8) for CoreML, or export this model with --target onnx")
+    if quant.get("weight_only"):  # issue 18: int4/int8 weight-only models export to onnx and openvino
+        raise VitcError("the coreml target does not take weight-only (--abits 16) models yet",
+                        "export it with --target onnx or --target openvino, or quantize with --bits 8 for CoreML")
     for name, spec in (quant.get("layers") or {}).items():
         grids = {"input": spec["input"]} if "input" in spec else {k: spec[k] for k in ("q", "k", "probs", "v")}
         if spec.get("wbits", 8) != 8:

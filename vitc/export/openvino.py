@@ -76,8 +76,14 @@ def write(backbone, staging: Path, stem: str, opts, quant, progress=None):
     info.update({"exporter": {"name": "openvino.convert_model from ONNX", "version": ov.get_version()},
                  "ir_ops": _op_counts(model), "compress_to_fp16": opts.precision == "fp16",
                  "input": {"name": model.inputs[0].get_any_name(), "shape": str(model.inputs[0].get_partial_shape())}})
+    checks = lambda session: runtime_precision_check(session, opts.precision)
+    if quant is not None and quant.get("weight_only"):  # float compute on int4/int8 weights: check the weights instead
+        from vitc.compress.quantize.weight_only import ir_weight_types, openvino_checks
+
+        checks = openvino_checks(quant)
+        info["weight_constants"] = ir_weight_types(model)
     return Staged(primary=xml, info=info, open_session=lambda p: open_session(p, runtime="openvino", precision="f32"),
-                  runtime_checks=lambda session: runtime_precision_check(session, opts.precision))
+                  runtime_checks=checks)
 
 
 def runtime_precision_check(session, precision: str) -> dict:

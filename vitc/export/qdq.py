@@ -29,12 +29,19 @@ def _check_exportable(backbone) -> dict:
     from vitc.compress.quantize.saved import quant_record
 
     record = quant_record(backbone)
-    for name, spec in record["layers"].items():
-        grids = [spec["input"]] if "input" in spec else [spec[k] for k in ("q", "k", "probs", "v")]
-        bits = {spec.get("wbits", 8)} | {g["bits"] for g in grids}
-        if bits != {8}:
-            raise VitcError(f"{name} is quantized to {min(bits)} bits; the QDQ ONNX export takes 8-bit models only",
-                            "export a --bits 8 model; W6/W4 models run in the PyTorch simulation (vitc eval)")
+    # Weights of any width up to 8 are exact as int8 codes (a 4/6-bit grid is a subset of int8's,
+    # same scale), so W4A8/W6A8 and mixed-precision weights export; activations must be 8-bit:
+    # name every layer that is not, before anything is written.
+    low = [(name, min(g["bits"] for g in grids)) for name, spec in record["layers"].items()
+           for grids in [[spec["input"]] if "input" in spec else [spec[k] for k in ("q", "k", "probs", "v")]]
+           if any(g["bits"] != 8 for g in grids)]
+    if low:
+        shown = ", ".join(n for n, _ in low[:6]) + (f" (+{len(low) - 6} more)" if len(low) > 6 else "")
+        fix = ("allocate with 8-bit activations (drop --act-budget), or keep the model in the PyTorch simulation (vitc eval)"
+               if record.get("mixed_precision") else
+               "quantize activations to 8 bits (--abits 8); W6A6/W4A4 models run in the PyTorch simulation (vitc eval)")
+        raise VitcError(f"{shown} quantize their inputs to {min(b for _, b in low)} bits; the int8 QDQ export takes "
+                        "8-bit activations only", fix)
     return record
 
 
@@ -44,13 +51,23 @@ def export_qdq_onnx(backbone, path, opset: int = 17, dynamic_batch: bool = True,
     ``split_shared_inputs``: give every consumer of a shared quantized activation its own Q/DQ
     pair (``split_shared_activation_qdq``), which ONNX Runtime needs; the OpenVINO export turns it off."""
     onnx = require("onnx", "onnx")
+    from vitc.compress.quantize import weight_only
     from vitc.compress.quantize.modules import set_export_mode
+    from vitc.compress.quantize.saved import quant_record
 
+    if weight_only.is_weight_only(quant_record(backbone)):  # int4/int8 blocked weights, float activations
+        return weight_only.export_onnx(backbone, path, dynamic_batch)
     _check_exportable(backbone)
     if opset < 13:
         raise VitcError(f"opset {opset} has no per-channel QuantizeLinear", "pass --opset 13 or higher")
     module = copy.deepcopy(backbone.require_module("QDQ export")).eval()
     set_export_mode(module, True)
+    from vitc.compress.quantize.modules import weighted_layers
+
+    for layer in weighted_layers(module).values():
+        # a 4/6-bit weight already lies on its grid: re-quantizing it on the int8 grid with the same
+        # scale keeps every code, and ONNX's QuantizeLinear takes the int8 range only
+        layer.wbits = 8
     path = Path(path)
     example = backbone.example_input(2 if dynamic_batch else 1)  # a batch of 1 lets the tracer fix the batch
     with warnings.catch_warnings(), torch.no_grad():

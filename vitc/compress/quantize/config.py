@@ -7,6 +7,7 @@ from vitc.calibration.observers import CALIBRATORS
 from vitc.errors import VitcError
 
 SUPPORTED_BITS = (4, 6, 8)
+WEIGHT_ONLY_ABITS = 16  # --abits 16: weight-only quantization (weight_only.py), activations stay float
 
 
 @dataclass
@@ -41,8 +42,24 @@ class QuantConfig:
     fold_bn: bool = True
     weight_search: bool = True
     keep_ends_8bit: bool = True
+    # low-bit frontier (reconstruct.py, mixed.py, weight_only.py)
+    reconstruct_iters: int = 0  # block reconstruction steps per unit after calibration (0: off)
+    layer_bits: dict | None = None  # {layer: [wbits, abits]} from a mixed-precision allocation
+    group_size: int | None = None  # weight-only (abits 16): per-group weight scales along the input
 
     def validate(self) -> "QuantConfig":
+        if self.abits == WEIGHT_ONLY_ABITS:
+            from .weight_only import validate_config
+
+            return validate_config(self)
+        if self.group_size is not None:
+            raise VitcError(f"--group-size {self.group_size} applies to weight-only quantization",
+                            "pass --abits 16 with --wbits 4 or 8, or drop --group-size")
+        if self.reconstruct_iters < 0:
+            raise VitcError(f"--iters {self.reconstruct_iters} is negative", "pass a positive number of steps, e.g. --iters 400")
+        for name, bits in (self.layer_bits or {}).items():
+            if len(bits) != 2 or bits[0] not in SUPPORTED_BITS or bits[1] not in SUPPORTED_BITS:
+                raise VitcError(f"layer '{name}' has bit widths {bits}", f"use [wbits, abits] from {', '.join(map(str, SUPPORTED_BITS))}")
         for name in ("wbits", "abits"):
             v = getattr(self, name)
             if v not in SUPPORTED_BITS:

@@ -132,6 +132,8 @@ def install(module: nn.Module, structure, config: QuantConfig, folded_bn: list[s
         if type(m) is nn.Linear or type(m) is nn.Conv2d:
             wide = name in plan.ends
             wbits, abits = (8, 8) if wide else (config.wbits, config.abits)
+            if config.layer_bits and name in config.layer_bits:  # a mixed-precision allocation (mixed.py)
+                wbits, abits = config.layer_bits[name]
             cls = QuantLinear if isinstance(m, nn.Linear) else QuantConv2d
             set_module(module, name, cls.from_float(m, name, abits, wbits))
     mlp_inputs = {b.mlp.fc2: b.mlp.activation for b in structure.blocks}
@@ -358,13 +360,25 @@ def calibration_tensor(data, backbone: Backbone, convert_rgb: bool = False) -> t
     return load_tensors(source, backbone.preprocess, convert_rgb)[0]
 
 
-def apply(backbone: Backbone, config: QuantConfig | None = None, data=None, progress=None) -> Backbone:
-    """Quantize ``backbone`` (simulation) with ``config``, calibrating on ``data``."""
+def apply(backbone: Backbone, config: QuantConfig | None = None, data=None, progress=None,
+          reconstruct_staging=None, say=print) -> Backbone:
+    """Quantize ``backbone`` (simulation) with ``config``, calibrating on ``data``.
+
+    ``reconstruct_staging``: folder for the per-unit checkpoints of ``config.reconstruct_iters``
+    (a rerun with the same settings resumes there); ``say`` prints the time estimate."""
     config = (config or QuantConfig()).validate()
+    if config.group_size is not None or config.abits == 16:  # weight-only: no activations to calibrate
+        from .weight_only import apply_weight_only
+
+        return apply_weight_only(backbone, config)
     module = backbone.require_module("quantization")
     structure = backbone.structure
     x = calibration_tensor(data, backbone)
     check_images(x, backbone, config.calibrator)
+    if config.reconstruct_iters:
+        from .reconstruct import check_count as check_reconstruct_count
+
+        check_reconstruct_count(x.shape[0])
     start = time.perf_counter()
     out = backbone.copy()
     module = out.module.eval()
@@ -452,6 +466,13 @@ def apply(backbone: Backbone, config: QuantConfig | None = None, data=None, prog
     for q in quantizers.values():
         q.observer = None
     set_mode(module, "quant")
+    reconstruction = None
+    if config.reconstruct_iters:  # BRECQ/QDrop block reconstruction (reconstruct.py)
+        from . import reconstruct as R
+
+        options = R.ReconstructOptions(iters=config.reconstruct_iters)
+        key = R.staging_key(backbone.source_hash or str(backbone.source), config.to_dict(), x, options)
+        reconstruction = R.reconstruct(reference, module, structure, x, options, key, reconstruct_staging, progress, say)
     sqnr = layer_sqnr(reference, module, sample)
     seconds = time.perf_counter() - start
 
@@ -471,6 +492,10 @@ def apply(backbone: Backbone, config: QuantConfig | None = None, data=None, prog
     }
     if families_note:
         record["note"] = families_note
+    if reconstruction is not None:
+        record["reconstruction"] = reconstruction
+    if config.layer_bits:
+        record["mixed_precision"] = {"layer_bits": config.layer_bits}
     return out.with_module(module, record)
 
 

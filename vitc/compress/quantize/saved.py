@@ -42,6 +42,10 @@ def save_quantized(backbone: Backbone, folder: Path | str, force: bool = False) 
     from safetensors.torch import save_file
 
     record = quant_record(backbone)
+    if record.get("weight_only"):  # weight-only int4/int8 (weight_only.py) has its own layer form
+        from . import weight_only
+
+        return weight_only.save(backbone, Path(folder), record, force)
     earlier = [t["pass"] for t in backbone.transforms[:backbone.transforms.index(record)]]
     # a merge loaded from its description (vitc merge -o X.json) comes back when the spec is reloaded
     merged_from_description = earlier == ["merge"] and str(backbone.source).endswith(".json")
@@ -85,6 +89,10 @@ def load_quantized(folder: Path | str) -> Backbone:
         meta = json.loads((folder / META_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise VitcError(f"cannot read {folder / META_FILE} ({exc})", "save the quantized model again with vitc quantize") from exc
+    from . import weight_only
+
+    if meta.get("format") == weight_only.FORMAT:
+        return weight_only.load(folder, meta)
     if meta.get("format") != FORMAT:
         raise VitcError(f"{folder} holds format {meta.get('format')!r}, not {FORMAT}", "save it again with this vitc")
     if not (folder / WEIGHTS_FILE).exists():
@@ -119,6 +127,10 @@ def model_size(backbone: Backbone) -> int:
     """Bytes of the model's tensors: quantized weights at their bit width plus fp32 scales, the
     rest (and every weight of a float model) in fp32."""
     module = backbone.require_module("measuring size")
+    from . import weight_only
+
+    if weight_only.weight_only_layers(module):
+        return weight_only.model_size(backbone)
     quantized = {id(l.weight): l for l in weighted_layers(module).values() if l.quantized}
     total = 0.0
     for p in module.parameters():

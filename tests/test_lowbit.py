@@ -1,0 +1,283 @@
+"""Low-bit frontier: block reconstruction, mixed precision, weight-only int4/int8 (issue 18)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vitc.calibration.data import load_tensors
+from vitc.compress.quantize import QuantConfig, apply
+from vitc.compress.quantize import mixed
+from vitc.compress.quantize import reconstruct as R
+from vitc.compress.quantize import weight_only as WO
+from vitc.compress.quantize.modules import weighted_layers
+from vitc.compress.quantize.saved import load_quantized, quant_record, save_quantized
+from vitc.errors import VitcError
+
+
+@pytest.fixture(scope="module")
+def calib64():
+    from vitc.calibration.sources import open_source
+
+    return open_source("bundled:calib").select(64, seed=0)
+
+
+def _x(backbone, source):
+    return load_tensors(source, backbone.preprocess)[0]
+
+
+# ---------------------------------------------------------------- reconstruction
+
+def test_adaround_pieces():
+    w = torch.tensor([[0.26, -0.74, 0.5]])
+    s = torch.tensor([0.1])
+    floor, v = R.init_rounding(w, s)
+    # the soft weight starts at the float weight (up to the clamp of the fractional part)
+    assert torch.allclose(R.soft_weight(floor, v, s, 8), w, atol=1e-4)
+    # hardening picks floor or floor + 1, on the grid
+    hard = R.hard_weight(floor, v, s, 8)
+    assert torch.allclose(hard / s, torch.round(hard / s))
+    assert torch.all((hard - w).abs() <= s + 1e-6)
+    # the regulariser vanishes at hard 0/1 and is largest at h = 1/2
+    assert R.round_regulariser(torch.tensor([20.0, -20.0]), 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert R.round_regulariser(torch.tensor([0.0]), 2.0).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_reconstruction_lowers_block_error_and_folds_rounding_into_ints(tiny_vit, calib64, tmp_path):
+    x = _x(tiny_vit, calib64)
+    calibrated = apply(tiny_vit, QuantConfig(wbits=4, abits=4), x)
+    q = apply(tiny_vit, QuantConfig(wbits=4, abits=4, reconstruct_iters=40), x, say=lambda *_: None)
+    rec = quant_record(q)["reconstruction"]
+    blocks = [u for u in rec["units"] if u["kind"] == "block"]
+    assert len(blocks) == 2
+    # no unit ends worse than its calibrated state (a unit whose learning did not help keeps it),
+    # and learning lowers a block's output error against FP32 by 10% or more
+    assert all(u["mse_after"] <= u["mse_before"] for u in rec["units"])
+    assert any(u["learned_mse"] < 0.9 * u["mse_before"] and not u["kept_calibration"] for u in blocks), blocks
+    assert any(u["rounding_changed_from_nearest"] > 0 for u in blocks)  # it is not nearest rounding
+    # the model's output is closer to FP32 than calibration alone leaves it
+    with torch.no_grad():
+        ref = tiny_vit(x)
+        assert (q(x) - ref).pow(2).mean() < (calibrated(x) - ref).pow(2).mean()
+    # the learned rounding lies on the integer grid: codes * scale is the weight
+    for name, layer in weighted_layers(q.module).items():
+        s = layer.weight_scale.reshape(-1, *[1] * (layer.weight.dim() - 1))
+        assert torch.allclose(layer.weight_codes().float() * s, layer.weight.detach(), atol=1e-7), name
+    # so it saves and reloads to the same outputs
+    save_quantized(q, tmp_path / "q")
+    back = load_quantized(tmp_path / "q")
+    assert torch.allclose(back(x[:8]), q(x[:8]), atol=1e-5)
+
+
+def test_reconstruction_resumes_after_the_last_finished_unit(tiny_vit, calib64, tmp_path, monkeypatch):
+    x = _x(tiny_vit, calib64)
+    config = QuantConfig(wbits=4, abits=4, reconstruct_iters=5)
+    full = apply(tiny_vit, config, x, say=lambda *_: None)
+    calls = {"n": 0}
+    real = R.learn_unit
+
+    def dies_after_two(*a, **k):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(R, "learn_unit", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        apply(tiny_vit, config, x, reconstruct_staging=tmp_path, say=lambda *_: None)
+    assert len(list(tmp_path.glob("*/state.pt"))) == 1
+    monkeypatch.setattr(R, "learn_unit", real)
+    said = []
+    resumed = apply(tiny_vit, config, x, reconstruct_staging=tmp_path, say=said.append)
+    assert "resuming after 2 finished units" in said[0]
+    assert not any(tmp_path.iterdir())  # the staging folder is removed when done
+    assert torch.allclose(resumed(x[:8]), full(x[:8]), atol=1e-5)
+
+
+def test_reconstruction_needs_enough_images(tiny_vit, calib64):
+    x = _x(tiny_vit, calib64)
+    with pytest.raises(VitcError, match="at least 64 calibration images, got 32"):
+        apply(tiny_vit, QuantConfig(wbits=4, abits=4, reconstruct_iters=5), x[:32])
+    with pytest.raises(VitcError, match="--iters"):
+        QuantConfig(reconstruct_iters=-1).validate()
+
+
+# ---------------------------------------------------------------- mixed precision
+
+def _hand_table():
+    # four free layers of equal size; "a" and "b" are sensitive, "c" and "d" are not
+    sens = {"a": {4: 10.0, 6: 1.0, 8: 0.0}, "b": {4: 8.0, 6: 0.9, 8: 0.0},
+            "c": {4: 0.2, 6: 0.05, 8: 0.0}, "d": {4: 0.1, 6: 0.02, 8: 0.0}}
+    costs = {"a": 100, "b": 100, "c": 100, "d": 100, "end": 20}
+    return sens, costs
+
+
+@pytest.mark.parametrize("method", ["ilp", "greedy"])
+def test_allocation_meets_the_budget_and_prefers_sensitive_layers(method):
+    sens, costs = _hand_table()
+    fixed = {"end"}
+    for budget in (5.0, 6.0, 7.0, 4.2):
+        bits = mixed.allocate(sens, costs, budget, fixed, method=method)
+        avg = mixed.average_bits(bits, costs)
+        assert avg <= budget + 1e-9
+        assert bits["end"] == 8
+        # tight: no single layer could go one width up and still fit
+        for n in sens:
+            if bits[n] < 8:
+                up = dict(bits, **{n: bits[n] + 2})
+                assert mixed.average_bits(up, costs) > budget + 1e-9, (budget, n, bits)
+        assert bits["a"] >= bits["c"] and bits["a"] >= bits["d"] and bits["b"] >= bits["c"] and bits["b"] >= bits["d"]
+    # at 5.0 bits: 8*20 + 100*(wa+wb+wc+wd) <= 5.0*420 -> 19.4 bits over four layers: 6+6+4+4 (20 > 19.4): 6,4,4,4
+    bits = mixed.allocate(sens, costs, 5.0, fixed, method=method)
+    assert sorted(bits[n] for n in "abcd") == [4, 4, 4, 6] and bits["a"] == 6
+    # at 6.0 bits: 23.6 bits over four layers: 8+6+4+4 (the next step up, 24, does not fit)
+    bits = mixed.allocate(sens, costs, 6.0, fixed, method=method)
+    assert (bits["a"], bits["b"], bits["c"], bits["d"]) == (8, 6, 4, 4)
+
+
+def test_impossible_budget_names_the_smallest_reachable():
+    sens, costs = _hand_table()
+    with pytest.raises(VitcError, match=r"smallest reachable average is 4\.19 bits.*--size-budget 4\.20"):
+        mixed.allocate(sens, costs, 2.0, {"end"})
+
+
+def test_mixed_model_exports_its_weight_widths_and_refuses_low_bit_activations(tiny_vit, calib64, tmp_path):
+    x = _x(tiny_vit, calib64)
+    plan = mixed.plan_mixed(tiny_vit, x, size_budget=5.0)
+    assert plan["average_wbits"] <= 5.0
+    assert {w for w, _ in plan["layer_bits"].values()} >= {4}
+    q = apply(tiny_vit, QuantConfig(layer_bits=plan["layer_bits"]), x)
+    specs = quant_record(q)["layers"]
+    assert all(specs[n]["wbits"] == w for n, (w, _) in plan["layer_bits"].items())
+    from vitc.export.qdq import export_qdq_onnx
+    from vitc.runtimes import open_session
+
+    path = export_qdq_onnx(q, tmp_path / "m.onnx")
+    out = open_session(path, runtime="onnxruntime")(x[:16])
+    ref = q(x[:16]).numpy()
+    assert (np.asarray(out).argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+    # a 4-bit weight is exported with its own codes (at most 7 in magnitude)
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    small = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and np.abs(numpy_helper.to_array(i)).max() <= 7]
+    assert len(small) >= sum(1 for w, _ in plan["layer_bits"].values() if w == 4)
+    # activations at 4 bits: refused before export, by layer name
+    low = {n: [8, 4] for n in plan["layer_bits"]}
+    first = next(iter(plan["layer_bits"]))
+    q4 = apply(tiny_vit, QuantConfig(layer_bits={**{n: [8, 8] for n in low}, first: [8, 4]}), x)
+    with pytest.raises(VitcError, match=first.replace(".", r"\.")):
+        export_qdq_onnx(q4, tmp_path / "bad.onnx")
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+# ---------------------------------------------------------------- weight-only
+
+def test_group_quantization_roundtrip():
+    torch.manual_seed(0)
+    w = torch.randn(8, 128)
+    s = WO.group_scales(w, 4, 32)
+    assert s.shape == (8, 4)
+    codes = WO.group_codes(w, s, 4)
+    assert codes.abs().max() <= 7
+    # every group's error is at most half a step of its own scale where nothing clipped
+    err = (WO.dequantize_groups(codes, s) - w).abs().reshape(8, 4, 32)
+    unclipped = (w.abs().reshape(8, 4, 32) <= 7 * s[..., None])
+    assert torch.all(err[unclipped] <= (s[..., None].expand_as(err)[unclipped] / 2 + 1e-6))
+    packed = WO.pack_codes(np.array([[-7, 0, 7], [1, 2, -8]], dtype=np.int8), 4)
+    from onnx import TensorProto, helper, numpy_helper
+
+    t = helper.make_tensor("w", TensorProto.INT4, [2, 3], packed, raw=True)
+    assert numpy_helper.to_array(t).tolist() == [[-7, 0, 7], [1, 2, -8]]
+
+
+@pytest.mark.parametrize("wbits,group", [(4, 32), (8, 64)])
+def test_weight_only_exports_run_in_ort_and_openvino_with_parity(tiny_vit, calib64, tmp_path, wbits, group):
+    import onnx
+    import openvino as ov
+
+    from vitc.export.qdq import export_qdq_onnx
+    from vitc.runtimes import open_session
+
+    x = _x(tiny_vit, calib64)[:16]
+    q = apply(tiny_vit, QuantConfig(wbits=wbits, abits=16, group_size=group))
+    sim = q(x).numpy()
+    path = export_qdq_onnx(q, tmp_path / "m.onnx")
+    model = onnx.load(str(path))
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    blocked = [n for n in dq if any(a.name == "block_size" and a.i == group for a in n.attribute)]
+    assert len(blocked) == sum(1 for s in quant_record(q)["weight_only"]["layers"].values() if s["group_size"])
+    want = onnx.TensorProto.INT4 if wbits == 4 else onnx.TensorProto.INT8
+    assert sum(1 for i in model.graph.initializer if i.data_type == want) >= len(blocked)
+    ort_out = np.asarray(open_session(path, runtime="onnxruntime")(x))
+    assert np.abs(ort_out - sim).max() < 2e-2 * max(1.0, np.abs(sim).max())
+    ov_model = ov.convert_model(str(path))
+    types = WO.ir_weight_types(ov_model)
+    assert types.get("i4" if wbits == 4 else "i8", 0) >= len(blocked)  # the IR keeps the weights compressed
+    ov.save_model(ov_model, str(tmp_path / "m.xml"), compress_to_fp16=False)
+    ov_out = np.asarray(open_session(tmp_path / "m.xml", runtime="openvino", precision="f32")(x))
+    assert np.abs(ov_out - sim).max() < 2e-2 * max(1.0, np.abs(sim).max())
+
+
+def test_weight_only_saves_reloads_and_shrinks(tiny_vit, calib64, tmp_path):
+    from vitc.compress.quantize.saved import model_size
+
+    x = _x(tiny_vit, calib64)[:8]
+    q = apply(tiny_vit, QuantConfig(wbits=4, abits=16, group_size=32))
+    save_quantized(q, tmp_path / "w")
+    assert json.loads((tmp_path / "w" / "vitc_quant.json").read_text())["format"] == WO.FORMAT
+    back = load_quantized(tmp_path / "w")
+    assert torch.equal(back(x), q(x))
+    assert model_size(q) < 0.3 * model_size(tiny_vit)
+
+
+def test_weight_only_bad_input():
+    with pytest.raises(VitcError, match="--group-size 48"):
+        QuantConfig(wbits=4, abits=16, group_size=48).validate()
+    with pytest.raises(VitcError, match="--wbits 4 or 8"):
+        QuantConfig(wbits=6, abits=16).validate()
+    with pytest.raises(VitcError, match="weight-only"):
+        QuantConfig(wbits=4, abits=8, group_size=64).validate()
+
+
+def test_cli_bad_inputs(tiny_vit_dir, tmp_path, capsys):
+    from vitc.cli import run
+
+    cases = [
+        (["--bits", "auto", "--size-budget", "2"], "smallest reachable average is 4."),
+        (["--bits", "auto"], "exactly one of --size-budget"),
+        (["--bits", "4", "--reconstruct", "--calib-size", "40"], "at least 64 calibration images, got 40"),
+        (["--size-budget", "5"], "with --bits auto"),
+        (["--bits", "five"], "not a bit width"),
+        (["--wbits", "4", "--abits", "16", "--group-size", "48"], "--group-size 48 is not supported"),
+    ]
+    for args, message in cases:
+        out = tmp_path / "o"
+        code = run(["quantize", "-m", f"hf:{tiny_vit_dir}", "--no-latency", "--eval-size", "16", "-o", str(out), *args])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (args, err)
+        assert message in err and len(err.splitlines()) == 1, (args, err)
+        assert not out.exists()
+
+
+def test_cli_weight_only_quantize_and_export(tiny_vit_dir, tmp_path, capsys):
+    from vitc.cli import run
+
+    model = tmp_path / "wo"
+    assert run(["quantize", "-m", f"hf:{tiny_vit_dir}", "--wbits", "4", "--abits", "16", "--group-size", "32",
+                "--eval-size", "32", "--threads", "1", "-o", str(model), "--out", str(tmp_path / "q.json")]) == 0
+    result = json.loads((tmp_path / "q.json").read_text())
+    assert result["weight_only"]["group_size"] == 32 and result["compression"] > 3.3
+    for target in ("onnx", "openvino"):
+        out = tmp_path / target
+        assert run(["export", "-m", str(model), "--target", target, "-o", str(out), "--eval-size", "32"]) == 0, capsys.readouterr().err
+        manifest = json.loads(next(out.glob("*.manifest.json")).read_text())
+        assert manifest["status"] == "passed"
+        if target == "openvino":
+            assert manifest["parity"]["compressed_weight_constants"].get("i4", 0) > 0
+    code = run(["export", "-m", str(model), "--target", "coreml", "-o", str(tmp_path / "c")])
+    assert code == 2 and "weight-only" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

@@ -1,0 +1,453 @@
+"""Block reconstruction after calibration (``vitc quantize --reconstruct``): BRECQ / QDrop.
+
+For each unit of the model in execution order (a transformer block, a conv stage, or a single
+weighted layer that belongs to neither: the patch embedding, the classifier), learn
+
+* the rounding of every weight of the unit (AdaRound: ``W_q = s * clamp(floor(W/s) + h(V))``
+  with the rectified sigmoid ``h`` and the regulariser ``1 - |2h - 1|^beta``, ``beta``
+  annealed from 20 to 2 after a warm-up without it), the per-channel scales ``s`` kept from
+  calibration;
+* the step size of every uniform activation quantizer of the unit (LSQ, on ``log s`` so that
+  one learning rate fits every range; zero points stay),
+
+by minimising the squared error of the unit's output against the FP32 model's output of the
+same unit. The unit's input comes from the quantized predecessors (already reconstructed),
+as BRECQ does, and QDrop drops each activation quantization element with probability 0.5
+during learning, so the learned grids do not overfit one noisy input.
+
+A unit's output is invariant under the exact rewrites of calibration (BatchNorm folding and
+the RepQ-ViT LayerNorm reparameterisation change weights inside a block, never what a block
+or a Linear returns), so the FP32 targets come from the float model after those rewrites.
+
+After each unit the soft rounding is hardened and folded into the weight (it lies on its
+integer grid again), so the result saves, reloads and exports like any calibrated model.
+Each finished unit is checkpointed in a staging folder keyed by the model, the calibration
+images and the settings; a rerun with the same key resumes after the last finished unit.
+
+Hybrid bridges: the conv that hands over to attention is reconstructed inside its conv stage
+(against the stage's FP32 output), and the first attention Linear after it inside the first
+block, so the bridge is matched at both ends.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+import types
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from vitc.errors import VitcError
+
+from . import quantizers as Q
+from .modules import ActQuant, QuantConv2d, QuantLinear, act_quantizers, set_mode, weighted_layers
+
+MIN_IMAGES = 64  # two learning batches: fewer and the learned rounding fits the few images, not the model
+ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
+
+
+@dataclass
+class ReconstructOptions:
+    iters: int = 150  # learning steps per unit
+    batch: int = 16
+    # Adam on the rounding variables V: AdaRound's 1e-3 is for 10-20k steps; at a few hundred
+    # steps V would barely leave its start and the regulariser would settle on nearest rounding
+    weight_lr: float = 2e-2
+    act_lr: float = 4e-3  # Adam on log step sizes
+    reg: float = 0.01  # weight of the rounding regulariser (per weight), AdaRound's lambda
+    warmup: float = 0.2  # share of steps without the regulariser
+    beta: tuple[float, float] = (20.0, 2.0)
+    drop_prob: float = 0.5  # QDrop: probability of keeping an activation element in float
+    learn_act: bool = True
+    float_bias: bool = False  # start from the float bias instead of the bias-corrected one
+    seed: int = 0
+
+    def validate(self) -> "ReconstructOptions":
+        if self.iters < 1:
+            raise VitcError(f"--iters {self.iters} is not a positive number of steps", "pass --iters 1 or more (e.g. 400)")
+        if self.batch < 1:
+            raise VitcError(f"reconstruction batch {self.batch} is not positive", "use a batch of 32")
+        if not 0.0 <= self.drop_prob < 1.0:
+            raise VitcError(f"drop probability {self.drop_prob} is out of range", "use a value in [0, 1)")
+        return self
+
+
+@dataclass
+class Unit:
+    path: str
+    kind: str  # "block" | "conv-stage" | "layer"
+    layers: list[str] = field(default_factory=list)
+
+
+def check_count(images: int, options: ReconstructOptions | None = None) -> None:
+    need = max(MIN_IMAGES, 2 * (options.batch if options else 32))
+    if images < need:
+        raise VitcError(f"--reconstruct needs at least {need} calibration images, got {images}",
+                        f"pass --calib-size {need} or more (512 recommended)")
+
+
+# ---------------------------------------------------------------- units
+
+def find_units(module: nn.Module, structure, example: torch.Tensor) -> list[Unit]:
+    """Units in execution order: transformer blocks and conv stages from the structure, then
+    every weighted layer in none of them on its own (the generic fallback for unknown families)."""
+    layers = weighted_layers(module)
+    candidates = [(b.path, "block") for b in structure.blocks] + [(s.path, "conv-stage") for s in structure.conv_stages]
+    units, claimed = [], set()
+    for path, kind in candidates:
+        try:
+            m = module.get_submodule(path)
+        except AttributeError:
+            continue
+        inside = [n for n in layers if n.startswith(path + ".") and n not in claimed]
+        if not inside or isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+            continue  # a container that is never called as a whole: its layers fall back to their own units
+        units.append(Unit(path, kind, inside))
+        claimed.update(inside)
+    units += [Unit(n, "layer", [n]) for n in layers if n not in claimed]
+    order = _call_order(module, [u.path for u in units], example)
+    called = [u for u in units if u.path in order]
+    # a unit whose module never ran as a whole (an unused wrapper): its layers on their own
+    for u in units:
+        if u.path not in order and u.kind != "layer":
+            called += [Unit(n, "layer", [n]) for n in u.layers]
+    order = _call_order(module, [u.path for u in called], example)
+    return sorted((u for u in called if u.path in order), key=lambda u: order[u.path])
+
+
+@torch.no_grad()
+def _call_order(module: nn.Module, paths: list[str], example: torch.Tensor) -> dict[str, int]:
+    order: dict[str, int] = {}
+    def seen(path):
+        def pre(m, args):
+            order.setdefault(path, len(order))  # returns None: a pre-hook's return value would replace the input
+        return pre
+
+    hooks = [module.get_submodule(p).register_forward_pre_hook(seen(p)) for p in paths]
+    try:
+        module(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order
+
+
+# ---------------------------------------------------------------- capture
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class Captured:
+    """A unit's inputs (positional and keyword) and output over all images, batch-first tensors concatenated."""
+
+    args: list
+    kwargs: dict
+    output: torch.Tensor | None
+    n: int
+
+    def inputs(self, idx: torch.Tensor) -> tuple[list, dict]:
+        pick = lambda v: v[idx] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == self.n else v
+        return [pick(a) for a in self.args], {k: pick(v) for k, v in self.kwargs.items()}
+
+
+def first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out:
+        return first_tensor(out[0])
+    if hasattr(out, "values"):
+        return first_tensor(list(out.values()))
+    raise VitcError(f"a reconstruction unit returns {type(out).__name__}, not a tensor", "report the model")
+
+
+@torch.no_grad()
+def capture(module: nn.Module, path: str, x: torch.Tensor, batch: int = 64, want_inputs: bool = True) -> Captured:
+    """Run ``module`` on ``x`` up to the unit at ``path`` (stopping there) and keep its inputs and output."""
+    target = module.get_submodule(path)
+    chunks: list[tuple] = []
+
+    def hook(m, args, kwargs, out):
+        chunks.append((args if want_inputs else (), kwargs if want_inputs else {}, first_tensor(out).detach()))
+        raise _Stop
+
+    h = target.register_forward_hook(hook, with_kwargs=True)
+    try:
+        for i in range(0, x.shape[0], batch):
+            try:
+                module(x[i:i + batch])
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    n = x.shape[0]
+
+    def cat(values):
+        v0 = values[0]
+        if isinstance(v0, torch.Tensor) and v0.dim() > 0 and sum(v.shape[0] for v in values) == n:
+            return torch.cat([v.detach() for v in values])
+        return v0
+
+    args = [cat([c[0][j] for c in chunks]) for j in range(len(chunks[0][0]))]
+    kwargs = {k: cat([c[1][k] for c in chunks]) for k in chunks[0][1]}
+    return Captured(args, kwargs, torch.cat([c[2] for c in chunks]), n)
+
+
+# ---------------------------------------------------------------- AdaRound
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def init_rounding(w: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(floor(w/s), V) with ``h(V)`` equal to the fractional part, so learning starts at the float weight."""
+    s = scale.reshape(-1, *[1] * (w.dim() - 1))
+    ws = w / s
+    floor = torch.floor(ws)
+    rest = (ws - floor).clamp(1e-4, 1 - 1e-4)
+    v = -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
+    return floor, v
+
+
+def round_regulariser(v: torch.Tensor, beta: float) -> torch.Tensor:
+    return (1 - (2 * rectified_sigmoid(v) - 1).abs().pow(beta)).sum()
+
+
+def hard_weight(floor: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    qmin, qmax = Q.int_range(bits, True, restricted=True)
+    s = scale.reshape(-1, *[1] * (floor.dim() - 1))
+    return torch.clamp(floor + (v >= 0).float(), qmin, qmax) * s
+
+
+def soft_weight(floor: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    qmin, qmax = Q.int_range(bits, True, restricted=True)
+    s = scale.reshape(-1, *[1] * (floor.dim() - 1))
+    return torch.clamp(floor + rectified_sigmoid(v), qmin, qmax) * s
+
+
+def beta_at(step: int, total: int, options: ReconstructOptions) -> float | None:
+    """The annealed exponent, None during the warm-up (no regulariser then)."""
+    start = int(options.warmup * total)
+    if step < start:
+        return None
+    t = (step - start) / max(1, total - start)
+    hi, lo = options.beta
+    return lo + 0.5 * (hi - lo) * (1 + math.cos(math.pi * t))
+
+
+# ---------------------------------------------------------------- learning one unit
+
+def _learnable_act(q: ActQuant, drop_prob: float, learn: bool, gen: torch.Generator):
+    """Replace ``q``'s forward by an LSQ fake-quant with a learnable log step size and QDrop."""
+    log_scale = nn.Parameter(q.scale.detach().clamp_min(1e-8).log().clone()) if learn else None
+    zero = q.zero_point.detach().float()
+    qmin, qmax = q.qrange
+    axis = q.channel_axis
+
+    def forward(self, x):
+        if self.kind != "uniform" or self.mode != "quant":
+            return ActQuant.forward(self, x)
+        if log_scale is None:
+            xq = ActQuant.forward(self, x)
+        else:
+            scale = log_scale.exp()
+            grad_factor = 1.0 / math.sqrt(max(1, x.numel() // max(1, scale.numel())) * qmax)
+            if self.per_channel:
+                xq = torch._fake_quantize_learnable_per_channel_affine(x, scale, zero, axis % x.dim(), qmin, qmax, grad_factor)
+            else:
+                xq = torch._fake_quantize_learnable_per_tensor_affine(x, scale, zero, qmin, qmax, grad_factor)
+        if self.training_drop and drop_prob > 0:
+            keep_float = torch.rand(x.shape, generator=gen) < drop_prob
+            return torch.where(keep_float, x, xq)
+        return xq
+
+    q.training_drop = True
+    q.forward = types.MethodType(forward, q)
+    return log_scale
+
+
+def _restore_act(q: ActQuant, log_scale) -> None:
+    if log_scale is not None:
+        q.scale = log_scale.detach().exp().clone()
+    del q.forward
+    del q.training_drop
+
+
+def _unit_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # summed over a sample's elements, averaged over samples (BRECQ's reconstruction loss)
+    return (out - target).pow(2).flatten(1).sum(1).mean()
+
+
+def learn_unit(module: nn.Module, unit: Unit, reference: nn.Module, quant_in: Captured, target: torch.Tensor,
+               options: ReconstructOptions, progress=None, task=None) -> dict:
+    """Learn the rounding and step sizes of one unit in place; return its before/after output error."""
+    gen = torch.Generator().manual_seed(options.seed)
+    unit_module = module.get_submodule(unit.path)
+    layers = {n: module.get_submodule(n) for n in unit.layers}
+    ref_layers = {n: reference.get_submodule(n) for n in unit.layers}
+    state = {}
+    for name, layer in layers.items():
+        w = ref_layers[name].weight.detach().float()
+        floor, v = init_rounding(w, layer.weight_scale)
+        v = nn.Parameter(v)
+        state[name] = (floor, v)
+        if options.float_bias and ref_layers[name].bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(ref_layers[name].bias.detach())
+        layer._weight = (lambda f=floor, v=v, l=layer: soft_weight(f, v, l.weight_scale, l.wbits))
+    acts = {n: q for n, q in act_quantizers(unit_module).items()}
+    scales = {n: _learnable_act(q, options.drop_prob, options.learn_act, gen) for n, q in acts.items()}
+    params_w = [v for _, v in state.values()]
+    params_a = [p for p in scales.values() if p is not None]
+    opt_w = torch.optim.Adam(params_w, lr=options.weight_lr)
+    opt_a = torch.optim.Adam(params_a, lr=options.act_lr) if params_a else None
+    sched_a = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, options.iters, eta_min=0.0) if opt_a else None
+
+    before = _unit_error(unit_module, quant_in, target, acts, options)
+    # the calibrated state, kept when learning does not lower the unit's error on the calibration images
+    snapshot = {k: v.detach().clone() for k, v in unit_module.state_dict().items()}
+    n = quant_in.n
+    try:
+        with torch.enable_grad():
+            for step in range(options.iters):
+                idx = torch.randint(0, n, (min(options.batch, n),), generator=gen)
+                args, kwargs = quant_in.inputs(idx)
+                out = first_tensor(unit_module(*args, **kwargs))
+                loss = _unit_loss(out, target[idx])
+                beta = beta_at(step, options.iters, options)
+                if beta is not None:
+                    loss = loss + options.reg * sum(round_regulariser(v, beta) for v in params_w)
+                opt_w.zero_grad(set_to_none=True)
+                if opt_a:
+                    opt_a.zero_grad(set_to_none=True)
+                loss.backward()
+                opt_w.step()
+                if opt_a:
+                    opt_a.step()
+                    sched_a.step()
+                if progress is not None and task is not None:
+                    progress.advance(task)
+    finally:
+        for name, layer in layers.items():
+            del layer._weight
+            floor, v = state[name]
+            with torch.no_grad():
+                layer.weight.copy_(hard_weight(floor, v.detach(), layer.weight_scale, layer.wbits))
+        for name, q in acts.items():
+            _restore_act(q, scales[name])
+    after = _unit_error(unit_module, quant_in, target, {}, options)
+    kept = after > before
+    if kept:
+        unit_module.load_state_dict(snapshot)
+    flips = sum(int(((v.detach() >= 0).float() != (torch.round(ref_layers[n].weight.detach() / layers[n].weight_scale.reshape(
+        -1, *[1] * (v.dim() - 1))) - state[n][0])).sum()) for n, (_, v) in state.items())
+    return {"unit": unit.path, "kind": unit.kind, "layers": len(unit.layers), "mse_before": before, "mse_after": min(after, before),
+            "learned_mse": after, "kept_calibration": kept, "rounding_changed_from_nearest": 0 if kept else flips}
+
+
+@torch.no_grad()
+def _unit_error(unit_module: nn.Module, quant_in: Captured, target: torch.Tensor, acts: dict, options) -> float:
+    for q in acts.values():
+        q.training_drop = False
+    total, count = 0.0, 0
+    for i in range(0, quant_in.n, 128):
+        idx = torch.arange(i, min(i + 128, quant_in.n))
+        args, kwargs = quant_in.inputs(idx)
+        out = first_tensor(unit_module(*args, **kwargs))
+        total += (out - target[idx]).pow(2).sum().item()
+        count += out.numel()
+    for q in acts.values():
+        q.training_drop = True
+    return total / max(1, count)
+
+
+# ---------------------------------------------------------------- the pass step
+
+def staging_key(source_hash: str, config: dict, x: torch.Tensor, options: ReconstructOptions) -> str:
+    h = hashlib.sha256()
+    h.update(source_hash.encode())
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    h.update(json.dumps(asdict(options), sort_keys=True, default=str).encode())
+    h.update(x.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def estimate_seconds(module: nn.Module, x: torch.Tensor, units: list[Unit], options: ReconstructOptions) -> float:
+    """Time one forward+backward of the quantized model on a learning batch and one calibration pass:
+    the units together cost about one whole model per step, plus two partial passes per unit to capture."""
+    xb = x[:options.batch].clone().requires_grad_(True)
+    with torch.enable_grad():
+        t = time.perf_counter()
+        first_tensor(module(xb)).sum().backward()
+        step = time.perf_counter() - t
+    t = time.perf_counter()
+    module(x[:64])
+    fwd = (time.perf_counter() - t) * x.shape[0] / min(64, x.shape[0])
+    # learned quantizers and rounding roughly double a plain step's cost (measured on the zoo ViT)
+    return 2.0 * step * options.iters + len(units) * fwd * 1.2
+
+
+def reconstruct(reference: nn.Module, module: nn.Module, structure, x: torch.Tensor, options: ReconstructOptions,
+                key: str, staging: Path | None = None, progress=None, say=print) -> dict:
+    """Reconstruct ``module`` (calibrated, quantizers in "quant" mode) unit by unit against ``reference``
+    (the float model after the exact rewrites, quantizers off). Returns the record's ``reconstruction`` entry."""
+    options = options.validate()
+    check_count(x.shape[0], options)
+    torch.manual_seed(options.seed)
+    set_mode(module, "quant")
+    set_mode(reference, "off")
+    units = find_units(module, structure, x[:1])
+    estimate = estimate_seconds(module, x, units, options)
+    done: list[dict] = []
+    if staging is not None:
+        staging = Path(staging) / key
+        meta = staging / "progress.json"
+        if meta.exists() and (staging / "state.pt").exists():
+            saved = json.loads(meta.read_text())
+            module.load_state_dict(torch.load(staging / "state.pt", weights_only=True))
+            set_mode(module, "quant")
+            done = saved["units"]
+            estimate *= max(0.0, 1 - len(done) / max(1, len(units)))
+    say(f"reconstruction: {len(units)} units ({_kinds(units)}) x {options.iters} steps on {x.shape[0]} images, "
+        f"about {_fmt_s(estimate)}" + (f" (resuming after {len(done)} finished units)" if done else ""))
+    start = time.perf_counter()
+    task = progress.add_task("reconstructing", total=len(units) * options.iters,
+                             completed=len(done) * options.iters) if progress is not None else None
+    for k, unit in enumerate(units):
+        if k < len(done):
+            continue
+        if progress is not None:
+            progress.update(task, description=f"reconstructing {unit.path} ({k + 1}/{len(units)})")
+        target = capture(reference, unit.path, x, want_inputs=False).output
+        quant_in = capture(module, unit.path, x)
+        done.append(learn_unit(module, unit, reference, quant_in, target, options, progress, task))
+        if staging is not None:
+            staging.mkdir(parents=True, exist_ok=True)
+            torch.save(module.state_dict(), staging / "state.tmp")
+            (staging / "state.tmp").replace(staging / "state.pt")
+            (staging / "progress.json").write_text(json.dumps({"key": key, "units": done}, indent=1))
+    if progress is not None and task is not None:
+        progress.remove_task(task)
+    seconds = time.perf_counter() - start
+    if staging is not None:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"options": asdict(options), "units": done, "estimate_s": round(estimate, 1), "seconds": round(seconds, 2),
+            "images": int(x.shape[0])}
+
+
+def _kinds(units: list[Unit]) -> str:
+    counts: dict[str, int] = {}
+    for u in units:
+        counts[u.kind] = counts.get(u.kind, 0) + 1
+    return ", ".join(f"{n} {k}{'s' if n > 1 else ''}" for k, n in counts.items())
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min"

@@ -1,0 +1,383 @@
+"""Weight-only quantization (``vitc quantize --wbits 4 --abits 16 --group-size 64``).
+
+Activations stay float; each Linear's weight is stored as int4 or int8 codes with one
+symmetric scale per group of ``group_size`` consecutive input channels (per output channel),
+the clipping of each group searched for the least squared error. Convolutions (the patch
+embedding, conv stems) and the classifier get int8 per-output-channel weights, as NNCF's
+``compress_weights`` keeps its "backup" layers in 8 bits: they are small and sensitive.
+
+The simulation is the float model with every weight on its grid (``WeightOnlyLinear`` /
+``WeightOnlyConv2d`` keep the scales as buffers), so it runs plain float kernels and the
+saved folder, the ONNX graph and the OpenVINO IR all hold the same integers.
+
+Export (``export_onnx``): the float graph at opset 21, where DequantizeLinear takes int4 and
+blocked scales (``block_size``), with each MatMul weight replaced by
+``DequantizeLinear(int4/int8 codes, scales, axis=0, block_size=g) -> MatMul``. ONNX Runtime's
+``DQMatMulToMatMulNBits`` fusion turns the int4 ones into ``MatMulNBits`` kernels; OpenVINO's
+ONNX frontend keeps them as i4/i8 constants with a decompression subgraph, which its CPU
+plugin runs as compressed-weight FullyConnected layers (``ir_weight_types`` reads the IR).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from vitc.backbone import Backbone
+from vitc.errors import VitcError
+
+from . import quantizers as Q
+
+FORMAT = "vitc-woq/1"
+WBITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP = 64
+OPSET = 21  # int4 tensors and blocked DequantizeLinear
+
+
+def validate_config(config):
+    if config.wbits not in WBITS:
+        raise VitcError(f"weight-only quantization (--abits 16) takes --wbits 4 or 8, not {config.wbits}",
+                        "pass --wbits 4 or --wbits 8")
+    if config.group_size is None:
+        config.group_size = DEFAULT_GROUP
+    if config.group_size not in GROUP_SIZES:
+        raise VitcError(f"--group-size {config.group_size} is not supported",
+                        f"use one of {', '.join(map(str, GROUP_SIZES))}")
+    if config.reconstruct_iters or config.layer_bits:
+        raise VitcError("--reconstruct and --bits auto apply to weight-and-activation quantization, not to --abits 16",
+                        "drop them, or quantize activations too (--abits 8)")
+    return config
+
+
+def group_scales(w: torch.Tensor, bits: int, group: int, search: bool = True) -> torch.Tensor:
+    """Symmetric scales of ``w`` (out, in), one per (output channel, group of ``group`` inputs): (out, in/group)."""
+    out, inp = w.shape
+    if inp % group:
+        raise ValueError(f"{inp} input channels do not split into groups of {group}")
+    return Q.weight_qparams(w.reshape(out * inp // group, group), bits, search).reshape(out, inp // group)
+
+
+def group_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    qmin, qmax = Q.int_range(bits, True, restricted=True)
+    s = scale.repeat_interleave(w.shape[1] // scale.shape[1], dim=1)
+    return torch.clamp(torch.round(w / s), qmin, qmax).to(torch.int8)
+
+
+def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return codes.float() * scale.repeat_interleave(codes.shape[1] // scale.shape[1], dim=1)
+
+
+class _WeightOnly:
+    wbits: int
+    group_size: int | None  # None: per output channel
+
+    def _init_wo(self, wbits: int, group_size: int | None, scale_shape) -> None:
+        self.wbits, self.group_size = wbits, group_size
+        self.register_buffer("weight_scale", torch.ones(scale_shape))
+
+    def quantize(self, search: bool = True) -> None:
+        w = self.weight.detach().float()
+        with torch.no_grad():
+            if self.group_size:
+                self.weight_scale = group_scales(w, self.wbits, self.group_size, search)
+                self.weight.copy_(dequantize_groups(group_codes(w, self.weight_scale, self.wbits), self.weight_scale))
+            else:
+                self.weight_scale = Q.weight_qparams(w, self.wbits, search)
+                self.weight.copy_(Q.fake_quant_weight(w, self.weight_scale, self.wbits))
+
+    def codes(self) -> torch.Tensor:
+        if self.group_size:
+            return group_codes(self.weight.detach(), self.weight_scale, self.wbits)
+        qmin, qmax = Q.int_range(self.wbits, True, restricted=True)
+        s = self.weight_scale.reshape(-1, *[1] * (self.weight.dim() - 1))
+        return torch.clamp(torch.round(self.weight.detach() / s), qmin, qmax).to(torch.int8)
+
+    def spec(self) -> dict:
+        return {"wbits": self.wbits, "group_size": self.group_size}
+
+
+class WeightOnlyLinear(nn.Linear, _WeightOnly):
+    @classmethod
+    def from_float(cls, m: nn.Linear, wbits: int, group_size: int | None) -> "WeightOnlyLinear":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = m.in_features, m.out_features
+        new.weight, new.bias = m.weight, m.bias
+        new._init_wo(wbits, group_size, (m.out_features, m.in_features // group_size) if group_size else (m.out_features,))
+        return new
+
+
+class WeightOnlyConv2d(nn.Conv2d, _WeightOnly):
+    @classmethod
+    def from_float(cls, m: nn.Conv2d, wbits: int) -> "WeightOnlyConv2d":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "padding_mode", "transposed", "output_padding", "_reversed_padding_repeated_twice"):
+            setattr(new, attr, getattr(m, attr))
+        new.weight, new.bias = m.weight, m.bias
+        new._init_wo(wbits, None, (m.out_channels,))
+        return new
+
+
+def weight_only_layers(module: nn.Module) -> dict[str, _WeightOnly]:
+    return {n: m for n, m in module.named_modules() if isinstance(m, (WeightOnlyLinear, WeightOnlyConv2d))}
+
+
+def layer_plan(module: nn.Module, structure, wbits: int, group: int) -> dict[str, dict]:
+    """{layer: {"wbits", "group_size"}}: Linears whose input splits into groups at ``wbits``; the
+    classifier, convolutions and Linears that do not split at int8 per channel."""
+    plan = {}
+    for name, m in module.named_modules():
+        if type(m) is nn.Linear:
+            grouped = name != structure.classifier and m.in_features % group == 0
+            plan[name] = {"wbits": wbits, "group_size": group} if grouped else {"wbits": 8, "group_size": None}
+        elif type(m) is nn.Conv2d:
+            plan[name] = {"wbits": 8, "group_size": None}
+    return plan
+
+
+def install(module: nn.Module, plan: dict[str, dict]) -> None:
+    for name, spec in plan.items():
+        parent, _, attr = name.rpartition(".")
+        m = module.get_submodule(name)
+        owner = module.get_submodule(parent) if parent else module
+        new = WeightOnlyLinear.from_float(m, spec["wbits"], spec["group_size"]) if isinstance(m, nn.Linear) \
+            else WeightOnlyConv2d.from_float(m, spec["wbits"])
+        setattr(owner, attr, new)
+
+
+def apply_weight_only(backbone: Backbone, config) -> Backbone:
+    """Weight-only quantization of ``backbone`` (no calibration images needed)."""
+    start = time.perf_counter()
+    out = backbone.copy()
+    module = out.require_module("weight-only quantization").eval()
+    from .ptq import fold_batchnorms
+
+    # fold BatchNorms first: the ONNX exporter folds them into the conv weights itself, which
+    # would leave the exported weights off their grid (and unmatched by store_compressed_weights)
+    folded = fold_batchnorms(module, backbone.structure) if config.fold_bn else []
+    plan = layer_plan(module, backbone.structure, config.wbits, config.group_size)
+    if not plan:
+        raise VitcError("the model has no Linear or Conv2d layer to quantize", "quantize a model built from Linear/Conv2d layers")
+    install(module, plan)
+    for layer in weight_only_layers(module).values():
+        layer.quantize(config.weight_search)
+    record = {"pass": "quantize", "config": config.to_dict(), "calibration_images": 0,
+              "calibration_s": round(time.perf_counter() - start, 3),
+              "weight_only": {"layers": plan, "wbits": config.wbits, "group_size": config.group_size, "folded_bn": folded},
+              "plan": {"folded_bn": folded, "attention": [], "ends_8bit": [n for n, s in plan.items() if s["group_size"] is None]},
+              "layers": {}, "scheme_choice": {}, "vit_quantizers": {}, "sqnr_db": {}}
+    return out.with_module(module, record)
+
+
+def is_weight_only(record: dict | None) -> bool:
+    return bool(record and record.get("weight_only"))
+
+
+def model_size(backbone: Backbone) -> int:
+    """Bytes: codes at their width, fp32 scales, everything else fp32."""
+    module = backbone.require_module("measuring size")
+    layers = weight_only_layers(module)
+    quantized = {id(l.weight): l for l in layers.values()}
+    total = 0.0
+    for p in module.parameters():
+        l = quantized.get(id(p))
+        total += p.numel() * l.wbits / 8 if l else p.numel() * 4
+    total += sum(b.numel() * 4 for b in module.buffers())
+    return int(total)
+
+
+# ---------------------------------------------------------------- save / load
+
+def save(backbone: Backbone, folder: Path, record: dict, force: bool = False) -> Path:
+    from safetensors.torch import save_file
+
+    from vitc.artifacts import atomic_path
+
+    from .saved import META_FILE, WEIGHTS_FILE
+
+    module = backbone.require_module("saving")
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    for name, layer in weight_only_layers(module).items():
+        state.pop(f"{name}.weight")
+        state[f"{name}.weight_codes"] = layer.codes().contiguous()
+    meta = {"format": FORMAT, "base": {"spec": backbone.source, "sha256": backbone.source_hash},
+            "config": record["config"], "weight_only": record["weight_only"], "transforms": backbone.transforms,
+            "preprocess": backbone.preprocess.to_dict(), "labels": backbone.labels}
+    with atomic_path(Path(folder), force=force, is_dir=True) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(folder)
+
+
+def load(folder: Path, meta: dict) -> Backbone:
+    from safetensors.torch import load_file
+
+    from vitc.models.intake import file_sha256, load_model
+    from vitc.models.preprocess import Preprocess
+
+    from .saved import WEIGHTS_FILE
+
+    base = load_model(meta["base"]["spec"])
+    module = base.copy().require_module("loading a weight-only model")
+    # redo the BatchNorm folding structurally (the folded weights and biases come from the state)
+    folded = set(meta["weight_only"].get("folded_bn", []))
+    before, last = {}, None
+    for name, m in module.named_modules():  # each BatchNorm was folded into the conv registered just before it
+        if isinstance(m, nn.Conv2d):
+            last = m
+        elif name in folded:
+            before[name] = last
+    for path in folded:
+        conv = before[path]
+        if conv.bias is None:
+            conv.bias = nn.Parameter(torch.zeros(conv.out_channels))
+        owner, _, attr = path.rpartition(".")
+        setattr(module.get_submodule(owner), attr, nn.Identity())
+    install(module, meta["weight_only"]["layers"])
+    state = load_file(str(folder / WEIGHTS_FILE))
+    for name, layer in weight_only_layers(module).items():
+        codes, scale = state.pop(f"{name}.weight_codes", None), state.get(f"{name}.weight_scale")
+        if codes is None or scale is None:
+            raise VitcError(f"{folder / WEIGHTS_FILE} has no weights for {name}", "save the quantized model again")
+        layer.weight_scale = scale
+        state[f"{name}.weight"] = dequantize_groups(codes, scale) if layer.group_size else \
+            codes.float() * scale.reshape(-1, *[1] * (codes.dim() - 1))
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise VitcError(f"{folder} does not fit its base model {meta['base']['spec']} ({str(exc).splitlines()[0][:160]})",
+                        "load it with the base model it was quantized from") from exc
+    return Backbone(module=module.eval(), preprocess=Preprocess.from_dict(meta["preprocess"]), labels=meta["labels"],
+                    source=str(folder), source_hash=file_sha256(folder / WEIGHTS_FILE), transforms=meta["transforms"],
+                    preprocess_origin="config", card=base.card)
+
+
+# ---------------------------------------------------------------- export
+
+def export_onnx(backbone: Backbone, path, dynamic_batch: bool = True) -> Path:
+    """ONNX (opset 21): each quantized weight as int4/int8 codes feeding a (blocked) DequantizeLinear."""
+    import warnings
+
+    import onnx
+    from onnx import version_converter
+
+    module = copy.deepcopy(backbone.require_module("weight-only export")).eval()
+    path = Path(path)
+    example = backbone.example_input(2 if dynamic_batch else 1)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=17, input_names=["pixel_values"],
+                          output_names=["logits"], do_constant_folding=True,
+                          dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None)
+    model = version_converter.convert_version(onnx.load(str(path)), OPSET)
+    replaced = store_compressed_weights(model, module)
+    expected = len(weight_only_layers(module))
+    if replaced != expected:
+        raise VitcError(f"the weight-only export found {replaced} of {expected} quantized weights in the graph",
+                        "report the model (its weights are shared or transformed in the exported graph)")
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def store_compressed_weights(model, module: nn.Module) -> int:
+    """Replace each float weight initializer that is a quantized layer's weight (as stored, or
+    transposed for a MatMul) by its codes and a DequantizeLinear. Returns the count."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    layers = weight_only_layers(module)
+    by_bytes = {}
+    for name, layer in layers.items():
+        w = layer.weight.detach().float().numpy()
+        by_bytes[(w.shape, w.tobytes())] = (name, False)
+        if w.ndim == 2:
+            wt = np.ascontiguousarray(w.T)
+            by_bytes[(wt.shape, wt.tobytes())] = (name, True)
+    inits = {i.name: i for i in graph.initializer}
+    new_nodes, new_inits, removed, count = [], [], set(), 0
+    for init_name, init in list(inits.items()):
+        arr = numpy_helper.to_array(init)
+        if arr.dtype != np.float32:
+            continue
+        hit = by_bytes.get((arr.shape, np.ascontiguousarray(arr).tobytes()))
+        if hit is None:
+            continue
+        name, transposed = hit
+        layer = layers[name]
+        codes = layer.codes().numpy().astype(np.int8)
+        scale = layer.weight_scale.detach().float().numpy()
+        attrs = {}
+        if layer.group_size:  # (out, in) codes, (out, in/g) scales: blocked along the input axis
+            if transposed:  # MatMul B is (in, out): block along axis 0
+                codes, scale = codes.T, scale.T
+                attrs = {"axis": 0, "block_size": layer.group_size}
+            else:  # Gemm transB / as stored: block along axis 1
+                attrs = {"axis": 1, "block_size": layer.group_size}
+        else:
+            if transposed:
+                codes = codes.T
+            attrs = {"axis": 1 if transposed else 0}
+        dtype = TensorProto.INT4 if layer.wbits == 4 else TensorProto.INT8
+        q_name, s_name = f"{init_name}_q{layer.wbits}", f"{init_name}_scale"
+        new_inits.append(helper.make_tensor(q_name, dtype, list(codes.shape), pack_codes(codes, layer.wbits), raw=True))
+        new_inits.append(numpy_helper.from_array(np.ascontiguousarray(scale.astype(np.float32)), s_name))
+        new_nodes.append(helper.make_node("DequantizeLinear", [q_name, s_name], [init_name], name=f"{name}/DequantizeLinear", **attrs))
+        removed.add(init_name)
+        count += 1
+    keep = [i for i in graph.initializer if i.name not in removed]
+    del graph.initializer[:]
+    graph.initializer.extend(keep + new_inits)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(new_nodes + nodes)  # constants first: topological order holds
+    return count
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> bytes:
+    """Raw bytes of an ONNX INT4 (two codes a byte, the first in the low nibble) or INT8 tensor."""
+    flat = np.ascontiguousarray(codes).reshape(-1).astype(np.int8)
+    if bits == 8:
+        return flat.tobytes()
+    nib = (flat.astype(np.uint8) & 0x0F)
+    if nib.size % 2:
+        nib = np.append(nib, np.uint8(0))
+    return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def ir_weight_types(model) -> dict[str, int]:
+    """Element types of the OpenVINO model's constants that feed a Convert (compressed weights), counted."""
+    counts: dict[str, int] = {}
+    for op in model.get_ops():
+        if op.get_type_name() != "Constant":
+            continue
+        t = op.get_output_element_type(0).get_type_name()
+        users = [i.get_node().get_type_name() for i in op.output(0).get_target_inputs()]
+        if "Convert" in users and t in ("i4", "u4", "i8", "u8"):
+            counts[t] = counts.get(t, 0) + 1
+    return counts
+
+
+def openvino_checks(record: dict):
+    """Runtime check for an OpenVINO session of a weight-only model: the IR it compiled keeps
+    int4/int8 weight constants (not decompressed to f32 at conversion)."""
+    wanted = "i4" if record["weight_only"]["wbits"] == 4 else "i8"
+
+    def check(session) -> dict:
+        import openvino as ov
+
+        types = ir_weight_types(ov.Core().read_model(str(session.path)))
+        out = {"compressed_weight_constants": types, "failures": []}
+        if not types.get(wanted):
+            out["failures"].append(f"the OpenVINO model holds no {wanted} weight constants: the compression was lost")
+        return out
+
+    return check
