@@ -149,3 +149,5 @@ def _load_saved(folder, flags=None) -> Backbone:
 from vitc.models.loaders import register_loader  # noqa: E402
 
 register_loader(FORMAT.split("/")[0] + "/", _load_saved, META_FILE)
+# weight-only folders share the meta file and are told apart inside load_quantized
+register_loader("vitc-woq/", _load_saved, META_FILE)
