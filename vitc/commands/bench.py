@@ -61,7 +61,7 @@ class BenchCommand(_UsageExit3, TyperCommand):
 bench_app = typer.Typer(cls=BenchGroup, invoke_without_command=True, no_args_is_help=False, add_completion=False,
                         help="Latency per target with sound statistics; compare and check gate regressions in CI.")
 
-TargetsOpt = typer.Option(None, "--targets", help="comma list of torch, compile, onnx, openvino, tensorrt, coreml (exports as needed)")
+TargetsOpt = typer.Option(None, "--targets", help="comma list of torch, compile, pt2e (PyTorch x86 int8), onnx, openvino, tensorrt, coreml (exports as needed)")
 RuntimeOpt = typer.Option(None, "--runtime", help="override the runtime the artifact's type picks: torch, onnxruntime, openvino, tensorrt, coreml")
 BatchListOpt = typer.Option("1", "--batch", help="batch sizes, e.g. 1,8,32")
 DeviceOpt = typer.Option("cpu", "--device", help="cpu, cuda, tensorrt (ONNX Runtime providers), GPU/NPU (OpenVINO)")

@@ -24,18 +24,114 @@ import numpy as np
 
 @dataclass(frozen=True)
 class SpeedConfig:
-    fuse_qkv: bool = True  # one int8 GEMM for sibling projections of one quantized input (q, k, v)
+    fuse_qkv: bool = False  # one int8 GEMM for sibling projections of one quantized input (q, k, v)
+    patchify_conv: bool = False  # a patch-embedding conv (kernel == stride) as patches @ W, an int8 GEMM
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def for_runtime(cls, runtime: str) -> "SpeedConfig":
+        """What measured faster per runtime (docs/quantize.md, benchmarks/results_speed_vs_peers_2026-12-05*).
+
+        ONNX Runtime: patchify_conv (its QDQ Conv of the patch embedding runs as a plain float
+        Conv: 0.90 ms of 29.5 ms profiled at batch 1 on ViT-S, against 0.13 ms for the int8 GEMM
+        that replaces it plus 0.1 ms of reshapes; about 2% of the call).
+        fuse_qkv measured no faster in either runtime (OpenVINO 0.73x at batch 8: the Split after
+        the fused GEMM keeps its attention from fusing), so it stays off; OpenVINO already runs
+        the patch conv in int8."""
+        return cls(patchify_conv=True) if runtime == "onnxruntime" else cls()
 
 
 def apply_speed(model, config: SpeedConfig = SpeedConfig()) -> dict:
     """Run the enabled passes on ``model`` (in place); returns {pass: count of rewrites}."""
     report = {}
+    if config.patchify_conv:
+        report["patchify_conv"] = patchify_convs(model)
     if config.fuse_qkv:
         report["fuse_qkv"] = fuse_sibling_matmuls(model)
     return report
+
+
+def _static_chw(graph, name: str):
+    for v in list(graph.input) + list(graph.value_info):
+        if v.name == name:
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            return dims[1:] if len(dims) == 4 and all(dims[1:]) else None
+    return None
+
+
+def patchify_convs(model) -> int:
+    """Rewrite ``Conv(DQ(Q(x)), DQ(W))`` with kernel == stride, no padding, one group, as patches @ W.
+
+    Why: ONNX Runtime fuses a QDQ MatMul into an int8 GEMM but ran the ViT patch embedding's
+    QDQ Conv as a plain float Conv (im2col, float weights dequantized): 0.90 ms of 29.5 ms
+    profiled at batch 1 on ViT-S; as an int8 GEMM it takes 0.13 ms. A patchify conv is a GEMM of
+    the non-overlapping patches: the float input is reshaped into patches first (quantization
+    is elementwise with one scale, so quantizing after the reshape gives the same codes), the
+    int8 weight codes are reshaped to [C*kh*kw, O] (same codes, same per-output-channel scales),
+    and the result is laid back out as the Conv's NCHW output. Returns the number rewritten."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits, producer, consumers, values = _index(graph)
+    count = 0
+    for conv in list(graph.node):
+        if conv.op_type != "Conv":
+            continue
+        k, st = _attr(conv, "kernel_shape"), _attr(conv, "strides")
+        pads, dil, group = _attr(conv, "pads", [0, 0, 0, 0]), _attr(conv, "dilations", [1, 1]), _attr(conv, "group", 1)
+        if not k or list(k) != list(st or []) or any(pads) or any(d != 1 for d in dil) or group != 1 or len(k) != 2:
+            continue
+        dq_x, dq_w = producer.get(conv.input[0]), producer.get(conv.input[1])
+        if dq_x is None or dq_w is None or dq_x.op_type != "DequantizeLinear" or dq_w.op_type != "DequantizeLinear":
+            continue
+        q_x = producer.get(dq_x.input[0])
+        if q_x is None or q_x.op_type != "QuantizeLinear" or dq_w.input[0] not in inits:
+            continue
+        chw = _static_chw(graph, q_x.input[0])
+        codes = values[dq_w.input[0]]
+        scale_x = values.get(q_x.input[1])
+        if chw is None or codes.ndim != 4 or scale_x is None or scale_x.size != 1:
+            continue
+        c, h, w = chw
+        kh, kw = k
+        if h % kh or w % kw:
+            continue
+        gh, gw, o = h // kh, w // kw, codes.shape[0]
+        tag = conv.output[0] + "/patchify"
+        w_scale = values[dq_w.input[1]].reshape(-1).astype(np.float32)
+        w_zero = values[dq_w.input[2]].reshape(-1) if len(dq_w.input) > 2 and dq_w.input[2] else np.zeros(w_scale.shape, codes.dtype)
+        consts = {"/shape_patches": np.array([-1, c, gh, kh, gw, kw], np.int64), "/shape_rows": np.array([-1, gh * gw, c * kh * kw], np.int64),
+                  "/shape_out": np.array([-1, o, gh, gw], np.int64), "/w": np.ascontiguousarray(codes.reshape(o, -1).T),
+                  "/w_scale": w_scale, "/w_zero": w_zero.astype(codes.dtype)}
+        graph.initializer.extend(numpy_helper.from_array(v, tag + n) for n, v in consts.items())
+        x_q_zero = q_x.input[2] if len(q_x.input) > 2 else ""
+        new = [helper.make_node("Reshape", [q_x.input[0], tag + "/shape_patches"], [tag + "/r1"], name=tag + "/Reshape"),
+               helper.make_node("Transpose", [tag + "/r1"], [tag + "/t1"], name=tag + "/Transpose", perm=[0, 2, 4, 1, 3, 5]),
+               helper.make_node("Reshape", [tag + "/t1", tag + "/shape_rows"], [tag + "/rows"], name=tag + "/Reshape_1"),
+               helper.make_node("QuantizeLinear", [tag + "/rows", q_x.input[1], x_q_zero], [tag + "/rows_q"], name=tag + "/QuantizeLinear"),
+               helper.make_node("DequantizeLinear", [tag + "/rows_q", q_x.input[1], x_q_zero], [tag + "/rows_dq"], name=tag + "/DequantizeLinear"),
+               helper.make_node("DequantizeLinear", [tag + "/w", tag + "/w_scale", tag + "/w_zero"], [tag + "/w_dq"],
+                                name=tag + "/DequantizeLinear_w", axis=1),
+               helper.make_node("MatMul", [tag + "/rows_dq", tag + "/w_dq"], [tag + "/mm"], name=tag + "/MatMul")]
+        last = tag + "/mm"
+        if len(conv.input) > 2 and conv.input[2]:
+            new.append(helper.make_node("Add", [last, conv.input[2]], [tag + "/add"], name=tag + "/Add"))
+            last = tag + "/add"
+        new += [helper.make_node("Transpose", [last], [tag + "/t2"], name=tag + "/Transpose_1", perm=[0, 2, 1]),
+                helper.make_node("Reshape", [tag + "/t2", tag + "/shape_out"], [conv.output[0]], name=tag + "/Reshape_2")]
+        drop = [conv] + [n for n in (dq_w, dq_x, q_x) if all(u is conv or u in (dq_x,) for u in consumers.get(n.output[0], []))]
+        for n in drop:
+            graph.node.remove(n)
+        graph.node.extend(new)
+        count += 1
+    if count:
+        nodes = _toposort(list(graph.node), graph)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        _drop_unused_initializers(graph)
+    return count
 
 
 def _index(graph):

@@ -45,6 +45,15 @@ def quantize_pt2e_x86(module: torch.nn.Module, calib: torch.Tensor, example: tor
         return convert_pt2e(prepared)
 
 
+def calibration_images(backbone, count: int = 32) -> torch.Tensor:
+    """The bundled calibration slice, preprocessed for ``backbone`` (what ``vitc quantize`` calibrates on by default)."""
+    from vitc.calibration.data import load_tensors
+    from vitc.calibration.sources import open_source
+
+    x, _ = load_tensors(open_source("bundled:calib").select(count, 0), backbone.preprocess, convert_rgb=True)
+    return x
+
+
 class Pt2eX86Session(Session):
     """The Backbone quantized by PT2E (X86 Inductor quantizer), compiled by Inductor with freezing."""
 
