@@ -190,7 +190,13 @@ def ort_records(events: list[dict], runs: int) -> list[OpRecord]:
         # Weights are initializers (often pre-packed and absent from the event); B of rank >= 3 is an activation.
         kind = ort_kind(op_type, int8_in, not (b is not None and len(b[1]) >= 3))
         prec = "i8" if (int8_in or op_type in _ORT_INT8_GEMM) and kind in GEMM_KINDS else (inputs[0][0] if inputs else "?")
-        ops = gemm_ops(inputs[0][1], outputs[0][1]) if kind in GEMM_KINDS and inputs and outputs else 0.0
+        ops = 0.0
+        if kind in GEMM_KINDS and inputs and outputs:
+            if "Conv" in op_type:  # 2 * output elements * (in channels / groups * kernel area), from the weight's shape
+                w = next((shape for _, shape in inputs[1:] if len(shape) == 4), None)
+                ops = 2.0 * float(np.prod(outputs[0][1])) * float(np.prod(w[1:])) if w else 0.0
+            else:
+                ops = gemm_ops(inputs[0][1], outputs[0][1])
         per.setdefault(node, OpRecord(node, op_type, kind, _short_type(prec), 0.0, ops))
         call = int(np.searchsorted(starts, e["ts"], side="right"))  # which call this kernel ran in
         samples.setdefault(node, [0.0] * (len(starts) + 1))[call] += e["dur"]
