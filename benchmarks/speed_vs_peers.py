@@ -138,6 +138,49 @@ def build_arms(backbone, calib: torch.Tensor, tmp: Path, args, log) -> tuple[dic
     return arms, {**facts, "quantized": q, "fp32_onnx": fp32, "vitc_ort": vitc_ort, "vitc_xml": vitc_xml}
 
 
+def prebuilt_arms(d: Path, calib: torch.Tensor, tmp: Path, log) -> tuple[dict, dict]:
+    """Arms from artifacts built earlier from the same model (``fp32.onnx``, ``vitc_ov.onnx`` = vitc's QDQ
+    export without the ONNX Runtime split, ``nncf.xml``): on a machine too loaded to calibrate again in
+    the run's time. The ONNX Runtime graph and the OpenVINO IR are derived here exactly as the exporters do."""
+    import onnx
+    import openvino as ov
+
+    from vitc.export.precision_policy import choose, record_in_ir
+    from vitc.export.qdq import split_shared_activation_qdq
+    from vitc.export.qdq_speed import SpeedConfig, apply_speed
+
+    def ort_graph(speed, name):
+        m = onnx.load(str(d / "vitc_ov.onnx"))
+        apply_speed(m, speed)
+        split_shared_activation_qdq(m)
+        onnx.save(m, str(tmp / name))
+        return tmp / name
+
+    vitc_ort = ort_graph(SpeedConfig.for_runtime("onnxruntime"), "vitc_ort.onnx")
+    vitc_ort_qkv = ort_graph(SpeedConfig(patchify_conv=True, fuse_qkv=True), "vitc_ort_qkv.onnx")
+    model = ov.convert_model(str(d / "vitc_ov.onnx"))
+    policy = choose(model, calib[:8].numpy())
+    record_in_ir(model, policy["chosen"])
+    ov.save_model(model, str(tmp / "vitc_ov.xml"))
+    log(f"  vitc OpenVINO precision policy: {policy['chosen']} ({policy['reason']})")
+    t = time.perf_counter()
+    ort_q = ort_int8(d / "fp32.onnx", tmp / "ort_qs.onnx", calib.numpy())
+    log(f"  ORT quantize_static {time.perf_counter() - t:.0f} s")
+    fp32, nncf_xml, vitc_xml = d / "fp32.onnx", d / "nncf.xml", tmp / "vitc_ov.xml"
+    arms = {
+        "OV FP32 (f32 hint)": (fp32, "openvino", {"precision": "f32"}, None),
+        "OV FP32 (default precision)": (fp32, "openvino", {"precision": _ov_default()}, "OV FP32 (f32 hint)"),
+        "OV NNCF int8 (f32 hint)": (nncf_xml, "openvino", {"precision": "f32"}, "OV FP32 (f32 hint)"),
+        "OV NNCF int8 (default precision)": (nncf_xml, "openvino", {"precision": _ov_default()}, "OV FP32 (f32 hint)"),
+        "OV vitc W8A8": (vitc_xml, "openvino", {}, "OV FP32 (f32 hint)"),
+        "ORT FP32": (fp32, "onnxruntime", {}, None),
+        "ORT quantize_static (u8/s8)": (ort_q, "onnxruntime", {}, "ORT FP32"),
+        "ORT vitc W8A8": (vitc_ort, "onnxruntime", {}, "ORT FP32"),
+        "ORT vitc W8A8 +fuse_qkv": (vitc_ort_qkv, "onnxruntime", {}, "ORT FP32"),
+    }
+    return arms, {"prebuilt": str(d), "vitc_openvino_precision_policy": policy}
+
+
 def _ov_default() -> str:
     """The precision OpenVINO's CPU plugin applies when no hint is given (bf16 on CPUs with AVX-512 BF16/AMX)."""
     import openvino as ov
@@ -212,6 +255,8 @@ def main(argv=None) -> int:
     p.add_argument("--calib", type=int, default=32, help="calibration images (ImageNet samples for vits, CIFAR slice for zoo:)")
     p.add_argument("--pt2e", default="zoo:vit-c10", help="models (comma list, 'vits' for the ViT-S) that get the PyTorch PT2E x86 row; '' for none")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--prebuilt", type=Path, default=None,
+                   help="for vits: a folder with fp32.onnx, vitc_ov.onnx and nncf.xml built earlier from the same model")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -253,7 +298,10 @@ def main(argv=None) -> int:
 
         class A:
             pt2e = spec in pt2e_models
-        arms, facts = build_arms(backbone, calib, tmp, A, log)
+        if spec == "vits" and args.prebuilt:
+            arms, facts = prebuilt_arms(args.prebuilt, calib, tmp, log)
+        else:
+            arms, facts = build_arms(backbone, calib, tmp, A, log)
         sessions, failures = open_arms(arms, args.threads, log)
         images, _ = load_tensors(open_source(IMAGENET).select(64, seed=1), backbone.preprocess, convert_rgb=True)
         entry = {"model": name, "arms": {}, "failures": failures, "facts": {k: v for k, v in facts.items()
@@ -288,7 +336,7 @@ def main(argv=None) -> int:
                     entry["arms"][arm][f"b{b}_vs_nncf_default"] = float(np.median(np.array(per_nd) / np.array(per_v)))
                     per_fd = entry["arms"]["OV FP32 (default precision)"][f"b{b}_rounds_ms"]
                     entry["arms"][arm][f"b{b}_vs_fp32_default"] = float(np.median(np.array(per_fd) / np.array(per_v)))
-        if spec == "zoo:vit-c10":
+        if spec == "zoo:vit-c10" and "quantized" in facts:
             entry["fidelity"] = fidelity_vit_c10(facts["quantized"], facts["fp32_onnx"], facts["vitc_ort"], facts["vitc_xml"], args.threads)
             log(f"  fidelity: {entry['fidelity']}")
         doc["models"].append(entry)
