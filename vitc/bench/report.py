@@ -62,7 +62,16 @@ def gate_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def peak_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["runtime", "M x K x N", "int8 GOP/s", "bf16 GOP/s", "f32 GOP/s", "notes"]
+    fmt = lambda v: f"{v:.0f}" if v else "-"
+    return header, [[rt, " x ".join(map(str, p["shape"])), fmt(p.get("int8")), fmt(p.get("bf16")), fmt(p.get("f32")),
+                     "; ".join(p.get("notes", []))] for rt, p in doc["peaks"].items()]
+
+
 def rows_for(doc: dict):
+    if doc["kind"] == "peak":
+        return peak_rows(doc)
     return bench_rows(doc) if doc["kind"] == "bench" else gate_rows(doc)
 
 
@@ -70,6 +79,8 @@ def title(doc: dict) -> str:
     s = doc["settings"]
     if doc["kind"] == "bench":
         return f"vitc bench: {s['spec']}"
+    if doc["kind"] == "peak":
+        return f"vitc bench --peak: GEMM peaks at {s['threads']} threads (best call of one large MatMul in each runtime's kernels)"
     if doc["kind"] == "compare":
         return f"vitc bench compare (max slowdown {s['gate']['max_slowdown']:.0%}): {doc['decision'].upper()}"
     return f"vitc bench check against {s['baseline']} (max slowdown {s['max_slowdown']:.0%}): {doc['decision'].upper()}"

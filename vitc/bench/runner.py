@@ -71,10 +71,13 @@ def top1(session, subject: Subject, data: str, batch: int) -> float:
 
 def run(spec: str, targets: list[str] | None = None, runtime: str | None = None, batches=(1,), threads: int | None = None,
         device: str = "cpu", data: str | None = None, accuracy: bool = False, config: HarnessConfig = HarnessConfig(),
-        flags=None, weights=None, progress=None, workdir: Path | None = None) -> dict:
+        flags=None, weights=None, progress=None, workdir: Path | None = None, profile: bool = False,
+        profile_runs: int = 20) -> dict:
     """Benchmark ``spec`` (model spec or artifact) on each target and batch size; returns the JSON document.
 
     ``accuracy`` adds top-1 on ``data`` per target (after timing, so it does not disturb it).
+    ``profile`` adds, per target and batch, the per-op profile by kind (``vitc.bench.profile``)
+    from a separate profiling session opened after the timing, and the runtime's GEMM peaks.
     """
     from vitc.models.intake import PreprocessFlags
 
@@ -84,7 +87,7 @@ def run(spec: str, targets: list[str] | None = None, runtime: str | None = None,
     with tempfile.TemporaryDirectory(prefix="vitc-bench-") as tmp:
         subjects = resolve(spec, targets, runtime, Path(workdir or tmp), flags, weights, status, max(batches))
         pools = PoolCache(data, config.pool_batches, max(batches))
-        results, warnings = [], []
+        results, warnings, peaks = [], [], {}
         for subject in subjects:
             session, load_s = subject.open(threads, device)
             for batch in batches:
@@ -98,6 +101,10 @@ def run(spec: str, targets: list[str] | None = None, runtime: str | None = None,
                 result["phases"] = {"load_s": load_s, **result["phases"]}
                 results.append({**subject.describe(), "session": session.describe(), "threads": threads, **result})
                 warnings.extend(result["warnings"])
+                if profile:
+                    results[-1]["profile"] = _profile(session, pool, profile_runs, threads, peaks, status)
+                    if not results[-1]["profile"]["available"]:
+                        warnings.append(results[-1]["profile"]["note"])
             if accuracy:
                 static_batch = session.input_shape[0] if session.input_shape else None
                 acc = top1(session, subject, data or "bundled:eval", static_batch or 64)
@@ -106,9 +113,33 @@ def run(spec: str, targets: list[str] | None = None, runtime: str | None = None,
                         r["top1"] = acc
             del session
     settings = {"spec": spec, "targets": targets, "runtime": runtime, "batches": list(batches), "threads": threads,
-                "device": device, "data": data or "bundled:eval", "harness": config.to_dict()}
+                "device": device, "data": data or "bundled:eval", "harness": config.to_dict(), "profile": profile}
+    body = {"peaks": peaks} if profile else {}
     return document("bench", with_sessions(fp.fingerprint(), results), settings, results=results,
-                    warnings=list(dict.fromkeys(warnings)))
+                    warnings=list(dict.fromkeys(warnings)), **body)
+
+
+def _profile(session, pool, runs: int, threads: int, peaks: dict, status=None) -> dict:
+    """The profile of ``session`` at this pool's batch, the runtime's peaks measured once per run (cached in ``peaks``)."""
+    from vitc.bench.profile import has_profiler, measure_peaks, profile
+
+    runtime = session.describe()["runtime"].split("+")[0]
+    if has_profiler(runtime) and runtime not in peaks:
+        if status is not None:
+            status(f"measuring {runtime} GEMM peaks at {threads} threads")
+        peaks[runtime] = measure_peaks(runtime, threads)
+    if status is not None and has_profiler(runtime):
+        status(f"profiling {runtime}, batch {pool[0].shape[0]}, {runs} calls")
+    return profile(session, pool, runs, peaks.get(runtime))
+
+
+def run_peaks(runtimes: list[str], threads: int | None = None) -> dict:
+    """``vitc bench --peak``: int8/bf16/f32 GEMM peaks of each runtime at ``threads``."""
+    from vitc.bench.profile import measure_peaks
+
+    threads = threads or fp.allowed_cpus()
+    peaks = {r: measure_peaks(r, threads) for r in runtimes}
+    return document("peak", fp.fingerprint(), {"runtimes": runtimes, "threads": threads}, peaks=peaks, results=[], warnings=[])
 
 
 def with_sessions(fingerprint: dict, results: list[dict]) -> dict:

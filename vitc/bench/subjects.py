@@ -19,6 +19,7 @@ from vitc.errors import VitcError
 TARGETS = {
     "torch": (None, "torch", {}),
     "compile": (None, "torch", {"compile": True}),
+    "pt2e": (None, "torch", {"pt2e": True}),  # PyTorch's own x86 int8: PT2E X86InductorQuantizer + torch.compile
     "onnx": ("onnx", "onnxruntime", {}),
     "openvino": ("openvino", "openvino", {}),
     "tensorrt": ("tensorrt", "tensorrt", {}),

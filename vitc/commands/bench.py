@@ -61,7 +61,7 @@ class BenchCommand(_UsageExit3, TyperCommand):
 bench_app = typer.Typer(cls=BenchGroup, invoke_without_command=True, no_args_is_help=False, add_completion=False,
                         help="Latency per target with sound statistics; compare and check gate regressions in CI.")
 
-TargetsOpt = typer.Option(None, "--targets", help="comma list of torch, compile, onnx, openvino, tensorrt, coreml (exports as needed)")
+TargetsOpt = typer.Option(None, "--targets", help="comma list of torch, compile, pt2e (PyTorch x86 int8), onnx, openvino, tensorrt, coreml (exports as needed)")
 RuntimeOpt = typer.Option(None, "--runtime", help="override the runtime the artifact's type picks: torch, onnxruntime, openvino, tensorrt, coreml")
 BatchListOpt = typer.Option("1", "--batch", help="batch sizes, e.g. 1,8,32")
 DeviceOpt = typer.Option("cpu", "--device", help="cpu, cuda, tensorrt (ONNX Runtime providers), GPU/NPU (OpenVINO)")
@@ -111,16 +111,36 @@ def _guarded(work):
         raise BenchError(f"harness error: {type(exc).__name__}: {first}", "run again with --debug for the traceback") from exc
 
 
-def _emit(doc: dict, out: Path | None, md: Path | None) -> None:
+def _emit(doc: dict, out: Path | None, md: Path | None, png: Path | None = None) -> None:
     from vitc.artifacts import atomic_path, write_json
     from vitc.bench.report import markdown, print_doc
 
     print_doc(doc, console)
+    _emit_profiles(doc, png)
     if out:
         write_json(out, doc)
     if md:
         with atomic_path(Path(md), force=True) as tmp:
             tmp.write_text(markdown(doc))
+
+
+def _emit_profiles(doc: dict, png: Path | None) -> None:
+    from vitc.artifacts import atomic_path
+    from vitc.bench.profile import peak_table, profile_table, stacked_png
+
+    entries = []
+    for r in doc.get("results", []):
+        prof = r.get("profile")
+        if prof and prof.get("available"):
+            console.print(profile_table(f"{r['label']} b={r['batch']}", prof))
+            entries.append((f"{r['label']} b={r['batch']}", prof))
+        elif prof:
+            console.print(prof["note"])
+    if doc.get("peaks") and doc["kind"] != "peak":
+        console.print(peak_table(doc["peaks"]))
+    if png is not None and entries:
+        with atomic_path(Path(png), force=True) as tmp:
+            stacked_png(entries, tmp)
 
 
 @bench_app.callback()
@@ -144,6 +164,10 @@ def bench(
     mean: MeanOpt = None,
     std: StdOpt = None,
     interpolation: InterpOpt = None,
+    profile: bool = typer.Option(False, "--profile", help="add a per-op profile by op kind (runtime's own profiler) and GEMM GOP/s against the measured peak"),
+    profile_runs: int = typer.Option(20, "--profile-runs", help="calls averaged in each profile"),
+    peak: bool = typer.Option(False, "--peak", help="measure int8/bf16/f32 GEMM peaks (one large MatMul in each runtime's kernels); without --model, only that"),
+    png: Optional[Path] = typer.Option(None, "--png", help="with --profile: write a stacked bar per artifact and batch (ms by op kind) to this PNG"),
 ) -> None:
     """Latency of a model or artifact per target and batch size: p50/p90/p99 with confidence bounds, throughput, warnings."""
     if ctx.invoked_subcommand is not None:
@@ -152,19 +176,33 @@ def bench(
 
     def work():
         from vitc.bench.harness import HarnessConfig
-        from vitc.bench.runner import parse_batches, run
+        from vitc.bench.runner import parse_batches, run, run_peaks
 
+        if png is not None and not profile:
+            raise BenchError("--png draws the profile", "add --profile")
+        if png is not None and png.suffix.lower() != ".png":
+            raise BenchError(f"--png {png} does not end in .png", "pass a path ending in .png")
+        if profile_runs < 1:
+            raise BenchError(f"--profile-runs {profile_runs} is not a positive count", "pass e.g. --profile-runs 20")
+        if model is None and peak:
+            runtimes = [r for r in (_split(runtime) or ["onnxruntime", "openvino", "torch"])]
+            return run_peaks(runtimes, threads)
         if model is None:
             raise BenchError("vitc bench needs --model", "pass --model MODEL_OR_ARTIFACT, or use vitc bench compare / check")
         if min_time < 0 or max_time <= 0 or min_time > max_time:
             raise BenchError(f"--min-time {min_time} and --max-time {max_time} do not make a window", "pass 0 <= --min-time <= --max-time")
         config = HarnessConfig(min_time_s=min_time, max_time_s=max_time, warmup_max_s=max(0.0, max_warmup))
         with progress() as prog:
-            return run(model, _split(targets), runtime, parse_batches(batch), threads, device, data, data is not None,
-                       config, _flags(input_size, resize, mean, std, interpolation), weights, prog)
+            doc = run(model, _split(targets), runtime, parse_batches(batch), threads, device, data, data is not None,
+                      config, _flags(input_size, resize, mean, std, interpolation), weights, prog,
+                      profile=profile or peak, profile_runs=profile_runs)
+            if not profile:  # --peak with a model: the peaks, not the per-op profiles
+                for r in doc["results"]:
+                    r.pop("profile", None)
+            return doc
 
     doc = _guarded(work)
-    _emit(doc, out, md)
+    _emit(doc, out, md, png)
 
 
 @bench_app.command("compare", cls=BenchCommand)

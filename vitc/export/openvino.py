@@ -69,6 +69,8 @@ def write(backbone, staging: Path, stem: str, opts, quant, progress=None):
     if not opts.dynamic_batch:
         size = backbone.preprocess.input_size
         model.reshape({model.inputs[0]: ov.PartialShape([1, 3, size, size])})
+    if opts.precision == "int8":
+        info["float_precision_policy"] = _float_precision(model, backbone, progress)
     xml = staging / f"{stem}.xml"
     ov.save_model(model, str(xml), compress_to_fp16=opts.precision == "fp16")
     if task is not None:
@@ -82,8 +84,25 @@ def write(backbone, staging: Path, stem: str, opts, quant, progress=None):
 
         checks = openvino_checks(quant)
         info["weight_constants"] = ir_weight_types(model)
-    return Staged(primary=xml, info=info, open_session=lambda p: open_session(p, runtime="openvino", precision="f32"),
+    # int8 IRs: parity runs under the precision the policy chose (the IR carries it); float IRs under f32
+    hint = None if opts.precision == "int8" else "f32"
+    return Staged(primary=xml, info=info, open_session=lambda p: open_session(p, runtime="openvino", precision=hint),
                   runtime_checks=checks)
+
+
+def _float_precision(model, backbone, progress=None) -> dict:
+    """The measured float precision of an int8 IR's remainder (``vitc.export.precision_policy``), stored in the IR."""
+    from vitc.calibration.data import load_tensors
+    from vitc.calibration.sources import open_source
+    from vitc.export import precision_policy
+
+    task = progress.add_task("measuring the float precision of the int8 IR", total=None) if progress is not None else None
+    images, _ = load_tensors(open_source("bundled:eval").select(8, 0), backbone.preprocess, convert_rgb=True)
+    record = precision_policy.choose(model, images.numpy())
+    precision_policy.record_in_ir(model, record["chosen"])
+    if task is not None:
+        progress.remove_task(task)
+    return record
 
 
 def runtime_precision_check(session, precision: str) -> dict:

@@ -45,11 +45,14 @@ def _check_exportable(backbone) -> dict:
     return record
 
 
-def export_qdq_onnx(backbone, path, opset: int = 17, dynamic_batch: bool = True, split_shared_inputs: bool = True) -> Path:
+def export_qdq_onnx(backbone, path, opset: int = 17, dynamic_batch: bool = True, split_shared_inputs: bool = True,
+                    speed=None) -> Path:
     """Write ``backbone`` (quantized by ``vitc.compress.quantize``) as a QDQ ONNX graph at ``path``.
 
     ``split_shared_inputs``: give every consumer of a shared quantized activation its own Q/DQ
-    pair (``split_shared_activation_qdq``), which ONNX Runtime needs; the OpenVINO export turns it off."""
+    pair (``split_shared_activation_qdq``), which ONNX Runtime needs; the OpenVINO export turns it off.
+    ``speed``: a ``vitc.export.qdq_speed.SpeedConfig`` of exact graph rewrites (default: what
+    measured faster for the runtime the graph is for, ``SpeedConfig.for_runtime``)."""
     onnx = require("onnx", "onnx")
     from vitc.compress.quantize import weight_only
     from vitc.compress.quantize.modules import set_export_mode
@@ -77,6 +80,9 @@ def export_qdq_onnx(backbone, path, opset: int = 17, dynamic_batch: bool = True,
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None)
     model = onnx.load(str(path))
     store_int8_weights(model)
+    from vitc.export.qdq_speed import SpeedConfig, apply_speed
+
+    apply_speed(model, speed or SpeedConfig.for_runtime("onnxruntime" if split_shared_inputs else "openvino"))  # before the split: fused siblings need no per-consumer pairs
     if split_shared_inputs:
         split_shared_activation_qdq(model)
     onnx.checker.check_model(model)

@@ -47,6 +47,10 @@ def open_session(artifact, runtime: str | None = None, threads: int | None = Non
         raise VitcError(f"the torch runtime runs a PyTorch model, not the file {artifact}", "pass the model (zoo:, hf:, ...) or pick the artifact's runtime")
     if not isinstance(artifact, Backbone) and not Path(artifact).exists():
         raise VitcError(f"artifact {artifact} does not exist", "check the path, or export it first with vitc export")
+    if runtime == "torch" and options.pop("pt2e", False):
+        from .torch_pt2e import Pt2eX86Session, calibration_images
+
+        return Pt2eX86Session(artifact, calibration_images(artifact), threads=threads, device=device)
     if runtime == "torch":
         from .torch_session import TorchSession as cls
     elif runtime == "onnxruntime":

@@ -1,6 +1,8 @@
 """OpenVINO session. The precision hint is explicit: on CPUs with bf16 support OpenVINO runs
-f32 models in bf16 unless told ``INFERENCE_PRECISION_HINT=f32``, so vitc always sets it
-(default ``f32``) and records it."""
+f32 models in bf16 unless told ``INFERENCE_PRECISION_HINT=f32``, so vitc always sets it and
+records it: the ``precision`` asked for, else the hint the IR carries in its
+``runtime_options`` (written by vitc's measured precision policy for int8 IRs,
+``vitc.export.precision_policy``), else ``f32``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +17,7 @@ from .base import Session
 class OpenVinoSession(Session):
     name = "openvino"
 
-    def __init__(self, path, threads: int | None = None, device: str = "cpu", precision: str = "f32"):
+    def __init__(self, path, threads: int | None = None, device: str = "cpu", precision: str | None = None):
         from .cpu_isa import guard_int8_isa
 
         guard_int8_isa()  # must run before OpenVINO's first compile in this process (AMX listed but faulting)
@@ -28,11 +30,13 @@ class OpenVinoSession(Session):
         dev = device.upper()
         if dev not in core.available_devices:
             raise VitcError(f"OpenVINO has no device {dev} here", f"available: {', '.join(core.available_devices)}")
-        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
         try:
             model = core.read_model(str(self.path))
+            if precision is None:
+                precision = ir_precision_hint(model) or "f32"
+            config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+            if threads:
+                config["INFERENCE_NUM_THREADS"] = threads
             if model.inputs[0].get_partial_shape().is_dynamic:
                 pass  # compiled for dynamic batch; OpenVINO reshapes on the fly
             self.compiled = core.compile_model(model, dev, config)
@@ -85,3 +89,14 @@ class OpenVinoSession(Session):
         return {"runtime": "openvino", "version": self.version, "device": self.device,
                 "precision": f"INFERENCE_PRECISION_HINT={self.precision}", "threads": self.threads,
                 "execution_devices": self.execution_devices}
+
+
+RT_HINT = ["runtime_options", "INFERENCE_PRECISION_HINT"]
+
+
+def ir_precision_hint(model) -> str | None:
+    """The precision hint an IR carries in its rt_info (``runtime_options``), or None."""
+    try:
+        return str(model.get_rt_info(RT_HINT).astype(str)) if model.has_rt_info(RT_HINT) else None
+    except Exception:  # pragma: no cover - an OpenVINO without rt_info lookups by path
+        return None

@@ -1,0 +1,128 @@
+"""Speed rewrites of QDQ graphs (exact on the integer grid), the measured OpenVINO float-precision policy, PyTorch's PT2E peer."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_vit_dir):
+    from vitc.calibration.data import load_tensors
+    from vitc.calibration.sources import open_source
+    from vitc.compress.quantize import QuantConfig, apply
+    from vitc.models.intake import load_model
+
+    backbone = load_model(f"hf:{tiny_vit_dir}")
+    x, _ = load_tensors(open_source("bundled:calib").select(16, seed=0), backbone.preprocess)
+    return backbone, apply(backbone, QuantConfig(calibrator="minmax"), x), x
+
+
+def _run(model, x, extra=()):
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for name in extra:
+        m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(m.SerializeToString(), opts).run(None, {"pixel_values": x})
+
+
+def _plain(q, path, split=True):
+    from vitc.export.qdq import export_qdq_onnx
+    from vitc.export.qdq_speed import SpeedConfig
+
+    export_qdq_onnx(q, path, split_shared_inputs=split, speed=SpeedConfig())  # no rewrites
+    return onnx.load(str(path))
+
+
+def test_patchify_conv_is_the_same_int8_gemm(quantized, eval_images, tmp_path):
+    from vitc.calibration.data import load_tensors
+    from vitc.export.qdq_speed import patchify_convs
+
+    backbone, q, _ = quantized
+    base = _plain(q, tmp_path / "q.onnx")
+    conv = next(n for n in base.graph.node if n.op_type == "Conv")
+    fast = onnx.ModelProto()
+    fast.CopyFrom(base)
+    assert patchify_convs(fast) == 1
+    onnx.checker.check_model(fast)
+    assert not any(n.op_type == "Conv" for n in fast.graph.node)
+    x = load_tensors(eval_images, backbone.preprocess)[0][:16].numpy()
+    a, b = _run(base, x, [conv.output[0]]), _run(fast, x, [conv.output[0]])
+    # the patch embedding's output: the same integer products, only float rounding apart
+    assert np.abs(a[1] - b[1]).max() <= 1e-5 * np.abs(a[1]).max()
+    assert (a[0].argmax(-1) == b[0].argmax(-1)).mean() >= 15 / 16
+
+
+def test_fuse_qkv_merges_siblings_exactly(quantized, eval_images, tmp_path):
+    from vitc.calibration.data import load_tensors
+    from vitc.export.qdq_speed import fuse_sibling_matmuls
+
+    backbone, q, _ = quantized
+    base = _plain(q, tmp_path / "q.onnx", split=False)
+    fast = onnx.ModelProto()
+    fast.CopyFrom(base)
+    assert fuse_sibling_matmuls(fast) == 2  # q, k, v of each of the two blocks
+    onnx.checker.check_model(fast)
+    count = lambda m: sum(n.op_type == "MatMul" for n in m.graph.node)
+    assert count(base) - count(fast) == 2 * 2
+    k_out = next(n.output[0] for n in base.graph.node if n.op_type == "Add" and "layers.0/attention/k_proj" in n.name)
+    x = load_tensors(eval_images, backbone.preprocess)[0][:16].numpy()
+    a, b = _run(base, x, [k_out]), _run(fast, x, [k_out])
+    assert np.abs(a[1] - b[1]).max() <= 1e-5 * np.abs(a[1]).max()
+
+
+def test_default_rewrites_per_runtime(quantized, tmp_path):
+    from vitc.export.qdq import export_qdq_onnx
+    from vitc.export.qdq_speed import SpeedConfig
+
+    _, q, _ = quantized
+    ort_graph = onnx.load(str(export_qdq_onnx(q, tmp_path / "ort.onnx")))
+    ov_graph = onnx.load(str(export_qdq_onnx(q, tmp_path / "ov.onnx", split_shared_inputs=False)))
+    assert not any(n.op_type == "Conv" for n in ort_graph.graph.node)  # patchify_conv for ONNX Runtime
+    assert any(n.op_type == "Conv" for n in ov_graph.graph.node)  # OpenVINO runs the QDQ conv in int8 already
+    assert SpeedConfig.for_runtime("onnxruntime").patchify_conv and not SpeedConfig.for_runtime("openvino").fuse_qkv
+
+
+def test_precision_policy_measures_and_the_ir_carries_it(quantized, tmp_path):
+    import openvino as ov
+
+    from vitc.export import precision_policy
+    from vitc.export.qdq import export_qdq_onnx
+    from vitc.runtimes import open_session
+
+    _, q, x = quantized
+    model = ov.convert_model(str(export_qdq_onnx(q, tmp_path / "ov.onnx", split_shared_inputs=False)))
+    record = precision_policy.choose(model, x[:4].numpy(), precision_policy.PolicyConfig(rounds=2, calls=2, threads=1))
+    tried, notes = precision_policy.device_precisions(ov.Core())
+    assert set(record["measured"]) <= set(tried) and "f32" in record["measured"]
+    assert record["measured"]["f32"]["worst_cosine_vs_f32"] == pytest.approx(1.0)
+    assert record["chosen"] in record["measured"] and record["reason"]
+    assert len(record["notes"]) >= len(notes)  # a precision the CPU lacks is named, not silently skipped
+    for p, m in record["measured"].items():
+        if p == record["chosen"] and p != "f32":
+            assert m["parity"] and m["speedup_vs_f32"] >= 1.03
+    for hint in ("bf16", "f32"):
+        precision_policy.record_in_ir(model, hint)
+        ov.save_model(model, str(tmp_path / f"{hint}.xml"))
+        if hint in tried:
+            assert open_session(tmp_path / f"{hint}.xml", runtime="openvino", threads=1).precision == hint
+        # an explicit hint still wins over what the IR carries
+        assert open_session(tmp_path / f"{hint}.xml", runtime="openvino", threads=1, precision="f32").precision == "f32"
+
+
+def test_pt2e_x86_quantizer_runs_here(quantized):
+    from vitc.runtimes.torch_pt2e import quantize_pt2e_x86
+
+    backbone, _, x = quantized
+    qm = quantize_pt2e_x86(backbone.module, x, x[:2])
+    with torch.no_grad():
+        ref, out = backbone.module(x), qm(x)
+    cos = torch.nn.functional.cosine_similarity(ref, out, dim=-1)
+    assert cos.min() > 0.98  # W8A8 of a 2-block model: close to FP32, and not the FP32 model itself
+    assert not torch.equal(ref, out)

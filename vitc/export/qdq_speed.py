@@ -1,0 +1,274 @@
+"""Speed rewrites of QDQ ONNX graphs, the form both int8 runtimes (ONNX Runtime, OpenVINO) fold.
+
+Each pass takes an ``onnx.ModelProto`` whose weights are already int8 initializers (the output
+of ``vitc.export.qdq.store_int8_weights``, or any QDQ graph with int8 weight initializers, as
+the ONNX-in quantizer writes), rewrites it in place and returns what it changed, so the
+PyTorch export and the ONNX-in path call the same code:
+
+    from vitc.export.qdq_speed import SpeedConfig, apply_speed
+    report = apply_speed(model, SpeedConfig(fuse_qkv=True))
+
+Every pass here is exact on the integer grid: no scale, zero point or weight code changes, so
+the runtimes compute the same int8 products as before and fidelity holds by construction (the
+tests compare outputs). Passes that would change numerics are not here.
+
+Which pass helps on which runtime was measured with ``vitc bench --profile`` and interleaved
+rounds (``benchmarks/speed_vs_peers.py``); docs/quantize.md records the figures.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    fuse_qkv: bool = False  # one int8 GEMM for sibling projections of one quantized input (q, k, v)
+    patchify_conv: bool = False  # a patch-embedding conv (kernel == stride) as patches @ W, an int8 GEMM
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def for_runtime(cls, runtime: str) -> "SpeedConfig":
+        """What measured faster per runtime (docs/quantize.md, benchmarks/results_speed_vs_peers_2026-12-05*).
+
+        ONNX Runtime: patchify_conv (its QDQ Conv of the patch embedding runs as a plain float
+        Conv: 0.90 ms of 29.5 ms profiled at batch 1 on ViT-S, against 0.13 ms for the int8 GEMM
+        that replaces it plus 0.1 ms of reshapes; about 2% of the call).
+        fuse_qkv measured no faster in either runtime (OpenVINO 0.73x at batch 8: the Split after
+        the fused GEMM keeps its attention from fusing), so it stays off; OpenVINO already runs
+        the patch conv in int8."""
+        return cls(patchify_conv=True) if runtime == "onnxruntime" else cls()
+
+
+def apply_speed(model, config: SpeedConfig = SpeedConfig()) -> dict:
+    """Run the enabled passes on ``model`` (in place); returns {pass: count of rewrites}."""
+    report = {}
+    if config.patchify_conv:
+        report["patchify_conv"] = patchify_convs(model)
+    if config.fuse_qkv:
+        report["fuse_qkv"] = fuse_sibling_matmuls(model)
+    return report
+
+
+def _static_chw(graph, name: str):
+    for v in list(graph.input) + list(graph.value_info):
+        if v.name == name:
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            return dims[1:] if len(dims) == 4 and all(dims[1:]) else None
+    return None
+
+
+def patchify_convs(model) -> int:
+    """Rewrite ``Conv(DQ(Q(x)), DQ(W))`` with kernel == stride, no padding, one group, as patches @ W.
+
+    Why: ONNX Runtime fuses a QDQ MatMul into an int8 GEMM but ran the ViT patch embedding's
+    QDQ Conv as a plain float Conv (im2col, float weights dequantized): 0.90 ms of 29.5 ms
+    profiled at batch 1 on ViT-S; as an int8 GEMM it takes 0.13 ms. A patchify conv is a GEMM of
+    the non-overlapping patches: the float input is reshaped into patches first (quantization
+    is elementwise with one scale, so quantizing after the reshape gives the same codes), the
+    int8 weight codes are reshaped to [C*kh*kw, O] (same codes, same per-output-channel scales),
+    and the result is laid back out as the Conv's NCHW output. Returns the number rewritten."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits, producer, consumers, values = _index(graph)
+    count = 0
+    for conv in list(graph.node):
+        if conv.op_type != "Conv":
+            continue
+        k, st = _attr(conv, "kernel_shape"), _attr(conv, "strides")
+        pads, dil, group = _attr(conv, "pads", [0, 0, 0, 0]), _attr(conv, "dilations", [1, 1]), _attr(conv, "group", 1)
+        if not k or list(k) != list(st or []) or any(pads) or any(d != 1 for d in dil) or group != 1 or len(k) != 2:
+            continue
+        dq_x, dq_w = producer.get(conv.input[0]), producer.get(conv.input[1])
+        if dq_x is None or dq_w is None or dq_x.op_type != "DequantizeLinear" or dq_w.op_type != "DequantizeLinear":
+            continue
+        q_x = producer.get(dq_x.input[0])
+        if q_x is None or q_x.op_type != "QuantizeLinear" or dq_w.input[0] not in inits:
+            continue
+        chw = _static_chw(graph, q_x.input[0])
+        codes = values[dq_w.input[0]]
+        scale_x = values.get(q_x.input[1])
+        if chw is None or codes.ndim != 4 or scale_x is None or scale_x.size != 1:
+            continue
+        c, h, w = chw
+        kh, kw = k
+        if h % kh or w % kw:
+            continue
+        gh, gw, o = h // kh, w // kw, codes.shape[0]
+        tag = conv.output[0] + "/patchify"
+        w_scale = values[dq_w.input[1]].reshape(-1).astype(np.float32)
+        w_zero = values[dq_w.input[2]].reshape(-1) if len(dq_w.input) > 2 and dq_w.input[2] else np.zeros(w_scale.shape, codes.dtype)
+        consts = {"/shape_patches": np.array([-1, c, gh, kh, gw, kw], np.int64), "/shape_rows": np.array([-1, gh * gw, c * kh * kw], np.int64),
+                  "/shape_out": np.array([-1, o, gh, gw], np.int64), "/w": np.ascontiguousarray(codes.reshape(o, -1).T),
+                  "/w_scale": w_scale, "/w_zero": w_zero.astype(codes.dtype)}
+        graph.initializer.extend(numpy_helper.from_array(v, tag + n) for n, v in consts.items())
+        x_q_zero = q_x.input[2] if len(q_x.input) > 2 else ""
+        new = [helper.make_node("Reshape", [q_x.input[0], tag + "/shape_patches"], [tag + "/r1"], name=tag + "/Reshape"),
+               helper.make_node("Transpose", [tag + "/r1"], [tag + "/t1"], name=tag + "/Transpose", perm=[0, 2, 4, 1, 3, 5]),
+               helper.make_node("Reshape", [tag + "/t1", tag + "/shape_rows"], [tag + "/rows"], name=tag + "/Reshape_1"),
+               helper.make_node("QuantizeLinear", [tag + "/rows", q_x.input[1], x_q_zero], [tag + "/rows_q"], name=tag + "/QuantizeLinear"),
+               helper.make_node("DequantizeLinear", [tag + "/rows_q", q_x.input[1], x_q_zero], [tag + "/rows_dq"], name=tag + "/DequantizeLinear"),
+               helper.make_node("DequantizeLinear", [tag + "/w", tag + "/w_scale", tag + "/w_zero"], [tag + "/w_dq"],
+                                name=tag + "/DequantizeLinear_w", axis=1),
+               helper.make_node("MatMul", [tag + "/rows_dq", tag + "/w_dq"], [tag + "/mm"], name=tag + "/MatMul")]
+        last = tag + "/mm"
+        if len(conv.input) > 2 and conv.input[2]:
+            new.append(helper.make_node("Add", [last, conv.input[2]], [tag + "/add"], name=tag + "/Add"))
+            last = tag + "/add"
+        new += [helper.make_node("Transpose", [last], [tag + "/t2"], name=tag + "/Transpose_1", perm=[0, 2, 1]),
+                helper.make_node("Reshape", [tag + "/t2", tag + "/shape_out"], [conv.output[0]], name=tag + "/Reshape_2")]
+        drop = [conv] + [n for n in (dq_w, dq_x, q_x) if all(u is conv or u in (dq_x,) for u in consumers.get(n.output[0], []))]
+        for n in drop:
+            graph.node.remove(n)
+        graph.node.extend(new)
+        count += 1
+    if count:
+        nodes = _toposort(list(graph.node), graph)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        _drop_unused_initializers(graph)
+    return count
+
+
+def _index(graph):
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    values = {name: numpy_helper.to_array(t) for name, t in inits.items()}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(a.t)
+    return inits, producer, consumers, values
+
+
+def _attr(node, name, default=None):
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _weight_branch(mm, x_name, producer, consumers, values, inits):
+    """(weight DQ, bias Add or None, codes, scale, zero, bias) when ``mm`` is ``x @ DQ(int8 W[K, N], axis=1)`` (+ bias)."""
+    if mm.op_type != "MatMul" or mm.input[0] != x_name:
+        return None
+    dq = producer.get(mm.input[1])
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or len(consumers.get(dq.output[0], [])) != 1:
+        return None
+    codes = values[dq.input[0]]
+    if codes.ndim != 2 or codes.dtype not in (np.int8, np.uint8):
+        return None
+    scale = values.get(dq.input[1])
+    zero = values.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale, dtype=codes.dtype)
+    if scale is None or zero is None:
+        return None
+    axis = _attr(dq, "axis", 1) % 2
+    if scale.size > 1 and axis != 1:  # per-row scales of W[K, N] do not concatenate along N
+        return None
+    n = codes.shape[1]
+    scale, zero = np.broadcast_to(scale.reshape(-1), (n,)).astype(np.float32), np.broadcast_to(zero.reshape(-1), (n,))
+    users = consumers.get(mm.output[0], [])
+    bias_add, bias = None, None
+    if len(users) == 1 and users[0].op_type == "Add":
+        other = [i for i in users[0].input if i != mm.output[0]]
+        if len(other) == 1 and other[0] in values and values[other[0]].size == n:
+            bias_add, bias = users[0], values[other[0]].reshape(-1).astype(np.float32)
+    return dq, bias_add, codes, scale, zero.astype(codes.dtype), bias
+
+
+def fuse_sibling_matmuls(model) -> int:
+    """Concatenate sibling int8 GEMMs that read one quantized activation into one GEMM, then Split.
+
+    Why: a ViT's q, k and v projections read the same quantized LayerNorm output; as three GEMMs
+    of N=384 each, the runtimes quantize or reorder that input three times (ONNX Runtime needs a
+    Q/DQ pair per consumer to fuse at all, see ``split_shared_activation_qdq``) and run three
+    small GEMMs whose tiles fill the cores poorly at batch 1. One GEMM of N=1152 with the weight
+    codes, per-channel scales, zero points and biases concatenated computes the same integers
+    (each output column depends only on its own weight column and scale). Returns the number
+    of fused groups."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits, producer, consumers, values = _index(graph)
+    groups = []
+    for x_name, users in consumers.items():
+        src = producer.get(x_name)
+        if src is None or src.op_type != "DequantizeLinear" or len(users) < 2:
+            continue
+        branches = [(mm, _weight_branch(mm, x_name, producer, consumers, values, inits)) for mm in users]
+        branches = [(mm, b) for mm, b in branches if b is not None]
+        if len(branches) < 2:
+            continue
+        k = {b[2].shape[0] for _, b in branches}
+        dtypes = {b[2].dtype for _, b in branches}
+        with_bias = {b[1] is not None for _, b in branches}
+        if len(k) != 1 or len(dtypes) != 1 or len(with_bias) != 1:
+            continue
+        groups.append((x_name, branches, with_bias.pop()))
+    removed, count = set(), 0
+    for g, (x_name, branches, has_bias) in enumerate(groups):
+        tag = f"{x_name}/fused_matmul{g}"
+        codes = np.concatenate([b[2] for _, b in branches], axis=1)
+        scale = np.concatenate([b[3] for _, b in branches])
+        zero = np.concatenate([b[4] for _, b in branches])
+        sizes = [b[2].shape[1] for _, b in branches]
+        graph.initializer.extend([numpy_helper.from_array(codes, tag + "/weight_quantized"),
+                                  numpy_helper.from_array(scale, tag + "/weight_scale"),
+                                  numpy_helper.from_array(zero, tag + "/weight_zero_point"),
+                                  numpy_helper.from_array(np.array(sizes, np.int64), tag + "/split")])
+        new = [helper.make_node("DequantizeLinear", [tag + "/weight_quantized", tag + "/weight_scale", tag + "/weight_zero_point"],
+                                [tag + "/weight"], name=tag + "/DequantizeLinear", axis=1),
+               helper.make_node("MatMul", [x_name, tag + "/weight"], [tag + "/matmul"], name=tag + "/MatMul")]
+        last = tag + "/matmul"
+        if has_bias:
+            graph.initializer.append(numpy_helper.from_array(np.concatenate([b[5] for _, b in branches]), tag + "/bias"))
+            new.append(helper.make_node("Add", [last, tag + "/bias"], [tag + "/add"], name=tag + "/Add"))
+            last = tag + "/add"
+        outs = [(b[1] if has_bias else mm).output[0] for mm, b in branches]
+        new.append(helper.make_node("Split", [last, tag + "/split"], outs, name=tag + "/Split", axis=-1))
+        for mm, b in branches:
+            removed.update({id(mm), id(b[0])} | ({id(b[1])} if has_bias else set()))
+        graph.node.extend(new)  # ordered by _toposort below
+        count += 1
+    keep = [n for n in graph.node if id(n) not in removed]
+    del graph.node[:]
+    graph.node.extend(_toposort(keep, graph))
+    _drop_unused_initializers(graph)
+    return count
+
+
+def _toposort(nodes: list, graph) -> list:
+    """``nodes`` in an order where every input is produced before it is read (stable otherwise)."""
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, out = list(nodes), []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in ready for i in n.input):
+                out.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise RuntimeError(f"the graph has a cycle or a missing input at {rest[0].name}")
+        pending = rest
+    return out
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
