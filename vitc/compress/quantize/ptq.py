@@ -358,13 +358,78 @@ def calibration_tensor(data, backbone: Backbone, convert_rgb: bool = False) -> t
     return load_tensors(source, backbone.preprocess, convert_rgb)[0]
 
 
+MODULE_PATH_MIN_SHARE = 0.95  # "auto" keeps the module path only where it covers this much
+
+
+def module_path_reach(module: nn.Module, structure) -> tuple[set[str], list[str]]:
+    """(paths of the layers the module path swaps, paths of the attentions its adapter reroutes)."""
+    adapter = for_family(structure.family)
+    attention = [adapter.target(b.attention) for b in structure.blocks if b.attention is not None] if adapter else []
+    layers = {n for n, m in module.named_modules() if type(m) in (nn.Linear, nn.Conv2d, QuantLinear, QuantConv2d)}
+    return layers, attention
+
+
+def choose_sites(backbone: Backbone, config: QuantConfig, x: torch.Tensor):
+    """("graph" | "modules", audit plan of the module path or None): see ``QuantConfig.sites``."""
+    from . import torch_graph
+
+    if config.sites == "graph":
+        return "graph", None
+    module = backbone.require_module("quantization")
+    try:
+        layers, attention = module_path_reach(module, backbone.structure)
+        audit = torch_graph.audit_module_path(module, x[:2], layers, attention)
+    except VitcError:
+        if config.sites == "modules":
+            return "modules", None
+        raise
+    if config.sites == "modules" or audit.coverage()["flops_share"] >= MODULE_PATH_MIN_SHARE:
+        return "modules", audit
+    return "graph", None
+
+
 def apply(backbone: Backbone, config: QuantConfig | None = None, data=None, progress=None) -> Backbone:
-    """Quantize ``backbone`` (simulation) with ``config``, calibrating on ``data``."""
+    """Quantize ``backbone`` (simulation) with ``config``, calibrating on ``data``.
+
+    Sites come from the captured graph or from module swaps (``config.sites``); either way the
+    record carries the ``QuantPlan`` coverage (``record["coverage"]``)."""
     config = (config or QuantConfig()).validate()
     module = backbone.require_module("quantization")
     structure = backbone.structure
     x = calibration_tensor(data, backbone)
     check_images(x, backbone, config.calibrator)
+    path, audit = choose_sites(backbone, config, x)
+    if path == "graph":
+        from .torch_graph import apply_graph
+
+        return apply_graph(backbone, config, x, progress)
+    out = _apply_modules(backbone, config, x, progress)
+    record = out.transforms[-1]
+    record["sites"] = "modules"
+    if audit is not None:
+        _audit_bits(audit, out.module, config)
+        record["quant_plan"] = audit.to_dict()
+        record["coverage"] = audit.coverage()
+    else:
+        record["coverage"] = None
+    return out
+
+
+def _audit_bits(audit, module: nn.Module, config: QuantConfig) -> None:
+    """The bit widths the module path really gave each audited site."""
+    layers = weighted_layers(module)
+    for site in audit.sites:
+        layer = layers.get(site.module or "")
+        wb, ab = (layer.wbits, layer.input_quant.bits) if layer is not None else (None, config.abits)
+        if site.weight is not None and wb is not None:
+            site.weight.bits = wb
+        for q in site.inputs:
+            q.bits = ab
+
+
+def _apply_modules(backbone: Backbone, config: QuantConfig, x: torch.Tensor, progress=None) -> Backbone:
+    module = backbone.require_module("quantization")
+    structure = backbone.structure
     start = time.perf_counter()
     out = backbone.copy()
     module = out.module.eval()
