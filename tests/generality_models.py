@@ -196,3 +196,74 @@ def mha_vit() -> nn.Module:
 def branchy() -> nn.Module:
     torch.manual_seed(0)
     return _with_preprocess(Branchy())
+
+
+# ---------------------------------------------------------------- tiny transformers models (random weights)
+
+class HFOutputs(nn.Module):
+    """A transformers model called on pixels, returning the named output(s) as a tensor or a tuple."""
+
+    def __init__(self, model: nn.Module, keys: tuple[str, ...]):
+        super().__init__()
+        self.model = model
+        self.keys = keys
+
+    def forward(self, x):
+        out = self.model(pixel_values=x)
+        vals = tuple(getattr(out, k) for k in self.keys)
+        return vals[0] if len(vals) == 1 else vals
+
+
+@torch.no_grad()
+def _randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BatchNorm/LayerNorm affine and statistics: several transformers inits zero a norm's
+    scale (zero-init residuals), which with random weights leaves an all-zero output to compare."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)) and getattr(m, "weight", None) is not None:
+            m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.copy_((torch.rand(m.bias.shape, generator=g) - 0.5) * 0.2)
+        if isinstance(m, nn.BatchNorm2d) and m.running_var is not None:
+            m.running_mean.copy_((torch.rand(m.running_mean.shape, generator=g) - 0.5) * 0.2)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model.eval()
+
+
+def hf_models() -> dict:
+    """{name: (factory, input size, task)} for the transformers families of the generality matrix."""
+    import transformers as T
+
+    def cls(model_cls, config):
+        return lambda: HFOutputs(_randomise_norms(model_cls(config)), ("logits",))
+
+    out = {
+        "dinov2": (lambda: HFOutputs(T.Dinov2Model(T.Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                                  intermediate_size=128, image_size=56, patch_size=14)).eval(),
+                                     ("last_hidden_state",)), 56, "dense"),
+        "swin": (cls(T.SwinForImageClassification, T.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1],
+                                                               num_heads=[2, 2], window_size=4, num_labels=10)), 64, "classify"),
+        "convnext": (cls(T.ConvNextForImageClassification, T.ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1],
+                                                                          num_labels=10)), 64, "classify"),
+        "mobilevit": (cls(T.MobileViTForImageClassification, T.MobileViTConfig(image_size=64, hidden_sizes=[32, 48, 64],
+                                                                              neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64],
+                                                                              num_labels=10)), 64, "classify"),
+        "mobilenetv2": (cls(T.MobileNetV2ForImageClassification, T.MobileNetV2Config(image_size=64, depth_multiplier=0.35,
+                                                                                   num_labels=10)), 64, "classify"),
+        "efficientnet": (cls(T.EfficientNetForImageClassification, T.EfficientNetConfig(image_size=64, width_coefficient=0.25,
+                                                                                      depth_coefficient=0.2, hidden_dim=320,
+                                                                                      num_labels=10)), 64, "classify"),
+        "segformer": (lambda: HFOutputs(T.SegformerForSemanticSegmentation(T.SegformerConfig(
+            num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2],
+            decoder_hidden_size=32, num_labels=4)).eval(), ("logits",)), 64, "dense"),
+        "yolos": (lambda: HFOutputs(T.YolosForObjectDetection(T.YolosConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                                            intermediate_size=128, image_size=[64, 64], patch_size=16,
+                                                                            num_detection_tokens=5, num_labels=4)).eval(),
+                                    ("logits", "pred_boxes")), 64, "multi"),
+    }
+    return out
+
+
+def hand_written() -> dict:
+    return {"effnet_like (SameConv2d subclass, BN, SE)": (effnet_like, SIZE, "classify"),
+            "functional_vit (F.linear, fused qkv, einsum)": (functional_vit, SIZE, "classify"),
+            "mha_vit (nn.MultiheadAttention, SDPA, dense)": (mha_vit, SIZE, "dense")}

@@ -228,6 +228,8 @@ def ensure_bias(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if len(node.args) > 2 and node.args[2] is not None:
         return None
     weight = node.args[1]
+    if weight.op == "call_module":  # its WeightFakeQuant
+        weight = weight.args[0]
     target = f"{weight.target}_vitc_bias"
     _set_param(gm, target, torch.zeros(_attr(gm, weight).shape[0]))
     with gm.graph.inserting_before(node):
