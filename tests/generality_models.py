@@ -229,41 +229,102 @@ def _randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def hf_models() -> dict:
-    """{name: (factory, input size, task)} for the transformers families of the generality matrix."""
+def _hf(model: nn.Module, keys: tuple[str, ...], size: int) -> nn.Module:
+    from vitc.models.preprocess import Preprocess
+
+    m = HFOutputs(_randomise_norms(model), keys)
+    m.vitc_preprocess = Preprocess(size, size)
+    return m.eval()
+
+
+def hf_dinov2(outputs: tuple[str, ...] = ("last_hidden_state",)) -> nn.Module:
     import transformers as T
 
-    def cls(model_cls, config):
-        return lambda: HFOutputs(_randomise_norms(model_cls(config)), ("logits",))
+    torch.manual_seed(0)
+    return _hf(T.Dinov2Model(T.Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                            image_size=56, patch_size=14)), outputs, 56)
 
-    out = {
-        "dinov2": (lambda: HFOutputs(T.Dinov2Model(T.Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                                  intermediate_size=128, image_size=56, patch_size=14)).eval(),
-                                     ("last_hidden_state",)), 56, "dense"),
-        "swin": (cls(T.SwinForImageClassification, T.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1],
-                                                               num_heads=[2, 2], window_size=4, num_labels=10)), 64, "classify"),
-        "convnext": (cls(T.ConvNextForImageClassification, T.ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1],
-                                                                          num_labels=10)), 64, "classify"),
-        "mobilevit": (cls(T.MobileViTForImageClassification, T.MobileViTConfig(image_size=64, hidden_sizes=[32, 48, 64],
-                                                                              neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64],
-                                                                              num_labels=10)), 64, "classify"),
-        "mobilenetv2": (cls(T.MobileNetV2ForImageClassification, T.MobileNetV2Config(image_size=64, depth_multiplier=0.35,
-                                                                                   num_labels=10)), 64, "classify"),
-        "efficientnet": (cls(T.EfficientNetForImageClassification, T.EfficientNetConfig(image_size=64, width_coefficient=0.25,
-                                                                                      depth_coefficient=0.2, hidden_dim=320,
-                                                                                      num_labels=10)), 64, "classify"),
-        "segformer": (lambda: HFOutputs(T.SegformerForSemanticSegmentation(T.SegformerConfig(
-            num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2],
-            decoder_hidden_size=32, num_labels=4)).eval(), ("logits",)), 64, "dense"),
-        "yolos": (lambda: HFOutputs(T.YolosForObjectDetection(T.YolosConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                                            intermediate_size=128, image_size=[64, 64], patch_size=16,
-                                                                            num_detection_tokens=5, num_labels=4)).eval(),
-                                    ("logits", "pred_boxes")), 64, "multi"),
-    }
-    return out
+
+def hf_swin() -> nn.Module:
+    import transformers as T
+
+    torch.manual_seed(0)
+    return _hf(T.SwinForImageClassification(T.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                                         window_size=4, num_labels=10)), ("logits",), 64)
+
+
+def hf_convnext() -> nn.Module:
+    import transformers as T
+
+    torch.manual_seed(0)
+    return _hf(T.ConvNextForImageClassification(T.ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1],
+                                                                 num_labels=10)), ("logits",), 64)
+
+
+def hf_mobilevit() -> nn.Module:
+    import transformers as T
+
+    torch.manual_seed(0)
+    return _hf(T.MobileViTForImageClassification(T.MobileViTConfig(image_size=64, hidden_sizes=[32, 48, 64],
+                                                                   neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64], num_labels=10)),
+               ("logits",), 64)
+
+
+def hf_mobilenetv2() -> nn.Module:
+    import transformers as T
+
+    torch.manual_seed(0)
+    return _hf(T.MobileNetV2ForImageClassification(T.MobileNetV2Config(image_size=64, depth_multiplier=0.35, num_labels=10)),
+               ("logits",), 64)
+
+
+def hf_efficientnet() -> nn.Module:
+    import transformers as T
+
+    torch.manual_seed(0)
+    return _hf(T.EfficientNetForImageClassification(T.EfficientNetConfig(image_size=64, width_coefficient=0.25, depth_coefficient=0.2,
+                                                                         hidden_dim=320, num_labels=10)), ("logits",), 64)
+
+
+def hf_segformer() -> nn.Module:
+    import transformers as T
+
+    torch.manual_seed(0)
+    return _hf(T.SegformerForSemanticSegmentation(T.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
+                                                                    hidden_sizes=[16, 32], num_attention_heads=[1, 2],
+                                                                    decoder_hidden_size=32, num_labels=4)), ("logits",), 64)
+
+
+def hf_yolos() -> nn.Module:
+    """YOLOS detection: two outputs (class logits per detection token, boxes)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    return _hf(T.YolosForObjectDetection(T.YolosConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                                       image_size=[64, 64], patch_size=16, num_detection_tokens=5, num_labels=4)),
+               ("logits", "pred_boxes"), 64)
+
+
+HF_FACTORIES = ("hf_dinov2", "hf_swin", "hf_convnext", "hf_mobilevit", "hf_mobilenetv2", "hf_efficientnet", "hf_segformer",
+                "hf_yolos")
+HAND_WRITTEN = ("effnet_like", "functional_vit", "mha_vit")
+
+
+def hf_models() -> dict:
+    """{name: (factory, input size, task)} for the transformers families of the generality matrix."""
+    tasks = {"hf_dinov2": "dense", "hf_segformer": "dense", "hf_yolos": "multi"}
+    return {n: (globals()[n], 56 if n == "hf_dinov2" else 64, tasks.get(n, "classify")) for n in HF_FACTORIES}
 
 
 def hand_written() -> dict:
-    return {"effnet_like (SameConv2d subclass, BN, SE)": (effnet_like, SIZE, "classify"),
-            "functional_vit (F.linear, fused qkv, einsum)": (functional_vit, SIZE, "classify"),
-            "mha_vit (nn.MultiheadAttention, SDPA, dense)": (mha_vit, SIZE, "dense")}
+    return {"effnet_like": (effnet_like, SIZE, "classify"), "functional_vit": (functional_vit, SIZE, "classify"),
+            "mha_vit": (mha_vit, SIZE, "dense")}
+
+
+STYLES = {"effnet_like": "nn.Conv2d subclass with TF-same padding, BatchNorm, depthwise, squeeze-excite",
+          "functional_vit": "F.linear on raw parameters, fused qkv, einsum attention, nn.Linear subclass",
+          "mha_vit": "nn.MultiheadAttention, F.scaled_dot_product_attention, dense output",
+          "hf_dinov2": "transformers Dinov2Model (SDPA attention)", "hf_swin": "transformers Swin (windowed attention)",
+          "hf_convnext": "transformers ConvNeXt", "hf_mobilevit": "transformers MobileViT",
+          "hf_mobilenetv2": "transformers MobileNetV2", "hf_efficientnet": "transformers EfficientNet",
+          "hf_segformer": "transformers SegFormer (dense)", "hf_yolos": "transformers YOLOS (logits + boxes)"}
