@@ -81,13 +81,15 @@ def test_multi_output_model_keeps_every_output(calib_images, eval_images):
 
 
 def test_vit_patterns_found_by_graph(calib_images):
-    """LayerNorm -> linear gets RepQ, softmax -> matmul log-sqrt(2) below 8 bits, in a ViT written with F.linear/einsum."""
+    """LayerNorm -> linear is considered for RepQ, softmax -> matmul log-sqrt(2) below 8 bits, in a ViT written with F.linear/einsum."""
     from vitc.models.intake import load_model
 
     base = load_model("tests.generality_models:functional_vit")
     q = apply(base, QuantConfig(wbits=4, abits=4, calibrator="minmax", sites="graph"), _images(base, calib_images, 16))
     rec = q.transforms[-1]
-    assert len(rec["plan"]["reparameterised_norms"]) == 4  # norm1 and norm2 of both blocks
+    plan = rec["plan"]
+    # every norm1/norm2 of both blocks was considered; RepQ folded where it lowered the product error
+    assert plan["reparameterised_norms"] and len(plan["reparameterised_norms"]) + len(plan["norms_kept_plain"]) == 4
     kinds = {(i["pattern"], i["kind"]) for s in rec["quant_plan"]["sites"] for i in s["inputs"]}
     assert ("post-softmax", "logsqrt2") in kinds
     assert any(p == "post-gelu" for p, _ in kinds)

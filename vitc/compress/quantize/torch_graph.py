@@ -70,6 +70,8 @@ PASS_THROUGH = {aten.view.default, aten.reshape.default, aten.transpose.int, ate
                 aten.squeeze.dim, aten.expand.default, aten.select.int, aten.slice.Tensor, aten.unflatten.int,
                 aten.alias.default, aten.detach.default}
 QUANT_ROOT = "vitc_quant"
+REPQ_MIN_ROWS = 256  # rows (tokens x images) a norm's per-channel ranges need before RepQ trusts them
+SAMPLE_ROWS = 512  # rows of each LayerNorm output kept to judge RepQ against the plain grid
 
 
 # ---------------------------------------------------------------- capture
@@ -539,10 +541,43 @@ def install(gm: fx.GraphModule, plan: QuantPlan) -> dict:
 
 # ---------------------------------------------------------------- the pass
 
-def _reparam_norms(gm: fx.GraphModule, installed: dict, config: QuantConfig) -> list[str]:
-    """RepQ-ViT (and SmoothQuant) on each LayerNorm whose output only feeds linear weights through one quantizer."""
+def _product_error(x: torch.Tensor, weights: list[torch.Tensor], r: torch.Tensor, t: torch.Tensor,
+                   config: QuantConfig) -> float:
+    """Squared error of the consumers' products ``W' x'`` with both operands quantized, for
+    ``x' = (x + t) / r``, ``W' = W r`` (the bias absorbs the rest exactly): how RepQ is judged."""
+    xr = (x + t) / r
+    symmetric = config.scheme_kind != "asymmetric"
+    scale, zero = Q.uniform_qparams(xr.min(), xr.max(), config.abits, symmetric)
+    qmin, qmax = Q.int_range(config.abits, symmetric)
+    xq = Q.fake_quant(xr, scale, zero, qmin, qmax)
+    err = 0.0
+    for w in weights:
+        wr = w * r[None, :]
+        wq = Q.fake_quant_weight(wr, Q.weight_qparams(wr, config.wbits, False), config.wbits)
+        err += (xq @ wq.T - xr @ wr.T).pow(2).sum().item()
+    return err
+
+
+def norm_candidates(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """{LayerNorm node name: its quantizer node} for the norms RepQ may fold (output read by linears only)."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in LAYER_NORM and len(node.users) == 1:
+            user = next(iter(node.users))
+            if user.op == "call_module" and user.target.startswith(QUANT_ROOT + ".a_"):
+                out[node.name] = user
+    return out
+
+
+def _reparam_norms(gm: fx.GraphModule, installed: dict, config: QuantConfig,
+                   samples: dict[str, torch.Tensor] | None = None, kept: list[str] | None = None) -> list[str]:
+    """RepQ-ViT (and SmoothQuant) on each LayerNorm whose output only feeds linear weights through one quantizer.
+    ``samples``: some rows of each norm's output, to keep the plain grid where RepQ would lose; the
+    norms so kept are appended to ``kept``."""
     from .ptq import _remap_observer
 
+    samples = samples or {}
+    kept = kept if kept is not None else []
     done = []
     root = QUANT_ROOT + ".a_"
     for node in gm.graph.nodes:
@@ -578,6 +613,20 @@ def _reparam_norms(gm: fx.GraphModule, installed: dict, config: QuantConfig) -> 
         if config.ln_reparam:
             r2, t2 = reparam.repq_factors(lo, hi, config.abits)
             t, r = t + t2 * r, r * r2
+        if o.channel_count < REPQ_MIN_ROWS:
+            # per-channel ranges from a few rows (a pooled feature over a few images) do not hold on
+            # new images, and RepQ's one tight per-tensor grid then clips them: keep the plain grid
+            kept.append(node.name)
+            continue
+        sample = samples.get(node.name)
+        if sample is not None and config.smooth_alpha is None and \
+                _product_error(sample, w_tensors, torch.ones_like(r), torch.zeros_like(t), config) <= \
+                _product_error(sample, w_tensors, r, t, config):
+            # the reparameterisation moves per-channel ranges into the weights; where the weights'
+            # grids lose more than the activation grid gains (ConvNeXt's pointwise convs at 8 bits),
+            # the plain grid is kept
+            kept.append(node.name)
+            continue
         biases = []
         for c in consumers:
             ensure_bias(gm, c)
@@ -705,9 +754,21 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None):
         q.observer = obs.Observer(key, channel_axis=q.channel_axis)
     from .ptq import _run_all
 
+    samples: dict[str, torch.Tensor] = {}
+    def keep_rows(name):
+        def hook(mod, inp, out):  # returns None: the output is unchanged
+            samples.setdefault(name, inp[0].detach().reshape(-1, inp[0].shape[-1])[:SAMPLE_ROWS].clone())
+        return hook
+
+    hooks = [gm.get_submodule(q.target).register_forward_hook(keep_rows(name)) for name, q in norm_candidates(gm).items()]
     set_mode(captured, "observe")
-    _run_all(captured, x, progress, task)
-    norms = _reparam_norms(gm, installed, config) if (config.ln_reparam or config.smooth_alpha) else []
+    try:
+        _run_all(captured, x, progress, task)
+    finally:
+        for h in hooks:
+            h.remove()
+    kept: list[str] = []
+    norms = _reparam_norms(gm, installed, config, samples, kept) if (config.ln_reparam or config.smooth_alpha) else []
     for q in installed["act"].values():
         q.observer.start_histogram()
     _run_all(captured, x, progress, task)
@@ -726,7 +787,7 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None):
         "config": config.to_dict(),
         "calibration_images": int(x.shape[0]),
         "calibration_s": round(time.perf_counter() - start, 3),
-        "plan": {"capture": CAPTURE, "folded_bn": folded, "reparameterised_norms": norms,
+        "plan": {"capture": CAPTURE, "folded_bn": folded, "reparameterised_norms": norms, "norms_kept_plain": kept,
                  "bias_added": sorted(set(_norm_biases(gm)) | set(biased)), "attention": [], "ends_8bit": []},
         "quant_plan": plan.to_dict(),
         "coverage": plan.coverage(),
