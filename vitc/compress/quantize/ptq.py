@@ -369,23 +369,32 @@ def module_path_reach(module: nn.Module, structure) -> tuple[set[str], list[str]
     return layers, attention
 
 
+# families whose module path is complete (every Linear/Conv2d swapped, attention through an adapter):
+# "auto" keeps it there, so the zoo's results and exports are exactly what they were
+MODULE_PATH_FAMILIES = ("hf-vit", "hf-deit", "hf-mobilevit", "hf-resnet")
+
+
 def choose_sites(backbone: Backbone, config: QuantConfig, x: torch.Tensor):
-    """("graph" | "modules", audit plan of the module path or None): see ``QuantConfig.sites``."""
+    """("graph" | "modules", audit plan of the module path or None): see ``QuantConfig.sites``.
+
+    "auto": the module path for the families it was written for and for models already
+    transformed by another pass (a merged ViT), else wherever its audit covers at least
+    ``MODULE_PATH_MIN_SHARE`` of the matmul/conv FLOPs; the graph path otherwise."""
     from . import torch_graph
 
     if config.sites == "graph":
         return "graph", None
     module = backbone.require_module("quantization")
+    known = config.sites == "modules" or backbone.structure.family in MODULE_PATH_FAMILIES or bool(backbone.transforms)
     try:
         layers, attention = module_path_reach(module, backbone.structure)
         audit = torch_graph.audit_module_path(module, x[:2], layers, attention)
     except VitcError:
-        if config.sites == "modules":
+        if known:  # the module path still runs; its coverage is unknown (the CLI says so)
             return "modules", None
-        raise
-    if config.sites == "modules" or audit.coverage()["flops_share"] >= MODULE_PATH_MIN_SHARE:
-        return "modules", audit
-    return "graph", None
+        raise  # "auto" on a model it cannot capture: refused in one line (--sites modules falls back)
+    keep = known or audit.coverage()["flops_share"] >= MODULE_PATH_MIN_SHARE
+    return ("modules", audit) if keep else ("graph", None)
 
 
 def apply(backbone: Backbone, config: QuantConfig | None = None, data=None, progress=None) -> Backbone:
