@@ -748,7 +748,7 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None):
     shape_prop(gm, x[:1])
     plan = find_sites(gm, config)
     if not plan.sites:
-        raise VitcError("the model has no matmul, linear or convolution to quantize", "quantize a model that has some")
+        raise VitcError("the model has no quantizable layer (no matmul, linear or convolution)", "quantize a model that has some")
     installed = install(gm, plan)
     for key, q in installed["act"].items():
         q.observer = obs.Observer(key, channel_axis=q.channel_axis)
