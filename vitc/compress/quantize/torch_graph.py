@@ -185,20 +185,23 @@ def decompose_sdpa(gm: fx.GraphModule) -> list[str]:
             except (TypeError, ValueError):
                 continue
         g = gm.graph
+        created = []
+
+        def op(target, *args):
+            created.append(g.call_function(target, args))
+            return created[-1]
+
         with g.inserting_before(node):
-            kt = g.call_function(aten.transpose.int, (k, -2, -1))
-            scores = g.call_function(aten.matmul.default, (q, kt))
-            scores = g.call_function(aten.mul.Tensor, (scores, float(scale)))
+            kt = op(aten.transpose.int, k, -2, -1)
+            scores = op(aten.mul.Tensor, op(aten.matmul.default, q, kt), float(scale))
             if mask is not None:
                 mval = mask.meta.get("val")
                 if isinstance(mval, torch.Tensor) and mval.dtype == torch.bool:
-                    inv = g.call_function(aten.logical_not.default, (mask,))
-                    scores = g.call_function(aten.masked_fill.Scalar, (scores, inv, float("-inf")))
+                    scores = op(aten.masked_fill.Scalar, scores, op(aten.logical_not.default, mask), float("-inf"))
                 else:
-                    scores = g.call_function(aten.add.Tensor, (scores, mask))
-            probs = g.call_function(aten.softmax.int, (scores, -1))
-            out = g.call_function(aten.matmul.default, (probs, v))
-        for new in (kt, scores, probs, out):
+                    scores = op(aten.add.Tensor, scores, mask)
+            out = op(aten.matmul.default, op(aten.softmax.int, scores, -1), v)
+        for new in created:  # the attention module's path, for reports and the module-path audit
             new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
         node.replace_all_uses_with(out)
         done.append(node.name)
