@@ -104,3 +104,41 @@ def test_uncapturable_model_is_refused_in_one_line(calib_images):
         apply(base, CONFIG, _images(base, calib_images))
     msg = str(err.value)
     assert "generality_models.py" in msg and "h.mean() > 0" in msg and "\n" not in msg
+
+
+def _cli(args, tmp_path):
+    from vitc.cli import run
+
+    return run(["quantize", "-m", "tests.generality_models:mha_vit", "--calib", "minmax", "--calib-size", "8",
+                "--eval-size", "16", "--no-latency", "--threads", "1", *args])
+
+
+def test_cli_dense_model_is_saved_and_compared_with_fp32(tmp_path, capsys):
+    import json
+
+    out, model = tmp_path / "r.json", tmp_path / "q"
+    assert _cli(["-o", str(model), "--out", str(out)], tmp_path) == 0
+    r = json.loads(out.read_text())
+    assert r["task"] == "dense" and r["fp32_top1"] is None and r["sites"] == "graph"
+    assert r["coverage"]["flops_share"] >= 0.95 and r["fidelity"]["samples"] == 16
+    assert r["fidelity"]["pearson_mean"] > 0.99
+    saved = json.loads((model / "vitc_quant.json").read_text())
+    assert saved["coverage"]["flops_share"] == r["coverage"]["flops_share"] and saved["sites"] == "graph"
+    assert "coverage (torch.export" in capsys.readouterr().out
+
+
+def test_cli_classify_on_a_map_is_refused_before_calibration(tmp_path, capsys):
+    model = tmp_path / "q"
+    assert _cli(["--task", "classify", "-o", str(model)], tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "--task classify needs class logits" in err and len(err.strip().splitlines()) == 1
+    assert not model.exists()
+
+
+def test_cli_strict_coverage_fails_before_saving(tmp_path, capsys):
+    """The module path misses nn.MultiheadAttention's in-projection (F.linear) and its matmuls."""
+    model = tmp_path / "q"
+    assert _cli(["--sites", "modules", "--strict-coverage", "-o", str(model)], tmp_path) == 2
+    captured = capsys.readouterr()
+    assert "of the matmul/conv FLOPs are quantized" in captured.err and not model.exists()
+    assert "largest ops left in float" in captured.out
