@@ -125,6 +125,12 @@ def test_cli_dense_model_is_saved_and_compared_with_fp32(tmp_path, capsys):
     saved = json.loads((model / "vitc_quant.json").read_text())
     assert saved["coverage"]["flops_share"] == r["coverage"]["flops_share"] and saved["sites"] == "graph"
     assert "coverage (torch.export" in capsys.readouterr().out
+    from vitc.cli import run
+
+    # the reloaded folder is evaluated by fidelity against its FP32 base, on the same images
+    assert run(["eval", "-m", str(model), "--eval-size", "16", "--threads", "1", "--out", str(tmp_path / "e.json")]) == 0
+    e = json.loads((tmp_path / "e.json").read_text())["fidelity"]
+    assert e["pearson_mean"] == pytest.approx(r["fidelity"]["pearson_mean"], abs=1e-6)
 
 
 def test_cli_classify_on_a_map_is_refused_before_calibration(tmp_path, capsys):
