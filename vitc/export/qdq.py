@@ -150,7 +150,7 @@ def fold_dequantized_transposes(model) -> int:
     for node in graph.node:
         for i in node.input:
             consumers.setdefault(i, []).append(node)
-    removed, count = set(), 0
+    removed, reshaped, count = set(), set(), 0
     for dq in graph.node:
         if dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
             continue
@@ -174,10 +174,15 @@ def fold_dequantized_transposes(model) -> int:
                 if inp == tr.output[0]:
                     n.input[k] = dq.output[0]
         removed.add(id(tr))
+        reshaped.add(dq.output[0])
         count += 1
     keep = [n for n in graph.node if id(n) not in removed]
     del graph.node[:]
     graph.node.extend(keep)
+    # the exporter's shape annotations of those outputs still say the untransposed shape
+    stale = [v for v in graph.value_info if v.name in reshaped]
+    for v in stale:
+        graph.value_info.remove(v)
     return count
 
 
