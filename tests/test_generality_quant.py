@@ -14,7 +14,7 @@ import torch
 from tests.generality_models import HAND_WRITTEN, HF_FACTORIES, hf_yolos
 from vitc.compress.quantize import QuantConfig, apply
 from vitc.errors import VitcError
-from vitc.tasks import fidelity, passes
+from vitc.tasks import MIN_WORST_COSINE, fidelity, passes
 
 MODELS = HAND_WRITTEN + HF_FACTORIES
 CONFIG = QuantConfig(calibrator="minmax", sites="graph")
@@ -49,7 +49,8 @@ def test_graph_quantization_covers_exports_and_reloads(name, calib_images, eval_
     x = _images(base, eval_images)
     with torch.no_grad():
         sim, ref = q(x), base(x)
-    assert fidelity(sim, ref)["cosine_mean"] > 0.99  # the simulation stays close to FP32 on real images
+    # the simulation stays within the documented int8 tolerance of FP32 on real images
+    assert fidelity(sim, ref)["cosine_mean"] >= MIN_WORST_COSINE["int8"]
 
     onnx_path = export_qdq_onnx(q, tmp_path / "m.onnx")
     import onnx
