@@ -1,7 +1,7 @@
 """Generality matrix for structured pruning and 2:4 sparsity on models vitc has no adapter for.
 
 For each model (tiny transformers configs with random weights, and hand-written modules; see
-``tests/generality_models.py``): channel groups found from the ``torch.export`` graph, pruned to
+``tests/generality_prune_models.py``): channel groups found from the ``torch.export`` graph, pruned to
 ``--flops`` of the dense FLOPs (Taylor scores on real calibration images), the FLOPs ratio
 reached, the share of conv/matmul FLOPs in ops the pruning shrank, ONNX export parity, and a
 strict save/reload with equal outputs; then 2:4 (Wanda) on the dense model: the share of the
@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-import generality_models as gm  # noqa: E402
+import generality_prune_models as gm  # noqa: E402
 
 ROWS = ("mobilenetv2", "efficientnet", "convnext", "resnet", "subclassed-cnn", "dinov2", "fused-vit")
 

@@ -1,193 +1,330 @@
-"""Models of the pruning/2:4 generality matrix: tiny transformers configs (random weights, saved
-with ``save_pretrained``) and hand-written modules that vitc has no adapter for.
+"""Hand-written models in the styles vitc's module swaps used to miss, for the generality tests and
+benchmark (factories usable as ``--model tests.generality_models:<name>``).
 
-``write(name, folder)`` saves one and returns the ``--model`` spec and ``--weights`` a user
-would pass; the hand-written ones load as ``generality_models:<factory>`` (this folder on the
-path), the transformers ones as ``hf:<folder>``.
+* ``effnet_like``: an EfficientNet-style CNN whose convs are a ``nn.Conv2d`` subclass with its own
+  TF-"same" padding forward, BatchNorm, depthwise convs, squeeze-excite, a classifier;
+* ``functional_vit``: a ViT written with ``F.linear`` on raw parameters, a fused qkv projection,
+  ``einsum`` attention, a subclassed ``nn.Linear`` MLP;
+* ``mha_vit``: ``nn.MultiheadAttention`` blocks and an ``F.scaled_dot_product_attention`` block,
+  returning a dense map;
+* ``branchy``: control flow on tensor values (cannot be captured: the refusal test).
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+SIZE = 32
 
-class MyConv(nn.Conv2d):
-    """A third-party style conv subclass with its own forward (as EfficientNet ports have)."""
+
+class SameConv2d(nn.Conv2d):
+    """TensorFlow "same" padding computed from the input size in forward (EfficientNet ports)."""
 
     def forward(self, x):
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        ih, iw = x.shape[-2:]
+        kh, kw = self.weight.shape[-2:]
+        sh, sw = self.stride
+        ph = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
+        pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 class MyLinear(nn.Linear):
-    pass
+    """A subclassed Linear (adds nothing but its type)."""
 
 
-class SE(nn.Module):
-    def __init__(self, ch: int, red: int):
+class MBConv(nn.Module):
+    def __init__(self, cin, cout, expand=4, stride=1):
         super().__init__()
-        self.reduce = MyConv(ch, red, 1)
-        self.expand = MyConv(red, ch, 1)
+        mid = cin * expand
+        self.expand = nn.Sequential(SameConv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.SiLU())
+        self.dw = nn.Sequential(SameConv2d(mid, mid, 3, stride=stride, groups=mid, bias=False), nn.BatchNorm2d(mid), nn.SiLU())
+        self.se_reduce = SameConv2d(mid, max(1, cin // 4), 1)
+        self.se_expand = SameConv2d(max(1, cin // 4), mid, 1)
+        self.project = nn.Sequential(SameConv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.residual = stride == 1 and cin == cout
 
     def forward(self, x):
-        s = F.adaptive_avg_pool2d(x, 1)
-        return x * torch.sigmoid(self.expand(F.silu(self.reduce(s))))
+        h = self.dw(self.expand(x))
+        s = F.adaptive_avg_pool2d(h, 1)
+        h = h * torch.sigmoid(self.se_expand(F.silu(self.se_reduce(s))))
+        h = self.project(h)
+        return x + h if self.residual else h
 
 
-class InvertedResidual(nn.Module):
-    def __init__(self, ch: int, expand: int):
+class EffNetLike(nn.Module):
+    def __init__(self, classes=10):
         super().__init__()
-        hid = ch * expand
-        self.pw = MyConv(ch, hid, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(hid)
-        self.dw = MyConv(hid, hid, 3, padding=1, groups=hid, bias=False)
-        self.bn2 = nn.BatchNorm2d(hid)
-        self.se = SE(hid, 16)
-        self.project = MyConv(hid, ch, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(ch)
+        self.stem = nn.Sequential(SameConv2d(3, 16, 3, stride=2, bias=False), nn.BatchNorm2d(16), nn.SiLU())
+        self.blocks = nn.Sequential(MBConv(16, 16), MBConv(16, 24, stride=2), MBConv(24, 24), MBConv(24, 40, stride=2))
+        self.head = nn.Sequential(SameConv2d(40, 128, 1, bias=False), nn.BatchNorm2d(128), nn.SiLU())
+        self.classifier = nn.Linear(128, classes)
 
     def forward(self, x):
-        y = F.relu6(self.bn1(self.pw(x)))
-        y = F.relu6(self.bn2(self.dw(y)))
-        y = self.se(y)
-        return x + self.bn3(self.project(y))
+        h = self.head(self.blocks(self.stem(x)))
+        return self.classifier(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
-class SubclassedCNN(nn.Module):
-    """Stem, two inverted-residual blocks with SE (subclassed convs), a concat, a strided conv, a Linear head."""
-
-    def __init__(self, classes: int = 10):
+class FunctionalBlock(nn.Module):
+    def __init__(self, dim, heads):
         super().__init__()
-        self.stem = MyConv(3, 64, 3, stride=2, padding=1)
-        self.bn0 = nn.BatchNorm2d(64)
-        self.block1 = InvertedResidual(64, 2)
-        self.block2 = InvertedResidual(64, 2)
-        self.side = MyConv(64, 64, 1)
-        self.down = MyConv(128, 128, 3, stride=2, padding=1)
-        self.bn4 = nn.BatchNorm2d(128)
-        self.head = MyLinear(128, classes)
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv_weight = nn.Parameter(torch.randn(3 * dim, dim) / math.sqrt(dim))  # fused qkv, used with F.linear
+        self.qkv_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.proj_weight = nn.Parameter(torch.randn(dim, dim) / math.sqrt(dim))
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = MyLinear(dim, 4 * dim)
+        self.fc2 = MyLinear(4 * dim, dim)
 
     def forward(self, x):
-        x = F.relu(self.bn0(self.stem(x)))
-        x = self.block2(self.block1(x))
-        x = torch.cat([x, F.relu(self.side(x))], dim=1)
-        x = F.relu(self.bn4(self.down(x)))
-        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-class FusedAttention(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.num_heads, self.head_dim = heads, dim // heads
-        self.qkv = MyLinear(dim, dim * 3)
-        self.proj = MyLinear(dim, dim)
-
-    def forward(self, x):
-        b, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        attn = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
-        x = (attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1)
-        return self.proj(x)
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, hidden: int):
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = FusedAttention(dim, heads)
-        self.fc1, self.fc2 = MyLinear(dim, hidden), MyLinear(hidden, dim)
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
+        b, n, d = x.shape
+        qkv = F.linear(self.norm1(x), self.qkv_weight, self.qkv_bias).reshape(b, n, 3, self.heads, d // self.heads)
+        q, k, v = qkv.unbind(2)
+        attn = torch.einsum("bqhd,bkhd->bhqk", q, k) * (d // self.heads) ** -0.5
+        attn = attn.softmax(-1)
+        out = torch.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, d)
+        x = x + F.linear(out, self.proj_weight)
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
-class FusedViT(nn.Module):
-    """A timm-style ViT written by hand: fused qkv, matmul attention, cls token, position embedding."""
-
-    def __init__(self, dim: int = 128, depth: int = 2, heads: int = 4, hidden: int = 256, patch: int = 8, size: int = 32,
-                 classes: int = 10):
+class FunctionalViT(nn.Module):
+    def __init__(self, dim=64, depth=2, heads=4, patch=8, classes=10):
         super().__init__()
-        self.patch = nn.Conv2d(3, dim, patch, patch)
-        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.pos = nn.Parameter(torch.randn(1, (size // patch) ** 2 + 1, dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(dim, heads, hidden) for _ in range(depth))
+        self.patch = SameConv2d(3, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.zeros(1, (SIZE // patch) ** 2 + 1, dim))
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.ModuleList(FunctionalBlock(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, classes)
+        self.head = MyLinear(dim, classes)
 
     def forward(self, x):
-        x = self.patch(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], 1) + self.pos
         for blk in self.blocks:
-            x = blk(x)
-        return self.head(self.norm(x)[:, 0])
+            h = blk(h)
+        return self.head(self.norm(h)[:, 0])
 
 
-def _with_preprocess(model: nn.Module, size: int) -> nn.Module:
+class SDPABlock(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        return x + self.proj(out)
+
+
+class MHAViT(nn.Module):
+    """Patch embedding, two nn.MultiheadAttention blocks, one SDPA block, a conv head to a dense map."""
+
+    def __init__(self, dim=64, heads=4, patch=4):
+        super().__init__()
+        self.grid = SIZE // patch
+        self.embed = nn.Conv2d(3, dim, patch, stride=patch)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(2))
+        self.attns = nn.ModuleList(nn.MultiheadAttention(dim, heads, batch_first=True) for _ in range(2))
+        self.mlps = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+                                  for _ in range(2))
+        self.sdpa = SDPABlock(dim, heads)
+        self.head = nn.Conv2d(dim, 1, 3, padding=1)
+
+    def forward(self, x):
+        h = self.embed(x).flatten(2).transpose(1, 2)
+        for norm, attn, mlp in zip(self.norms, self.attns, self.mlps):
+            y = norm(h)
+            h = h + attn(y, y, y)[0]
+            h = h + mlp(h)
+        h = self.sdpa(h)
+        b, n, d = h.shape
+        m = self.head(h.transpose(1, 2).reshape(b, d, self.grid, self.grid))
+        return torch.sigmoid(F.interpolate(m, size=(SIZE, SIZE), mode="bilinear", align_corners=False))
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = self.conv(x)
+        if h.mean() > 0:  # control flow on a tensor value: no static graph
+            h = h * 2
+        return self.fc(h.mean((2, 3)))
+
+
+def _with_preprocess(model: nn.Module) -> nn.Module:
     from vitc.models.preprocess import Preprocess
 
-    model.vitc_preprocess = Preprocess(size, size)  # what intake reads from a factory's model
-    return model
+    model.vitc_preprocess = Preprocess(SIZE, SIZE)
+    return model.eval()
 
 
-def subclassed_cnn():
+def effnet_like() -> nn.Module:
     torch.manual_seed(0)
-    return _with_preprocess(SubclassedCNN(), 32)
+    m = EffNetLike()
+    for mod in m.modules():  # random but not-identity BatchNorm statistics, so folding is exercised
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 1.5)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.2, 0.2)
+    return _with_preprocess(m)
 
 
-def fused_vit():
+def functional_vit() -> nn.Module:
     torch.manual_seed(0)
-    return _with_preprocess(FusedViT(), 32)
+    return _with_preprocess(FunctionalViT())
 
 
-def _hf(name: str):
+def mha_vit() -> nn.Module:
+    torch.manual_seed(0)
+    return _with_preprocess(MHAViT())
+
+
+def branchy() -> nn.Module:
+    torch.manual_seed(0)
+    return _with_preprocess(Branchy())
+
+
+# ---------------------------------------------------------------- tiny transformers models (random weights)
+
+class HFOutputs(nn.Module):
+    """A transformers model called on pixels, returning the named output(s) as a tensor or a tuple."""
+
+    def __init__(self, model: nn.Module, keys: tuple[str, ...]):
+        super().__init__()
+        self.model = model
+        self.keys = keys
+
+    def forward(self, x):
+        out = self.model(pixel_values=x)
+        vals = tuple(getattr(out, k) for k in self.keys)
+        return vals[0] if len(vals) == 1 else vals
+
+
+@torch.no_grad()
+def _randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BatchNorm/LayerNorm affine and statistics: several transformers inits zero a norm's
+    scale (zero-init residuals), which with random weights leaves an all-zero output to compare."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)) and getattr(m, "weight", None) is not None:
+            m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.copy_((torch.rand(m.bias.shape, generator=g) - 0.5) * 0.2)
+        if isinstance(m, nn.BatchNorm2d) and m.running_var is not None:
+            m.running_mean.copy_((torch.rand(m.running_mean.shape, generator=g) - 0.5) * 0.2)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model.eval()
+
+
+def _hf(model: nn.Module, keys: tuple[str, ...], size: int) -> nn.Module:
+    from vitc.models.preprocess import Preprocess
+
+    m = HFOutputs(_randomise_norms(model), keys)
+    m.vitc_preprocess = Preprocess(size, size)
+    return m.eval()
+
+
+def hf_dinov2(outputs: tuple[str, ...] = ("last_hidden_state",)) -> nn.Module:
     import transformers as T
 
     torch.manual_seed(0)
-    labels = {"num_labels": 10}
-    if name == "mobilenetv2":
-        return T.MobileNetV2ForImageClassification(T.MobileNetV2Config(image_size=64, depth_multiplier=0.5, **labels)), 64
-    if name == "efficientnet":
-        return T.EfficientNetForImageClassification(T.EfficientNetConfig(
-            image_size=64, width_coefficient=0.5, depth_coefficient=0.25, hidden_dim=640, **labels)), 64
-    if name == "convnext":
-        return T.ConvNextForImageClassification(T.ConvNextConfig(
-            image_size=64, hidden_sizes=[64, 64, 128, 128], depths=[1, 1, 2, 1], **labels)), 64
-    if name == "resnet":
-        return T.ResNetForImageClassification(T.ResNetConfig(
-            embedding_size=32, hidden_sizes=[64, 64, 128, 128], depths=[1, 1, 1, 1], layer_type="basic", **labels)), 64
-    if name == "dinov2":
-        return T.Dinov2ForImageClassification(T.Dinov2Config(
-            image_size=56, patch_size=14, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, **labels)), 56
-    raise KeyError(name)
+    return _hf(T.Dinov2Model(T.Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                            image_size=56, patch_size=14)), outputs, 56)
 
 
-HF = ("mobilenetv2", "efficientnet", "convnext", "resnet", "dinov2")
-HANDWRITTEN = {"subclassed-cnn": (subclassed_cnn, 32), "fused-vit": (fused_vit, 32)}
-NAMES = ("mobilenetv2", "efficientnet", "convnext", "subclassed-cnn", "dinov2", "fused-vit")
+def hf_swin() -> nn.Module:
+    import transformers as T
+
+    torch.manual_seed(0)
+    return _hf(T.SwinForImageClassification(T.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                                         window_size=4, num_labels=10)), ("logits",), 64)
 
 
-def write(name: str, folder: Path) -> tuple[str, str | None]:
-    """Save model ``name`` under ``folder``: (``--model`` spec, ``--weights`` file or None)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if name in HANDWRITTEN:
-        factory, _ = HANDWRITTEN[name]
-        w = folder / f"{name}.pt"
-        torch.save(factory().state_dict(), w)
-        return f"generality_models:{factory.__name__}", str(w)
-    model, size = _hf(name)
-    out = folder / name
-    model.save_pretrained(str(out))
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "do_resize": True, "size": {"height": size, "width": size}, "do_normalize": True,
-        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
-    return f"hf:{out}", None
+def hf_convnext() -> nn.Module:
+    import transformers as T
+
+    torch.manual_seed(0)
+    return _hf(T.ConvNextForImageClassification(T.ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1],
+                                                                 num_labels=10)), ("logits",), 64)
 
 
-def input_size(name: str) -> int:
-    return HANDWRITTEN[name][1] if name in HANDWRITTEN else _hf(name)[1]
+def hf_mobilevit() -> nn.Module:
+    import transformers as T
+
+    torch.manual_seed(0)
+    return _hf(T.MobileViTForImageClassification(T.MobileViTConfig(image_size=64, hidden_sizes=[32, 48, 64],
+                                                                   neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64], num_labels=10)),
+               ("logits",), 64)
+
+
+def hf_mobilenetv2() -> nn.Module:
+    import transformers as T
+
+    torch.manual_seed(0)
+    return _hf(T.MobileNetV2ForImageClassification(T.MobileNetV2Config(image_size=64, depth_multiplier=0.35, num_labels=10)),
+               ("logits",), 64)
+
+
+def hf_efficientnet() -> nn.Module:
+    import transformers as T
+
+    torch.manual_seed(0)
+    return _hf(T.EfficientNetForImageClassification(T.EfficientNetConfig(image_size=64, width_coefficient=0.25, depth_coefficient=0.2,
+                                                                         hidden_dim=320, num_labels=10)), ("logits",), 64)
+
+
+def hf_segformer() -> nn.Module:
+    import transformers as T
+
+    torch.manual_seed(0)
+    return _hf(T.SegformerForSemanticSegmentation(T.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
+                                                                    hidden_sizes=[16, 32], num_attention_heads=[1, 2],
+                                                                    decoder_hidden_size=32, num_labels=4)), ("logits",), 64)
+
+
+def hf_yolos() -> nn.Module:
+    """YOLOS detection: two outputs (class logits per detection token, boxes)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    return _hf(T.YolosForObjectDetection(T.YolosConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                                       image_size=[64, 64], patch_size=16, num_detection_tokens=5, num_labels=4)),
+               ("logits", "pred_boxes"), 64)
+
+
+HF_FACTORIES = ("hf_dinov2", "hf_swin", "hf_convnext", "hf_mobilevit", "hf_mobilenetv2", "hf_efficientnet", "hf_segformer",
+                "hf_yolos")
+HAND_WRITTEN = ("effnet_like", "functional_vit", "mha_vit")
+
+
+def hf_models() -> dict:
+    """{name: (factory, input size, task)} for the transformers families of the generality matrix."""
+    tasks = {"hf_dinov2": "dense", "hf_segformer": "dense", "hf_yolos": "multi"}
+    return {n: (globals()[n], 56 if n == "hf_dinov2" else 64, tasks.get(n, "classify")) for n in HF_FACTORIES}
+
+
+def hand_written() -> dict:
+    return {"effnet_like": (effnet_like, SIZE, "classify"), "functional_vit": (functional_vit, SIZE, "classify"),
+            "mha_vit": (mha_vit, SIZE, "dense")}
+
+
+STYLES = {"effnet_like": "nn.Conv2d subclass with TF-same padding, BatchNorm, depthwise, squeeze-excite",
+          "functional_vit": "F.linear on raw parameters, fused qkv, einsum attention, nn.Linear subclass",
+          "mha_vit": "nn.MultiheadAttention, F.scaled_dot_product_attention, dense output",
+          "hf_dinov2": "transformers Dinov2Model (SDPA attention)", "hf_swin": "transformers Swin (windowed attention)",
+          "hf_convnext": "transformers ConvNeXt", "hf_mobilevit": "transformers MobileViT",
+          "hf_mobilenetv2": "transformers MobileNetV2", "hf_efficientnet": "transformers EfficientNet",
+          "hf_segformer": "transformers SegFormer (dense)", "hf_yolos": "transformers YOLOS (logits + boxes)"}

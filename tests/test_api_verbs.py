@@ -15,7 +15,7 @@ from vitc.errors import VitcError
 from vitc.models.intake import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-import generality_models as gm  # noqa: E402
+import generality_prune_models as gm  # noqa: E402
 
 
 class TinyCNN(nn.Module):

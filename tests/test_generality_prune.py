@@ -25,7 +25,7 @@ from vitc.models.intake import load_model
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-import generality_models as gm  # noqa: E402
+import generality_prune_models as gm  # noqa: E402
 
 TARGET = 0.6
 

@@ -75,6 +75,23 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
     }
 
 
+@torch.no_grad()
+def fidelity_against(run: Callable, reference: Callable, source: ImageSource, preprocess: Preprocess, batch_size: int = 100,
+                     convert_rgb: bool = False, progress=None) -> dict:
+    """``vitc.tasks.fidelity`` of ``run`` against ``reference`` over ``source`` (outputs that are not class logits)."""
+    from vitc.tasks import fidelity, flatten_outputs
+
+    outs, refs = [], []
+    task = progress.add_task("comparing with the reference", total=len(source)) if progress is not None else None
+    for x, _ in iter_batches(source, preprocess, batch_size, convert_rgb):
+        outs.append([torch.as_tensor(t).float() for t in flatten_outputs(run(x))])
+        refs.append([torch.as_tensor(t).float() for t in flatten_outputs(reference(x))])
+        if task is not None:
+            progress.advance(task, x.shape[0])
+    cat = lambda rows: [torch.cat([r[i] for r in rows]) for i in range(len(rows[0]))]  # noqa: E731
+    return fidelity(cat(outs), cat(refs))
+
+
 class _VerbModule(type(__import__("sys"))):
     """``import vitc.evaluate`` sets the package attribute ``vitc.evaluate`` to this module; calling
     it runs the Python verb, so ``vitc.evaluate(model)`` works whichever was imported first."""

@@ -5,7 +5,13 @@ JSON (``--out``) keys, stable: ``model``, ``wbits``, ``abits``, ``calibrator``,
 ``top1_drop`` (a fraction, like every accuracy: docs/json.md), ``top1_agreement``, ``fp32_bytes``, ``quantized_bytes``,
 ``compression``, ``latency`` (``runtime``, ``batch``, ``fp32_ms``, ``int8_ms``, ``speedup``;
 null when not measured), ``worst_sqnr`` (list of ``{"layer", "sqnr_db"}``, five worst),
-``vit_quantizers``, ``scheme_choice``, ``output``.
+``vit_quantizers``, ``scheme_choice``, ``output``; ``task`` (classify/dense/embed/multi),
+``coverage`` (the plan's ``coverage()``: ops and matmul/conv FLOPs quantized vs total, bit widths
+used, ops left float with reasons; null when the module path could not be audited), ``sites``
+(graph or modules) and ``fidelity`` (against FP32: per-sample cosine, Pearson, SQNR, max abs
+error, mean and worst; for every task). For outputs other than class logits the top-1 keys are null.
+
+The quantized model is saved before evaluation, so a failure there never loses the calibration.
 """
 from __future__ import annotations
 
@@ -67,6 +73,9 @@ def quantize_cmd(
     act_budget: Optional[float] = typer.Option(None, "--act-budget", help="with --bits auto --size-budget: also allocate activation bits, average at most this"),
     alloc: str = typer.Option("ilp", "--alloc", help="with --bits auto: ilp (exact) or greedy (MPTQ-ViT)"),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="weight-only (--abits 16): input channels per weight scale, 32, 64 or 128 (default 64)"),
+    sites: str = typer.Option("auto", "--sites", help="auto, graph (every matmul-like op in the captured graph) or modules (Linear/Conv2d swaps + family adapters)"),
+    task: str = typer.Option("auto", "--task", help="auto, classify (top-1 with labels), dense (maps) or embed (vectors): how the output is compared with FP32"),
+    strict_coverage: bool = typer.Option(False, "--strict-coverage", help="fail (exit 2, nothing saved) below 90% of matmul/conv FLOPs quantized"),
 ) -> None:
     """Quantize a model (W8A8 by default), compare it with FP32, and save it (-o, default quantized/<model>-w<W>a<A>/)."""
     positive(calib_size, "--calib-size")
@@ -104,11 +113,12 @@ def quantize_cmd(
     from vitc.compress.quantize import QuantConfig, apply
     from vitc.compress.quantize.saved import model_size, save_quantized
     from vitc.evaluate import agreement, evaluate
+    from vitc.tasks import fidelity
 
     config = QuantConfig(wbits=wbits or bits, abits=abits or bits, calibrator=calib, percentile=percentile, softmax=softmax,
                          gelu=gelu, scheme=scheme, granularity=granularity, ln_reparam=repq, smooth_alpha=smooth,
                          bias_correction=bias_correction, group_size=group_size,
-                         reconstruct_iters=iters if reconstruct else 0).validate()
+                         reconstruct_iters=iters if reconstruct else 0, sites=sites).validate()
     weight_only = config.abits == 16
     if not weight_only:
         check_count(config.calibrator, calib_size or DEFAULT_CALIB_SIZE)
@@ -133,11 +143,12 @@ def quantize_cmd(
                             size_flag="--calib-size" if calib_size is not None else None).open()
     eval_source = DataSpec(data, str(labels) if labels else None, eval_size, seed, convert_rgb, allow_unlabelled).open()
     with progress() as prog:
-        x = None
+        x = y_calib = None
         if not weight_only:  # weight-only needs no calibration images
-            task = prog.add_task("reading calibration images", total=None)
+            step = prog.add_task("reading calibration images", total=None)
             x, y_calib = load_tensors(calib_source, backbone.preprocess, convert_rgb)
-            prog.remove_task(task)
+            prog.remove_task(step)
+        kind = resolve_task(backbone, task, x if x is not None else backbone.example_input(2))  # refused here, before any calibration
         staging = output.parent / f".{output.name}.reconstruct"
         run = lambda cfg: apply(backbone, cfg, x, prog, reconstruct_staging=staging, say=prog.console.print)
         mixed_info = None
@@ -158,12 +169,20 @@ def quantize_cmd(
             quantized = run(config)
         if staging.exists() and not any(staging.iterdir()):  # each finished key folder removes itself
             staging.rmdir()
-        base = evaluate(backbone, eval_source, backbone.preprocess, backbone.labels, batch_size, convert_rgb, prog, keep_logits=True)
-        quant = evaluate(quantized, eval_source, backbone.preprocess, backbone.labels, batch_size, convert_rgb, prog, keep_logits=True)
+        record = quantized.transforms[-1]
+        check_coverage(record.get("coverage"), config, strict_coverage)
+        # saved first: nothing that runs afterwards (evaluation, export, timing) can lose the calibration
+        save_quantized(quantized, output, force=force, weights=weights)
+        if kind == "classify":
+            base = evaluate(backbone, eval_source, backbone.preprocess, backbone.labels, batch_size, convert_rgb, prog, keep_logits=True)
+            quant = evaluate(quantized, eval_source, backbone.preprocess, backbone.labels, batch_size, convert_rgb, prog, keep_logits=True)
+            fid = fidelity(quant["logits"], base["logits"])
+        else:
+            base, quant, fid = compare_outputs(backbone, quantized, eval_source, batch_size, convert_rgb, prog)
         lat = measure_latency(backbone, quantized, x, n_threads, prog) if latency and config.wbits == config.abits == 8 and not auto else None
-    record = quantized.transforms[-1]
     fp32_bytes, q_bytes = model_size(backbone), model_size(quantized)
     worst = sorted(((k, v) for k, v in record["sqnr_db"].items() if v is not None), key=lambda kv: kv[1])[:5]
+    classify = kind == "classify"
     result = {
         "model": backbone.source,
         "wbits": config.wbits,
@@ -174,10 +193,14 @@ def quantize_cmd(
         "calibration_s": record["calibration_s"],
         "eval_data": eval_source.location,
         "eval_images": quant["images"],
-        "fp32_top1": base["top1"],
-        "quantized_top1": quant["top1"],
-        "top1_drop": base["top1"] - quant["top1"],
-        "top1_agreement": agreement(base["logits"], quant["logits"])["top1_agreement"],
+        "task": kind,
+        "fp32_top1": base["top1"] if classify else None,
+        "quantized_top1": quant["top1"] if classify else None,
+        "top1_drop": base["top1"] - quant["top1"] if classify else None,
+        "top1_agreement": agreement(base["logits"], quant["logits"])["top1_agreement"] if classify else None,
+        "fidelity": fid,
+        "sites": record.get("sites", "modules"),
+        "coverage": record.get("coverage"),
         "fp32_bytes": fp32_bytes,
         "quantized_bytes": q_bytes,
         "compression": round(fp32_bytes / q_bytes, 3),
@@ -192,7 +215,6 @@ def quantize_cmd(
         "threads": n_threads,
         "output": str(output),
     }
-    save_quantized(quantized, output, force=force)
     _print(result)
     if out:
         write_json(out, result)
@@ -227,6 +249,76 @@ def _print_mixed(info: dict) -> None:
     for r in info["rows"]:
         table.add_row(r["layer"], str(r["params"]), str(r["wbits"]), str(r["abits"]), fmt(r["kl_w4"]), fmt(r["kl_w6"]), fmt(r["kl_w8"]))
     console.print(table)
+
+
+def resolve_task(backbone, task: str, x) -> str:
+    """The output's task (``tasks.check_task`` on two calibration images): a mismatch is refused here."""
+    import torch
+
+    from vitc.tasks import check_task
+
+    with torch.no_grad():
+        sample = backbone.module.eval()(x[:2])
+    return check_task(task, sample, has_labels=bool(backbone.labels), num_labels=len(backbone.labels) or None)
+
+
+def check_coverage(cov: dict | None, config, strict: bool) -> None:
+    """Warn below ``COVERAGE_WARN`` of matmul/conv FLOPs quantized; with ``--strict-coverage``, refuse (nothing saved)."""
+    from vitc.compress.quantize.plan import COVERAGE_WARN
+    from vitc.errors import VitcError
+
+    if cov is None:
+        msg = "coverage unknown: the model's graph could not be captured to audit the module path"
+        if strict:
+            raise VitcError(msg, "quantize with --sites graph, or drop --strict-coverage")
+        console.print(f"[yellow]warning:[/yellow] {msg}")
+        return
+    print_coverage(cov, config)
+    if cov["flops_share"] < COVERAGE_WARN:
+        msg = (f"only {100 * cov['flops_share']:.1f}% of the matmul/conv FLOPs are quantized "
+               f"(below {100 * COVERAGE_WARN:.0f}%)")
+        if strict:
+            raise VitcError(msg + "; nothing was saved", "quantize with --sites graph, or drop --strict-coverage")
+        console.print(f"[yellow]warning:[/yellow] {msg}; the rest runs in float (listed above)")
+
+
+def print_coverage(cov: dict, config) -> None:
+    asked = f"W{config.wbits}A{config.abits}"
+    console.print(f"coverage ({cov['capture'] or 'module swaps'}): {cov['ops_quantized']}/{cov['ops_total']} matmul/conv ops, "
+                  f"{100 * cov['flops_share']:.1f}% of {cov['flops_total'] / 1e6:.1f} MFLOPs quantized; "
+                  f"bit widths used: {', '.join(cov['bit_widths'])} (W16 = no weight operand)")
+    other = [w for w in cov["bit_widths"] if w not in (asked, f"W16A{config.abits}")]
+    if other:
+        console.print(f"note: {asked} was asked, but some layers run at {', '.join(other)} "
+                      "(the first and last layers stay at 8 bits)")
+    if cov["left_float"]:
+        table = Table(title="largest ops left in float")
+        for col in ("op", "kind", "MFLOPs", "reason"):
+            table.add_column(col)
+        for s in cov["left_float"][:5]:
+            table.add_row(s["name"], s["op"], f"{s['flops'] / 1e6:.2f}", s["reason"])
+        console.print(table)
+
+
+def compare_outputs(backbone, quantized, source, batch_size: int, convert_rgb: bool, prog=None):
+    """FP32 and quantized outputs over ``source`` and their fidelity (tasks other than classify)."""
+    import torch
+
+    from vitc.calibration.data import iter_batches
+    from vitc.tasks import fidelity, flatten_outputs
+
+    refs, outs = [], []
+    step = prog.add_task("comparing with FP32", total=len(source)) if prog is not None else None
+    with torch.no_grad():
+        for x, _ in iter_batches(source, backbone.preprocess, batch_size, convert_rgb):
+            refs.append([t.float() for t in flatten_outputs(backbone(x))])
+            outs.append([t.float() for t in flatten_outputs(quantized(x))])
+            if step is not None:
+                prog.advance(step, x.shape[0])
+    ref = [torch.cat([r[i] for r in refs]) for i in range(len(refs[0]))]
+    out = [torch.cat([o[i] for o in outs]) for i in range(len(outs[0]))]
+    n = ref[0].shape[0]
+    return {"images": n}, {"images": n}, fidelity(out, ref)
 
 
 def _model_name(source: str) -> str:
@@ -274,8 +366,14 @@ def _print(r: dict) -> None:
     table.add_column("")
     table.add_column("FP32")
     table.add_column(label)
-    table.add_row(f"top-1 ({r['eval_images']} images)", pct(r["fp32_top1"]), f"{pct(r['quantized_top1'])} ({-100 * r['top1_drop']:+.2f} pt)")
-    table.add_row("top-1 agreement with FP32", "", pct(r["top1_agreement"]))
+    if r["task"] == "classify":
+        table.add_row(f"top-1 ({r['eval_images']} images)", pct(r["fp32_top1"]), f"{pct(r['quantized_top1'])} ({-100 * r['top1_drop']:+.2f} pt)")
+        table.add_row("top-1 agreement with FP32", "", pct(r["top1_agreement"]))
+    f = r["fidelity"]
+    table.add_row(f"{r['task']} fidelity vs FP32 ({f['samples']} images): Pearson mean / worst", "",
+                  f"{f['pearson_mean']:.5f} / {f['pearson_worst']:.5f}")
+    table.add_row("cosine mean / worst; SQNR mean / worst; max abs error", "",
+                  f"{f['cosine_mean']:.5f} / {f['cosine_worst']:.5f}; {f['sqnr_db_mean']:.1f} / {f['sqnr_db_worst']:.1f} dB; {f['max_abs_error']:.3g}")
     table.add_row("size", f"{r['fp32_bytes'] / 2**20:.2f} MiB", f"{r['quantized_bytes'] / 2**20:.2f} MiB ({r['compression']:.1f}x smaller)")
     if r["latency"]:
         lat = r["latency"]
@@ -287,13 +385,11 @@ def _print(r: dict) -> None:
     console.print(table)
     if r["vit_quantizers"]:
         console.print("ViT quantizers: " + ", ".join(f"{k}={v}" for k, v in r["vit_quantizers"].items()))
-    if not r["worst_sqnr"]:  # weight-only: no activation quantizers, no per-layer SQNR pass
-        console.print(f"wrote {r['output']}")
-        return
-    worst = Table(title="five layers with the worst SQNR")
-    worst.add_column("layer")
-    worst.add_column("SQNR (dB)")
-    for w in r["worst_sqnr"]:
-        worst.add_row(w["layer"], f"{w['sqnr_db']:.1f}")
-    console.print(worst)
+    if r["worst_sqnr"]:
+        worst = Table(title="five layers with the worst SQNR")
+        worst.add_column("layer")
+        worst.add_column("SQNR (dB)")
+        for w in r["worst_sqnr"]:
+            worst.add_row(w["layer"], f"{w['sqnr_db']:.1f}")
+        console.print(worst)
     console.print(f"wrote {r['output']}")

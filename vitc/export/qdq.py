@@ -29,11 +29,17 @@ def _check_exportable(backbone) -> dict:
     from vitc.compress.quantize.saved import quant_record
 
     record = quant_record(backbone)
+    for name, spec in record["layers"].items():
+        grids = spec.get("operands") or ([spec["input"]] if "input" in spec else [spec[k] for k in ("q", "k", "probs", "v")])
+        odd = next((g["kind"] for g in grids if g.get("kind", "uniform") != "uniform"), None)
+        if odd and record.get("sites") == "graph":
+            raise VitcError(f"{name} uses a {odd} activation grid, which has no Q/DQ form",
+                            "quantize with --softmax uniform --gelu uniform for the ONNX export")
     # Weights of any width up to 8 are exact as int8 codes (a 4/6-bit grid is a subset of int8's,
     # same scale), so W4A8/W6A8 and mixed-precision weights export; activations must be 8-bit:
     # name every layer that is not, before anything is written.
     low = [(name, min(g["bits"] for g in grids)) for name, spec in record["layers"].items()
-           for grids in [[spec["input"]] if "input" in spec else [spec[k] for k in ("q", "k", "probs", "v")]]
+           for grids in [spec.get("operands") or ([spec["input"]] if "input" in spec else [spec[k] for k in ("q", "k", "probs", "v")])]
            if any(g["bits"] != 8 for g in grids)]
     if low:
         shown = ", ".join(n for n, _ in low[:6]) + (f" (+{len(low) - 6} more)" if len(low) > 6 else "")
@@ -60,7 +66,9 @@ def export_qdq_onnx(backbone, path, opset: int = 17, dynamic_batch: bool = True,
 
     if weight_only.is_weight_only(quant_record(backbone)):  # int4/int8 blocked weights, float activations
         return weight_only.export_onnx(backbone, path, dynamic_batch)
-    _check_exportable(backbone)
+    record = _check_exportable(backbone)
+    if record.get("sites") == "graph":
+        return export_graph_qdq_onnx(backbone, path, opset, dynamic_batch, split_shared_inputs)
     if opset < 13:
         raise VitcError(f"opset {opset} has no per-channel QuantizeLinear", "pass --opset 13 or higher")
     module = copy.deepcopy(backbone.require_module("QDQ export")).eval()
@@ -88,6 +96,119 @@ def export_qdq_onnx(backbone, path, opset: int = 17, dynamic_batch: bool = True,
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
+
+def export_graph_qdq_onnx(backbone, path, opset: int = 18, dynamic_batch: bool = True,
+                          split_shared_inputs: bool = True) -> Path:
+    """QDQ ONNX of a graph-path quantized model (``compress/quantize/torch_graph``).
+
+    Its module is an already-captured ATen graph, whose symbolic sizes the TorchScript tracer would
+    bake in, so it goes through the dynamo exporter: activation grids as constant
+    ``quantized_decomposed`` quantize/dequantize ops and weights as int8 codes with a per-channel
+    dequantize (``freeze_for_export``), translated to QuantizeLinear/DequantizeLinear with
+    onnxscript's own functions (torch's registry lacks them). Opset 18 at least (those functions are
+    written against it)."""
+    onnx = require("onnx", "onnx")
+    import onnxscript.function_libs.torch_lib.ops.quantized_decomposed as qd
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
+    from torch.export import Dim
+
+    from vitc.compress.quantize.modules import set_export_mode
+    from vitc.compress.quantize.torch_graph import freeze_for_export
+
+    ops = torch.ops.quantized_decomposed
+    table = {ops.quantize_per_tensor.default: qd.quantized_decomposed_quantize_per_tensor,
+             ops.dequantize_per_tensor.default: qd.quantized_decomposed_dequantize_per_tensor,
+             ops.dequantize_per_channel.default: qd.quantized_decomposed_dequantize_per_channel}
+    module = copy.deepcopy(backbone.require_module("QDQ export")).eval()
+    set_export_mode(module, True)
+    freeze_for_export(module, True)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    path = Path(path)
+    example = backbone.example_input(2)
+    dyn = ({0: Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (example if dynamic_batch else example[:1],), str(path), dynamo=True,
+                              opset_version=max(opset, 18), input_names=[INPUT_NAME], output_names=None,
+                              dynamic_shapes=dyn, external_data=False, verbose=False, custom_translation_table=table)
+    except Exception as exc:  # noqa: BLE001
+        path.unlink(missing_ok=True)
+        raise VitcError(f"the quantized graph could not be exported to ONNX ({str(exc).strip().splitlines()[-1][:160]})",
+                        "export with --static-batch, or report it with the model") from exc
+    model = onnx.load(str(path))
+    _name_first_output(model)
+    fold_dequantized_transposes(model)
+    if split_shared_inputs:
+        split_shared_activation_qdq(model)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _name_first_output(model) -> None:
+    """The first output is called ``logits`` (what parity and the runtimes read first), whatever the task."""
+    graph = model.graph
+    old = graph.output[0].name
+    if old == OUTPUT_NAME:
+        return
+    for node in graph.node:
+        for i, name in enumerate(node.output):
+            if name == old:
+                node.output[i] = OUTPUT_NAME
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = OUTPUT_NAME
+    graph.output[0].name = OUTPUT_NAME
+
+
+def fold_dequantized_transposes(model) -> int:
+    """int8 weight -> DequantizeLinear -> Transpose becomes the transposed int8 weight -> DequantizeLinear,
+    so the runtimes see DQ -> MatMul and fuse it into an int8 kernel. Returns the count."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    removed, reshaped, count = set(), set(), 0
+    for dq in graph.node:
+        if dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+            continue
+        after = consumers.get(dq.output[0], [])
+        if len(after) != 1 or after[0].op_type != "Transpose" or len(consumers.get(dq.input[0], [])) != 1:
+            continue
+        tr = after[0]
+        if any(o.name == tr.output[0] for o in graph.output):
+            continue
+        codes = numpy_helper.to_array(inits[dq.input[0]])
+        perm = list(next(a.ints for a in tr.attribute if a.name == "perm")) if any(a.name == "perm" for a in tr.attribute) \
+            else list(reversed(range(codes.ndim)))
+        inits[dq.input[0]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(codes.transpose(perm)), dq.input[0]))
+        axis = _axis(dq) % codes.ndim
+        new_axis = perm.index(axis)
+        attrs = [a for a in dq.attribute if a.name != "axis"]
+        del dq.attribute[:]
+        dq.attribute.extend(attrs + [helper.make_attribute("axis", new_axis)])
+        for n in consumers.get(tr.output[0], []):
+            for k, inp in enumerate(n.input):
+                if inp == tr.output[0]:
+                    n.input[k] = dq.output[0]
+        removed.add(id(tr))
+        reshaped.add(dq.output[0])
+        count += 1
+    keep = [n for n in graph.node if id(n) not in removed]
+    del graph.node[:]
+    graph.node.extend(keep)
+    # the exporter's shape annotations of those outputs still say the untransposed shape
+    stale = [v for v in graph.value_info if v.name in reshaped]
+    for v in stale:
+        graph.value_info.remove(v)
+    return count
 
 
 def split_shared_activation_qdq(model) -> int:

@@ -26,6 +26,10 @@ class QuantConfig:
     ``ln_reparam``: RepQ-ViT reparameterisation of post-LayerNorm activations;
     ``smooth_alpha``: SmoothQuant (with a shift) before it, off when None.
     ``keep_ends_8bit``: the patch embedding / first conv and the classifier stay at 8 bits.
+    ``sites``: "graph" finds every matmul-like op in the captured graph (``torch_graph``);
+    "modules" swaps exact Linear/Conv2d modules and routes attention through a family adapter;
+    "auto" keeps the module path where it covers at least 95% of the model's matmul/conv FLOPs
+    (the zoo families, where the adapters add precision) and takes the graph path elsewhere.
     """
 
     wbits: int = 8
@@ -46,6 +50,7 @@ class QuantConfig:
     reconstruct_iters: int = 0  # block reconstruction steps per unit after calibration (0: off)
     layer_bits: dict | None = None  # {layer: [wbits, abits]} from a mixed-precision allocation
     group_size: int | None = None  # weight-only (abits 16): per-group weight scales along the input
+    sites: str = "auto"  # auto | graph | modules: how quantization sites are found (see ptq.choose_sites)
 
     def validate(self) -> "QuantConfig":
         if self.abits == WEIGHT_ONLY_ABITS:
@@ -66,7 +71,7 @@ class QuantConfig:
                 raise VitcError(f"--{name} {v} is not supported", f"use one of {', '.join(map(str, SUPPORTED_BITS))}")
         choices = {"calibrator": CALIBRATORS, "softmax": ("auto", "uniform", "log2", "logsqrt2"),
                    "gelu": ("auto", "uniform", "twin"), "scheme": ("auto", "per-layer", "symmetric", "asymmetric"),
-                   "granularity": ("auto", "tensor")}
+                   "granularity": ("auto", "tensor"), "sites": ("auto", "graph", "modules")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise VitcError(f"{name} '{getattr(self, name)}' is not supported", f"use one of: {', '.join(allowed)}")

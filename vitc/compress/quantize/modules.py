@@ -198,6 +198,54 @@ class AttentionCore(nn.Module):
         return torch.matmul(self.probs_quant(probs), self.v_quant(v))
 
 
+class WeightFakeQuant(nn.Module):
+    """The weight grid of a graph-path site (``torch_graph``): per-output-channel symmetric scales.
+
+    The weight itself stays where the model keeps it (a subclass's own forward still reads it);
+    after calibration it already lies on its grid, so this is the identity except in export mode,
+    where it re-applies the fake-quant so that the exporter emits Q/DQ around the weight."""
+
+    def __init__(self, target: str, weight: torch.Tensor, bits: int = 8, axis: int = 0):
+        super().__init__()
+        self.target = target
+        self.wbits = bits
+        self.axis = axis
+        self.export_mode = False
+        self.quantized = False
+        self.register_buffer("weight_scale", torch.ones(weight.shape[axis]))
+
+    @torch.no_grad()
+    def quantize(self, weight: torch.Tensor, search: bool = True) -> torch.Tensor:
+        """Put ``weight`` (the model's parameter) on its grid in place; return the float weight it replaced."""
+        original = weight.detach().clone()
+        moved = original.movedim(self.axis, 0)
+        self.weight_scale = Q.weight_qparams(moved, self.wbits, search)
+        weight.copy_(Q.fake_quant_weight(moved, self.weight_scale, self.wbits).movedim(0, self.axis))
+        self.quantized = True
+        return original
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        codes = self._buffers.get("weight_int8")
+        if codes is not None:
+            # int8 constants and their dequantization, which the dynamo ONNX exporter writes as
+            # an int8 initializer feeding DequantizeLinear (set by ``freeze_for_export``)
+            qmin, qmax = -(2 ** (self.wbits - 1)), 2 ** (self.wbits - 1) - 1
+            return _decomposed().dequantize_per_channel(codes, self.weight_scale, self.weight_zero, self.axis % w.dim(),
+                                                        qmin, qmax, torch.int8)
+        if self.export_mode and self.quantized:
+            zero = torch.zeros_like(self.weight_scale, dtype=torch.int32)
+            return torch.fake_quantize_per_channel_affine(w, self.weight_scale, zero, self.axis % w.dim(),
+                                                          -(2 ** (self.wbits - 1)), 2 ** (self.wbits - 1) - 1)
+        return w
+
+    def extra_repr(self) -> str:
+        return f"{self.target}: W{self.wbits} per-channel axis {self.axis}"
+
+
+def weight_quantizers(module: nn.Module) -> dict[str, WeightFakeQuant]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, WeightFakeQuant)}
+
+
 def act_quantizers(module: nn.Module) -> dict[str, ActQuant]:
     return {name: m for name, m in module.named_modules() if isinstance(m, ActQuant)}
 
@@ -214,6 +262,8 @@ def set_mode(module: nn.Module, mode: str) -> None:
 def set_export_mode(module: nn.Module, on: bool) -> None:
     for layer in weighted_layers(module).values():
         layer.export_mode = on
+    for wq in weight_quantizers(module).values():
+        wq.export_mode = on
 
 
 def _decomposed():
@@ -228,6 +278,38 @@ def decomposed_fake_quant(x: torch.Tensor, scale: float, zero: int, qmin: int, q
     ops = _decomposed()
     dtype = torch.int8 if qmin < 0 else torch.uint8
     return ops.dequantize_per_tensor(ops.quantize_per_tensor(x, scale, zero, qmin, qmax, dtype), scale, zero, qmin, qmax, dtype)
+
+
+def freeze_for_export(module: nn.Module, on: bool, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Quantizers as ``quantized_decomposed`` ops with constant scales, which ``torch.export`` (the
+    dynamo ONNX exporter of graph-path models, opset 18) turns into Q/DQ pairs: reading a scale
+    buffer with ``float()`` would be a data-dependent guard there, and ``fake_quantize_*`` has no
+    fake-tensor kernel. 8-bit uniform per-tensor activation grids only. ``weights``: each
+    ``WeightFakeQuant``'s weight by its target, stored as int8 codes for the export."""
+    for name, q in act_quantizers(module).items():
+        q.frozen_qparams = None
+        if not on or q.mode != "quant":
+            continue
+        if q.kind != "uniform" or q.per_channel:
+            raise ValueError(f"{q.name or name}: a {q.spec()} quantizer has no Q/DQ form")
+        qmin, qmax = q.qrange
+        q.frozen_qparams = (float(q.scale[0]), int(q.zero_point[0]), qmin, qmax)
+    for name, wq in weight_quantizers(module).items():
+        if not on:
+            wq._buffers.pop("weight_int8", None)
+            wq._buffers.pop("weight_zero", None)
+            continue
+        if weights is None or not wq.quantized:
+            continue
+        if wq.wbits > 8:
+            raise ValueError(f"a {wq.wbits}-bit weight has no int8 form")
+        w = weights[wq.target].detach()
+        shape = [1] * w.dim()
+        shape[wq.axis % w.dim()] = -1
+        qmin, qmax = Q.int_range(wq.wbits, True, restricted=True)
+        codes = torch.clamp(torch.round(w / wq.weight_scale.reshape(shape)), qmin, qmax).to(torch.int8)
+        wq.register_buffer("weight_int8", codes, persistent=False)
+        wq.register_buffer("weight_zero", torch.zeros_like(wq.weight_scale, dtype=torch.int32), persistent=False)
 
 
 def set_decomposed_export(module: nn.Module, on: bool) -> None:

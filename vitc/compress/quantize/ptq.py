@@ -360,12 +360,54 @@ def calibration_tensor(data, backbone: Backbone, convert_rgb: bool = False) -> t
     return load_tensors(source, backbone.preprocess, convert_rgb)[0]
 
 
+MODULE_PATH_MIN_SHARE = 0.95  # "auto" keeps the module path only where it covers this much
+
+
+def module_path_reach(module: nn.Module, structure) -> tuple[set[str], list[str]]:
+    """(paths of the layers the module path swaps, paths of the attentions its adapter reroutes)."""
+    adapter = for_family(structure.family)
+    attention = [adapter.target(b.attention) for b in structure.blocks if b.attention is not None] if adapter else []
+    layers = {n for n, m in module.named_modules() if type(m) in (nn.Linear, nn.Conv2d, QuantLinear, QuantConv2d)}
+    return layers, attention
+
+
+# families whose module path is complete (every Linear/Conv2d swapped, attention through an adapter):
+# "auto" keeps it there, so the zoo's results and exports are exactly what they were
+MODULE_PATH_FAMILIES = ("hf-vit", "hf-deit", "hf-mobilevit", "hf-resnet")
+
+
+def choose_sites(backbone: Backbone, config: QuantConfig, x: torch.Tensor):
+    """("graph" | "modules", audit plan of the module path or None): see ``QuantConfig.sites``.
+
+    "auto": the module path for the families it was written for and for models already
+    transformed by another pass (a merged ViT), else wherever its audit covers at least
+    ``MODULE_PATH_MIN_SHARE`` of the matmul/conv FLOPs; the graph path otherwise."""
+    from . import torch_graph
+
+    if config.sites == "graph":
+        return "graph", None
+    module = backbone.require_module("quantization")
+    known = config.sites == "modules" or backbone.structure.family in MODULE_PATH_FAMILIES or bool(backbone.transforms)
+    try:
+        layers, attention = module_path_reach(module, backbone.structure)
+        audit = torch_graph.audit_module_path(module, x[:2], layers, attention)
+    except VitcError:
+        if known:  # the module path still runs; its coverage is unknown (the CLI says so)
+            return "modules", None
+        raise  # "auto" on a model it cannot capture: refused in one line (--sites modules falls back)
+    keep = known or audit.coverage()["flops_share"] >= MODULE_PATH_MIN_SHARE
+    return ("modules", audit) if keep else ("graph", None)
+
+
 def apply(backbone: Backbone, config: QuantConfig | None = None, data=None, progress=None,
           reconstruct_staging=None, say=print) -> Backbone:
     """Quantize ``backbone`` (simulation) with ``config``, calibrating on ``data``.
 
     ``reconstruct_staging``: folder for the per-unit checkpoints of ``config.reconstruct_iters``
-    (a rerun with the same settings resumes there); ``say`` prints the time estimate."""
+    (a rerun with the same settings resumes there); ``say`` prints the time estimate.
+
+    Sites come from the captured graph or from module swaps (``config.sites``); either way the
+    record carries the ``QuantPlan`` coverage (``record["coverage"]``)."""
     config = (config or QuantConfig()).validate()
     if config.group_size is not None or config.abits == 16:  # weight-only: no activations to calibrate
         from .weight_only import apply_weight_only
@@ -379,6 +421,42 @@ def apply(backbone: Backbone, config: QuantConfig | None = None, data=None, prog
         from .reconstruct import check_count as check_reconstruct_count
 
         check_reconstruct_count(x.shape[0])
+    path, audit = choose_sites(backbone, config, x)
+    if path == "graph" and (config.reconstruct_iters or config.layer_bits):
+        raise VitcError(f"--reconstruct and --bits auto work on the module path, and {backbone.source} needs the graph path "
+                        f"({backbone.structure.family} family)", "quantize it with calibration only and one bit width, or pass --sites modules")
+    if path == "graph":
+        from .torch_graph import apply_graph
+
+        return apply_graph(backbone, config, x, progress)
+    out = _apply_modules(backbone, config, x, progress, reconstruct_staging, say)
+    record = out.transforms[-1]
+    record["sites"] = "modules"
+    if audit is not None:
+        _audit_bits(audit, out.module, config)
+        record["quant_plan"] = audit.to_dict()
+        record["coverage"] = audit.coverage()
+    else:
+        record["coverage"] = None
+    return out
+
+
+def _audit_bits(audit, module: nn.Module, config: QuantConfig) -> None:
+    """The bit widths the module path really gave each audited site."""
+    layers = weighted_layers(module)
+    for site in audit.sites:
+        layer = layers.get(site.module or "")
+        wb, ab = (layer.wbits, layer.input_quant.bits) if layer is not None else (None, config.abits)
+        if site.weight is not None and wb is not None:
+            site.weight.bits = wb
+        for q in site.inputs:
+            q.bits = ab
+
+
+def _apply_modules(backbone: Backbone, config: QuantConfig, x: torch.Tensor, progress=None,
+                   reconstruct_staging=None, say=print) -> Backbone:
+    module = backbone.require_module("quantization")
+    structure = backbone.structure
     start = time.perf_counter()
     out = backbone.copy()
     module = out.module.eval()

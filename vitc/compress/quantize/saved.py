@@ -38,7 +38,9 @@ def quant_record(backbone: Backbone) -> dict:
     raise VitcError(f"{backbone.source} is not quantized", "quantize it first (vitc quantize)")
 
 
-def save_quantized(backbone: Backbone, folder: Path | str, force: bool = False) -> Path:
+def save_quantized(backbone: Backbone, folder: Path | str, force: bool = False, weights: str | Path | None = None) -> Path:
+    """Write the quantized ``backbone`` to ``folder``; ``weights``: the --weights file its base was
+    built with (a module:factory or timm: model), recorded so that loading rebuilds the same base."""
     from safetensors.torch import save_file
 
     record = quant_record(backbone)
@@ -57,9 +59,13 @@ def save_quantized(backbone: Backbone, folder: Path | str, force: bool = False) 
     for name, layer in weighted_layers(module).items():
         state.pop(f"{name}.weight")
         state[f"{name}.weight_codes"] = layer.weight_codes().to(torch.int8).contiguous()
+    for key, codes in _graph_weight_codes(module).items():
+        state.pop(key)
+        state[f"{key}.codes"] = codes
     meta = {
         "format": FORMAT,
-        "base": {"spec": backbone.source, "sha256": backbone.source_hash},
+        "base": {"spec": backbone.source, "sha256": backbone.source_hash,
+                 "weights": str(Path(weights).resolve()) if weights else None},
         "config": record["config"],
         "plan": record["plan"],
         "layers": record["layers"],
@@ -67,6 +73,11 @@ def save_quantized(backbone: Backbone, folder: Path | str, force: bool = False) 
         "preprocess": backbone.preprocess.to_dict(),
         "labels": backbone.labels,
     }
+    if record.get("sites") == "graph":
+        # how the base is rebuilt: recapture, the same structural rewrites, then this plan
+        meta.update(sites="graph", quant_plan=record["quant_plan"], coverage=record["coverage"])
+    elif "coverage" in record:
+        meta["coverage"] = record["coverage"]
     folder = Path(folder)
     with atomic_path(folder, force=force, is_dir=True) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
@@ -97,7 +108,9 @@ def load_quantized(folder: Path | str) -> Backbone:
         raise VitcError(f"{folder} holds format {meta.get('format')!r}, not {FORMAT}", "save it again with this vitc")
     if not (folder / WEIGHTS_FILE).exists():
         raise VitcError(f"{folder} has no {WEIGHTS_FILE}", "save the quantized model again with vitc quantize")
-    base = load_model(meta["base"]["spec"])
+    base = load_model(meta["base"]["spec"], meta["base"].get("weights"))
+    if meta.get("sites") == "graph":
+        return _load_graph(folder, meta, base)
     config = QuantConfig.from_dict(meta["config"])
     module = base.copy().require_module("loading a quantized model")
     install(module, base.structure, config, folded_bn=meta["plan"]["folded_bn"])
@@ -123,6 +136,65 @@ def load_quantized(folder: Path | str) -> Backbone:
                     preprocess_origin="config", card=base.card)
 
 
+def _graph_weight_codes(module: nn.Module) -> dict[str, torch.Tensor]:
+    """{state key of a graph-path weight: its int8 codes} (empty for module-path models)."""
+    from .modules import weight_quantizers
+    from . import quantizers as Q
+
+    gm = getattr(module, "graph_module", None)
+    if gm is None:
+        return {}
+    out = {}
+    for wq in weight_quantizers(module).values():
+        if not wq.quantized or wq.wbits > 8:
+            continue
+        owner, _, leaf = wq.target.rpartition(".")
+        w = getattr(gm.get_submodule(owner) if owner else gm, leaf).detach()
+        shape = [1] * w.dim()
+        shape[wq.axis % w.dim()] = -1
+        qmin, qmax = Q.int_range(wq.wbits, True, restricted=True)
+        out[f"graph_module.{wq.target}"] = torch.clamp(torch.round(w / wq.weight_scale.reshape(shape)), qmin, qmax).to(torch.int8).contiguous()
+    return out
+
+
+def _load_graph(folder: Path, meta: dict, base: Backbone) -> Backbone:
+    """A graph-path model: recapture the base, redo the rewrites, reinstall the plan, load the state strictly."""
+    from safetensors.torch import load_file
+
+    from vitc.models.intake import file_sha256
+    from vitc.models.preprocess import Preprocess
+
+    from .modules import weight_quantizers
+    from .torch_graph import rebuild
+
+    preprocess = Preprocess.from_dict(meta["preprocess"])
+    size = preprocess.input_size
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    record = next(t for t in reversed(meta["transforms"]) if t.get("pass") == PASS_NAME)
+    module = rebuild(base.require_module("loading a quantized model"), example, record)
+    state = load_file(str(folder / WEIGHTS_FILE))
+    for wq in weight_quantizers(module).values():
+        key = f"graph_module.{wq.target}"
+        codes, scale = state.pop(f"{key}.codes", None), None
+        if codes is None:
+            continue
+        for name, q in module.named_modules():
+            if q is wq:
+                scale = state[f"{name}.weight_scale"]
+        shape = [1] * codes.dim()
+        shape[wq.axis % codes.dim()] = -1
+        state[key] = codes.float() * scale.reshape(shape)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise VitcError(f"{folder} does not fit its base model {meta['base']['spec']} ({str(exc).splitlines()[0][:160]})",
+                        "load it with the base model (and --weights) it was quantized from") from exc
+    set_mode(module, "quant")
+    return Backbone(module=module.eval(), preprocess=preprocess, labels=meta["labels"], source=str(folder),
+                    source_hash=file_sha256(folder / WEIGHTS_FILE), transforms=meta["transforms"],
+                    preprocess_origin="config", card=base.card)
+
+
 def model_size(backbone: Backbone) -> int:
     """Bytes of the model's tensors: quantized weights at their bit width plus fp32 scales, the
     rest (and every weight of a float model) in fp32."""
@@ -132,6 +204,14 @@ def model_size(backbone: Backbone) -> int:
     if weight_only.weight_only_layers(module):
         return weight_only.model_size(backbone)
     quantized = {id(l.weight): l for l in weighted_layers(module).values() if l.quantized}
+    gm = getattr(module, "graph_module", None)
+    if gm is not None:
+        from .modules import weight_quantizers
+
+        for wq in weight_quantizers(module).values():
+            owner, _, leaf = wq.target.rpartition(".")
+            if wq.quantized:
+                quantized[id(getattr(gm.get_submodule(owner) if owner else gm, leaf))] = wq
     total = 0.0
     for p in module.parameters():
         layer = quantized.get(id(p))

@@ -1,0 +1,879 @@
+"""Quantization sites found in the captured graph of any ``nn.Module``.
+
+Capture: ``torch.export.export(strict=False)``, then its ``GraphModule`` (``ep.module()``).
+Why not ``torch.fx.symbolic_trace`` with a leaf policy: FX traces Python with proxies, so every
+shape-dependent branch (transformers' interpolated position embeddings, padding checks,
+``if x.shape[-1] % 2``) fails to trace, and a leaf policy can only quantize whole modules, not a
+raw ``@``/``einsum``/``F.linear`` written inside a leaf. Non-strict export runs the real Python
+once with fake tensors: shape branches resolve, a subclassed conv's own forward (TF "same"
+padding, weight standardisation) is recorded as the ATen ops it really runs, ``F.linear``,
+``@``, ``bmm``, ``einsum``, ``nn.MultiheadAttention`` and ``F.scaled_dot_product_attention``
+all appear as ATen ops, and data-dependent control flow fails loudly with the user's line. The
+batch axis is captured as ``Dim.AUTO`` (dynamic where the model allows). The capture is
+deterministic (same torch, same model code -> same node names), which is how a saved model is
+rebuilt: recapture, redo the structural rewrites, reinstall the plan, load the state strictly.
+
+The pass on the graph (``apply_graph``), one step each:
+
+1. ``decompose_sdpa``: ``scaled_dot_product_attention`` -> ``matmul(q, k^T) * scale``,
+   softmax, ``matmul(p, v)``, so both attention matmuls get quantized inputs;
+2. ``fold_batchnorms``: eval BatchNorm after a conv folded into the conv (exact);
+3. ``find_sites``: every matmul-like op (linear, conv1d/2d/3d, matmul/mm/bmm/baddbmm/addmm,
+   einsum) becomes a ``Site`` of the ``QuantPlan`` with its FLOPs; anything left float is a
+   ``Skipped`` with its reason. The pattern feeding each operand picks its quantizer:
+   LayerNorm -> linear (RepQ-ViT reparameterisation, then a per-tensor grid), softmax -> matmul
+   (log-sqrt(2) below 8 bits), GELU -> linear (twin-uniform below 8 bits where it fits better);
+4. ``install``: an ``ActQuant`` per quantized activation tensor (shared by every site reading
+   it, so the export quantizes it once) and a ``WeightFakeQuant`` per weight, as graph nodes;
+5. calibration with the same observers, calibrators and quantizers as the module path
+   (``ptq``), weights on per-output-channel grids, bias correction.
+"""
+from __future__ import annotations
+
+import copy
+import linecache
+import math
+import re
+import time
+import traceback
+import warnings
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from vitc.calibration import observers as obs
+from vitc.errors import VitcError
+
+from . import quantizers as Q
+from . import reparam
+from .config import QuantConfig
+from .modules import ActQuant, WeightFakeQuant, set_mode, weight_quantizers
+from .plan import QuantPlan, Site, Skipped, TensorQuant, WeightQuant
+
+CAPTURE = "torch.export(strict=False)"
+aten = torch.ops.aten
+
+LINEAR = {aten.linear.default}
+CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding, aten.conv2d.padding,
+        aten.conv3d.padding, aten.convolution.default}
+TRANSPOSED_CONV = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
+# (op kind, positions of the two matmul operands)
+MATMUL = {aten.matmul.default: ("matmul", (0, 1)), aten.mm.default: ("matmul", (0, 1)), aten.bmm.default: ("bmm", (0, 1)),
+          aten.baddbmm.default: ("bmm", (1, 2)), aten.addmm.default: ("matmul", (1, 2))}
+LAYER_NORM = {aten.layer_norm.default}
+SOFTMAX = {aten.softmax.int, aten._softmax.default}
+GELU = {aten.gelu.default}
+# ops that move or view values without changing them: a pattern is seen through them
+PASS_THROUGH = {aten.view.default, aten.reshape.default, aten.transpose.int, aten.permute.default, aten.dropout.default,
+                aten.clone.default, aten.contiguous.default, aten.flatten.using_ints, aten.unsqueeze.default,
+                aten.squeeze.dim, aten.expand.default, aten.select.int, aten.slice.Tensor, aten.unflatten.int,
+                aten.alias.default, aten.detach.default}
+QUANT_ROOT = "vitc_quant"
+REPQ_MIN_ROWS = 256  # rows (tokens x images) a norm's per-channel ranges need before RepQ trusts them
+SAMPLE_ROWS = 512  # rows of each LayerNorm output kept to judge RepQ against the plain grid
+
+
+# ---------------------------------------------------------------- capture
+
+class Captured(nn.Module):
+    """The captured graph in a plain module (the TorchScript/ONNX exporters refuse a bare
+    GraphModule's ``graph`` attribute, and ``ep.module()`` refuses ``.eval()``)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__()
+        self.graph_module = gm
+
+    def forward(self, x):
+        return self.graph_module(x)
+
+
+def capture(module: nn.Module, example: torch.Tensor) -> Captured:
+    """``module`` as an ATen-level graph (batch axis dynamic where the model allows)."""
+    from torch.export import Dim
+
+    module = module.eval()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # nn.MultiheadAttention's inference fast path is one fused op with no matmul to quantize
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(module, (example,), dynamic_shapes=({0: Dim.AUTO},), strict=False)
+    except Exception as exc:  # noqa: BLE001 - every capture failure becomes one line
+        raise capture_error(exc) from exc
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    gm = ep.module()
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if (node.op == "call_module" and node.target == "_guards_fn") or \
+                (node.op == "call_function" and node.target is aten._assert_tensor_metadata.default):
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    return Captured(fx.GraphModule(gm, graph))
+
+
+def _user_frame(exc: BaseException) -> str | None:
+    """``file:line (code)`` of the model code that failed: from the message, else the traceback."""
+    text = str(exc)
+    for path, line, code in re.findall(r'File "([^"]+)", line (\d+), in \w+\n\s+(.+)', text):
+        if "/torch/" not in path:
+            return f"{path}:{line} ({code.strip()})"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename
+              and "/vitc/" not in f.filename]
+    if frames:
+        f = frames[-1]
+        code = (f.line or linecache.getline(f.filename, f.lineno)).strip()
+        return f"{f.filename}:{f.lineno} ({code})"
+    return None
+
+
+def capture_error(exc: BaseException) -> VitcError:
+    text = str(exc)
+    where = _user_frame(exc)
+    at = f" at {where}" if where else ""
+    if "data-dependent" in text.lower() or "GuardOnDataDependent" in type(exc).__name__:
+        what = f"the model branches on tensor values{at}"
+    else:
+        m = re.search(r"(aten|torch)\.[\w.]+", text)
+        op = f"op {m.group(0)}" if m else type(exc).__name__
+        first = text.strip().splitlines()[0][:120] if text.strip() else ""
+        what = f"{op}{at} ({first})"
+    return VitcError(f"vitc cannot capture the model's graph: {what}",
+                     "rewrite that line without branching on tensor values, or quantize with --sites modules "
+                     "(Linear/Conv2d and family adapters only), or export the model to ONNX and quantize the .onnx")
+
+
+def graph_module(captured: nn.Module) -> fx.GraphModule:
+    return captured.graph_module
+
+
+# ---------------------------------------------------------------- structural rewrites
+
+def _meta_shape(node) -> tuple | None:
+    tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    if tm is not None and hasattr(tm, "shape"):
+        return tuple(tm.shape)
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if isinstance(val, torch.Tensor):
+        try:
+            return tuple(int(s) for s in val.shape)
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def decompose_sdpa(gm: fx.GraphModule) -> list[str]:
+    """Replace each non-causal ``scaled_dot_product_attention`` by matmul, scale, softmax, matmul."""
+    done = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.scaled_dot_product_attention.default:
+            continue
+        names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+        args = dict(zip(names, node.args))
+        args.update(node.kwargs)
+        if args.get("is_causal") or args.get("enable_gqa"):
+            continue
+        q, k, v, mask = args["query"], args["key"], args["value"], args.get("attn_mask")
+        scale = args.get("scale")
+        if scale is None:
+            val = q.meta.get("val")
+            head_dim = val.shape[-1] if isinstance(val, torch.Tensor) else None
+            try:
+                scale = 1.0 / math.sqrt(int(head_dim))
+            except (TypeError, ValueError):
+                continue
+        g = gm.graph
+        created = []
+
+        def op(target, *args):
+            created.append(g.call_function(target, args))
+            return created[-1]
+
+        with g.inserting_before(node):
+            kt = op(aten.transpose.int, k, -2, -1)
+            scores = op(aten.mul.Tensor, op(aten.matmul.default, q, kt), float(scale))
+            if mask is not None:
+                mval = mask.meta.get("val")
+                if isinstance(mval, torch.Tensor) and mval.dtype == torch.bool:
+                    scores = op(aten.masked_fill.Scalar, scores, op(aten.logical_not.default, mask), float("-inf"))
+                else:
+                    scores = op(aten.add.Tensor, scores, mask)
+            out = op(aten.matmul.default, op(aten.softmax.int, scores, -1), v)
+        for new in created:  # the attention module's path, for reports and the module-path audit
+            new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+        node.replace_all_uses_with(out)
+        done.append(node.name)
+        g.erase_node(node)
+    gm.recompile()
+    return done
+
+
+def _attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        owner, _, name = node.target.rpartition(".")
+        return getattr(gm.get_submodule(owner) if owner else gm, name)
+    return None
+
+
+def _set_param(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+    owner, _, name = target.rpartition(".")
+    mod = gm.get_submodule(owner) if owner else gm
+    if name in mod._parameters:
+        mod._parameters[name] = nn.Parameter(value.detach().clone(), requires_grad=False)
+    elif name in mod._buffers:
+        mod._buffers[name] = value.detach().clone()
+    else:
+        mod.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=False))
+
+
+def ensure_bias(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Give a linear/conv node a bias attribute (zeros) if it has none; return the new attribute's target."""
+    if len(node.args) > 2 and node.args[2] is not None:
+        return None
+    weight = node.args[1]
+    if weight.op == "call_module":  # its WeightFakeQuant
+        weight = weight.args[0]
+    target = f"{weight.target}_vitc_bias"
+    _set_param(gm, target, torch.zeros(_attr(gm, weight).shape[0]))
+    with gm.graph.inserting_before(node):
+        b = gm.graph.get_attr(target)
+    args = list(node.args) + [None] * (3 - len(node.args))
+    args[2] = b
+    node.args = tuple(args)
+    return target
+
+
+def add_biases(gm: fx.GraphModule, sites: list[str]) -> None:
+    """Redo ``ensure_bias`` on the named nodes (loading a saved plan)."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for name in sites:
+        ensure_bias(gm, by_name[name])
+    gm.recompile()
+
+
+def _bn_of(node: fx.Node):
+    """(bn node, output node, params) when ``node`` (a conv) feeds exactly one eval BatchNorm."""
+    users = list(node.users)
+    if len(users) != 1 or users[0].op != "call_function":
+        return None
+    bn = users[0]
+    if bn.target is aten._native_batch_norm_legit_no_training.default:
+        getters = list(bn.users)
+        if len(getters) != 1 or getters[0].target is not __import__("operator").getitem or getters[0].args[1] != 0:
+            return None
+        _, w, b, mean, var, _, eps = bn.args[:7]
+        return bn, getters[0], (w, b, mean, var, eps)
+    if bn.target is aten.batch_norm.default and not bn.args[5]:
+        _, w, b, mean, var, _, _, eps = bn.args[:8]
+        return bn, bn, (w, b, mean, var, eps)
+    return None
+
+
+def fold_batchnorms(gm: fx.GraphModule, only: list[str] | None = None) -> list[str]:
+    """Fold each eval BatchNorm that alone reads a conv's output into that conv; return the conv node names.
+    ``only``: redo a saved fold on these conv nodes (values come from the saved state)."""
+    folded = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in CONV or (only is not None and node.name not in only):
+            continue
+        if node.target is aten.convolution.default and node.args[6]:
+            continue
+        found = _bn_of(node)
+        weight = node.args[1]
+        if found is None or not isinstance(weight, fx.Node) or weight.op != "get_attr" or len(weight.users) != 1:
+            continue
+        bn, out, (w, b, mean, var, eps) = found
+        tensors = [_attr(gm, t) if t is not None else None for t in (w, b, mean, var)]
+        if tensors[2] is None or tensors[3] is None:
+            continue
+        bias_node = node.args[2] if len(node.args) > 2 else None
+        if bias_node is not None and (not isinstance(bias_node, fx.Node) or bias_node.op != "get_attr"):
+            continue
+        if only is None:
+            conv_w = _attr(gm, weight)
+            conv_b = _attr(gm, bias_node) if bias_node is not None else None
+            new_w, new_b = reparam.fold_bn(conv_w.detach(), None if conv_b is None else conv_b.detach(), tensors[2], tensors[3],
+                                           tensors[0], tensors[1], float(eps))
+            _set_param(gm, weight.target, new_w)
+        if bias_node is None:
+            ensure_bias(gm, node)
+            bias_node = node.args[2]
+        if only is None:
+            _set_param(gm, bias_node.target, new_b)
+        out.replace_all_uses_with(node)
+        for dead in ([out, bn] if out is not bn else [bn]):
+            gm.graph.erase_node(dead)
+        folded.append(node.name)
+    drop_unused_attrs(gm)
+    return folded
+
+
+def drop_unused_attrs(gm: fx.GraphModule) -> None:
+    """Remove get_attr nodes nobody reads and the tensors behind them (folded BatchNorms)."""
+    gm.graph.eliminate_dead_code()
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in used and not name.startswith(QUANT_ROOT):
+            owner, _, leaf = name.rpartition(".")
+            mod = gm.get_submodule(owner) if owner else gm
+            mod._parameters.pop(leaf, None)
+            mod._buffers.pop(leaf, None)
+    gm.recompile()
+
+
+def shape_prop(gm: fx.GraphModule, x: torch.Tensor) -> None:
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    with torch.no_grad():
+        ShapeProp(gm).propagate(x)
+
+
+# ---------------------------------------------------------------- sites
+
+def _module_path(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return re.sub(r"^L\['self'\]\.?", "", str(path)) or None
+
+
+def _operands(node: fx.Node) -> tuple[str, list[tuple[int, int | None]], int | None]:
+    """(op kind, [(arg position, list index or None)] of activation-or-weight operands, weight position)."""
+    t = node.target
+    if t in LINEAR:
+        return "linear", [(0, None), (1, None)], 1
+    if t in CONV:
+        return "conv", [(0, None), (1, None)], 1
+    if t in MATMUL:
+        kind, pos = MATMUL[t]
+        return kind, [(p, None) for p in pos], None
+    if t is aten.einsum.default:
+        return "einsum", [(1, i) for i in range(len(node.args[1]))], None
+    return "", [], None
+
+
+def _get(node: fx.Node, pos: tuple[int, int | None]):
+    a = node.args[pos[0]]
+    return a if pos[1] is None else a[pos[1]]
+
+
+def _set(node: fx.Node, pos: tuple[int, int | None], value) -> None:
+    args = list(node.args)
+    if pos[1] is None:
+        args[pos[0]] = value
+    else:
+        seq = list(args[pos[0]])
+        seq[pos[1]] = value
+        args[pos[0]] = seq
+    node.args = tuple(args)
+
+
+def _is_float(node) -> bool:
+    tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tm is None or tm.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _flops(node: fx.Node) -> int:
+    """FLOPs of one call (batch 1, from the shape propagation), counted by torch's FlopCounterMode on meta tensors."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def meta(a):
+        if isinstance(a, fx.Node):
+            tm = a.meta.get("tensor_meta")
+            return torch.empty(tuple(tm.shape), dtype=tm.dtype, device="meta") if tm is not None else None
+        if isinstance(a, (list, tuple)):
+            return type(a)(meta(v) for v in a)
+        return a
+
+    args, kwargs = meta(node.args), {k: meta(v) for k, v in node.kwargs.items()}
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            node.target(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - a shape we could not rebuild counts as 0, never crashes the plan
+        return 0
+    return int(counter.get_total_flops())
+
+
+def producer_pattern(node) -> str:
+    """The ViT pattern behind an operand: the op it comes from, seen through reshapes/transposes."""
+    seen = 0
+    while isinstance(node, fx.Node) and node.op == "call_function" and seen < 8:
+        if node.target in LAYER_NORM:
+            return "post-layernorm"
+        if node.target in SOFTMAX:
+            return "post-softmax"
+        if node.target in GELU:
+            return "post-gelu"
+        if node.target in PASS_THROUGH:
+            node = node.args[0]
+            seen += 1
+            continue
+        if node.target is __import__("operator").getitem:
+            node = node.args[0]
+            seen += 1
+            continue
+        break
+    return "plain"
+
+
+def find_sites(gm: fx.GraphModule, config: QuantConfig) -> QuantPlan:
+    """The plan: every matmul-like op with its operand quantizers, or the reason it stays float."""
+    plan = QuantPlan(capture=CAPTURE)
+    weighted = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in TRANSPOSED_CONV or (node.target is aten.convolution.default and node.args[6]):
+            plan.skipped.append(Skipped(node.name, "conv", _flops(node), "transposed convolution: no int8 kernel path here"))
+            continue
+        kind, positions, wpos = _operands(node)
+        if not kind:
+            continue
+        flops = _flops(node)
+        operands = [_get(node, p) for p in positions]
+        if not all(isinstance(o, fx.Node) for o in operands):
+            plan.skipped.append(Skipped(node.name, kind, flops, "an operand is a Python constant"))
+            continue
+        if not all(_is_float(o) for o in operands):
+            plan.skipped.append(Skipped(node.name, kind, flops, "integer operands (not a float matmul)"))
+            continue
+        inputs, weight = [], None
+        for i, (pos, o) in enumerate(zip(positions, operands)):
+            if o.op == "get_attr" and (wpos is not None and pos[0] == wpos or wpos is None):
+                if weight is not None:  # two constant operands: a constant folding left over
+                    break
+                weight = WeightQuant(bits=config.wbits, per_channel=True)
+                weight_operand = i
+                continue
+            pattern = producer_pattern(o)
+            inputs.append(TensorQuant(bits=config.abits, kind=_kind_for(pattern, config), symmetric=True,
+                                      pattern=pattern, operand=i))
+        else:
+            if kind in ("linear", "conv") and weight is None:
+                # a weight computed in the graph (weight standardisation, a scaled weight): both operands are activations
+                inputs.append(TensorQuant(bits=config.abits, pattern="plain", operand=1))
+            site = Site(name=node.name, op=kind, flops=flops, inputs=inputs, weight=weight, module=_module_path(node))
+            if weight is not None and wpos is None:
+                site.found_by = f"graph:weight-operand-{weight_operand}"
+            plan.sites.append(site)
+            if weight is not None:
+                weighted.append(site)
+            continue
+        plan.skipped.append(Skipped(node.name, kind, flops, "both operands are constants"))
+    if config.keep_ends_8bit and (config.wbits < 8 or config.abits < 8) and weighted:
+        for site in {weighted[0].name: weighted[0], weighted[-1].name: weighted[-1]}.values():
+            site.weight.bits = 8
+            for q in site.inputs:
+                q.bits = 8
+                q.kind = "uniform" if q.kind != "uniform" else q.kind
+    return plan
+
+
+def _kind_for(pattern: str, config: QuantConfig) -> str:
+    if pattern == "post-softmax":
+        return config.softmax_kind
+    if pattern == "post-gelu":
+        return config.gelu_kind
+    return "uniform"
+
+
+# ---------------------------------------------------------------- installing the plan
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_]", "_", name)
+
+
+def quant_root(gm: fx.GraphModule) -> nn.Module:
+    if not hasattr(gm, QUANT_ROOT):
+        gm.add_module(QUANT_ROOT, nn.Module())
+    return getattr(gm, QUANT_ROOT)
+
+
+def install(gm: fx.GraphModule, plan: QuantPlan) -> dict:
+    """Insert the plan's quantizers as graph nodes (all off). Returns {"act": {operand node: ActQuant},
+    "weight": {weight target: WeightFakeQuant}, "sites": {site name: node}}."""
+    root = quant_root(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    acts: dict[str, ActQuant] = {}
+    act_nodes: dict[str, fx.Node] = {}
+    weights: dict[str, WeightFakeQuant] = {}
+    sites = {}
+    for site in plan.sites:
+        node = nodes.get(site.name)
+        if node is None:
+            raise VitcError(f"the captured graph has no op {site.name}", "quantize the model again with this vitc and torch")
+        sites[site.name] = node
+        kind, positions, _ = _operands(node)
+        for q in site.inputs:
+            pos = positions[q.operand]
+            src = _get(node, pos)
+            key = src.name
+            if key not in acts:
+                conv_input = kind == "conv" and q.operand == 0
+                aq = ActQuant(key, q.bits, q.kind, channel_axis=1 if conv_input else -1)
+                aq.symmetric = q.symmetric
+                root.add_module(f"a_{_safe(key)}", aq)
+                with gm.graph.inserting_after(src):
+                    act_nodes[key] = gm.graph.call_module(f"{QUANT_ROOT}.a_{_safe(key)}", (src,))
+                acts[key] = aq
+            else:  # a tensor read by several sites keeps its lowest bit width
+                acts[key].bits = min(acts[key].bits, q.bits)
+            _set(node, pos, act_nodes[key])
+        if site.weight is not None:
+            wi = next(i for i in range(len(positions)) if i not in {q.operand for q in site.inputs})
+            pos = positions[wi]
+            src = _get(node, pos)
+            key = src.target
+            axis = 0 if kind in ("linear", "conv") else (-1 if wi == 1 else -2)
+            if key not in weights:
+                wq = WeightFakeQuant(key, _attr(gm, src), site.weight.bits, axis)
+                root.add_module(f"w_{_safe(key)}", wq)
+                weights[key] = wq
+                with gm.graph.inserting_after(src):
+                    wnode = gm.graph.call_module(f"{QUANT_ROOT}.w_{_safe(key)}", (src,))
+                weights[key]._node_name = wnode.name
+            wnode = next(n for n in src.users if n.op == "call_module" and n.target == f"{QUANT_ROOT}.w_{_safe(key)}")
+            _set(node, pos, wnode)
+    gm.recompile()
+    return {"act": acts, "weight": weights, "sites": sites}
+
+
+# ---------------------------------------------------------------- the pass
+
+def _product_error(x: torch.Tensor, weights: list[torch.Tensor], r: torch.Tensor, t: torch.Tensor,
+                   config: QuantConfig) -> float:
+    """Squared error of the consumers' products ``W' x'`` with both operands quantized, for
+    ``x' = (x + t) / r``, ``W' = W r`` (the bias absorbs the rest exactly): how RepQ is judged."""
+    xr = (x + t) / r
+    symmetric = config.scheme_kind != "asymmetric"
+    scale, zero = Q.uniform_qparams(xr.min(), xr.max(), config.abits, symmetric)
+    qmin, qmax = Q.int_range(config.abits, symmetric)
+    xq = Q.fake_quant(xr, scale, zero, qmin, qmax)
+    err = 0.0
+    for w in weights:
+        wr = w * r[None, :]
+        wq = Q.fake_quant_weight(wr, Q.weight_qparams(wr, config.wbits, False), config.wbits)
+        err += (xq @ wq.T - xr @ wr.T).pow(2).sum().item()
+    return err
+
+
+def norm_candidates(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """{LayerNorm node name: its quantizer node} for the norms RepQ may fold (output read by linears only)."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in LAYER_NORM and len(node.users) == 1:
+            user = next(iter(node.users))
+            if user.op == "call_module" and user.target.startswith(QUANT_ROOT + ".a_"):
+                out[node.name] = user
+    return out
+
+
+def _reparam_norms(gm: fx.GraphModule, installed: dict, config: QuantConfig,
+                   samples: dict[str, torch.Tensor] | None = None, kept: list[str] | None = None) -> list[str]:
+    """RepQ-ViT (and SmoothQuant) on each LayerNorm whose output only feeds linear weights through one quantizer.
+    ``samples``: some rows of each norm's output, to keep the plain grid where RepQ would lose; the
+    norms so kept are appended to ``kept``."""
+    from .ptq import _remap_observer
+
+    samples = samples or {}
+    kept = kept if kept is not None else []
+    done = []
+    root = QUANT_ROOT + ".a_"
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in LAYER_NORM:
+            continue
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module" or not users[0].target.startswith(root):
+            continue
+        qnode = users[0]
+        aq = installed["act"].get(node.name)
+        if aq is None or aq.kind != "uniform":
+            continue
+        consumers = list(qnode.users)
+        if not consumers or any(c.op != "call_function" or c.target not in LINEAR or c.args[0] is not qnode
+                                for c in consumers):
+            continue
+        nw, nb = (node.args[2] if len(node.args) > 2 else None), (node.args[3] if len(node.args) > 3 else None)
+        if not (isinstance(nw, fx.Node) and isinstance(nb, fx.Node) and nw.op == nb.op == "get_attr"):
+            continue
+        if len(nw.users) != 1 or len(nb.users) != 1:
+            continue
+        weights = [c.args[1].args[0] if c.args[1].op == "call_module" else c.args[1] for c in consumers]
+        if any(w.op != "get_attr" for w in weights) or len({w.target for w in weights}) != len(weights):
+            continue
+        o = aq.observer
+        lo, hi = o.channel_min, o.channel_max
+        w_tensors = [_attr(gm, w).detach() for w in weights]
+        r, t = torch.ones_like(lo), torch.zeros_like(lo)
+        if config.smooth_alpha is not None:
+            wmax = torch.stack([w.abs().amax(0) for w in w_tensors]).amax(0)
+            r, t = reparam.smooth_factors(lo, hi, wmax, config.smooth_alpha)
+            lo, hi = (lo + t) / r, (hi + t) / r
+        if config.ln_reparam:
+            r2, t2 = reparam.repq_factors(lo, hi, config.abits)
+            t, r = t + t2 * r, r * r2
+        if o.channel_count < REPQ_MIN_ROWS:
+            # per-channel ranges from a few rows (a pooled feature over a few images) do not hold on
+            # new images, and RepQ's one tight per-tensor grid then clips them: keep the plain grid
+            kept.append(node.name)
+            continue
+        sample = samples.get(node.name)
+        if sample is not None and config.smooth_alpha is None and \
+                _product_error(sample, w_tensors, torch.ones_like(r), torch.zeros_like(t), config) <= \
+                _product_error(sample, w_tensors, r, t, config):
+            # the reparameterisation moves per-channel ranges into the weights; where the weights'
+            # grids lose more than the activation grid gains (ConvNeXt's pointwise convs at 8 bits),
+            # the plain grid is kept
+            kept.append(node.name)
+            continue
+        biases = []
+        for c in consumers:
+            ensure_bias(gm, c)
+            biases.append(c.args[2])
+        new_nw, new_nb, new = reparam.fold_channel_affine(_attr(gm, nw).detach(), _attr(gm, nb).detach(),
+                                                          [(w, _attr(gm, b).detach()) for w, b in zip(w_tensors, biases)], r, t)
+        _set_param(gm, nw.target, new_nw)
+        _set_param(gm, nb.target, new_nb)
+        for w, b, (nw_, nb_) in zip(weights, biases, new):
+            _set_param(gm, w.target, nw_)
+            _set_param(gm, b.target, nb_)
+        _remap_observer(o, r, t)
+        done.append(node.name)
+    gm.recompile()
+    return done
+
+
+def _calibrate(installed: dict, plan: QuantPlan, config: QuantConfig) -> None:
+    from .ptq import _calibrate_twin, _calibrate_uniform
+
+    weightless = {o for s in plan.sites if s.weight is None for o in _site_operand_keys(installed, s)}
+    for key, q in installed["act"].items():
+        if q.kind in ("log2", "logsqrt2"):
+            continue
+        if q.kind == "twin":
+            twin_error = _calibrate_twin(q, config.calibrator, config)
+            uniform = _calibrate_uniform(q, config.calibrator, config, "asymmetric")[0]
+            if config.gelu == "twin" or twin_error <= uniform[0]:
+                continue
+            q.set_uniform(uniform[2], uniform[3], False, False)
+            continue
+        scheme = None
+        if key in weightless:
+            # matmul operands without a weight (q, k, v, probs): signed grids with zero point 0 for
+            # the integer attention kernels; non-negative ones (probabilities) unsigned, zero point 0
+            scheme = "asymmetric" if q.observer.min >= 0 else "symmetric"
+        _, symmetric, scale, zero = _calibrate_uniform(q, config.calibrator, config, scheme)[0]
+        q.set_uniform(scale, zero, symmetric, False)
+
+
+def _site_operand_keys(installed: dict, site: Site) -> list[str]:
+    node = installed["sites"][site.name]
+    _, positions, _ = _operands(node)
+    keys = []
+    for q in site.inputs:
+        src = _get(node, positions[q.operand])
+        keys.append(src.args[0].name if src.op == "call_module" else src.name)
+    return keys
+
+
+@torch.no_grad()
+def _quantize_weights(gm: fx.GraphModule, installed: dict, plan: QuantPlan, config: QuantConfig) -> list[str]:
+    """Weights onto their grids (in place), then bias correction for linear/conv2d; returns nodes given a bias."""
+    added = []
+    originals = {key: wq.quantize(_attr_by_target(gm, key), config.weight_search) for key, wq in installed["weight"].items()}
+    if not config.bias_correction:
+        return added
+    for site in plan.sites:
+        node = installed["sites"][site.name]
+        if site.op not in ("linear", "conv") or site.weight is None or not site.inputs:
+            continue
+        wnode = node.args[1]
+        key = wnode.args[0].target if wnode.op == "call_module" else None
+        if key not in originals or len(wnode.users) != 1:
+            continue
+        w_float, w_q = originals[key], _attr_by_target(gm, key).detach()
+        if w_q.dim() not in (2, 4):
+            continue
+        aq_node = node.args[0]
+        if aq_node.op != "call_module":
+            continue
+        aq = installed["act"][aq_node.args[0].name]
+        mean = aq.observer.channel_mean if aq.observer is not None else None
+        groups = node.args[6] if node.target is aten.conv2d.default and len(node.args) > 6 else 1
+        if mean is None or mean.numel() != w_q.shape[1] * groups:
+            continue
+        if ensure_bias(gm, node):
+            added.append(node.name)
+        b = _attr(gm, node.args[2])
+        _set_param(gm, node.args[2].target, reparam.corrected_bias(w_float, w_q, b.detach(), mean))
+    gm.recompile()
+    return added
+
+
+def _attr_by_target(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def finalize_plan(plan: QuantPlan, installed: dict) -> None:
+    """Write the calibrated grids (kind, symmetry) back into the plan, so a reload installs exactly them."""
+    for site in plan.sites:
+        for q, key in zip(site.inputs, _site_operand_keys(installed, site)):
+            aq = installed["act"][key]
+            q.kind, q.symmetric, q.bits = aq.kind, aq.symmetric, aq.bits
+
+
+def site_specs(plan: QuantPlan) -> dict[str, dict]:
+    """Per-site scheme in the shape of the module path's ``layers`` record (exports check its bits)."""
+    specs = {}
+    for s in plan.sites:
+        grids = [{"kind": q.kind, "bits": q.bits, "symmetric": q.symmetric, "granularity": "tensor", "pattern": q.pattern}
+                 for q in s.inputs]
+        low = min(grids, key=lambda g: g["bits"]) if grids else {"kind": "uniform", "bits": 8}
+        specs[s.name] = {"type": s.op, "module": s.module, "wbits": s.weight.bits if s.weight else 8,
+                         "input": low, "operands": grids}
+    return specs
+
+
+def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None):
+    """Quantize any ``nn.Module`` through its captured graph; returns the quantized Backbone."""
+    start = time.perf_counter()
+    module = copy.deepcopy(backbone.require_module("quantization")).eval()
+    task = progress.add_task("calibrating (graph)", total=2 * x.shape[0]) if progress is not None else None
+    captured = capture(module, x[:2])
+    gm = captured.graph_module
+    decompose_sdpa(gm)
+    folded = fold_batchnorms(gm) if config.fold_bn else []
+    shape_prop(gm, x[:1])
+    plan = find_sites(gm, config)
+    if not plan.sites:
+        raise VitcError("the model has no quantizable layer (no matmul, linear or convolution)", "quantize a model that has some")
+    installed = install(gm, plan)
+    for key, q in installed["act"].items():
+        q.observer = obs.Observer(key, channel_axis=q.channel_axis)
+    from .ptq import _run_all
+
+    samples: dict[str, torch.Tensor] = {}
+    def keep_rows(name):
+        def hook(mod, inp, out):  # returns None: the output is unchanged
+            samples.setdefault(name, inp[0].detach().reshape(-1, inp[0].shape[-1])[:SAMPLE_ROWS].clone())
+        return hook
+
+    hooks = [gm.get_submodule(q.target).register_forward_hook(keep_rows(name)) for name, q in norm_candidates(gm).items()]
+    set_mode(captured, "observe")
+    try:
+        _run_all(captured, x, progress, task)
+    finally:
+        for h in hooks:
+            h.remove()
+    kept: list[str] = []
+    norms = _reparam_norms(gm, installed, config, samples, kept) if (config.ln_reparam or config.smooth_alpha) else []
+    for q in installed["act"].values():
+        q.observer.start_histogram()
+    _run_all(captured, x, progress, task)
+    set_mode(captured, "off")
+    _calibrate(installed, plan, config)
+    biased = _quantize_weights(gm, installed, plan, config)
+    for q in installed["act"].values():
+        q.observer = None
+    set_mode(captured, "quant")
+    finalize_plan(plan, installed)
+    if task is not None:
+        progress.remove_task(task)
+    record = {
+        "pass": "quantize",
+        "sites": "graph",
+        "config": config.to_dict(),
+        "calibration_images": int(x.shape[0]),
+        "calibration_s": round(time.perf_counter() - start, 3),
+        "plan": {"capture": CAPTURE, "folded_bn": folded, "reparameterised_norms": norms, "norms_kept_plain": kept,
+                 "bias_added": sorted(set(_norm_biases(gm)) | set(biased)), "attention": [], "ends_8bit": []},
+        "quant_plan": plan.to_dict(),
+        "coverage": plan.coverage(),
+        "layers": site_specs(plan),
+        "scheme_choice": {},
+        "vit_quantizers": pattern_summary(plan, norms, config),
+        "sqnr_db": {},
+    }
+    return backbone.with_module(captured, record)
+
+
+def _norm_biases(gm: fx.GraphModule) -> list[str]:
+    """Linear/conv nodes whose bias attribute vitc added (targets ending in ``_vitc_bias``)."""
+    return [n.name for n in gm.graph.nodes if n.op == "call_function" and (n.target in LINEAR or n.target in CONV)
+            and len(n.args) > 2 and isinstance(n.args[2], fx.Node) and str(n.args[2].target).endswith("_vitc_bias")]
+
+
+def pattern_summary(plan: QuantPlan, norms: list[str], config: QuantConfig) -> dict:
+    kinds: dict[str, dict[str, int]] = {}
+    for s in plan.sites:
+        for q in s.inputs:
+            if q.pattern != "plain":
+                kinds.setdefault(q.pattern, {}).setdefault(f"{q.kind}{q.bits}", 0)
+                kinds[q.pattern][f"{q.kind}{q.bits}"] += 1
+    out = {p: ", ".join(f"{k} x{n}" for k, n in sorted(v.items())) for p, v in kinds.items()}
+    if "post-layernorm" in out:
+        out["post-layernorm"] += f"; {'repq' if config.ln_reparam else 'per-tensor'} on {len(norms)} norms"
+    out["bias_correction"] = config.bias_correction
+    return out
+
+
+def rebuild(base_module: nn.Module, example: torch.Tensor, record: dict) -> Captured:
+    """A saved graph-path model's module: recapture, redo the rewrites, reinstall the plan (state not loaded)."""
+    captured = capture(copy.deepcopy(base_module).eval(), example)
+    gm = captured.graph_module
+    decompose_sdpa(gm)
+    fold_batchnorms(gm, only=record["plan"]["folded_bn"])
+    add_biases(gm, [n for n in record["plan"]["bias_added"] if n not in record["plan"]["folded_bn"]])
+    plan = QuantPlan.from_dict(record["quant_plan"])
+    installed = install(gm, plan)
+    finalize_plan_into(installed, plan)
+    for wq in installed["weight"].values():
+        wq.quantized = True
+    return captured
+
+
+def finalize_plan_into(installed: dict, plan: QuantPlan) -> None:
+    """Set each installed quantizer's kind/bits/symmetry from the plan (the reverse of ``finalize_plan``)."""
+    for site in plan.sites:
+        for q, key in zip(site.inputs, _site_operand_keys(installed, site)):
+            aq = installed["act"][key]
+            aq.kind, aq.bits, aq.symmetric = q.kind, q.bits, q.symmetric
+
+
+# ---------------------------------------------------------------- auditing the module path
+
+def audit_module_path(float_module: nn.Module, example: torch.Tensor, quantized_paths: set[str],
+                      attention_paths: list[str]) -> QuantPlan:
+    """Coverage of the module-swap path, measured on the float model's graph: a site counts as
+    quantized when its op runs inside a swapped Linear/Conv2d or an adapter's attention."""
+    captured = capture(copy.deepcopy(float_module).eval(), example[:2])
+    gm = captured.graph_module
+    decompose_sdpa(gm)
+    shape_prop(gm, example[:1])
+    found = find_sites(gm, QuantConfig())
+    plan = QuantPlan(capture=CAPTURE + " (audit of the module path)", skipped=list(found.skipped))
+    for site in found.sites:
+        path = site.module or ""
+        in_attention = site.weight is None and any(path == a or path.startswith(a + ".") for a in attention_paths)
+        if path in quantized_paths or in_attention:
+            site.found_by = "adapter" if in_attention else "module"
+            plan.sites.append(site)
+        else:
+            why = f"in {path or 'the model root'}, which the module path does not swap" + \
+                  (" (attention without a family adapter)" if site.weight is None else " (not an exact nn.Linear/nn.Conv2d)")
+            plan.skipped.append(Skipped(site.name, site.op, site.flops, why))
+    return plan
+
+
+def freeze_for_export(captured: nn.Module, on: bool) -> None:
+    """Constant scales and int8 weight codes in a graph-path model, for the dynamo ONNX exporter."""
+    from .modules import freeze_for_export as freeze
+
+    gm = captured.graph_module
+    weights = {wq.target: _attr_by_target(gm, wq.target) for wq in weight_quantizers(captured).values()}
+    freeze(captured, on, weights)
