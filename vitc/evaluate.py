@@ -63,16 +63,3 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
         "max_abs_logit_error": diff.max().item() if diff.numel() else 0.0,
         "mean_abs_logit_error": diff.mean().item() if diff.numel() else 0.0,
     }
-
-
-class _VerbModule(type(__import__("sys"))):
-    """``import vitc.evaluate`` sets the package attribute ``vitc.evaluate`` to this module; calling
-    it runs the Python verb, so ``vitc.evaluate(model)`` works whichever was imported first."""
-
-    def __call__(self, *args, **kwargs):
-        from vitc.api import evaluate as verb
-
-        return verb(*args, **kwargs)
-
-
-__import__("sys").modules[__name__].__class__ = _VerbModule
