@@ -91,15 +91,3 @@ def fidelity_against(run: Callable, reference: Callable, source: ImageSource, pr
     cat = lambda rows: [torch.cat([r[i] for r in rows]) for i in range(len(rows[0]))]  # noqa: E731
     return fidelity(cat(outs), cat(refs))
 
-
-class _VerbModule(type(__import__("sys"))):
-    """``import vitc.evaluate`` sets the package attribute ``vitc.evaluate`` to this module; calling
-    it runs the Python verb, so ``vitc.evaluate(model)`` works whichever was imported first."""
-
-    def __call__(self, *args, **kwargs):
-        from vitc.api import evaluate as verb
-
-        return verb(*args, **kwargs)
-
-
-__import__("sys").modules[__name__].__class__ = _VerbModule
