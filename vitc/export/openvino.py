@@ -69,7 +69,9 @@ def write(backbone, staging: Path, stem: str, opts, quant, progress=None):
     if not opts.dynamic_batch:
         size = backbone.preprocess.input_size
         model.reshape({model.inputs[0]: ov.PartialShape([1, 3, size, size])})
-    if opts.precision == "int8":
+    # weight-only models compute in float by request (A16): their remainder stays f32, not a measured bf16
+    policy = opts.precision == "int8" and not (quant or {}).get("weight_only")
+    if policy:
         info["float_precision_policy"] = _float_precision(model, backbone, progress)
     xml = staging / f"{stem}.xml"
     ov.save_model(model, str(xml), compress_to_fp16=opts.precision == "fp16")
@@ -85,7 +87,7 @@ def write(backbone, staging: Path, stem: str, opts, quant, progress=None):
         checks = openvino_checks(quant)
         info["weight_constants"] = ir_weight_types(model)
     # int8 IRs: parity runs under the precision the policy chose (the IR carries it); float IRs under f32
-    hint = None if opts.precision == "int8" else "f32"
+    hint = None if policy else "f32"
     return Staged(primary=xml, info=info, open_session=lambda p: open_session(p, runtime="openvino", precision=hint),
                   runtime_checks=checks)
 
