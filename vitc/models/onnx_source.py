@@ -474,10 +474,23 @@ def find_structure(src: OnnxSource, shapes: dict[str, tuple]) -> dict:
         else:
             stages.append({"resolution": res, "convs": 1, "channels": out[1], "first": index.node_name(node),
                            "transposed": node.op_type == "ConvTranspose"})
-    kind = "vit" if blocks and not stages else "hybrid" if blocks else "cnn" if stages else "unknown"
+    order = {id(n): k for k, n in enumerate(src.model.graph.node)}
+    first_attention = min((order[id(n)] for n in src.model.graph.node if n.op_type == "Softmax"), default=None)
+    convs = [n for n in src.model.graph.node if n.op_type in ("Conv", "ConvTranspose") and not _patchify(n)]
+    before = [n for n in convs if first_attention is None or order[id(n)] < first_attention]
+    if blocks:
+        kind = "hybrid" if before else "vit with a conv head" if convs else "vit"
+    else:
+        kind = "cnn" if stages else "unknown"
     return {"kind": kind, "transformer_blocks": len(blocks), "heads": sorted({b["heads"] for b in blocks if b["heads"]}),
             "tokens": sorted({b["tokens"] for b in blocks if b["tokens"]}), "layernorms": len(norms),
             "linear_input_dims": dims, "mlp_hidden": mlp_hidden, "gelu": len(gelus), "conv_stages": stages, "batch": batch}
+
+
+def _patchify(node) -> bool:
+    """A conv whose stride equals its kernel: a ViT's patch embedding, not a conv stage."""
+    attrs = {a.name: list(a.ints) for a in node.attribute}
+    return node.op_type == "Conv" and attrs.get("kernel_shape") is not None and attrs.get("kernel_shape") == attrs.get("strides")
 
 
 def _users_through(index: GraphIndex, tensor: str, depth: int = 4) -> list:
@@ -496,7 +509,13 @@ def _feeds_layernorm(index: GraphIndex, node) -> bool:
 
 def describe(src: OnnxSource) -> dict:
     """What ``vitc info`` prints for an ONNX file."""
-    shapes, how = tensor_shapes(src)
+    names = [t for n in src.model.graph.node if n.op_type in MATMUL_OPS for t in (*n.input[:2], n.output[0])]
+    shapes, how = tensor_shapes(src, names + [o["name"] for o in src.outputs])
+    outputs = []
+    for o in src.outputs:  # declared dims; where the graph leaves them symbolic, the size they take at the model's input
+        run = shapes.get(o["name"])
+        shape = [d if isinstance(d, int) or run is None or k == 0 else run[k] for k, d in enumerate(o["shape"])]
+        outputs.append({**o, "shape": shape, "declared_shape": o["shape"]})
     flops, unknown = 0, []
     per_op: dict[str, int] = {}
     for node in src.model.graph.node:
@@ -519,7 +538,7 @@ def describe(src: OnnxSource) -> dict:
         "external_data": src.external_data,
         "producer": " ".join(x for x in (src.model.producer_name, src.model.producer_version) if x) or None,
         "inputs": [{"name": src.input_name, "shape": src.input_shape, "dtype": src.input_dtype}],
-        "outputs": src.outputs,
+        "outputs": outputs,
         "parameters": parameter_count(src.model),
         "flops": flops // batch,
         "flops_by_op": {k: v // batch for k, v in sorted(per_op.items())},
@@ -529,3 +548,27 @@ def describe(src: OnnxSource) -> dict:
         "op_types": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
         "structure": find_structure(src, shapes),
     }
+
+
+class _Simulation:
+    """The Q/DQ graph run by ONNX Runtime with graph optimizations off: every QuantizeLinear/
+    DequantizeLinear pair computed as written, in float (the reference an int8 artifact is held to)."""
+
+    name = "onnxruntime (no graph optimizations)"
+
+    def __init__(self, path):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x):
+        import torch
+
+        return torch.from_numpy(self.session.run(None, {self.input_name: np.ascontiguousarray(x.numpy(), np.float32)})[0])
+
+
+def simulation_session(path) -> _Simulation:
+    return _Simulation(path)

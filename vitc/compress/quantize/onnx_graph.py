@@ -292,8 +292,8 @@ def reparameterise(model, index, groups, observers: dict[str, obs.Observer], con
         weights = [torch.from_numpy(index.const(s.weight).T.copy()) for s in sites]  # (out, in)
         wmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
         r, t = reparam.norm_factors(lo, hi, wmax, config.abits, config.smooth_alpha, config.ln_reparam)
-        gamma, beta = torch.from_numpy(index.const(ln["gamma"])), torch.from_numpy(index.const(ln["beta"]))
-        biases = [torch.from_numpy(_bias_value(index, s)[1]) for s in sites]
+        gamma, beta = torch.from_numpy(index.const(ln["gamma"]).copy()), torch.from_numpy(index.const(ln["beta"]).copy())
+        biases = [torch.from_numpy(_bias_value(index, s)[1].copy()) for s in sites]
         new_g, new_b, new_c = reparam.fold_channel_affine(gamma, beta, list(zip(weights, biases)), r, t)
         _set_const(model, index, ln["gamma"], new_g.numpy())
         _set_const(model, index, ln["beta"], new_b.numpy())
@@ -402,7 +402,7 @@ def write_qdq(model, index, specs: list[SiteSpec], grids: dict[str, tuple[float,
             fits = w_float.dim() == 4 and mean is not None and mean.numel() == w_float.shape[1] * _groups(spec.node) \
                 or w_float.dim() == 2 and mean is not None and mean.numel() == w_float.shape[1]
             if fits and len(index.consumers.get(bname, [])) == 1:
-                nb = reparam.corrected_bias(w_float, w_quant, torch.from_numpy(b), mean)
+                nb = reparam.corrected_bias(w_float, w_quant, torch.from_numpy(b.copy()), mean)
                 _set_const(model, index, bname, nb.numpy())
                 corrected += 1
     graph.initializer.extend(new_inits)
