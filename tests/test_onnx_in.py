@@ -156,7 +156,7 @@ def test_export_old_opset_dense_model_keeps_names_and_uses_fidelity(tmp_path):
     m = json.loads((out / "model.manifest.json").read_text())
     assert m["input"]["name"] == "image" and m["input"]["shape"] == ["batch", 3, 16, 16]
     assert m["output"] == {"name": "saliency", "dtype": "float32", "shape": ["batch", 1, 16, 16]}
-    assert m["export"]["onnx"]["exporter"]["name"] == "source ONNX file, upgraded from opset 11"
+    assert m["export"]["onnx"]["exporter"]["name"] == "copy of the source ONNX file, upgraded from opset 11"
     assert m["parity"]["task"] == "dense" and m["parity"]["pearson_mean"] > 0.9999 and "top1_agreement" not in m["parity"]
     assert m["labels"] == []
     code = run(["export", "-m", str(src), "--target", "tensorrt", "-o", str(tmp_path / "trt"), "--input-size", "16",

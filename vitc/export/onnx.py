@@ -116,7 +116,7 @@ def _write_from_onnx(backbone, path: Path, quant: dict | None, for_openvino: boo
 
     src = onnx_source.read(backbone.onnx_path, backbone.preprocess.input_size)
     model = src.model
-    note = "source ONNX file" + (f", upgraded from opset {src.original_opset}" if src.upgraded else "")
+    note = "copy of the source ONNX file" + (f", upgraded from opset {src.original_opset}" if src.upgraded else "")
     if quant is not None and quant.get("backend") == "onnx" and not for_openvino:
         from vitc.export.qdq import split_shared_activation_qdq
 
