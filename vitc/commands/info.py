@@ -35,6 +35,10 @@ def info(
                 status = pct(e["test_top1"]) if e["test_top1"] is not None else e.get("metric") or "not trained"
             table.add_row(e["name"], e["kind"], e["architecture"], f"{e['parameters'] / 1e6:.2f}M" if e["parameters"] else "-", status)
         console.print(table)
+    elif model.endswith(".onnx"):
+        backbone = load_backbone(model, weights, input_size, resize, mean, std, interpolation, fit)
+        data = describe_onnx(backbone)
+        print_onnx(data)
     else:
         backbone = load_backbone(model, weights, input_size, resize, mean, std, interpolation, fit)
         data = describe_model(backbone)
@@ -123,3 +127,60 @@ def print_model(d: dict) -> None:
         console.print(f"bridge: {b['conv']} -> {b['stage']} (first: {b['into']})")
     if s["classifier"]:
         console.print(f"classifier: {s['classifier']}")
+
+
+PREPROCESS_ORIGIN = {
+    "manifest": "from the manifest beside the file",
+    "flags": "from the command line",
+    "manifest + flags": "from the manifest beside the file, changed by the command line",
+    "guess": "GUESSED: the file carries no preprocessing; size from its input, ImageNet mean/std and center crop assumed "
+             "(pass --fit/--mean/--std, or keep the vitc export manifest beside the file)",
+}
+
+
+def describe_onnx(backbone) -> dict:
+    """An ONNX file as its graph says: inputs/outputs, parameters, FLOPs, opset, structure."""
+    from vitc.models import onnx_source
+
+    src = onnx_source.read(backbone.onnx_path, backbone.preprocess.input_size)
+    d = onnx_source.describe(src)
+    d.update({"source": backbone.source, "kind": d["structure"]["kind"], "classes": backbone.num_classes,
+              "preprocess": backbone.preprocess.to_dict(), "preprocess_origin": backbone.preprocess_origin,
+              "preprocess_known": backbone.preprocess_origin != "guess", "transforms": backbone.transforms})
+    return d
+
+
+def print_onnx(d: dict) -> None:
+    upgraded = f" (upgraded in memory from {d['original_opset']})" if d["upgraded_in_memory"] else ""
+    console.print(f"[bold]{d['source']}[/bold]  ONNX opset {d['opset']}{upgraded}  producer: {d['producer'] or '-'}  "
+                  f"nodes: {d['nodes']}" + ("  external data: loaded" if d["external_data"] else ""))
+    io = Table(title="inputs and outputs")
+    for col in ("", "name", "shape", "dtype"):
+        io.add_column(col)
+    for kind, rows in (("input", d["inputs"]), ("output", d["outputs"])):
+        for r in rows:
+            io.add_row(kind, r["name"], "(" + ", ".join(map(str, r["shape"])) + ")", r["dtype"])
+    console.print(io)
+    by_op = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in d["flops_by_op"].items())
+    console.print(f"parameters: {d['parameters'] / 1e6:.3f}M   FLOPs: {d['flops'] / 1e9:.3f} G per image ({by_op}) at {d['flops_at']}")
+    if d["flops_unknown_ops"]:
+        console.print(f"[yellow]FLOPs unknown for {len(d['flops_unknown_ops'])} ops (shapes not inferred): "
+                      f"{', '.join(d['flops_unknown_ops'][:5])}[/yellow]")
+    s = d["structure"]
+    parts = [f"kind: {s['kind']}"]
+    if s["transformer_blocks"]:
+        parts.append(f"{s['transformer_blocks']} transformer blocks (attention softmax -> matmul), heads {s['heads']}, "
+                     f"tokens {s['tokens']}, {s['layernorms']} LayerNorms, {s['gelu']} GELUs, MLP hidden {s['mlp_hidden']}")
+    console.print("structure: " + "; ".join(parts))
+    if s["conv_stages"]:
+        table = Table(title="conv stages (consecutive convs at one resolution)")
+        for col in ("first op", "resolution", "convs", "out channels"):
+            table.add_column(col)
+        for st in s["conv_stages"]:
+            table.add_row(st["first"] + (" (transposed)" if st["transposed"] else ""), st["resolution"], str(st["convs"]), str(st["channels"]))
+        console.print(table)
+    p = d["preprocess"]
+    style = "" if d["preprocess_known"] else "[bold yellow]"
+    console.print(f"{style}preprocess ({PREPROCESS_ORIGIN.get(d['preprocess_origin'], d['preprocess_origin'])}): "
+                  f"{p['fit']} to {p['input_size']} (resize {p['resize']} {p['interpolation']}), mean {tuple(p['mean'])}, "
+                  f"std {tuple(p['std'])}{'[/bold yellow]' if style else ''}")

@@ -107,6 +107,19 @@ def quantize_cmd(
                                 recover_steps=recover_steps, data=data, labels=labels, eval_size=eval_size, seed=seed,
                                 batch_size=batch_size, output=output, force=force, threads=threads,
                                 convert_rgb=convert_rgb, out=out)
+    if str(model).endswith(".onnx"):  # an ONNX graph, quantized by the ONNX backend
+        from vitc.compress.quantize import QuantConfig as _Config
+
+        from .quantize_onnx import run_onnx_quantize
+
+        cfg = _Config(wbits=wbits or bits, abits=abits or bits, calibrator=calib, percentile=percentile, softmax=softmax,
+                      gelu=gelu, scheme=scheme, granularity=granularity, ln_reparam=repq, smooth_alpha=smooth,
+                      bias_correction=bias_correction).validate()
+        run_onnx_quantize(model=model, config=cfg, calib_data=calib_data, calib_size=calib_size or DEFAULT_CALIB_SIZE, data=data, labels=labels,
+                          eval_size=eval_size, seed=seed, batch_size=batch_size, output=output, force=force, threads=threads,
+                          convert_rgb=convert_rgb, out=out, input_size=input_size, resize=resize, mean=mean, std=std,
+                          interpolation=interpolation, fit=fit)
+        return
     from vitc.artifacts import hold, write_json
     from vitc.calibration.data import DataSpec, load_tensors
     from vitc.calibration.observers import check_count

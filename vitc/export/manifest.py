@@ -63,7 +63,13 @@ def build(backbone, target: str, stem: str, staging: Path, staged, opts, parity:
     size = backbone.preprocess.input_size
     batch = "batch" if opts.dynamic_batch else 1
     files = {p.name: sha256_of(p) for p in sorted(staging.iterdir())}
-    graph_in, graph_out = graph_io(staged.info)
+    # the graph's own input/output names and shapes (an ONNX file keeps its names; the
+    # OpenVINO target records them under "onnx", the graph it converted)
+    io_info = staged.info.get("onnx", staged.info) if isinstance(staged.info.get("onnx"), dict) else staged.info
+    graph_in = io_info.get("input") or {}
+    graph_out = dict(io_info.get("output") or {"name": "logits", "shape": [batch, backbone.num_classes], "dtype": "float32"})
+    graph_out["shape"] = [batch, *graph_out["shape"][1:]] if graph_out.get("shape") else [batch, backbone.num_classes]
+    graph_out.setdefault("dtype", "float32")
     return {
         "manifest_version": MANIFEST_VERSION,
         "status": status_of(parity),
@@ -75,9 +81,11 @@ def build(backbone, target: str, stem: str, staging: Path, staged, opts, parity:
                    "family": backbone.structure.family},
         "transforms": backbone.transforms,
         "quantization": quant,
-        "input": {"name": "pixel_values", "shape": [batch, 3, size, size], "dtype": "float32", "layout": "NCHW",
-                  "batch_range": [1, opts.max_batch] if opts.dynamic_batch else [1, 1], **graph_in},
-        "output": {"name": "logits", "shape": [batch, backbone.num_classes], "dtype": "float32", **graph_out},
+        "input": {"name": graph_in.get("name", "pixel_values"), "shape": [batch, 3, size, size],
+                  "dtype": graph_in.get("dtype", "float32"), "layout": "NCHW",
+                  "batch_range": [1, opts.max_batch] if opts.dynamic_batch else [1, 1]},
+        "output": graph_out,
+        **({"outputs": io_info["outputs"]} if len(io_info.get("outputs", [])) > 1 else {}),
         "preprocess": backbone.preprocess.to_dict(),
         "labels": backbone.labels,
         "options": opts.to_dict(),

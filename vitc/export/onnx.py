@@ -11,7 +11,6 @@ by ``vitc.export.integer_onnx`` (both owned by the quantization helpers).
 """
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 
@@ -80,9 +79,9 @@ def write_onnx(backbone, path: Path, opts, quant, progress=None, for_openvino: b
     import torch
 
     task = progress.add_task("exporting onnx", total=None) if progress is not None else None
+    source_io = None
     if backbone.module is None:
-        shutil.copyfile(backbone.onnx_path, path)
-        exporter = {"name": "copy of the source ONNX file", "version": onnx.__version__}
+        exporter, source_io = _write_from_onnx(backbone, path, quant, for_openvino)
     elif quant is not None:
         exporter = _write_quantized(backbone, path, opts, quant, for_openvino)
     else:
@@ -97,14 +96,42 @@ def write_onnx(backbone, path: Path, opts, quant, progress=None, for_openvino: b
         raise VitcError(f"the exported ONNX graph does not pass onnx.checker ({str(exc).splitlines()[0][:160]})",
                         "report it with the model; try --target openvino or --simplify") from exc
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    if opset < opts.opset:
-        named = backbone.onnx_path if backbone.module is None else path.name  # the user's file, never the staging copy
-        raise VitcError(f"{named} has opset {opset}, older than the {opts.opset} asked for", "export the PyTorch model instead of an old ONNX file")
+    if opset < opts.opset and backbone.module is not None:
+        raise VitcError(f"the exporter wrote opset {opset}, older than the {opts.opset} asked for", "report it with the model")
     _check_batch(path, model, backbone, opts)
     if task is not None:
         progress.remove_task(task)
+    io = source_io or {"input": _io(model.graph.input[0]), "output": _io(model.graph.output[0])}
     return {"exporter": exporter, "opset": opset, "nodes": len(model.graph.node), "simplified": opts.simplify,
-            "op_types": _op_counts(model), "input": _io(model.graph.input[0]), "output": _io(model.graph.output[0])}
+            "op_types": _op_counts(model), **io}
+
+
+def _write_from_onnx(backbone, path: Path, quant: dict | None, for_openvino: bool) -> tuple[dict, dict]:
+    """A model given as an ONNX file, written as it is (opset < 13 upgraded, external data inlined);
+    a graph quantized by the ONNX backend gets one Q/DQ pair per consumer for ONNX Runtime, and
+    keeps its shared pairs for OpenVINO. Returns (exporter facts, the graph's real input/output)."""
+    import onnx
+
+    from vitc.models import onnx_source
+
+    src = onnx_source.read(backbone.onnx_path, backbone.preprocess.input_size)
+    model = src.model
+    note = "copy of the source ONNX file" + (f", upgraded from opset {src.original_opset}" if src.upgraded else "")
+    if quant is not None and quant.get("backend") == "onnx" and not for_openvino:
+        from vitc.export.qdq import split_shared_activation_qdq
+
+        split_shared_activation_qdq(model)
+        note += ", shared activation Q/DQ split per consumer (ONNX Runtime fuses DQ -> MatMul only then)"
+    onnx.save(model, str(path))
+    shapes = onnx_source.run_shapes(onnx_source.with_fixed_input(model, src.input_name, src.fixed_batch or 1, src.input_size),
+                                    src.input_name, src.fixed_batch or 1, src.input_size, [o["name"] for o in src.outputs])
+    batch = "batch" if src.fixed_batch is None else src.fixed_batch
+    outputs = [{"name": o["name"], "dtype": o["dtype"], "shape": [batch, *shapes[o["name"]][1:]]} for o in src.outputs]
+    io = {"input": {"name": src.input_name, "dtype": src.input_dtype,
+                    "shape": [batch, 3, src.input_size, src.input_size] if not isinstance(src.input_shape[2], int) else
+                    [batch, *src.input_shape[1:]]},
+          "output": outputs[0], "outputs": outputs}
+    return {"name": note, "version": onnx.__version__}, io
 
 
 def _torch_export(backbone, path: Path, opts) -> dict:

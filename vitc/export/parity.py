@@ -37,6 +37,11 @@ def check(backbone, session, precision: str, data: str = "bundled:eval", eval_si
 
     if backbone.module is not None:
         reference, reference_name = backbone, "pytorch (backbone.module, fp32 eager)"
+    elif _onnx_quantized(backbone):  # quantized by the ONNX backend: its Q/DQ graph computed literally, as the simulation
+        from vitc.models.onnx_source import simulation_session
+
+        reference = simulation_session(backbone.onnx_path)
+        reference_name = f"the Q/DQ graph of {backbone.source} on onnxruntime without graph optimizations (simulation)"
     else:  # a model given as an ONNX file: the file itself is the reference
         from vitc.runtimes import open_session
 
@@ -69,6 +74,8 @@ def check(backbone, session, precision: str, data: str = "bundled:eval", eval_si
     if task is not None:
         progress.remove_task(task)
     ref, out, y = torch.cat(refs), torch.cat(outs), torch.cat(ys)
+    if not (ref.dim() == 2 and ref.shape[-1] == backbone.num_classes):
+        return _fidelity_result(ref, out, precision, source, seed, reference_name, session, extra_checks)
     if out.shape != ref.shape:
         raise VitcError(f"the artifact returns logits of shape {tuple(out.shape)}, PyTorch {tuple(ref.shape)}",
                         "re-export the model; check that it has one output, the logits")
@@ -137,3 +144,31 @@ def _size_by_cost(source, reference, session, backbone, batch_size: int, seed: i
     note = (f"{n} of {len(source)} images: the default parity budget is {TIME_BUDGET_S:.0f} s at "
             f"{1000 * per_image:.1f} ms per image (both models); pass --eval-size to choose")
     return source.select(n, seed), note
+
+
+def _onnx_quantized(backbone) -> bool:
+    return any(t.get("pass") == "quantize" and t.get("backend") == "onnx" for t in backbone.transforms)
+
+
+def _fidelity_result(ref, out, precision: str, source, seed: int, reference_name: str, session, extra_checks) -> dict:
+    """Parity of an output that is not class logits (a dense map, an embedding): the task's
+    fidelity metrics (``vitc.tasks``) and their thresholds for ``precision``, not top-1."""
+    from vitc import tasks
+
+    if out.shape != ref.shape:
+        raise VitcError(f"the artifact returns an output of shape {tuple(out.shape)}, the reference {tuple(ref.shape)}",
+                        "re-export the model")
+    task = tasks.detect(ref, False)
+    result = {"data": source.location, "images": int(ref.shape[0]), "seed": seed, "reference": reference_name,
+              "runtime": session.describe(), "task": task, **tasks.fidelity(out, ref),
+              "min_worst_cosine": tasks.MIN_WORST_COSINE.get(precision, tasks.MIN_WORST_COSINE["int8"]),
+              "min_mean_pearson": tasks.MIN_MEAN_PEARSON.get(precision, tasks.MIN_MEAN_PEARSON["int8"])}
+    failures = tasks.passes(result, precision)
+    if extra_checks is not None:
+        extra = extra_checks(session)
+        failures += extra.pop("failures", [])
+        result.update(extra)
+    result["passed"] = not failures
+    if failures:
+        result["failure"] = "; ".join(failures)
+    return result

