@@ -100,9 +100,9 @@ def test_quantize_command_writes_ort_and_openvino_artifacts(vit_onnx, tmp_path):
         assert r["fidelity"][runtime]["pearson_mean"] > 0.999
         assert r["fidelity"][runtime]["top1_agreement"] >= 0.97
     assert [a["status"] for a in r["artifacts"]] == ["passed", "passed"]
-    m = json.loads((folder / "model.manifest.json").read_text())
+    m = json.loads((folder / "model.onnx.manifest.json").read_text())
     assert m["input"]["name"] == "pixel_values" and m["precision"] == "int8"
-    ov = json.loads((folder / "openvino" / "model.manifest.json").read_text())
+    ov = json.loads((folder / "openvino" / "model.xml.manifest.json").read_text())
     assert ov["parity"]["int8_compute_layers"] > 0
     ort_graph, ov_graph = onnx.load(str(folder / "model.onnx")), None
     # ONNX Runtime's graph: one Q/DQ pair per consumer (q, k, v each get their own)
@@ -153,7 +153,7 @@ def test_export_old_opset_dense_model_keeps_names_and_uses_fidelity(tmp_path):
     code = run(["export", "-m", str(src), "--target", "openvino", "-o", str(out), "--input-size", "16", "--fit", "letterbox",
                 "--eval-size", "32"])
     assert code == 0
-    m = json.loads((out / "model.manifest.json").read_text())
+    m = json.loads((out / "model.xml.manifest.json").read_text())
     assert m["input"]["name"] == "image" and m["input"]["shape"] == ["batch", 3, 16, 16]
     assert m["output"] == {"name": "saliency", "dtype": "float32", "shape": ["batch", 1, 16, 16]}
     assert m["export"]["onnx"]["exporter"]["name"] == "copy of the source ONNX file, upgraded from opset 11"

@@ -68,7 +68,7 @@ def build(backbone, target: str, stem: str, staging: Path, staged, opts, parity:
     io_info = staged.info.get("onnx", staged.info) if isinstance(staged.info.get("onnx"), dict) else staged.info
     graph_in = io_info.get("input") or {}
     graph_out = dict(io_info.get("output") or {"name": "logits", "shape": [batch, backbone.num_classes], "dtype": "float32"})
-    graph_out["shape"] = [batch, *graph_out["shape"][1:]] if graph_out.get("shape") else [batch, backbone.num_classes]
+    graph_out["shape"] = list(graph_out["shape"]) if graph_out.get("shape") else [batch, backbone.num_classes]  # the graph's own axes
     graph_out.setdefault("dtype", "float32")
     return {
         "manifest_version": MANIFEST_VERSION,
@@ -81,7 +81,7 @@ def build(backbone, target: str, stem: str, staging: Path, staged, opts, parity:
                    "family": backbone.structure.family},
         "transforms": backbone.transforms,
         "quantization": quant,
-        "input": {"name": graph_in.get("name", "pixel_values"), "shape": [batch, 3, size, size],
+        "input": {"name": graph_in.get("name", "pixel_values"), "shape": _input_shape(graph_in.get("shape"), batch, size),
                   "dtype": graph_in.get("dtype", "float32"), "layout": "NCHW",
                   "batch_range": [1, opts.max_batch] if opts.dynamic_batch else [1, 1]},
         "output": graph_out,
@@ -96,6 +96,14 @@ def build(backbone, target: str, stem: str, staging: Path, staged, opts, parity:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": {"machine": platform.machine(), "system": platform.system()},
     }
+
+
+def _input_shape(graph_shape, batch, size: int) -> list:
+    """The graph's own batch axis (its name, e.g. "N", or 1), the sizes the export ran at elsewhere
+    (a graph with dynamic height/width was exported at ``size``)."""
+    if not graph_shape or len(graph_shape) != 4:
+        return [batch, 3, size, size]
+    return [graph_shape[0], *(d if isinstance(d, int) else s for d, s in zip(graph_shape[1:], (3, size, size)))]
 
 
 def graph_io(info: dict) -> tuple[dict, dict]:

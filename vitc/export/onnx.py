@@ -125,7 +125,8 @@ def _write_from_onnx(backbone, path: Path, quant: dict | None, for_openvino: boo
     onnx.save(model, str(path))
     shapes = onnx_source.run_shapes(onnx_source.with_fixed_input(model, src.input_name, src.fixed_batch or 1, src.input_size),
                                     src.input_name, src.fixed_batch or 1, src.input_size, [o["name"] for o in src.outputs])
-    batch = "batch" if src.fixed_batch is None else src.fixed_batch
+    # the graph's own name for a dynamic batch axis (e.g. "N"), else "batch"; a fixed batch as its number
+    batch = src.fixed_batch if src.fixed_batch is not None else (src.input_shape[0] if isinstance(src.input_shape[0], str) and src.input_shape[0] else "batch")
     outputs = [{"name": o["name"], "dtype": o["dtype"], "shape": [batch, *shapes[o["name"]][1:]]} for o in src.outputs]
     io = {"input": {"name": src.input_name, "dtype": src.input_dtype,
                     "shape": [batch, 3, src.input_size, src.input_size] if not isinstance(src.input_shape[2], int) else

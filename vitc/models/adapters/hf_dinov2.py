@@ -36,7 +36,7 @@ def _base(model: nn.Module) -> tuple[str, nn.Module] | None:
 
 
 def _removed(attn: nn.Module) -> bool:
-    from vitc.compress.prune.surgery import DroppedAttention
+    from vitc.models.wrappers import DroppedAttention
 
     return isinstance(attn, DroppedAttention)
 
