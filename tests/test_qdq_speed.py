@@ -117,6 +117,7 @@ def test_precision_policy_measures_and_the_ir_carries_it(quantized, tmp_path):
 
 
 def test_pt2e_x86_quantizer_runs_here(quantized):
+    pytest.importorskip("torchao", reason="PyTorch's PT2E x86 quantizer lives in torchao (pip install 'vitc[pt2e]')")
     from vitc.runtimes.torch_pt2e import quantize_pt2e_x86
 
     backbone, _, x = quantized
