@@ -79,6 +79,9 @@ def cluster(tmp_path_factory):
         yield c
     finally:
         c.stop()
+        deadline = time.monotonic() + 20  # killed processes can take a moment to leave the process table
+        while _pids_with(str(root)) and time.monotonic() < deadline:
+            time.sleep(0.5)
         leftover = [pid for pid in _pids_with(str(root))]
         assert not leftover, f"processes of the test cluster survived its teardown: {leftover}"
 
