@@ -98,14 +98,7 @@ def check(backbone, session, precision: str, data: str = "bundled:eval", eval_si
     for key, bound in (("mean_rel_logit_error", mean_bound), ("max_rel_logit_error", max_bound)):
         if not result[key] <= bound:  # NaN fails too
             failures.append(f"{key.split('_')[0]} logit error {result[key]:.2e} of the logits' spread is above {bound:.0e} for {precision}")
-    if extra_checks is not None:
-        extra = extra_checks(session)
-        failures += extra.pop("failures", [])
-        result.update(extra)
-    result["passed"] = not failures
-    if failures:
-        result["failure"] = "; ".join(failures)
-    return result
+    return _verdict(result, failures, session, extra_checks)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -164,9 +157,14 @@ def _fidelity_result(ref, out, precision: str, source, seed: int, reference_name
               "min_worst_cosine": tasks.MIN_WORST_COSINE.get(precision, tasks.MIN_WORST_COSINE["int8"]),
               "min_mean_pearson": tasks.MIN_MEAN_PEARSON.get(precision, tasks.MIN_MEAN_PEARSON["int8"])}
     failures = tasks.passes(result, precision)
+    return _verdict(result, failures, session, extra_checks)
+
+
+def _verdict(result: dict, failures: list[str], session, extra_checks) -> dict:
+    """Add the runtime's own checks (``extra_checks(session)``) and the pass/fail verdict to ``result``."""
     if extra_checks is not None:
         extra = extra_checks(session)
-        failures += extra.pop("failures", [])
+        failures = failures + extra.pop("failures", [])
         result.update(extra)
     result["passed"] = not failures
     if failures:

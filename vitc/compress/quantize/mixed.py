@@ -308,7 +308,7 @@ def search_max_drop(backbone, x: torch.Tensor, y: torch.Tensor | None, max_drop:
         layer_bits = {n: [wbits[n], 8 if n in fixed else abits] for n in costs}
         q = quantize(layer_bits)
         d = drop_of(q)
-        tried.append({"budget": budgets[mid], "average_wbits": round(average_bits(wbits, costs), 4), "proxy_drop": round(d, 3)})
+        tried.append({"budget": budgets[mid], "average_wbits": round(average_bits(wbits, costs), 4), "proxy_drop": round(d / 100, 5)})  # a fraction, as every accuracy in JSON (docs/json.md); d is in points
         say(f"  budget {budgets[mid]:.2f} bits: proxy drop {d:+.2f} pt")
         if d <= max_drop:
             best = (budgets[mid], layer_bits, q, wbits)
