@@ -519,6 +519,8 @@ def fold_output_scales(model) -> list[str]:
         if bias_name is not None:
             b = index.const(bias_name).astype(np.float64)
             index.initializers[bias_name].CopyFrom(numpy_helper.from_array((b * scale.reshape(b.shape)).astype(np.float32), bias_name))
+        for reader in index.consumers.get(chain[-1].output[0], []):  # the Shape nodes besides the Mul
+            reader.input[:] = [mul.output[0] if i == chain[-1].output[0] else i for i in reader.input]
         chain[-1].output[0] = mul.output[0]
         model.graph.node.remove(mul)
         index = osrc.GraphIndex(model)
