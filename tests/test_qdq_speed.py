@@ -177,3 +177,36 @@ def test_subpixel_deconv_is_the_same_int8_products(cin, cout, k, s, p, relu, bia
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     codes = np.abs(got - ref) / 0.08
     assert got.shape == ref.shape and codes.max() <= 1.0 + 1e-4 and (codes > 0.5).mean() < 0.005
+
+
+def test_output_scales_fold_into_int8_weight_scales():
+    """A LayerScale with negative entries and a scalar attention scale behind a reshape/transpose, each on an
+    int8 MatMul's output, fold into the weight's dequantization scales (codes of negative columns negated):
+    the same outputs, two Mul nodes fewer."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vitc.export.qdq_speed import fold_output_scales
+
+    rng = np.random.default_rng(4)
+    arrays = {"w1": rng.integers(-127, 128, (8, 8)).astype(np.int8), "s1": (rng.random(8) * 0.01 + 0.001).astype(np.float32),
+              "z1": np.zeros(8, np.int8), "b1": rng.standard_normal(8).astype(np.float32), "gamma": rng.standard_normal(8).astype(np.float32),
+              "w2": rng.integers(-127, 128, (8, 8)).astype(np.int8), "s2": np.array(0.004, np.float32), "b2": rng.standard_normal(8).astype(np.float32),
+              "heads": np.array([0, 0, 2, 4], np.int64), "scale": np.array(0.35, np.float32)}
+    nodes = [helper.make_node("DequantizeLinear", ["w1", "s1", "z1"], ["w1d"], axis=1), helper.make_node("MatMul", ["x", "w1d"], ["m1"]),
+             helper.make_node("Add", ["m1", "b1"], ["a1"]), helper.make_node("Mul", ["a1", "gamma"], ["ls"]),
+             helper.make_node("DequantizeLinear", ["w2", "s2"], ["w2d"]), helper.make_node("MatMul", ["x", "w2d"], ["m2"]),
+             helper.make_node("Add", ["m2", "b2"], ["a2"]), helper.make_node("Reshape", ["a2", "heads"], ["r2"]),
+             helper.make_node("Transpose", ["r2"], ["t2"], perm=[0, 2, 1, 3]), helper.make_node("Mul", ["scale", "t2"], ["q"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 8])],
+                              [helper.make_tensor_value_info("ls", TensorProto.FLOAT, [1, 5, 8]), helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 2, 5, 4])],
+                              [numpy_helper.from_array(v, k) for k, v in arrays.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((1, 5, 8)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    assert fold_output_scales(model) == 2
+    onnx.checker.check_model(model)
+    assert not any(n.op_type == "Mul" for n in model.graph.node)
+    after = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    for a, b in zip(before, after):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

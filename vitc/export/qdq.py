@@ -141,10 +141,10 @@ def export_graph_qdq_onnx(backbone, path, opset: int = 18, dynamic_batch: bool =
     model = onnx.load(str(path))
     _name_first_output(model)
     fold_dequantized_transposes(model)
-    if split_shared_inputs:  # the ONNX Runtime graph: its exact speed rewrites, then a Q/DQ pair per consumer
-        from vitc.export.qdq_speed import SpeedConfig, apply_speed
+    from vitc.export.qdq_speed import SpeedConfig, apply_speed
 
-        apply_speed(model, SpeedConfig.for_runtime("onnxruntime"))
+    apply_speed(model, SpeedConfig.for_runtime("onnxruntime" if split_shared_inputs else "openvino"))  # exact rewrites
+    if split_shared_inputs:
         split_shared_activation_qdq(model)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))

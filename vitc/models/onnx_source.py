@@ -261,6 +261,73 @@ class GraphIndex:
         return out
 
 
+@dataclass
+class ScaledOutput:
+    """A constant Mul scaling a MatMul's output columns: ``Mul(c)`` after ``MatMul(x, W)``, its bias
+    ``Add`` if any, and (for a scalar ``c``) Reshape/Transpose nodes, each tensor on the way read by
+    nothing else (Shape nodes aside: they read the shape, which folding keeps)."""
+    mul: object
+    matmul: object
+    bias: str | None  # the bias initializer, read by nothing else
+    chain: list  # matmul, [add], reshape/transpose..., the last one produces what the Mul read
+    factor: np.ndarray  # per output column
+
+
+def scaled_output(index: GraphIndex, mul, columns) -> ScaledOutput | None:
+    """``mul`` as a ``ScaledOutput`` or None. ``columns(matmul)`` says how many output columns the
+    MatMul's weight has, or None when its weight is not one the caller can scale."""
+    if mul.op_type != "Mul" or len(mul.input) != 2:
+        return None
+    consts = [i for i in mul.input if index.is_const(i)]
+    if len(consts) != 1:
+        return None
+    c = index.const(consts[0]).astype(np.float64)
+    node = index.producer.get(mul.input[0] if mul.input[1] == consts[0] else mul.input[1])
+    through = []
+    while node is not None and node.op_type in ("Reshape", "Transpose") and c.size == 1:
+        through.append(node)
+        node = index.producer.get(node.input[0])
+    add = None
+    if node is not None and node.op_type == "Add":
+        add = node
+        node = next((index.producer.get(i) for i in add.input if not index.is_const(i)), None)
+    if node is None or node.op_type != "MatMul":
+        return None
+    n = columns(node)
+    if n is None or (c.size != 1 and (c.size != n or c.shape[-1] != n)):
+        return None
+    bias = None
+    if add is not None:
+        bias = next((i for i in add.input if index.is_const(i)), None)
+        if bias not in index.initializers or len(index.consumers.get(bias, [])) != 1 or index.const(bias).size != n:
+            return None
+    chain = [node] + ([add] if add is not None else []) + through[::-1]
+    if any(len([u for u in index.consumers.get(x.output[0], []) if u.op_type != "Shape"]) != 1
+           or x.output[0] in index.graph_outputs for x in chain):
+        return None
+    return ScaledOutput(mul, node, bias, chain, c.reshape(-1) if c.size != 1 else np.full(n, c.item()))
+
+
+def drop_scaling(model, index: GraphIndex, found: ScaledOutput) -> None:
+    """After the caller scaled the weight: scale the bias, let the chain produce what the Mul did,
+    remove the Mul (and its factor's Constant node when nothing else reads it)."""
+    from onnx import numpy_helper
+
+    if found.bias is not None:
+        b = index.const(found.bias).astype(np.float64)
+        index.initializers[found.bias].CopyFrom(
+            numpy_helper.from_array((b * found.factor.reshape(b.shape)).astype(np.float32), found.bias))
+    last, out = found.chain[-1], found.mul.output[0]
+    for reader in index.consumers.get(last.output[0], []):  # Shape nodes besides the Mul
+        reader.input[:] = [out if i == last.output[0] else i for i in reader.input]
+    last.output[0] = out
+    model.graph.node.remove(found.mul)
+    for name in found.mul.input:
+        producer = index.producer.get(name)
+        if producer is not None and producer.op_type == "Constant" and len(index.consumers.get(name, [])) == 1:
+            model.graph.node.remove(producer)
+
+
 def layernorm_at(index: GraphIndex, node) -> dict | None:
     """A LayerNorm ending at ``node``: the LayerNormalization op, or its decomposed form
     ``Add(Mul(Div(Sub(x, ReduceMean x), Sqrt(Add(ReduceMean(Pow(Sub, 2)), eps))), gamma), beta)``.

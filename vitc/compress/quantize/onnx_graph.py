@@ -479,56 +479,24 @@ def fold_output_scales(model) -> list[str]:
     Returns the names of the folded Mul nodes."""
     from onnx import numpy_helper
 
+    def columns(matmul):
+        w = index.const(matmul.input[1]) if matmul.input[1] in index.initializers else None
+        ok = w is not None and w.ndim == 2 and len(index.consumers.get(matmul.input[1], [])) == 1
+        return w.shape[1] if ok else None
+
     index = osrc.GraphIndex(model)
     folded = []
     for mul in list(model.graph.node):
-        if mul.op_type != "Mul" or len(mul.input) != 2:
+        found = osrc.scaled_output(index, mul, columns)
+        if found is None:
             continue
-        consts = [i for i in mul.input if index.is_const(i)]
-        if len(consts) != 1:
-            continue
-        c = index.const(consts[0]).astype(np.float64)
-        x = mul.input[0] if mul.input[1] == consts[0] else mul.input[1]
-        through, node = [], index.producer.get(x)
-        while node is not None and node.op_type in ("Reshape", "Transpose") and c.size == 1:
-            through.append(node)
-            node = index.producer.get(node.input[0])
-        add = None
-        if node is not None and node.op_type == "Add":
-            add = node
-            node = next((index.producer.get(i) for i in add.input if not index.is_const(i)), None)
-        if node is None or node.op_type != "MatMul" or not index.is_const(node.input[1]) or node.input[1] not in index.initializers:
-            continue
-        w = index.const(node.input[1]).astype(np.float64)
-        if w.ndim != 2 or (c.size != 1 and (c.reshape(-1).size != w.shape[1] or c.shape[-1] != w.shape[1] or any(d != 1 for d in c.shape[:-1]))):
-            continue
-        bias_name = None
-        if add is not None:
-            bias_name = next((i for i in add.input if index.is_const(i)), None)
-            bias_users = index.consumers.get(bias_name, [])
-            if bias_name not in index.initializers or len(bias_users) != 1 or index.const(bias_name).size != w.shape[1]:
-                continue
-        chain = [node] + ([add] if add is not None else []) + through[::-1]
-        # Shape nodes read only the shape, which the fold keeps (dynamic reshapes of q and k have them)
-        if any(len([u for u in index.consumers.get(n.output[0], []) if u.op_type != "Shape"]) != 1
-               or n.output[0] in index.graph_outputs for n in chain) \
-                or len(index.consumers.get(node.input[1], [])) != 1:
-            continue
-        scale = c.reshape(-1) if c.size != 1 else np.full(w.shape[1], c.item())
-        index.initializers[node.input[1]].CopyFrom(numpy_helper.from_array((w * scale).astype(np.float32), node.input[1]))
-        if bias_name is not None:
-            b = index.const(bias_name).astype(np.float64)
-            index.initializers[bias_name].CopyFrom(numpy_helper.from_array((b * scale.reshape(b.shape)).astype(np.float32), bias_name))
-        for reader in index.consumers.get(chain[-1].output[0], []):  # the Shape nodes besides the Mul
-            reader.input[:] = [mul.output[0] if i == chain[-1].output[0] else i for i in reader.input]
-        chain[-1].output[0] = mul.output[0]
-        model.graph.node.remove(mul)
+        name = found.matmul.input[1]
+        w = index.const(name).astype(np.float64) * found.factor
+        index.initializers[name].CopyFrom(numpy_helper.from_array(w.astype(np.float32), name))
+        osrc.drop_scaling(model, index, found)
         index = osrc.GraphIndex(model)
         folded.append(mul.name or mul.output[0])
     if folded:
-        read = {i for n in model.graph.node for i in n.input} | index.graph_outputs
-        for n in [n for n in model.graph.node if n.op_type == "Constant" and n.output[0] not in read]:
-            model.graph.node.remove(n)  # the folded factors
         _drop_unused_initializers(model)
     return folded
 
