@@ -64,6 +64,7 @@ def vitc_quantize(fp32: Path, out_ov: Path, out_ort: Path, calib: torch.Tensor, 
     t = time.perf_counter()
     model, record = quantize_model(onnx_source.read(fp32, 224), QuantConfig(**settings), calib, threads)
     seconds = time.perf_counter() - t
+    apply_speed(model, SpeedConfig.for_runtime("openvino"))  # what `vitc export --target openvino` converts
     onnx.save(model, str(out_ov))
     apply_speed(model, SpeedConfig.for_runtime("onnxruntime"))  # what `vitc export --target onnx` writes
     split_shared_activation_qdq(model)

@@ -355,36 +355,3 @@ def test_decoder_deconvolutions_run_int8_in_both_runtimes(tmp_path):
     deconv_exec = [p.exec_type for p in request.profiling_info if p.node_type == "ConvolutionBackpropData"]
     assert len(deconv_exec) == 2 and all("i8" in e.lower() for e in deconv_exec), deconv_exec
 
-
-def test_output_scales_fold_into_the_projections():
-    """LayerScale (per channel, after a projection's bias) and an attention scale (a scalar after the head
-    reshape/transpose, whose pre-reshape tensor a Shape node also reads) fold into the weights: the
-    same function with two Mul nodes fewer; a Mul whose operand has another user stays."""
-    import onnxruntime as ort
-
-    from vitc.compress.quantize.onnx_graph import fold_output_scales
-
-    rng = np.random.default_rng(3)
-    arrays = {"w1": rng.standard_normal((8, 8)), "b1": rng.standard_normal(8), "gamma": rng.standard_normal(8) * 0.1,
-              "w2": rng.standard_normal((8, 8)), "b2": rng.standard_normal(8), "scale": np.array(0.35),
-              "heads": np.array([0, 0, 2, 4]), "w3": rng.standard_normal((8, 8)), "half": np.array(0.5)}
-    inits = [numpy_helper.from_array(v.astype(np.int64 if k == "heads" else np.float32), k) for k, v in arrays.items()]
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"]), helper.make_node("Add", ["m1", "b1"], ["a1"]),
-             helper.make_node("Mul", ["a1", "gamma"], ["ls"], name="layer_scale"),
-             helper.make_node("MatMul", ["x", "w2"], ["m2"]), helper.make_node("Add", ["b2", "m2"], ["a2"]),
-             helper.make_node("Shape", ["a2"], ["a2_shape"]),
-             helper.make_node("Reshape", ["a2", "heads"], ["r2"]), helper.make_node("Transpose", ["r2"], ["t2"], perm=[0, 2, 1, 3]),
-             helper.make_node("Mul", ["t2", "scale"], ["q"], name="attention_scale"),
-             helper.make_node("MatMul", ["x", "w3"], ["m3"]), helper.make_node("Mul", ["m3", "half"], ["h3"], name="kept"),
-             helper.make_node("Add", ["m3", "h3"], ["y3"])]
-    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("ls", "q", "y3")]
-    outs.append(helper.make_tensor_value_info("a2_shape", TensorProto.INT64, None))
-    graph = helper.make_graph(nodes, "scales", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 8])], outs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    x = rng.standard_normal((1, 5, 8)).astype(np.float32)
-    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
-    assert sorted(fold_output_scales(model)) == ["attention_scale", "layer_scale"]
-    after = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
-    assert [n.name for n in model.graph.node if n.op_type == "Mul"] == ["kept"]
-    for a, b in zip(before, after):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

