@@ -43,7 +43,7 @@ def quantize_cmd(
     scheme: str = typer.Option("auto", "--scheme", help="activation grids: auto (symmetric int8 at 8 bits, which every target runs; per layer below), per-layer, symmetric or asymmetric"),
     granularity: str = typer.Option("auto", "--granularity", help="auto (per-channel conv inputs where it helps, below 8 bits) or tensor"),
     repq: bool = typer.Option(True, "--repq/--no-repq", help="RepQ-ViT reparameterisation of post-LayerNorm activations"),
-    smooth: Optional[float] = typer.Option(None, "--smooth", help="SmoothQuant (with shift) strength alpha in (0, 1) before RepQ"),
+    smooth: Optional[float] = typer.Option(None, "--smooth", help="SmoothQuant (with shift) strength alpha in (0, 1) before RepQ; 0: off (default: 0.5 on the graph path at 8 bits, off elsewhere)"),
     bias_correction: bool = typer.Option(True, "--bias-correction/--no-bias-correction", help="correct the output shift of quantized weights"),
     latency: bool = typer.Option(True, "--latency/--no-latency", help="measure CPU latency of FP32 and int8 in OpenVINO (W8A8 only)"),
     data: DataOpt = "bundled:eval",
@@ -300,6 +300,9 @@ def print_coverage(cov: dict, config) -> None:
     console.print(f"coverage ({cov['capture'] or 'module swaps'}): {cov['ops_quantized']}/{cov['ops_total']} matmul/conv ops, "
                   f"{100 * cov['flops_share']:.1f}% of {cov['flops_total'] / 1e6:.1f} MFLOPs quantized; "
                   f"bit widths used: {', '.join(cov['bit_widths'])} (W16 = no weight operand)")
+    if cov.get("attention_flops"):
+        console.print(f"without the attention matmuls ({cov['attention_flops'] / 1e6:.1f} MFLOPs, activation x activation): "
+                      f"{100 * cov['flops_share_without_attention']:.1f}% of the linear/conv FLOPs quantized")
     other = [w for w in cov["bit_widths"] if w not in (asked, f"W16A{config.abits}")]
     if other:
         console.print(f"note: {asked} was asked, but some layers run at {', '.join(other)} "

