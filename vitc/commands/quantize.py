@@ -43,7 +43,7 @@ def quantize_cmd(
     scheme: str = typer.Option("auto", "--scheme", help="activation grids: auto (symmetric int8 at 8 bits, which every target runs; per layer below), per-layer, symmetric or asymmetric"),
     granularity: str = typer.Option("auto", "--granularity", help="auto (per-channel conv inputs where it helps, below 8 bits) or tensor"),
     repq: bool = typer.Option(True, "--repq/--no-repq", help="RepQ-ViT reparameterisation of post-LayerNorm activations"),
-    smooth: Optional[float] = typer.Option(None, "--smooth", help="SmoothQuant (with shift) strength alpha in (0, 1) before RepQ; 0: off (default: 0.5 on the graph path at 8 bits, off elsewhere)"),
+    smooth: Optional[float] = typer.Option(None, "--smooth", help="SmoothQuant (with shift) strength alpha in (0, 1) before RepQ"),
     bias_correction: bool = typer.Option(True, "--bias-correction/--no-bias-correction", help="correct the output shift of quantized weights"),
     latency: bool = typer.Option(True, "--latency/--no-latency", help="measure CPU latency of FP32 and int8 in OpenVINO (W8A8 only)"),
     data: DataOpt = "bundled:eval",

@@ -291,7 +291,7 @@ def reparameterise(model, index, groups, observers: dict[str, obs.Observer], con
         lo, hi = o.channel_min, o.channel_max
         weights = [torch.from_numpy(index.const(s.weight).T.copy()) for s in sites]  # (out, in)
         wmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
-        r, t = reparam.norm_factors(lo, hi, wmax, config.abits, config.smoothing(), config.ln_reparam)
+        r, t = reparam.norm_factors(lo, hi, wmax, config.abits, config.smooth_alpha, config.ln_reparam)
         gamma, beta = torch.from_numpy(index.const(ln["gamma"]).copy()), torch.from_numpy(index.const(ln["beta"]).copy())
         biases = [torch.from_numpy(_bias_value(index, s)[1].copy()) for s in sites]
         new_g, new_b, new_c = reparam.fold_channel_affine(gamma, beta, list(zip(weights, biases)), r, t)
@@ -328,7 +328,7 @@ def smooth_inputs(model, index, specs: list[SiteSpec], observers: dict[str, obs.
         amax = torch.maximum(o.channel_min.abs(), o.channel_max.abs())
         weights = [index.const(sp.weight) for sp in sites]  # (in, out)
         wmax = torch.from_numpy(np.stack([np.abs(w).max(1) for w in weights]).max(0))
-        r, _ = reparam.smooth_factors(-amax, amax, wmax, config.smoothing())
+        r, _ = reparam.smooth_factors(-amax, amax, wmax, config.smooth_alpha)
         r = r.float()
         new = f"{tensor}/vitc_smooth"
         model.graph.initializer.append(numpy_helper.from_array((1.0 / r).numpy().astype(np.float32), new + "/inv_scale"))
@@ -464,9 +464,8 @@ def _check_config(config: QuantConfig) -> None:
 
 
 def resolved_scheme(config: QuantConfig) -> str:
-    """The activation grid rule: "auto" picks symmetric int8 or asymmetric uint8 per activation by
-    expected error ("per-layer"), since this backend's outputs (ONNX Runtime, OpenVINO) run both."""
-    return "per-layer" if config.scheme == "auto" else config.scheme
+    """The activation grid rule (``QuantConfig.graph_scheme``)."""
+    return config.graph_scheme
 
 
 def quantize_model(src: osrc.OnnxSource, config: QuantConfig, images: torch.Tensor, threads: int | None = None,
@@ -513,10 +512,10 @@ def _quantize_model(src, config: QuantConfig, images: torch.Tensor, threads: int
     task = progress.add_task("calibrating (onnxruntime)", total=2 * n) if progress is not None else None
     observe(model, src.input_name, observers, images, src.fixed_batch, threads, progress, task)
     norms, smoothed = [], []
-    if config.ln_reparam or config.smoothing() is not None:
+    if config.ln_reparam or config.smooth_alpha is not None:
         groups = norm_groups(index, specs)
         norms = reparameterise(model, index, groups, observers, config)
-        if config.smoothing() is not None:
+        if config.smooth_alpha is not None:
             smoothed = smooth_inputs(model, index, specs, observers, config, {t for _, t, _ in groups})
             index = osrc.GraphIndex(model)
     for o in observers.values():

@@ -216,7 +216,7 @@ def fold_norm_factors(module: nn.Module, sites, config: QuantConfig,
         lo, hi = ranges[norm]
         linears = [get_module(module, c) for c in consumers]
         wmax = torch.stack([l.weight.detach().abs().amax(0) for l in linears]).amax(0)
-        r, t = reparam.norm_factors(lo, hi, wmax, config.abits, config.smoothing(), config.ln_reparam)
+        r, t = reparam.norm_factors(lo, hi, wmax, config.abits, config.smooth_alpha, config.ln_reparam)
         new_w, new_b, new_consumers = reparam.fold_channel_affine(
             m.weight.detach(), m.bias.detach(), [(l.weight.detach(), None if l.bias is None else l.bias.detach()) for l in linears], r, t)
         m.weight.copy_(new_w)
@@ -464,7 +464,7 @@ def _apply_modules(backbone: Backbone, config: QuantConfig, x: torch.Tensor, pro
     set_mode(module, "observe")
     _run_all(module, x, progress, task)
     reparam_norms = []
-    if config.ln_reparam or config.smoothing():
+    if config.ln_reparam or config.smooth_alpha:
         # The range pass saw every norm's output as its consumers' input: reparameterise from
         # those statistics and remap them, instead of another pass over the images.
         sites = norm_sites(module, structure)
@@ -591,7 +591,7 @@ def vit_quantizer_summary(config: QuantConfig, plan: Plan, reparam_norms: list[s
     kinds = [layers[b.mlp.fc2].input_quant.kind for b in structure.blocks if b.mlp.fc2 in layers]
     post_gelu = ", ".join(f"{k} x{kinds.count(k)}" for k in sorted(set(kinds)))
     return {
-        "post_layernorm": ("smoothquant+" if config.smoothing() else "") + ("repq" if config.ln_reparam else "per-tensor")
+        "post_layernorm": ("smoothquant+" if config.smooth_alpha else "") + ("repq" if config.ln_reparam else "per-tensor")
         + f" ({len(reparam_norms)} norms)",
         "post_softmax": config.softmax_kind if plan.attention else "not quantized (no adapter)",
         "post_gelu": post_gelu,

@@ -49,7 +49,7 @@ from vitc.errors import VitcError
 
 from . import quantizers as Q
 from . import reparam
-from .config import GRAPH_SMOOTH_ALPHA, QuantConfig
+from .config import QuantConfig
 from .modules import ActQuant, WeightFakeQuant, set_mode, weight_quantizers
 from .plan import PROBS_V_REASON, QuantPlan, Site, Skipped, TensorQuant, WeightQuant
 
@@ -615,9 +615,67 @@ def norm_candidates(gm: fx.GraphModule) -> dict[str, fx.Node]:
     return out
 
 
-def graph_smoothing(config: QuantConfig) -> float | None:
-    """The graph path's SmoothQuant alpha: the one asked, else GRAPH_SMOOTH_ALPHA at 8-bit activations."""
-    return config.smoothing(GRAPH_SMOOTH_ALPHA if config.abits >= 8 else None)
+def _smoothable_inputs(gm: fx.GraphModule, installed: dict) -> dict[str, list[fx.Node]]:
+    """{activation key: its linear consumers} for quantized linear inputs that only linears with
+    their own weights read: a per-channel scale in front of the quantizer can move into those weights."""
+    by_key: dict[str, list[fx.Node]] = {}
+    for key in installed["act"]:
+        qnode = next((u for n in gm.graph.nodes if n.name == key for u in n.users
+                      if u.op == "call_module" and u.target == f"{QUANT_ROOT}.a_{_safe(key)}"), None)
+        if qnode is None:
+            continue
+        users = list(qnode.users)
+        ok = bool(users) and all(u.op == "call_function" and u.target in LINEAR and u.args[0] is qnode and
+                                 isinstance(u.args[1], fx.Node) and u.args[1].op == "call_module" and
+                                 len(u.args[1].args[0].users) == 1 for u in users)
+        if ok and len({u.args[1].args[0].target for u in users}) == len(users):
+            by_key[key] = users
+    return by_key
+
+
+def insert_input_scale(gm: fx.GraphModule, installed: dict, key: str, inv_scale: torch.Tensor) -> str:
+    """Put ``x * inv_scale`` (per channel, last axis) between activation ``key`` and its quantizer;
+    the quantizer is re-keyed to the scaled tensor. Returns the new node's name."""
+    root = quant_root(gm)
+    buf = f"s_{_safe(key)}"
+    root.register_buffer(buf, inv_scale.detach().float().clone())
+    src = next(n for n in gm.graph.nodes if n.name == key)
+    qnode = next(u for u in src.users if u.op == "call_module" and u.target == f"{QUANT_ROOT}.a_{_safe(key)}")
+    with gm.graph.inserting_before(qnode):
+        scaled = gm.graph.call_function(aten.mul.Tensor, (src, gm.graph.get_attr(f"{QUANT_ROOT}.{buf}")))
+    scaled.meta["nn_module_stack"] = src.meta.get("nn_module_stack", {})
+    qnode.args = (scaled,)
+    installed["act"][scaled.name] = installed["act"].pop(key)
+    gm.recompile()
+    return scaled.name
+
+
+def smooth_linear_inputs(gm: fx.GraphModule, installed: dict, alpha: float, skip: set[str]) -> list[str]:
+    """SmoothQuant on linear inputs no norm absorbs (post-GELU fc2, the attention output
+    projection): ``x / s`` per channel in front of the quantizer, ``s`` multiplied into the weights'
+    input columns, ``s`` = ``reparam.smooth_factors``'s ``r`` on the channel's |x| range (no shift:
+    there is no norm bias to take it). The ONNX backend's ``smooth_inputs`` does the same (NNCF
+    inserts the same Mul; OpenVINO folds it into the FakeQuantize). Returns the activations so scaled."""
+    from .ptq import _remap_observer
+
+    done = []
+    for key, users in _smoothable_inputs(gm, installed).items():
+        o = installed["act"][key].observer
+        if key in skip or o is None or o.channel_min is None or o.channel_min.dim() != 1:
+            continue
+        weights = [u.args[1].args[0] for u in users]
+        w_tensors = [_attr(gm, w).detach() for w in weights]
+        if any(w.dim() != 2 or w.shape[1] != o.channel_min.numel() for w in w_tensors):
+            continue
+        amax = torch.maximum(o.channel_min.abs(), o.channel_max.abs())
+        wmax = torch.stack([w.abs().amax(0) for w in w_tensors]).amax(0)
+        r, _ = reparam.smooth_factors(-amax, amax, wmax, alpha)
+        for w, wt in zip(weights, w_tensors):
+            _set_param(gm, w.target, wt * r[None, :])
+        insert_input_scale(gm, installed, key, 1.0 / r)
+        _remap_observer(o, r, torch.zeros_like(r))
+        done.append(key)
+    return done
 
 
 def _reparam_norms(gm: fx.GraphModule, installed: dict, config: QuantConfig,
@@ -629,7 +687,7 @@ def _reparam_norms(gm: fx.GraphModule, installed: dict, config: QuantConfig,
 
     samples = samples or {}
     kept = kept if kept is not None else []
-    alpha = graph_smoothing(config)
+    alpha = config.smooth_alpha
     done = []
     root = QUANT_ROOT + ".a_"
     for node in gm.graph.nodes:
@@ -726,6 +784,8 @@ def _calibrate(installed: dict, plan: QuantPlan, config: QuantConfig) -> None:
     from .ptq import _calibrate_twin, _calibrate_uniform
 
     weightless = {o for s in plan.sites if s.weight is None for o in _site_operand_keys(installed, s)}
+    padded = {o for s in plan.sites if s.op == "conv" and _pads_input(installed["sites"][s.name])
+              for o in _site_operand_keys(installed, s)[:1]}
     for key, q in installed["act"].items():
         if q.kind in ("log2", "logsqrt2"):
             continue
@@ -736,13 +796,27 @@ def _calibrate(installed: dict, plan: QuantPlan, config: QuantConfig) -> None:
                 continue
             q.set_uniform(uniform[2], uniform[3], False, False)
             continue
-        scheme = None
+        scheme = config.graph_scheme
+        if key in padded and scheme == "per-layer":
+            # OpenVINO pads a quantized conv input with code 0, not the zero point: an asymmetric grid
+            # would see wrong borders there (the module path's QuantConv2d pads in float instead)
+            scheme = "symmetric"
         if key in weightless:
             # matmul operands without a weight (q, k, v, probs): signed grids with zero point 0 for
             # the integer attention kernels; non-negative ones (probabilities) unsigned, zero point 0
             scheme = "asymmetric" if q.observer.min >= 0 else "symmetric"
         _, symmetric, scale, zero = _calibrate_uniform(q, config.calibrator, config, scheme)[0]
         q.set_uniform(scale, zero, symmetric, False)
+
+
+def _pads_input(node: fx.Node) -> bool:
+    """Whether a (non-transposed) conv pads its input: a transposed conv's padding crops its output."""
+    if is_transposed_conv(node) or len(node.args) <= 4:
+        return False
+    pad = node.args[4]
+    if isinstance(pad, str):
+        return pad != "valid"
+    return any(int(p) > 0 for p in pad)
 
 
 def _site_operand_keys(installed: dict, site: Site) -> list[str]:
@@ -850,7 +924,8 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None):
         for h in hooks:
             h.remove()
     kept: list[str] = []
-    norms = _reparam_norms(gm, installed, config, samples, kept) if (config.ln_reparam or graph_smoothing(config)) else []
+    norms = _reparam_norms(gm, installed, config, samples, kept) if (config.ln_reparam or config.smooth_alpha) else []
+    smoothed = smooth_linear_inputs(gm, installed, config.smooth_alpha, set(norms)) if config.smooth_alpha else []
     for q in installed["act"].values():
         q.observer.start_histogram()
     _run_all(captured, x, progress, task)
@@ -873,7 +948,7 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None):
         "calibration_images": int(x.shape[0]),
         "calibration_s": round(time.perf_counter() - start, 3),
         "plan": {"capture": CAPTURE, "folded_bn": folded, "reparameterised_norms": norms, "norms_kept_plain": kept,
-                 "smooth_alpha": graph_smoothing(config),
+                 "smooth_alpha": config.smooth_alpha, "smoothed_inputs": smoothed,
                  "bias_added": sorted(set(_norm_biases(gm)) | set(biased)), "attention": [], "ends_8bit": []},
         "quant_plan": plan.to_dict(),
         "coverage": plan.coverage(),
@@ -900,7 +975,7 @@ def pattern_summary(plan: QuantPlan, norms: list[str], config: QuantConfig) -> d
                 kinds[q.pattern][f"{q.kind}{q.bits}"] += 1
     out = {p: ", ".join(f"{k} x{n}" for k, n in sorted(v.items())) for p, v in kinds.items()}
     if "post-layernorm" in out:
-        alpha = graph_smoothing(config)
+        alpha = config.smooth_alpha
         how = "+".join(([f"smoothquant(alpha={alpha})"] if alpha else []) + (["repq"] if config.ln_reparam else [])) or "per-tensor"
         out["post-layernorm"] += f"; {how} on {len(norms)} norms"
     out["bias_correction"] = config.bias_correction
@@ -916,10 +991,18 @@ def rebuild(base_module: nn.Module, example: torch.Tensor, record: dict) -> Capt
     add_biases(gm, [n for n in record["plan"]["bias_added"] if n not in record["plan"]["folded_bn"]])
     plan = QuantPlan.from_dict(record["quant_plan"])
     installed = install(gm, plan)
+    for key in record["plan"].get("smoothed_inputs", []):  # the saved state holds the scales
+        insert_input_scale(gm, installed, key, torch.ones(_input_channels(gm, installed, key)))
     finalize_plan_into(installed, plan)
     for wq in installed["weight"].values():
         wq.quantized = True
     return captured
+
+
+def _input_channels(gm: fx.GraphModule, installed: dict, key: str) -> int:
+    """Channels of a smoothed linear input: the input width of its first consumer's weight."""
+    users = _smoothable_inputs(gm, installed)[key]
+    return _attr(gm, users[0].args[1].args[0]).shape[1]
 
 
 def finalize_plan_into(installed: dict, plan: QuantPlan) -> None:
