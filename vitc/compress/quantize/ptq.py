@@ -215,16 +215,8 @@ def fold_norm_factors(module: nn.Module, sites, config: QuantConfig,
     for norm, m, consumers in sites:
         lo, hi = ranges[norm]
         linears = [get_module(module, c) for c in consumers]
-        r = torch.ones_like(lo)
-        t = torch.zeros_like(lo)
-        if config.smooth_alpha is not None:
-            wmax = torch.stack([l.weight.detach().abs().amax(0) for l in linears]).amax(0)
-            r, t = reparam.smooth_factors(lo, hi, wmax, config.smooth_alpha)
-            lo, hi = (lo + t) / r, (hi + t) / r
-        if config.ln_reparam:
-            r2, t2 = reparam.repq_factors(lo, hi, config.abits)
-            # compose (X + t)/r then (. + t2)/r2 into one (X + t')/r'
-            t, r = t + t2 * r, r * r2
+        wmax = torch.stack([l.weight.detach().abs().amax(0) for l in linears]).amax(0)
+        r, t = reparam.norm_factors(lo, hi, wmax, config.abits, config.smooth_alpha, config.ln_reparam)
         new_w, new_b, new_consumers = reparam.fold_channel_affine(
             m.weight.detach(), m.bias.detach(), [(l.weight.detach(), None if l.bias is None else l.bias.detach()) for l in linears], r, t)
         m.weight.copy_(new_w)

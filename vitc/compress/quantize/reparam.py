@@ -18,12 +18,15 @@ import torch
 
 
 def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn_mean: torch.Tensor, bn_var: torch.Tensor,
-            bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+            bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None, eps: float,
+            out_axis: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out_axis``: the weight's output-channel axis (1 for a transposed conv's (I, O, ...) kernel)."""
     gamma = bn_weight if bn_weight is not None else torch.ones_like(bn_mean)
     beta = bn_bias if bn_bias is not None else torch.zeros_like(bn_mean)
     factor = gamma / torch.sqrt(bn_var + eps)
     b = bias if bias is not None else torch.zeros_like(bn_mean)
-    shape = [-1] + [1] * (weight.dim() - 1)
+    shape = [1] * weight.dim()
+    shape[out_axis] = -1
     return weight * factor.reshape(shape), (b - bn_mean) * factor + beta
 
 

@@ -18,15 +18,17 @@ The pass on the graph (``apply_graph``), one step each:
 1. ``decompose_sdpa``: ``scaled_dot_product_attention`` -> ``matmul(q, k^T) * scale``,
    softmax, ``matmul(p, v)``, so both attention matmuls get quantized inputs;
 2. ``fold_batchnorms``: eval BatchNorm after a conv folded into the conv (exact);
-3. ``find_sites``: every matmul-like op (linear, conv1d/2d/3d, matmul/mm/bmm/baddbmm/addmm,
-   einsum) becomes a ``Site`` of the ``QuantPlan`` with its FLOPs; anything left float is a
-   ``Skipped`` with its reason. The pattern feeding each operand picks its quantizer:
-   LayerNorm -> linear (RepQ-ViT reparameterisation, then a per-tensor grid), softmax -> matmul
+3. ``find_sites``: every matmul-like op (linear, conv1d/2d/3d, transposed conv1d/2d/3d,
+   matmul/mm/bmm/baddbmm/addmm, einsum) becomes a ``Site`` of the ``QuantPlan`` with its FLOPs;
+   anything left float is a ``Skipped`` with its reason (at 8 bits the attention probabilities
+   x V matmul by default, as NNCF's transformer preset; ``softmax="uniform"`` quantizes it). The pattern feeding each operand picks its quantizer:
+   LayerNorm -> linear (SmoothQuant and/or RepQ-ViT reparameterisation, then a per-tensor grid), softmax -> matmul
    (log-sqrt(2) below 8 bits), GELU -> linear (twin-uniform below 8 bits where it fits better);
 4. ``install``: an ``ActQuant`` per quantized activation tensor (shared by every site reading
    it, so the export quantizes it once) and a ``WeightFakeQuant`` per weight, as graph nodes;
 5. calibration with the same observers, calibrators and quantizers as the module path
-   (``ptq``), weights on per-output-channel grids, bias correction.
+   (``ptq``), weights on per-output-channel grids (axis 1 of a transposed conv's (I, O/g, ...)
+   kernel), bias correction.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ from . import quantizers as Q
 from . import reparam
 from .config import QuantConfig
 from .modules import ActQuant, WeightFakeQuant, set_mode, weight_quantizers
-from .plan import QuantPlan, Site, Skipped, TensorQuant, WeightQuant
+from .plan import PROBS_V_REASON, QuantPlan, Site, Skipped, TensorQuant, WeightQuant
 
 CAPTURE = "torch.export(strict=False)"
 aten = torch.ops.aten
@@ -58,6 +60,11 @@ LINEAR = {aten.linear.default}
 CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding, aten.conv2d.padding,
         aten.conv3d.padding, aten.convolution.default}
 TRANSPOSED_CONV = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
+# positions of (groups, transposed) in each conv op's arguments; transposed None: fixed by the op
+CONV_ARGS = {aten.conv1d.default: (6, None), aten.conv2d.default: (6, None), aten.conv3d.default: (6, None),
+             aten.conv1d.padding: (6, None), aten.conv2d.padding: (6, None), aten.conv3d.padding: (6, None),
+             aten.convolution.default: (8, 6), aten.conv_transpose1d.default: (6, None),
+             aten.conv_transpose2d.input: (6, None), aten.conv_transpose3d.input: (6, None)}
 # (op kind, positions of the two matmul operands)
 MATMUL = {aten.matmul.default: ("matmul", (0, 1)), aten.mm.default: ("matmul", (0, 1)), aten.bmm.default: ("bmm", (0, 1)),
           aten.baddbmm.default: ("bmm", (1, 2)), aten.addmm.default: ("matmul", (1, 2))}
@@ -72,6 +79,7 @@ PASS_THROUGH = {aten.view.default, aten.reshape.default, aten.transpose.int, ate
 QUANT_ROOT = "vitc_quant"
 REPQ_MIN_ROWS = 256  # rows (tokens x images) a norm's per-channel ranges need before RepQ trusts them
 SAMPLE_ROWS = 512  # rows of each LayerNorm output kept to judge RepQ against the plain grid
+SQNR_IMAGES = 4  # calibration images whose site outputs are compared, float against quantized
 
 
 # ---------------------------------------------------------------- capture
@@ -164,6 +172,28 @@ def _meta_shape(node) -> tuple | None:
     return None
 
 
+def is_transposed_conv(node: fx.Node) -> bool:
+    if node.target in TRANSPOSED_CONV:
+        return True
+    return node.target is aten.convolution.default and bool(node.args[6])
+
+
+def conv_groups(node: fx.Node) -> int:
+    pos = CONV_ARGS[node.target][0]
+    return int(node.args[pos]) if len(node.args) > pos else 1
+
+
+def weight_out_axis(node: fx.Node) -> int:
+    """Output-channel axis of a linear/conv weight: 0, or 1 for a transposed conv's (I, O/g, ...) kernel."""
+    return 1 if is_transposed_conv(node) else 0
+
+
+def out_channels(node: fx.Node, weight: torch.Tensor) -> int:
+    if is_transposed_conv(node):
+        return weight.shape[1] * conv_groups(node)
+    return weight.shape[0]
+
+
 def decompose_sdpa(gm: fx.GraphModule) -> list[str]:
     """Replace each non-causal ``scaled_dot_product_attention`` by matmul, scale, softmax, matmul."""
     done = []
@@ -236,7 +266,7 @@ def ensure_bias(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if weight.op == "call_module":  # its WeightFakeQuant
         weight = weight.args[0]
     target = f"{weight.target}_vitc_bias"
-    _set_param(gm, target, torch.zeros(_attr(gm, weight).shape[0]))
+    _set_param(gm, target, torch.zeros(out_channels(node, _attr(gm, weight))))
     with gm.graph.inserting_before(node):
         b = gm.graph.get_attr(target)
     args = list(node.args) + [None] * (3 - len(node.args))
@@ -276,10 +306,10 @@ def fold_batchnorms(gm: fx.GraphModule, only: list[str] | None = None) -> list[s
     ``only``: redo a saved fold on these conv nodes (values come from the saved state)."""
     folded = []
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in CONV or (only is not None and node.name not in only):
+        if node.op != "call_function" or node.target not in CONV_ARGS or (only is not None and node.name not in only):
             continue
-        if node.target is aten.convolution.default and node.args[6]:
-            continue
+        if is_transposed_conv(node) and conv_groups(node) != 1:
+            continue  # a grouped transposed kernel's output channels are not one axis
         found = _bn_of(node)
         weight = node.args[1]
         if found is None or not isinstance(weight, fx.Node) or weight.op != "get_attr" or len(weight.users) != 1:
@@ -295,7 +325,7 @@ def fold_batchnorms(gm: fx.GraphModule, only: list[str] | None = None) -> list[s
             conv_w = _attr(gm, weight)
             conv_b = _attr(gm, bias_node) if bias_node is not None else None
             new_w, new_b = reparam.fold_bn(conv_w.detach(), None if conv_b is None else conv_b.detach(), tensors[2], tensors[3],
-                                           tensors[0], tensors[1], float(eps))
+                                           tensors[0], tensors[1], float(eps), out_axis=weight_out_axis(node))
             _set_param(gm, weight.target, new_w)
         if bias_node is None:
             ensure_bias(gm, node)
@@ -345,7 +375,7 @@ def _operands(node: fx.Node) -> tuple[str, list[tuple[int, int | None]], int | N
     t = node.target
     if t in LINEAR:
         return "linear", [(0, None), (1, None)], 1
-    if t in CONV:
+    if t in CONV or t in TRANSPOSED_CONV:
         return "conv", [(0, None), (1, None)], 1
     if t in MATMUL:
         kind, pos = MATMUL[t]
@@ -427,19 +457,25 @@ def find_sites(gm: fx.GraphModule, config: QuantConfig) -> QuantPlan:
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target in TRANSPOSED_CONV or (node.target is aten.convolution.default and node.args[6]):
-            plan.skipped.append(Skipped(node.name, "conv", _flops(node), "transposed convolution: no int8 kernel path here"))
-            continue
         kind, positions, wpos = _operands(node)
         if not kind:
             continue
         flops = _flops(node)
+        if kind == "conv" and is_transposed_conv(node) and conv_groups(node) != 1:
+            # per-channel scales of an (I, O/g, ...) kernel would run along O/g, repeated per group,
+            # which no runtime's int8 ConvTranspose takes
+            plan.skipped.append(Skipped(node.name, kind, flops, "grouped transposed convolution: no per-channel int8 kernel"))
+            continue
         operands = [_get(node, p) for p in positions]
         if not all(isinstance(o, fx.Node) for o in operands):
             plan.skipped.append(Skipped(node.name, kind, flops, "an operand is a Python constant"))
             continue
         if not all(_is_float(o) for o in operands):
             plan.skipped.append(Skipped(node.name, kind, flops, "integer operands (not a float matmul)"))
+            continue
+        if wpos is None and probs_v_float(config) and all(o.op != "get_attr" for o in operands) and \
+                any(producer_pattern(o) == "post-softmax" for o in operands):
+            plan.skipped.append(Skipped(node.name, kind, flops, PROBS_V_REASON, attention=True))
             continue
         inputs, weight = [], None
         for i, (pos, o) in enumerate(zip(positions, operands)):
@@ -471,6 +507,13 @@ def find_sites(gm: fx.GraphModule, config: QuantConfig) -> QuantPlan:
                 q.bits = 8
                 q.kind = "uniform" if q.kind != "uniform" else q.kind
     return plan
+
+
+def probs_v_float(config: QuantConfig) -> bool:
+    """Whether attention probabilities x V stays float: at 8-bit activations under ``softmax="auto"``
+    (a uniform int8 grid rounds the many small probabilities away; below 8 bits the log-sqrt(2)
+    grid keeps them and the matmul is quantized)."""
+    return config.softmax == "auto" and config.abits >= 8
 
 
 def _kind_for(pattern: str, config: QuantConfig) -> str:
@@ -528,7 +571,7 @@ def install(gm: fx.GraphModule, plan: QuantPlan) -> dict:
             pos = positions[wi]
             src = _get(node, pos)
             key = src.target
-            axis = 0 if kind in ("linear", "conv") else (-1 if wi == 1 else -2)
+            axis = weight_out_axis(node) if kind in ("linear", "conv") else (-1 if wi == 1 else -2)
             if key not in weights:
                 wq = WeightFakeQuant(key, _attr(gm, src), site.weight.bits, axis)
                 root.add_module(f"w_{_safe(key)}", wq)
@@ -572,6 +615,69 @@ def norm_candidates(gm: fx.GraphModule) -> dict[str, fx.Node]:
     return out
 
 
+def _smoothable_inputs(gm: fx.GraphModule, installed: dict) -> dict[str, list[fx.Node]]:
+    """{activation key: its linear consumers} for quantized linear inputs that only linears with
+    their own weights read: a per-channel scale in front of the quantizer can move into those weights."""
+    by_key: dict[str, list[fx.Node]] = {}
+    for key in installed["act"]:
+        qnode = next((u for n in gm.graph.nodes if n.name == key for u in n.users
+                      if u.op == "call_module" and u.target == f"{QUANT_ROOT}.a_{_safe(key)}"), None)
+        if qnode is None:
+            continue
+        users = list(qnode.users)
+        ok = bool(users) and all(u.op == "call_function" and u.target in LINEAR and u.args[0] is qnode and
+                                 isinstance(u.args[1], fx.Node) and u.args[1].op == "call_module" and
+                                 len(u.args[1].args[0].users) == 1 for u in users)
+        if ok and len({u.args[1].args[0].target for u in users}) == len(users):
+            by_key[key] = users
+    return by_key
+
+
+def insert_input_scale(gm: fx.GraphModule, installed: dict, key: str, inv_scale: torch.Tensor) -> str:
+    """Put ``x * inv_scale`` (per channel, last axis) between activation ``key`` and its quantizer;
+    the quantizer is re-keyed to the scaled tensor. Returns the new node's name."""
+    root = quant_root(gm)
+    buf = f"s_{_safe(key)}"
+    root.register_buffer(buf, inv_scale.detach().float().clone())
+    src = next(n for n in gm.graph.nodes if n.name == key)
+    qnode = next(u for u in src.users if u.op == "call_module" and u.target == f"{QUANT_ROOT}.a_{_safe(key)}")
+    with gm.graph.inserting_before(qnode):
+        scaled = gm.graph.call_function(aten.mul.Tensor, (src, gm.graph.get_attr(f"{QUANT_ROOT}.{buf}")))
+    scaled.meta["nn_module_stack"] = src.meta.get("nn_module_stack", {})
+    qnode.args = (scaled,)
+    installed["act"][scaled.name] = installed["act"].pop(key)
+    gm.recompile()
+    return scaled.name
+
+
+def smooth_linear_inputs(gm: fx.GraphModule, installed: dict, alpha: float, skip: set[str]) -> list[str]:
+    """SmoothQuant on linear inputs no norm absorbs (post-GELU fc2, the attention output
+    projection): ``x / s`` per channel in front of the quantizer, ``s`` multiplied into the weights'
+    input columns, ``s`` = ``reparam.smooth_factors``'s ``r`` on the channel's |x| range (no shift:
+    there is no norm bias to take it). The ONNX backend's ``smooth_inputs`` does the same (NNCF
+    inserts the same Mul; OpenVINO folds it into the FakeQuantize). Returns the activations so scaled."""
+    from .ptq import _remap_observer
+
+    done = []
+    for key, users in _smoothable_inputs(gm, installed).items():
+        o = installed["act"][key].observer
+        if key in skip or o is None or o.channel_min is None or o.channel_min.dim() != 1:
+            continue
+        weights = [u.args[1].args[0] for u in users]
+        w_tensors = [_attr(gm, w).detach() for w in weights]
+        if any(w.dim() != 2 or w.shape[1] != o.channel_min.numel() for w in w_tensors):
+            continue
+        amax = torch.maximum(o.channel_min.abs(), o.channel_max.abs())
+        wmax = torch.stack([w.abs().amax(0) for w in w_tensors]).amax(0)
+        r, _ = reparam.smooth_factors(-amax, amax, wmax, alpha)
+        for w, wt in zip(weights, w_tensors):
+            _set_param(gm, w.target, wt * r[None, :])
+        insert_input_scale(gm, installed, key, 1.0 / r)
+        _remap_observer(o, r, torch.zeros_like(r))
+        done.append(key)
+    return done
+
+
 def _reparam_norms(gm: fx.GraphModule, installed: dict, config: QuantConfig,
                    samples: dict[str, torch.Tensor] | None = None, kept: list[str] | None = None) -> list[str]:
     """RepQ-ViT (and SmoothQuant) on each LayerNorm whose output only feeds linear weights through one quantizer.
@@ -581,6 +687,7 @@ def _reparam_norms(gm: fx.GraphModule, installed: dict, config: QuantConfig,
 
     samples = samples or {}
     kept = kept if kept is not None else []
+    alpha = config.smooth_alpha
     done = []
     root = QUANT_ROOT + ".a_"
     for node in gm.graph.nodes:
@@ -606,23 +713,16 @@ def _reparam_norms(gm: fx.GraphModule, installed: dict, config: QuantConfig,
         if any(w.op != "get_attr" for w in weights) or len({w.target for w in weights}) != len(weights):
             continue
         o = aq.observer
-        lo, hi = o.channel_min, o.channel_max
         w_tensors = [_attr(gm, w).detach() for w in weights]
-        r, t = torch.ones_like(lo), torch.zeros_like(lo)
-        if config.smooth_alpha is not None:
-            wmax = torch.stack([w.abs().amax(0) for w in w_tensors]).amax(0)
-            r, t = reparam.smooth_factors(lo, hi, wmax, config.smooth_alpha)
-            lo, hi = (lo + t) / r, (hi + t) / r
-        if config.ln_reparam:
-            r2, t2 = reparam.repq_factors(lo, hi, config.abits)
-            t, r = t + t2 * r, r * r2
+        wmax = torch.stack([w.abs().amax(0) for w in w_tensors]).amax(0)
+        r, t = reparam.norm_factors(o.channel_min, o.channel_max, wmax, config.abits, alpha, config.ln_reparam)
         if o.channel_count < REPQ_MIN_ROWS:
             # per-channel ranges from a few rows (a pooled feature over a few images) do not hold on
             # new images, and RepQ's one tight per-tensor grid then clips them: keep the plain grid
             kept.append(node.name)
             continue
         sample = samples.get(node.name)
-        if sample is not None and config.smooth_alpha is None and \
+        if sample is not None and alpha is None and \
                 _product_error(sample, w_tensors, torch.ones_like(r), torch.zeros_like(t), config) <= \
                 _product_error(sample, w_tensors, r, t, config):
             # the reparameterisation moves per-channel ranges into the weights; where the weights'
@@ -647,10 +747,45 @@ def _reparam_norms(gm: fx.GraphModule, installed: dict, config: QuantConfig,
     return done
 
 
+class _SiteOutputs(fx.Interpreter):
+    """Runs the graph and keeps the outputs of the named nodes."""
+
+    def __init__(self, gm: fx.GraphModule, names: set[str]):
+        super().__init__(gm)
+        self.names, self.outputs = names, {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.name in self.names and isinstance(out, torch.Tensor):
+            self.outputs[n.name] = out.detach().clone()
+        return out
+
+
+@torch.no_grad()
+def site_outputs(gm: fx.GraphModule, plan: QuantPlan, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each site's output on ``x`` in the graph as it is now (quantizers in whatever mode they are)."""
+    run = _SiteOutputs(gm, {s.name for s in plan.sites})
+    run.run(x)
+    return run.outputs
+
+
+def site_sqnr(reference: dict[str, torch.Tensor], quantized: dict[str, torch.Tensor]) -> dict[str, float | None]:
+    """SQNR (dB) of each site's output in the quantized graph against the float graph (errors of
+    every site before it included, as the module path's ``layer_sqnr``): where the error grows."""
+    out = {}
+    for name, ref in reference.items():
+        if name in quantized:
+            v = Q.sqnr_db(ref, quantized[name])
+            out[name] = round(v, 2) if math.isfinite(v) else None
+    return out
+
+
 def _calibrate(installed: dict, plan: QuantPlan, config: QuantConfig) -> None:
     from .ptq import _calibrate_twin, _calibrate_uniform
 
     weightless = {o for s in plan.sites if s.weight is None for o in _site_operand_keys(installed, s)}
+    padded = {o for s in plan.sites if s.op == "conv" and _pads_input(installed["sites"][s.name])
+              for o in _site_operand_keys(installed, s)[:1]}
     for key, q in installed["act"].items():
         if q.kind in ("log2", "logsqrt2"):
             continue
@@ -661,13 +796,27 @@ def _calibrate(installed: dict, plan: QuantPlan, config: QuantConfig) -> None:
                 continue
             q.set_uniform(uniform[2], uniform[3], False, False)
             continue
-        scheme = None
+        scheme = config.graph_scheme
+        if key in padded and scheme == "per-layer":
+            # OpenVINO pads a quantized conv input with code 0, not the zero point: an asymmetric grid
+            # would see wrong borders there (the module path's QuantConv2d pads in float instead)
+            scheme = "symmetric"
         if key in weightless:
             # matmul operands without a weight (q, k, v, probs): signed grids with zero point 0 for
             # the integer attention kernels; non-negative ones (probabilities) unsigned, zero point 0
             scheme = "asymmetric" if q.observer.min >= 0 else "symmetric"
         _, symmetric, scale, zero = _calibrate_uniform(q, config.calibrator, config, scheme)[0]
         q.set_uniform(scale, zero, symmetric, False)
+
+
+def _pads_input(node: fx.Node) -> bool:
+    """Whether a (non-transposed) conv pads its input: a transposed conv's padding crops its output."""
+    if is_transposed_conv(node) or len(node.args) <= 4:
+        return False
+    pad = node.args[4]
+    if isinstance(pad, str):
+        return pad != "valid"
+    return any(int(p) > 0 for p in pad)
 
 
 def _site_operand_keys(installed: dict, site: Site) -> list[str]:
@@ -690,6 +839,10 @@ def _quantize_weights(gm: fx.GraphModule, installed: dict, plan: QuantPlan, conf
     for site in plan.sites:
         node = installed["sites"][site.name]
         if site.op not in ("linear", "conv") or site.weight is None or not site.inputs:
+            continue
+        if is_transposed_conv(node):
+            # each output pixel of a strided transposed conv sums a different subset of the kernel
+            # taps, so (W - W_q) E[x] is not one shift per channel (the ONNX backend skips it too)
             continue
         wnode = node.args[1]
         key = wnode.args[0].target if wnode.op == "call_module" else None
@@ -772,15 +925,19 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None):
             h.remove()
     kept: list[str] = []
     norms = _reparam_norms(gm, installed, config, samples, kept) if (config.ln_reparam or config.smooth_alpha) else []
+    smoothed = smooth_linear_inputs(gm, installed, config.smooth_alpha, set(norms)) if config.smooth_alpha else []
     for q in installed["act"].values():
         q.observer.start_histogram()
     _run_all(captured, x, progress, task)
     set_mode(captured, "off")
+    reference = site_outputs(gm, plan, x[:SQNR_IMAGES])  # the float function (the reparameterisations are exact)
     _calibrate(installed, plan, config)
     biased = _quantize_weights(gm, installed, plan, config)
     for q in installed["act"].values():
         q.observer = None
     set_mode(captured, "quant")
+    sqnr = site_sqnr(reference, site_outputs(gm, plan, x[:SQNR_IMAGES]))
+    del reference
     finalize_plan(plan, installed)
     if task is not None:
         progress.remove_task(task)
@@ -791,13 +948,14 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None):
         "calibration_images": int(x.shape[0]),
         "calibration_s": round(time.perf_counter() - start, 3),
         "plan": {"capture": CAPTURE, "folded_bn": folded, "reparameterised_norms": norms, "norms_kept_plain": kept,
+                 "smooth_alpha": config.smooth_alpha, "smoothed_inputs": smoothed,
                  "bias_added": sorted(set(_norm_biases(gm)) | set(biased)), "attention": [], "ends_8bit": []},
         "quant_plan": plan.to_dict(),
         "coverage": plan.coverage(),
         "layers": site_specs(plan),
         "scheme_choice": {},
         "vit_quantizers": pattern_summary(plan, norms, config),
-        "sqnr_db": {},
+        "sqnr_db": sqnr,
     }
     return backbone.with_module(captured, record)
 
@@ -817,7 +975,9 @@ def pattern_summary(plan: QuantPlan, norms: list[str], config: QuantConfig) -> d
                 kinds[q.pattern][f"{q.kind}{q.bits}"] += 1
     out = {p: ", ".join(f"{k} x{n}" for k, n in sorted(v.items())) for p, v in kinds.items()}
     if "post-layernorm" in out:
-        out["post-layernorm"] += f"; {'repq' if config.ln_reparam else 'per-tensor'} on {len(norms)} norms"
+        alpha = config.smooth_alpha
+        how = "+".join(([f"smoothquant(alpha={alpha})"] if alpha else []) + (["repq"] if config.ln_reparam else [])) or "per-tensor"
+        out["post-layernorm"] += f"; {how} on {len(norms)} norms"
     out["bias_correction"] = config.bias_correction
     return out
 
@@ -831,10 +991,18 @@ def rebuild(base_module: nn.Module, example: torch.Tensor, record: dict) -> Capt
     add_biases(gm, [n for n in record["plan"]["bias_added"] if n not in record["plan"]["folded_bn"]])
     plan = QuantPlan.from_dict(record["quant_plan"])
     installed = install(gm, plan)
+    for key in record["plan"].get("smoothed_inputs", []):  # the saved state holds the scales
+        insert_input_scale(gm, installed, key, torch.ones(_input_channels(gm, installed, key)))
     finalize_plan_into(installed, plan)
     for wq in installed["weight"].values():
         wq.quantized = True
     return captured
+
+
+def _input_channels(gm: fx.GraphModule, installed: dict, key: str) -> int:
+    """Channels of a smoothed linear input: the input width of its first consumer's weight."""
+    users = _smoothable_inputs(gm, installed)[key]
+    return _attr(gm, users[0].args[1].args[0]).shape[1]
 
 
 def finalize_plan_into(installed: dict, plan: QuantPlan) -> None:
@@ -855,7 +1023,8 @@ def audit_module_path(float_module: nn.Module, example: torch.Tensor, quantized_
     gm = captured.graph_module
     decompose_sdpa(gm)
     shape_prop(gm, example[:1])
-    found = find_sites(gm, QuantConfig())
+    # softmax "uniform": the adapters quantize attention probabilities x V, so the audit counts it
+    found = find_sites(gm, QuantConfig(softmax="uniform"))
     plan = QuantPlan(capture=CAPTURE + " (audit of the module path)", skipped=list(found.skipped))
     for site in found.sites:
         path = site.module or ""
