@@ -25,7 +25,8 @@ class QuantConfig:
     backbones use per-channel grids below 8 bits where that lowers the error ("tensor" never).
     ``ln_reparam``: RepQ-ViT reparameterisation of post-LayerNorm activations;
     ``smooth_alpha``: SmoothQuant (with a shift) before it, off when None.
-    ``keep_ends_8bit``: the patch embedding / first conv and the classifier stay at 8 bits.
+    ``keep_ends_8bit``: the first layer (of the patch embedding or conv stem), the classifier and
+    a hybrid's conv->token bridge convs stay at 8 bits (``ptq.end_layers``).
     ``sites``: "graph" finds every matmul-like op in the captured graph (``torch_graph``);
     "modules" swaps exact Linear/Conv2d modules and routes attention through a family adapter;
     "auto" keeps the module path where it covers at least 95% of the model's matmul/conv FLOPs
