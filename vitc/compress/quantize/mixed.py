@@ -20,7 +20,7 @@
    export carries weights of any width up to 8 exactly as int8 codes; 4/6-bit activations
    are refused there, by layer name).
 
-The patch embedding / first conv and the classifier stay at 8 bits (``keep_ends_8bit``), so
+The first layer, the classifier and a hybrid's bridge convs stay at 8 bits (``keep_ends_8bit``), so
 the smallest reachable average is above the smallest width; an impossible budget says it.
 """
 from __future__ import annotations

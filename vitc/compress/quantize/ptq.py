@@ -93,15 +93,33 @@ def fold_batchnorms(module: nn.Module, structure) -> list[str]:
 
 
 def end_layers(structure, module: nn.Module) -> list[str]:
-    """The first (patch embedding / stem) and last (classifier) layers, kept at 8 bits."""
-    ends = []
-    if structure.patch_embed:
-        ends.append(structure.patch_embed)
-    elif structure.conv_stages and structure.conv_stages[0].convs:
-        ends.append(structure.conv_stages[0].convs[0])
+    """The layers kept at 8 bits under ``keep_ends_8bit``: the first weighted layer (of the patch
+    embedding, which in a hybrid is a whole conv stem, or of the first conv stage), the classifier,
+    and each conv that hands a feature map over to attention (a hybrid's bridge).
+
+    Why the bridges: Q-HyViT's finding, measured here too: the conv->token transition carries the
+    largest activation ranges of a hybrid, and at 4 bits it alone costs most of the accuracy
+    (zoo:convvit-c10 W4A4 calibration only: drop 6.25 pt with a 4-bit stem, 0.65 with its first
+    conv at 8, 0.15 with its bridge too)."""
+    first = structure.patch_embed or (structure.conv_stages[0].path if structure.conv_stages else None)
+    ends = [first_weighted(module, first)] if first else []
+    for bridge in structure.bridges:
+        ends.append(bridge.conv)
     if structure.classifier:
-        ends.append(structure.classifier)
-    return ends
+        ends.append(first_weighted(module, structure.classifier))
+    return list(dict.fromkeys(e for e in ends if e))
+
+
+def first_weighted(module: nn.Module, path: str) -> str | None:
+    """``path`` itself when it is a Linear/Conv2d, else the first one inside it (a conv stem is a container)."""
+    try:
+        m = get_module(module, path)
+    except AttributeError:
+        return None
+    for name, sub in m.named_modules():
+        if isinstance(sub, (nn.Linear, nn.Conv2d)):
+            return f"{path}.{name}" if name else path
+    return None
 
 
 def install(module: nn.Module, structure, config: QuantConfig, folded_bn: list[str] | None = None) -> Plan:
@@ -404,7 +422,8 @@ def apply(backbone: Backbone, config: QuantConfig | None = None, data=None, prog
     if config.group_size is not None or config.abits == 16:  # weight-only: no activations to calibrate
         from .weight_only import apply_weight_only
 
-        return apply_weight_only(backbone, config)
+        # calibration images are optional here: they make the group scales activation-aware
+        return apply_weight_only(backbone, config, None if data is None else calibration_tensor(data, backbone))
     module = backbone.require_module("quantization")
     structure = backbone.structure
     x = calibration_tensor(data, backbone)

@@ -72,8 +72,12 @@ def fake_quant_log2(x: torch.Tensor, bits: int, sqrt2: bool = False) -> torch.Te
     k = 2.0 if sqrt2 else 1.0
     levels = 2 ** bits - 1
     q = torch.round(-torch.log2(x.clamp_min(1e-30)) * k).clamp_min(0)
-    out = torch.pow(2.0, -q / k)
-    return torch.where(q >= levels, torch.zeros_like(out), out)
+    out = torch.exp2(-q / k).masked_fill(q >= levels, 0.0)
+    if x.requires_grad:
+        # straight-through gradient, as the uniform fake-quant has: round() alone passes none, which
+        # left block reconstruction no gradient into q/k projections behind a log-quantized softmax
+        return x + (out - x).detach()
+    return out
 
 
 def twin_scales(neg_min: float, pos_max: float, bits: int) -> tuple[float, float]:

@@ -66,10 +66,16 @@ class ReconstructOptions:
     learn_act: bool = True
     float_bias: bool = False  # start from the float bias instead of the bias-corrected one
     seed: int = 0
+    # torch threads while learning: a step works on small tensors (16 images of one unit), where
+    # threading costs more than it gains; on the shared 2-core machine a zoo ViT step took
+    # 267 ms on one thread and 2,639 ms on two (load average 7.7)
+    threads: int = 1
 
     def validate(self) -> "ReconstructOptions":
         if self.iters < 1:
             raise VitcError(f"--iters {self.iters} is not a positive number of steps", "pass --iters 1 or more (e.g. 400)")
+        if self.threads < 1:
+            raise VitcError(f"reconstruction threads {self.threads} is not positive", "use 1 thread")
         if self.batch < 1:
             raise VitcError(f"reconstruction batch {self.batch} is not positive", "use a batch of 32")
         if not 0.0 <= self.drop_prob < 1.0:
@@ -199,6 +205,84 @@ def capture(module: nn.Module, path: str, x: torch.Tensor, batch: int = 64, want
     return Captured(args, kwargs, torch.cat([c[2] for c in chunks]), n)
 
 
+TARGETS_MAX_BYTES = 1 << 30  # all units' FP32 outputs kept at once up to this; beyond it, one capture per unit
+
+
+@torch.no_grad()
+def capture_outputs(reference: nn.Module, paths: list[str], x: torch.Tensor, batch: int = 64,
+                    max_bytes: int = TARGETS_MAX_BYTES) -> dict[str, torch.Tensor]:
+    """Every unit's FP32 output in one pass of ``reference`` over ``x`` (``{}`` when they would not fit
+    in ``max_bytes``): one pass instead of one partial pass per unit, whose cost grows with its depth."""
+    probe = _probe(reference, paths, x[:1])
+    if sum(first_tensor(out).numel() * 4 for _, _, out in probe.values()) * x.shape[0] > max_bytes:
+        return {}
+    chunks: dict[str, list] = {p: [] for p in paths}
+    hooks = [reference.get_submodule(p).register_forward_hook(
+        lambda m, a, out, p=p: chunks[p].append(first_tensor(out).detach())) for p in paths]
+    try:
+        for i in range(0, x.shape[0], batch):
+            reference(x[i:i + batch])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {p: torch.cat(c) for p, c in chunks.items() if c}
+
+
+@torch.no_grad()
+def _probe(module: nn.Module, paths: list[str], x: torch.Tensor) -> dict[str, tuple]:
+    """{path: (args, kwargs, output)} of each unit's first call on ``x``."""
+    seen: dict[str, tuple] = {}
+
+    def hook(p):
+        def fn(m, args, kwargs, out):
+            seen.setdefault(p, (args, kwargs, out))
+        return fn
+
+    hooks = [module.get_submodule(p).register_forward_hook(hook(p), with_kwargs=True) for p in paths]
+    try:
+        module(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@dataclass
+class Link:
+    """Unit k+1 takes unit k's output as its one tensor argument, at ``position`` among ``args``."""
+
+    position: int
+    args: list
+    kwargs: dict
+
+    def inputs(self, outputs: torch.Tensor) -> Captured:
+        args = list(self.args)
+        args[self.position] = outputs
+        return Captured(args, dict(self.kwargs), None, outputs.shape[0])
+
+
+def chain_links(module: nn.Module, units: list[Unit], probe: torch.Tensor) -> dict[int, Link]:
+    """{k: Link} for each unit k whose output is, unchanged, the only tensor input of unit k+1
+    (consecutive transformer blocks), checked on ``probe`` images: there the next unit's quantized
+    input is the learned unit's output on the previous one's inputs, and no partial pass of the
+    model from its input is needed."""
+    seen = _probe(module, [u.path for u in units], probe)
+    links = {}
+    for k in range(len(units) - 1):
+        here, nxt = seen.get(units[k].path), seen.get(units[k + 1].path)
+        if here is None or nxt is None:
+            continue
+        args, kwargs, _ = nxt
+        tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        if len(tensors) != 1 or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+            continue
+        out = first_tensor(here[2])
+        arg = args[tensors[0]]
+        if arg.shape == out.shape and torch.equal(arg, out):
+            links[k] = Link(tensors[0], list(args), dict(kwargs))
+    return links
+
+
 # ---------------------------------------------------------------- AdaRound
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -285,8 +369,9 @@ def _unit_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def learn_unit(module: nn.Module, unit: Unit, reference: nn.Module, quant_in: Captured, target: torch.Tensor,
-               options: ReconstructOptions, progress=None, task=None) -> dict:
-    """Learn the rounding and step sizes of one unit in place; return its before/after output error."""
+               options: ReconstructOptions, progress=None, task=None, keep_outputs: bool = False):
+    """Learn the rounding and step sizes of one unit in place; return its before/after output error
+    (and, with ``keep_outputs``, the unit's final outputs on ``quant_in``: the next unit's input)."""
     gen = torch.Generator().manual_seed(options.seed)
     unit_module = module.get_submodule(unit.path)
     layers = {n: module.get_submodule(n) for n in unit.layers}
@@ -309,7 +394,7 @@ def learn_unit(module: nn.Module, unit: Unit, reference: nn.Module, quant_in: Ca
     opt_a = torch.optim.Adam(params_a, lr=options.act_lr) if params_a else None
     sched_a = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, options.iters, eta_min=0.0) if opt_a else None
 
-    before = _unit_error(unit_module, quant_in, target, acts, options)
+    before, _ = _unit_error(unit_module, quant_in, target, acts, options)
     # the calibrated state, kept when learning does not lower the unit's error on the calibration images
     snapshot = {k: v.detach().clone() for k, v in unit_module.state_dict().items()}
     n = quant_in.n
@@ -341,30 +426,37 @@ def learn_unit(module: nn.Module, unit: Unit, reference: nn.Module, quant_in: Ca
                 layer.weight.copy_(hard_weight(floor, v.detach(), layer.weight_scale, layer.wbits))
         for name, q in acts.items():
             _restore_act(q, scales[name])
-    after = _unit_error(unit_module, quant_in, target, {}, options)
+    after, outputs = _unit_error(unit_module, quant_in, target, {}, options, keep_outputs)
     kept = after > before
     if kept:
         unit_module.load_state_dict(snapshot)
+        if keep_outputs:
+            outputs = _unit_error(unit_module, quant_in, target, {}, options, True)[1]
     flips = sum(int(((v.detach() >= 0).float() != (torch.round(ref_layers[n].weight.detach() / layers[n].weight_scale.reshape(
         -1, *[1] * (v.dim() - 1))) - state[n][0])).sum()) for n, (_, v) in state.items())
-    return {"unit": unit.path, "kind": unit.kind, "layers": len(unit.layers), "mse_before": before, "mse_after": min(after, before),
-            "learned_mse": after, "kept_calibration": kept, "rounding_changed_from_nearest": 0 if kept else flips}
+    record = {"unit": unit.path, "kind": unit.kind, "layers": len(unit.layers), "mse_before": before, "mse_after": min(after, before),
+              "learned_mse": after, "kept_calibration": kept, "rounding_changed_from_nearest": 0 if kept else flips}
+    return (record, outputs) if keep_outputs else record
 
 
 @torch.no_grad()
-def _unit_error(unit_module: nn.Module, quant_in: Captured, target: torch.Tensor, acts: dict, options) -> float:
+def _unit_error(unit_module: nn.Module, quant_in: Captured, target: torch.Tensor, acts: dict, options,
+                keep_outputs: bool = False):
+    """(mean squared error of the unit's output on all images, the outputs with ``keep_outputs`` else None)."""
     for q in acts.values():
         q.training_drop = False
-    total, count = 0.0, 0
+    total, count, outs = 0.0, 0, []
     for i in range(0, quant_in.n, 128):
         idx = torch.arange(i, min(i + 128, quant_in.n))
         args, kwargs = quant_in.inputs(idx)
         out = first_tensor(unit_module(*args, **kwargs))
         total += (out - target[idx]).pow(2).sum().item()
         count += out.numel()
+        if keep_outputs:
+            outs.append(out)
     for q in acts.values():
         q.training_drop = True
-    return total / max(1, count)
+    return total / max(1, count), (torch.cat(outs) if keep_outputs else None)
 
 
 # ---------------------------------------------------------------- the pass step
@@ -397,8 +489,19 @@ def estimate_seconds(module: nn.Module, x: torch.Tensor, units: list[Unit], opti
 def reconstruct(reference: nn.Module, module: nn.Module, structure, x: torch.Tensor, options: ReconstructOptions,
                 key: str, staging: Path | None = None, progress=None, say=print) -> dict:
     """Reconstruct ``module`` (calibrated, quantizers in "quant" mode) unit by unit against ``reference``
-    (the float model after the exact rewrites, quantizers off). Returns the record's ``reconstruction`` entry."""
+    (the float model after the exact rewrites, quantizers off), on ``options.threads`` torch threads.
+    Returns the record's ``reconstruction`` entry."""
     options = options.validate()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(options.threads)
+    try:
+        return _reconstruct(reference, module, structure, x, options, key, staging, progress, say)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reconstruct(reference: nn.Module, module: nn.Module, structure, x: torch.Tensor, options: ReconstructOptions,
+                 key: str, staging: Path | None, progress, say) -> dict:
     check_count(x.shape[0], options)
     torch.manual_seed(options.seed)
     set_mode(module, "quant")
@@ -420,14 +523,25 @@ def reconstruct(reference: nn.Module, module: nn.Module, structure, x: torch.Ten
     start = time.perf_counter()
     task = progress.add_task("reconstructing", total=len(units) * options.iters,
                              completed=len(done) * options.iters) if progress is not None else None
+    targets = capture_outputs(reference, [u.path for u in units[len(done):]], x)
+    links = chain_links(module, units, x[:2])
+    next_in = None
     for k, unit in enumerate(units):
         if k < len(done):
             continue
         if progress is not None:
             progress.update(task, description=f"reconstructing {unit.path} ({k + 1}/{len(units)})")
-        target = capture(reference, unit.path, x, want_inputs=False).output
-        quant_in = capture(module, unit.path, x)
-        done.append(learn_unit(module, unit, reference, quant_in, target, options, progress, task))
+        target = targets.pop(unit.path, None)
+        if target is None:
+            target = capture(reference, unit.path, x, want_inputs=False).output
+        quant_in = next_in if next_in is not None else capture(module, unit.path, x)
+        result = learn_unit(module, unit, reference, quant_in, target, options, progress, task, keep_outputs=k in links)
+        if k in links:
+            result, outputs = result
+            next_in = links[k].inputs(outputs)
+        else:
+            next_in = None
+        done.append(result)
         if staging is not None:
             staging.mkdir(parents=True, exist_ok=True)
             torch.save(module.state_dict(), staging / "state.tmp")

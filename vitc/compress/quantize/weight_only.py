@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
@@ -55,12 +56,36 @@ def validate_config(config):
     return config
 
 
-def group_scales(w: torch.Tensor, bits: int, group: int, search: bool = True) -> torch.Tensor:
-    """Symmetric scales of ``w`` (out, in), one per (output channel, group of ``group`` inputs): (out, in/group)."""
+def group_scales(w: torch.Tensor, bits: int, group: int, search: bool = True,
+                 importance: torch.Tensor | None = None, candidates: int = 64) -> torch.Tensor:
+    """Symmetric scales of ``w`` (out, in), one per (output channel, group of ``group`` inputs): (out, in/group).
+
+    With ``search``, each group's clipping is the shrinking of its max |w| with the least squared
+    error; with ``importance`` (in,), the mean square of each input channel on calibration images,
+    that error is weighted by it: ``sum_i E[x_i^2] (w_i - q_i)^2`` is the expected squared error
+    of the layer's output that the group's rounding causes (the diagonal of GPTQ's Hessian), so a
+    group clips the weights of quiet inputs rather than those of the loud ones, as AWQ argues."""
     out, inp = w.shape
     if inp % group:
         raise ValueError(f"{inp} input channels do not split into groups of {group}")
-    return Q.weight_qparams(w.reshape(out * inp // group, group), bits, search).reshape(out, inp // group)
+    if importance is None or not search:
+        return Q.weight_qparams(w.reshape(out * inp // group, group), bits, search, candidates).reshape(out, inp // group)
+    qmin, qmax = Q.int_range(bits, True, restricted=True)
+    g = w.detach().float().reshape(out, inp // group, group)
+    weight = importance.float().clamp_min(0).reshape(1, inp // group, group)
+    weight = weight / weight.mean(-1, keepdim=True).clamp_min(1e-12)  # per group: a silent group falls back to plain MSE
+    weight = torch.where(torch.isfinite(weight), weight, torch.ones_like(weight))
+    amax = g.abs().amax(-1).clamp_min(1e-8)  # (out, groups)
+    best = amax / qmax
+    best_err = torch.full_like(amax, math.inf)
+    for ratio in torch.linspace(0.5, 1.0, candidates):
+        s = amax * ratio / qmax
+        q = torch.clamp(torch.round(g / s[..., None]), qmin, qmax) * s[..., None]
+        err = ((q - g) ** 2 * weight).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, s, best)
+    return best
 
 
 def group_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -81,11 +106,11 @@ class _WeightOnly:
         self.wbits, self.group_size = wbits, group_size
         self.register_buffer("weight_scale", torch.ones(scale_shape))
 
-    def quantize(self, search: bool = True) -> None:
+    def quantize(self, search: bool = True, importance: torch.Tensor | None = None) -> None:
         w = self.weight.detach().float()
         with torch.no_grad():
             if self.group_size:
-                self.weight_scale = group_scales(w, self.wbits, self.group_size, search)
+                self.weight_scale = group_scales(w, self.wbits, self.group_size, search, importance)
                 self.weight.copy_(dequantize_groups(group_codes(w, self.weight_scale, self.wbits), self.weight_scale))
             else:
                 self.weight_scale = Q.weight_qparams(w, self.wbits, search)
@@ -153,8 +178,35 @@ def install(module: nn.Module, plan: dict[str, dict]) -> None:
         setattr(owner, attr, new)
 
 
-def apply_weight_only(backbone: Backbone, config) -> Backbone:
-    """Weight-only quantization of ``backbone`` (no calibration images needed)."""
+ACTIVATION_IMAGES = 128  # images for the input statistics of the activation-aware scale search
+
+
+@torch.no_grad()
+def input_mean_squares(module: nn.Module, names: list[str], x: torch.Tensor, batch: int = 64) -> dict[str, torch.Tensor]:
+    """{layer: E[x_i^2] per input channel (last axis)} of each named Linear on images ``x``."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def pre(m, args):
+            a = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[name] = sums.get(name, 0) + a.pow(2).sum(0)
+            counts[name] = counts.get(name, 0) + a.shape[0]
+        return pre
+
+    handles = [module.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        for i in range(0, x.shape[0], batch):
+            module(x[i:i + batch])
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: sums[n] / counts[n] for n in sums}
+
+
+def apply_weight_only(backbone: Backbone, config, x: torch.Tensor | None = None) -> Backbone:
+    """Weight-only quantization of ``backbone``. Calibration images ``x`` are optional: with them the
+    group scales minimise the activation-weighted error (``group_scales``), without them the plain one."""
     start = time.perf_counter()
     out = backbone.copy()
     module = out.require_module("weight-only quantization").eval()
@@ -166,12 +218,16 @@ def apply_weight_only(backbone: Backbone, config) -> Backbone:
     plan = layer_plan(module, backbone.structure, config.wbits, config.group_size)
     if not plan:
         raise VitcError("the model has no Linear or Conv2d layer to quantize", "quantize a model built from Linear/Conv2d layers")
+    grouped = [n for n, spec in plan.items() if spec["group_size"]]
+    images = x[:ACTIVATION_IMAGES] if x is not None else None
+    importance = input_mean_squares(module, grouped, images) if images is not None and grouped else {}
     install(module, plan)
-    for layer in weight_only_layers(module).values():
-        layer.quantize(config.weight_search)
-    record = {"pass": "quantize", "config": config.to_dict(), "calibration_images": 0,
+    for name, layer in weight_only_layers(module).items():
+        layer.quantize(config.weight_search, importance.get(name))
+    record = {"pass": "quantize", "config": config.to_dict(), "calibration_images": 0 if images is None else int(images.shape[0]),
               "calibration_s": round(time.perf_counter() - start, 3),
-              "weight_only": {"layers": plan, "wbits": config.wbits, "group_size": config.group_size, "folded_bn": folded},
+              "weight_only": {"layers": plan, "wbits": config.wbits, "group_size": config.group_size, "folded_bn": folded,
+                              "scale_search": "activation-weighted MSE" if importance else ("MSE" if config.weight_search else "max")},
               "plan": {"folded_bn": folded, "attention": [], "ends_8bit": [n for n, s in plan.items() if s["group_size"] is None]},
               "layers": {}, "scheme_choice": {}, "vit_quantizers": {}, "sqnr_db": {}}
     return out.with_module(module, record)
