@@ -223,7 +223,7 @@ def subpixel_deconvs(model) -> int:
         pads, dil, group = _attr(ct, "pads", [0, 0, 0, 0]), _attr(ct, "dilations", [1, 1]), _attr(ct, "group", 1)
         auto_pad = _attr(ct, "auto_pad", b"NOTSET")
         if not k or len(k) != 2 or len(set(st)) != 1 or st[0] < 2 or group != 1 or any(d != 1 for d in dil) \
-                or any(_attr(ct, a) for a in ("output_padding", "output_shape")) or auto_pad not in (b"NOTSET", "NOTSET"):
+                or any(_attr(ct, "output_padding", [])) or _attr(ct, "output_shape") or auto_pad not in (b"NOTSET", "NOTSET"):
             continue
         s = st[0]
         if any(k[a] - pads[a] - pads[a + 2] != s for a in (0, 1)):

