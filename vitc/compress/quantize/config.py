@@ -83,9 +83,21 @@ class QuantConfig:
     def softmax_kind(self) -> str:
         return ("uniform" if self.abits >= 8 else "logsqrt2") if self.softmax == "auto" else self.softmax
 
+    def scheme_for(self, zero_points: bool) -> str:
+        """The activation grid rule, for both backends (one place, so they differ only by what their
+        artifacts run on). "auto" below 8 bits, and at 8 bits where every runtime the backend writes
+        for takes a zero point (``zero_points``: the ONNX backend, whose graphs go to ONNX Runtime and
+        OpenVINO), picks symmetric int8 or asymmetric uint8 per activation by expected error; at 8 bits
+        for a model that may be exported to TensorRT (the PyTorch path), symmetric int8 with zero
+        point 0, the one grid every target runs."""
+        if self.scheme != "auto":
+            return self.scheme
+        return "per-layer" if zero_points or self.abits < 8 else "symmetric"
+
     @property
     def scheme_kind(self) -> str:
-        return ("symmetric" if self.abits >= 8 else "per-layer") if self.scheme == "auto" else self.scheme
+        """The PyTorch path's rule (its models export to every target, TensorRT included)."""
+        return self.scheme_for(zero_points=False)
 
     @property
     def gelu_kind(self) -> str:
