@@ -203,8 +203,16 @@ def main() -> None:
     variants = [parse_variant(v) for v in (args.variant or ["defaults:"])]
     from vitc.compress.quantize import QuantConfig
 
-    for _, settings in variants:  # a bad setting fails here, before any model is quantized
-        QuantConfig(**settings).validate()
+    from vitc.errors import VitcError
+
+    for name, settings in variants:  # a bad setting fails here in one line, before any model is quantized
+        try:
+            QuantConfig(**settings).validate()
+        except (TypeError, VitcError) as exc:
+            sys.exit(print(f"error: --variant {name}: {str(exc).splitlines()[0]}", file=sys.stderr) or 2)
+    unknown = [m for m in filter(None, args.models.split(",")) if not (ROOT / "vitc" / "zoo" / m).is_dir()]
+    if unknown:
+        sys.exit(print(f"error: no zoo model {', '.join(unknown)} (use some of: {', '.join(MODELS)})", file=sys.stderr) or 2)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     cache: dict = {}
