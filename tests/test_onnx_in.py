@@ -65,14 +65,36 @@ def test_plan_finds_vit_patterns_and_records_coverage(quantized_vit):
     assert len(int8) == 38  # every linear and conv weight stored as int8 codes
 
 
-def test_onnx_path_matches_fp32_and_pytorch_path(quantized_vit):
-    """The ONNX path on the bundled slice (1,000 images): close to FP32 with its defaults, and, with the
-    PyTorch path's grids (symmetric int8 everywhere, softmax -> MatMul quantized), within 0.3 point
-    top-1 of the PyTorch path (measured: 75.0% vs 74.8%; FP32 74.6%; defaults 74.2%)."""
-    import vitc
+def _weight_site_grids(path) -> list[tuple[float, int]]:
+    """(activation scale, zero point) in front of each MatMul/Gemm/Conv with a quantized weight, in graph order."""
+    model = onnx.load(str(path))
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+                   if n.op_type == "Constant" and n.attribute[0].name == "value"})
+    producer = {o: n for n in model.graph.node for o in n.output}
+    grids = []
+    for n in model.graph.node:
+        if n.op_type not in ("MatMul", "Gemm", "Conv"):
+            continue
+        act, weight = (producer.get(i) for i in n.input[:2])
+        if weight is None or weight.op_type != "DequantizeLinear" or consts[weight.input[1]].size == 1:
+            continue  # not a weighted site (an attention matmul has two activation operands)
+        assert act is not None and act.op_type == "DequantizeLinear", n.name
+        grids.append((float(consts[act.input[1]]), int(consts[act.input[2]])))
+    return grids
+
+
+def test_onnx_path_matches_fp32_and_pytorch_path(quantized_vit, tmp_path):
+    """The ONNX path is close to FP32 with its defaults; with the PyTorch path's grid rules
+    (symmetric int8 everywhere, softmax -> MatMul quantized: ``QuantConfig.scheme_for`` without
+    zero points) on the SAME calibration images, the two backends make the same model: every
+    RepQ-ViT norm folded (norm1's output also feeds Shape nodes), every weighted site's input grid
+    the same (weights: identical codes), and the two int8 graphs agree on top-1 for nearly every
+    image (measured on the bundled 1,000 after all 500 calibration images: 98.9%; the full test set:
+    benchmarks/results_onnx_vs_torch_zoo_2026-12-05.txt)."""
     from vitc.calibration.data import DataSpec, load_tensors
-    from vitc.compress.quantize import QuantConfig, apply
-    from vitc.evaluate import evaluate
+    from vitc.compress.quantize import QuantConfig, apply, onnx_graph
+    from vitc.export import export_artifact
     from vitc.tasks import fidelity
 
     fp32, q = quantized_vit
@@ -82,11 +104,22 @@ def test_onnx_path_matches_fp32_and_pytorch_path(quantized_vit):
     assert f["pearson_mean"] > 0.999 and f["cosine_worst"] > 0.98
     fp32_top1 = (ref.argmax(1) == y).float().mean().item()
     assert abs((out.argmax(1) == y).float().mean().item() - fp32_top1) <= 0.006
-    same = vitc.quantize(fp32, "bundled:calib", scheme="symmetric", softmax="uniform")
-    onnx_top1 = (_run_ort(same.onnx_path, x).argmax(1) == y).float().mean().item()
-    torch_q = apply(zoo_or_skip("vit-c10"), QuantConfig(), "bundled:calib")
-    torch_top1 = evaluate(torch_q, DataSpec("bundled:eval").open(), torch_q.preprocess, torch_q.labels, 250)["top1"]
-    assert abs(onnx_top1 - torch_top1) <= 0.003 + 1e-6, (onnx_top1, torch_top1)
+
+    calib = load_tensors(DataSpec("bundled:calib", size=128).open(), fp32.preprocess)[0]
+    matched = QuantConfig(scheme="symmetric", softmax="uniform")
+    onnx_q = onnx_graph.apply(fp32, matched, calib, threads=1)
+    assert len(onnx_q.transforms[-1]["reparameterised_norms"]) == 12  # both LayerNorms of all 6 blocks
+    torch_q = apply(zoo_or_skip("vit-c10"), QuantConfig(), calib)
+    paths = {"onnx": tmp_path / "onnx.onnx", "torch": tmp_path / "torch.onnx"}
+    export_artifact(onnx_q, "onnx", paths["onnx"], check=False)
+    export_artifact(torch_q, "onnx", paths["torch"], check=False)
+    grids = {k: _weight_site_grids(p) for k, p in paths.items()}
+    assert len(grids["onnx"]) == len(grids["torch"]) == 38  # 36 block linears, patch conv, classifier
+    for (s_onnx, z_onnx), (s_torch, z_torch) in zip(grids["onnx"], grids["torch"]):
+        # statistics come from ONNX Runtime there and PyTorch here: float rounding, not different grids
+        assert z_onnx == z_torch == 0 and s_onnx == pytest.approx(s_torch, rel=0.02)
+    agree = (_run_ort(paths["onnx"], x).argmax(1) == _run_ort(paths["torch"], x).argmax(1)).float().mean().item()
+    assert agree >= 0.985, agree
 
 
 def test_quantize_command_writes_ort_and_openvino_artifacts(vit_onnx, tmp_path):

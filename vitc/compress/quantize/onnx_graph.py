@@ -229,9 +229,12 @@ def _channel_axis(spec: SiteSpec) -> int:
 # ---------------------------------------------------------------- 3. LayerNorm reparameterisation
 
 
+SHAPE_READERS = ("Shape", "Size")  # ops that read a tensor's shape, never its values
+
+
 def norm_groups(index: osrc.GraphIndex, specs: list[SiteSpec]) -> list[tuple[dict, str, list[SiteSpec]]]:
     """(LayerNorm, its output tensor, consuming linear sites) where every consumer of the norm's
-    output is a MatMul site with a constant weight and a constant bias, and gamma/beta are
+    output (apart from ``SHAPE_READERS``) is a MatMul site with a constant weight and a constant bias, and gamma/beta are
     constants used by this norm alone: there the reparameterisation folds into the graph."""
     by_tensor: dict[str, list[SiteSpec]] = {}
     for s in specs:
@@ -243,7 +246,9 @@ def norm_groups(index: osrc.GraphIndex, specs: list[SiteSpec]) -> list[tuple[dic
         ln = osrc.layernorm_at(index, node)
         if ln is None or ln["gamma"] is None or ln["beta"] is None:
             continue
-        users = index.consumers.get(tensor, [])
+        # a Shape/Size node reads only the shape, which the reparameterisation keeps (a TorchScript
+        # export of ``x.view(*x.shape[:-1], heads, -1)`` after norm1 adds two): not a consumer here
+        users = [u for u in index.consumers.get(tensor, []) if u.op_type not in SHAPE_READERS]
         if len(users) != len(sites) or tensor in index.graph_outputs or any(s.bias is None for s in sites):
             continue
         if any(len(index.consumers.get(p, [])) != 1 for p in (ln["gamma"], ln["beta"])) or \
@@ -526,7 +531,7 @@ def _check_config(config: QuantConfig) -> None:
 
 
 def resolved_scheme(config: QuantConfig) -> str:
-    """The activation grid rule (``QuantConfig.graph_scheme``)."""
+    """The activation grid rule (``QuantConfig.graph_scheme``, shared with ``torch_graph``)."""
     return config.graph_scheme
 
 
