@@ -111,7 +111,7 @@ def build_arms(backbone, calib: torch.Tensor, tmp: Path, args, log) -> tuple[dic
     policy = choose(model, calib[:8].numpy())  # as `vitc export --target openvino` decides it
     record_in_ir(model, policy["chosen"])
     vitc_xml = tmp / "vitc_ov.xml"
-    ov.save_model(model, str(vitc_xml))
+    ov.save_model(model, str(vitc_xml), compress_to_fp16=False)  # as `vitc export` saves it
     facts["vitc_openvino_precision_policy"] = policy
     log(f"  vitc OpenVINO precision policy: {policy['chosen']} ({policy['reason']})")
     t = time.perf_counter()
@@ -161,7 +161,7 @@ def prebuilt_arms(d: Path, calib: torch.Tensor, tmp: Path, log) -> tuple[dict, d
     model = ov.convert_model(str(d / "vitc_ov.onnx"))
     policy = choose(model, calib[:8].numpy())
     record_in_ir(model, policy["chosen"])
-    ov.save_model(model, str(tmp / "vitc_ov.xml"))
+    ov.save_model(model, str(tmp / "vitc_ov.xml"), compress_to_fp16=False)
     log(f"  vitc OpenVINO precision policy: {policy['chosen']} ({policy['reason']})")
     t = time.perf_counter()
     ort_q = ort_int8(d / "fp32.onnx", tmp / "ort_qs.onnx", calib.numpy())
