@@ -14,8 +14,9 @@ Fidelity: per-image Pearson of each artifact's map with the FP32 file's (ONNX Ru
 mean and worst image, in ONNX Runtime and OpenVINO ("correct output" = finite and worst >= 0.99).
 Speed: p50 latency at batch 1 and 8, every artifact of a runtime timed in interleaved rounds
 (``vitc.bench.harness.measure_interleaved``) against FP32 in the same runtime (OpenVINO FP32 with
-``INFERENCE_PRECISION_HINT=f32``); ratios only. ``--zoo`` adds the zoo models: ONNX path vs PyTorch
-path top-1 on the CIFAR-10 test set (``--zoo-test`` images).
+``INFERENCE_PRECISION_HINT=f32``); ratios only. ``--artifacts DIR`` keeps the quantized files so that
+fidelity can be taken on a busy machine and timing later on a quiet one (``--no-timing``, ``--redo``).
+The zoo models' ONNX path vs PyTorch path comparison is ``benchmarks/onnx_vs_torch_zoo.py``.
 
     PYTHONPATH=$PWD python benchmarks/onnx_in.py --out benchmarks/results_onnx_in_2026-12-05.json
 """
