@@ -128,3 +128,24 @@ def test_sigterm_leaves_no_half_artifact(tiny_vit_dir, tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     assert list(out.iterdir()) == []
+
+
+def test_a_swallowed_sigterm_still_publishes_nothing(tmp_path, monkeypatch):
+    """A SIGTERM whose exception Python drops (it landed in a finalizer, as one did in regex's
+    Group.__del__) is still recorded: the next atomic publish raises instead of renaming."""
+    import pytest
+
+    from vitc import artifacts
+
+    monkeypatch.setattr(artifacts, "_TERMINATING", [])
+
+    class Finalized:
+        def __del__(self):
+            artifacts.terminate(15)  # raised inside __del__: Python prints it and carries on
+
+    Finalized()
+    assert artifacts.terminated() == 143
+    with pytest.raises(SystemExit) as exc:
+        with artifacts.atomic_path(tmp_path / "m.json") as tmp:
+            tmp.write_text("{}")
+    assert exc.value.code == 143 and list(tmp_path.iterdir()) == []

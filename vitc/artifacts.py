@@ -25,6 +25,23 @@ from vitc.errors import VitcError
 
 LOCK_SUFFIX = ".vitc-lock"
 _HELD: dict[str, int] = {}  # absolute path -> fd of its lock file, for the claims this process holds
+_TERMINATING: list[int] = []  # the termination signal received, once one arrived (see ``terminate``)
+
+
+def terminate(signum: int, frame=None) -> None:
+    """The SIGTERM handler: unwind like an exception, so staging paths and claims are removed.
+
+    Python drops an exception raised while a finalizer (``__del__``) or a library callback runs
+    (measured: a SIGTERM that landed in ``regex``'s ``Group.__del__`` let the export finish and
+    publish its artifact), so the signal is also recorded: ``atomic_path`` refuses to publish
+    afterwards and ``cli.run`` exits with 128 + signum whatever happened in between."""
+    _TERMINATING.append(signum)
+    raise SystemExit(128 + signum)
+
+
+def terminated() -> int | None:
+    """The exit code a received termination signal asks for, or None."""
+    return 128 + _TERMINATING[0] if _TERMINATING else None
 
 
 def check_writable(path: Path, force: bool = False) -> None:
@@ -281,6 +298,8 @@ def atomic_path(path: Path, force: bool = False, is_dir: bool = False) -> Iterat
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
             honour_umask(tmp)
             fault_point("atomic:staged")
+            if terminated() is not None:  # the signal's exception was swallowed on the way: do not publish
+                raise SystemExit(terminated())
             os.replace(tmp, path)
         finally:
             if tmp.exists():

@@ -47,7 +47,7 @@ def run(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("VITC_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
-    from vitc.artifacts import command_scope, disk_error, find_disk_error
+    from vitc.artifacts import command_scope, disk_error, find_disk_error, terminate, terminated
     from vitc.errors import VitcError
 
     if not debug:  # libraries imported on the way (transformers -> torchao) log import-time noise that is not the user's
@@ -59,7 +59,7 @@ def run(argv: list[str] | None = None) -> int:
     # A CI runner's timeout sends SIGTERM: unwind like an exception so atomic writes remove
     # their staging paths instead of leaving half artifacts behind.
     with contextlib.suppress(ValueError):  # only the main thread may set handlers
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        signal.signal(signal.SIGTERM, terminate)
     try:
         # Without standalone mode click returns typer.Exit's code instead of raising it.
         with command_scope():  # output claims taken by the command are released when it ends
@@ -71,8 +71,10 @@ def run(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
-        return int(code or 0)
+        return terminated() or int(code or 0)
     except Exception as exc:  # click usage errors and the unexpected
+        if terminated() is not None:  # a library turned the termination into its own error
+            return terminated()
         # typer may ship its own copy of click, so recognise click's exceptions by shape, not class
         if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
@@ -89,7 +91,7 @@ def run(argv: list[str] | None = None) -> int:
         first = str(exc).splitlines()[0] if str(exc) else ""
         print(f"error: unexpected {type(exc).__name__}: {first} (run again with --debug for the traceback)", file=sys.stderr)
         return 1
-    return code if isinstance(code, int) else 0
+    return terminated() or (code if isinstance(code, int) else 0)
 
 
 def main() -> None:
