@@ -121,17 +121,7 @@ def build_arms(backbone, calib: torch.Tensor, tmp: Path, args, log) -> tuple[dic
     ort_q = ort_int8(fp32, tmp / "ort_qs.onnx", calib.numpy())
     facts["ort_quantize_static_s"] = time.perf_counter() - t
     log(f"  NNCF {facts['nncf_s']:.0f} s, ORT quantize_static {facts['ort_quantize_static_s']:.0f} s")
-    arms = {
-        "OV FP32 (f32 hint)": (fp32, "openvino", {"precision": "f32"}, None),
-        "OV FP32 (default precision)": (fp32, "openvino", {"precision": _ov_default()}, "OV FP32 (f32 hint)"),
-        "OV NNCF int8 (f32 hint)": (nncf_xml, "openvino", {"precision": "f32"}, "OV FP32 (f32 hint)"),
-        "OV NNCF int8 (default precision)": (nncf_xml, "openvino", {"precision": _ov_default()}, "OV FP32 (f32 hint)"),
-        "OV vitc W8A8": (vitc_xml, "openvino", {}, "OV FP32 (f32 hint)"),
-        "ORT FP32": (fp32, "onnxruntime", {}, None),
-        "ORT quantize_static (u8/s8)": (ort_q, "onnxruntime", {}, "ORT FP32"),
-        "ORT vitc W8A8": (vitc_ort, "onnxruntime", {}, "ORT FP32"),
-        "ORT vitc W8A8 +fuse_qkv": (vitc_ort_qkv, "onnxruntime", {}, "ORT FP32"),
-    }
+    arms = runtime_arms(fp32, nncf_xml, vitc_xml, ort_q, vitc_ort, vitc_ort_qkv)
     if args.pt2e:
         arms["torch FP32 (eager)"] = (backbone, "torch", {}, None)
         arms["torch PT2E x86 int8 (compile)"] = (backbone, "torch", {"pt2e": True}, "torch FP32 (eager)")
@@ -167,18 +157,24 @@ def prebuilt_arms(d: Path, calib: torch.Tensor, tmp: Path, log) -> tuple[dict, d
     ort_q = ort_int8(d / "fp32.onnx", tmp / "ort_qs.onnx", calib.numpy())
     log(f"  ORT quantize_static {time.perf_counter() - t:.0f} s")
     fp32, nncf_xml, vitc_xml = d / "fp32.onnx", d / "nncf.xml", tmp / "vitc_ov.xml"
-    arms = {
-        "OV FP32 (f32 hint)": (fp32, "openvino", {"precision": "f32"}, None),
-        "OV FP32 (default precision)": (fp32, "openvino", {"precision": _ov_default()}, "OV FP32 (f32 hint)"),
-        "OV NNCF int8 (f32 hint)": (nncf_xml, "openvino", {"precision": "f32"}, "OV FP32 (f32 hint)"),
-        "OV NNCF int8 (default precision)": (nncf_xml, "openvino", {"precision": _ov_default()}, "OV FP32 (f32 hint)"),
-        "OV vitc W8A8": (vitc_xml, "openvino", {}, "OV FP32 (f32 hint)"),
-        "ORT FP32": (fp32, "onnxruntime", {}, None),
-        "ORT quantize_static (u8/s8)": (ort_q, "onnxruntime", {}, "ORT FP32"),
-        "ORT vitc W8A8": (vitc_ort, "onnxruntime", {}, "ORT FP32"),
-        "ORT vitc W8A8 +fuse_qkv": (vitc_ort_qkv, "onnxruntime", {}, "ORT FP32"),
-    }
+    arms = runtime_arms(fp32, nncf_xml, vitc_xml, ort_q, vitc_ort, vitc_ort_qkv)
     return arms, {"prebuilt": str(d), "vitc_openvino_precision_policy": policy}
+
+
+def runtime_arms(fp32, nncf_xml, vitc_xml, ort_q, vitc_ort, vitc_ort_qkv) -> dict:
+    """The OpenVINO and ONNX Runtime arms: {arm: (artifact, runtime, session options, baseline arm)}."""
+    base_ov, base_ort = "OV FP32 (f32 hint)", "ORT FP32"
+    return {
+        base_ov: (fp32, "openvino", {"precision": "f32"}, None),
+        "OV FP32 (default precision)": (fp32, "openvino", {"precision": _ov_default()}, base_ov),
+        "OV NNCF int8 (f32 hint)": (nncf_xml, "openvino", {"precision": "f32"}, base_ov),
+        "OV NNCF int8 (default precision)": (nncf_xml, "openvino", {"precision": _ov_default()}, base_ov),
+        "OV vitc W8A8": (vitc_xml, "openvino", {}, base_ov),
+        base_ort: (fp32, "onnxruntime", {}, None),
+        "ORT quantize_static (u8/s8)": (ort_q, "onnxruntime", {}, base_ort),
+        "ORT vitc W8A8": (vitc_ort, "onnxruntime", {}, base_ort),
+        "ORT vitc W8A8 +fuse_qkv": (vitc_ort_qkv, "onnxruntime", {}, base_ort),
+    }
 
 
 def _ov_default() -> str:

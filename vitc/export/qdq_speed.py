@@ -142,10 +142,7 @@ def patchify_convs(model) -> int:
         graph.node.extend(new)
         count += 1
     if count:
-        nodes = _toposort(list(graph.node), graph)
-        del graph.node[:]
-        graph.node.extend(nodes)
-        _drop_unused_initializers(graph)
+        _reorder_and_tidy(graph)
     return count
 
 
@@ -266,10 +263,7 @@ def subpixel_deconvs(model) -> int:
             graph.value_info.remove(v)
         count += 1
     if count:
-        nodes = _toposort(list(graph.node), graph)
-        del graph.node[:]
-        graph.node.extend(nodes)
-        _drop_unused_initializers(graph)
+        _reorder_and_tidy(graph)
     return count
 
 
@@ -283,7 +277,7 @@ def fold_output_scales(model) -> int:
     weight scales the factor moves into the scale: |c| times the scale, and the codes of a column
     with a negative factor negated (exact for symmetric codes in [-127, 127]; a column holding
     -128 or a nonzero zero point is left alone). Same integer products. Returns the count folded."""
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
     from vitc.models.onnx_source import GraphIndex, drop_scaling, scaled_output
 
@@ -324,19 +318,13 @@ def fold_output_scales(model) -> int:
         if scale.size == 1:
             for a in [a for a in dq.attribute if a.name == "axis"]:
                 dq.attribute.remove(a)
-            dq.attribute.append(_make_attr("axis", 1))
+            dq.attribute.append(helper.make_attribute("axis", 1))
         drop_scaling(model, index, found)
         index = GraphIndex(model)
         count += 1
     if count:
         _drop_unused_initializers(model.graph)
     return count
-
-
-def _make_attr(name, value):
-    from onnx import helper
-
-    return helper.make_attribute(name, value)
 
 
 def _index(graph):
@@ -448,11 +436,18 @@ def fuse_sibling_matmuls(model) -> int:
             removed.update({id(mm), id(b[0])} | ({id(b[1])} if has_bias else set()))
         graph.node.extend(new)  # ordered by _toposort below
         count += 1
-    keep = [n for n in graph.node if id(n) not in removed]
-    del graph.node[:]
-    graph.node.extend(_toposort(keep, graph))
-    _drop_unused_initializers(graph)
+    for n in [n for n in graph.node if id(n) in removed]:
+        graph.node.remove(n)
+    _reorder_and_tidy(graph)
     return count
+
+
+def _reorder_and_tidy(graph) -> None:
+    """After a rewrite: nodes in topological order, initializers no node reads dropped."""
+    nodes = _toposort(list(graph.node), graph)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unused_initializers(graph)
 
 
 def _toposort(nodes: list, graph) -> list:

