@@ -13,7 +13,6 @@ import torch
 
 from tests.generality_models import HAND_WRITTEN, HF_FACTORIES, hf_yolos
 from vitc.compress.quantize import QuantConfig, apply
-from vitc.compress.quantize.plan import PROBS_V_REASON
 from vitc.errors import VitcError
 from vitc.tasks import MIN_WORST_COSINE, fidelity, passes
 
@@ -43,11 +42,11 @@ def test_graph_quantization_covers_exports_and_reloads(name, calib_images, eval_
     base = load_model(f"tests.generality_models:{name}")
     q = apply(base, CONFIG, _images(base, calib_images))
     cov = q.transforms[-1]["coverage"]
-    # at 8 bits the attention probabilities x V matmul stays float by default (as NNCF's transformer
-    # preset): a large share of these tiny models' FLOPs, so the 95% holds without the attention matmuls
-    assert cov["flops_share_without_attention"] >= 0.95, cov["left_float"]
+    # the issue's figure: at least 95% of all matmul/conv FLOPs, attention matmuls included (these
+    # models' attentions have few tokens, so the probabilities' uint8 grid keeps their mass and
+    # probabilities x V is quantized; plan.PROBS_MASS_LOSS_MAX)
+    assert cov["flops_share"] >= 0.95, cov["left_float"]
     assert all(s["reason"] for s in cov["left_float"])
-    assert all(s["reason"] == PROBS_V_REASON for s in cov["left_float"] if s["attention"])
     assert cov["bit_widths"] and all(w.endswith("A8") for w in cov["bit_widths"])
 
     x = _images(base, eval_images)

@@ -47,6 +47,15 @@ class Histogram:
         return self.lo + width * (torch.arange(n, dtype=torch.float64) + 0.5)
 
 
+def mass_rounded_to_zero(hist: Histogram, step: float) -> float:
+    """The share of a non-negative tensor's total (sum of its values) carried by values below half a
+    quantization step: what a grid of ``step`` from zero rounds away (attention probabilities)."""
+    c = hist.centers.clamp_min(0.0)
+    mass = c * hist.counts
+    total = float(mass.sum())
+    return float(mass[c < step / 2].sum()) / total if total > 0 else 0.0
+
+
 class Observer:
     """Statistics of one tensor across calibration batches (see the module docstring).
 

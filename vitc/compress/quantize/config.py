@@ -84,6 +84,14 @@ class QuantConfig:
         return self
 
     @property
+    def probs_v_by_mass(self) -> bool:
+        """Whether attention probabilities x V is quantized only where calibration shows its uint8 grid
+        keeps the probabilities' mass (``plan.PROBS_MASS_LOSS_MAX``; both backends): at 8-bit
+        activations under ``softmax="auto"``. Below 8 bits the log-sqrt(2) grid keeps small
+        probabilities and the matmul is always quantized; ``softmax="uniform"`` always quantizes it."""
+        return self.softmax == "auto" and self.abits >= 8
+
+    @property
     def softmax_kind(self) -> str:
         return ("uniform" if self.abits >= 8 else "logsqrt2") if self.softmax == "auto" else self.softmax
 

