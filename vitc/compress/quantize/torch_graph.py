@@ -48,7 +48,7 @@ from vitc.calibration import observers as obs
 from vitc.errors import VitcError
 
 from . import quantizers as Q
-from . import reparam
+from . import range_search, reparam
 from .config import QuantConfig
 from .modules import ActQuant, WeightFakeQuant, set_mode, weight_quantizers
 from .plan import PROBS_MASS_LOSS_MAX, QuantPlan, Site, Skipped, TensorQuant, WeightQuant, probs_v_reason
@@ -961,12 +961,15 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None):
     _run_all(captured, x, progress, task)
     set_mode(captured, "off")
     reference = site_outputs(gm, plan, x[:SQNR_IMAGES])  # the float function (the reparameterisations are exact)
+    search_x = x[:range_search.SEARCH_IMAGES]
+    float_outputs = _outputs(captured, search_x) if config.range_search else None
     _calibrate(installed, plan, config)
     drop_lossy_probs_v(gm, installed, plan, config)
     biased = _quantize_weights(gm, installed, plan, config)
     for q in installed["act"].values():
         q.observer = None
     set_mode(captured, "quant")
+    widening = widen_ranges(captured, installed, plan, search_x, float_outputs, progress) if config.range_search else None
     sqnr = site_sqnr(reference, site_outputs(gm, plan, x[:SQNR_IMAGES]))
     del reference
     finalize_plan(plan, installed)
@@ -986,9 +989,52 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None):
         "layers": site_specs(plan),
         "scheme_choice": {},
         "vit_quantizers": pattern_summary(plan, norms, config),
+        "range_widening": widening,
         "sqnr_db": sqnr,
     }
     return backbone.with_module(captured, record)
+
+
+def _outputs(module: nn.Module, x: torch.Tensor) -> list:
+    """The module's output tensors on ``x`` (a tensor, or the tensors of a tuple/list/dict), as numpy."""
+    with torch.no_grad():
+        out = module(x)
+    if isinstance(out, dict):
+        out = list(out.values())
+    out = list(out) if isinstance(out, (list, tuple)) else [out]
+    return [o.detach().float().numpy() for o in out if isinstance(o, torch.Tensor)]
+
+
+def widen_ranges(captured: nn.Module, installed: dict, plan: QuantPlan, x: torch.Tensor, reference: list,
+                 progress=None) -> dict:
+    """``range_search`` on the quantized graph (quantizers on): each group's uniform activation scales
+    widened by the factor that lowers the model's output error on ``x``; the chosen scales stay set."""
+    groups: dict[str, list[str]] = {}
+    for site in plan.sites:
+        g = range_search.site_group(site)
+        for key in _site_operand_keys(installed, site) if g is not None else []:
+            q = installed["act"].get(key)
+            if q is not None and q.kind == "uniform" and not any(key in ks for ks in groups.values()):
+                groups.setdefault(g, []).append(key)
+    if not groups:
+        return {"groups": {}}
+    base = {k: installed["act"][k].scale.clone() for ks in groups.values() for k in ks}
+
+    def set_scales(factors: dict) -> None:
+        for k, s in base.items():
+            installed["act"][k].scale = s * factors.get(k, 1.0)
+
+    def evaluate(factors: dict) -> float:
+        set_scales(factors)
+        return range_search.search_error(reference, _outputs(captured, x))
+
+    task = progress.add_task("widening ranges", total=range_search.evaluations(groups)) if progress is not None else None
+    chosen, before, after = range_search.search(groups, evaluate, (lambda: progress.advance(task)) if task is not None else None)
+    set_scales({k: chosen[g] for g, ks in groups.items() for k in ks})
+    if task is not None:
+        progress.remove_task(task)
+    return {"groups": chosen, "images": int(x.shape[0]), "output_error_before": round(before, 6),
+            "output_error_after": round(after, 6)}
 
 
 def _norm_biases(gm: fx.GraphModule) -> list[str]:
