@@ -31,7 +31,7 @@ from vitc.calibration import observers as obs
 from vitc.errors import VitcError
 
 from . import quantizers as Q
-from . import reparam
+from . import range_search, reparam
 from .adapters import for_family
 from .config import QuantConfig
 from .modules import (ActQuant, AttentionCore, QuantConv2d, QuantLinear, act_quantizers, set_mode,
@@ -555,6 +555,8 @@ def _apply_modules(backbone: Backbone, config: QuantConfig, x: torch.Tensor, pro
     for q in quantizers.values():
         q.observer = None
     set_mode(module, "quant")
+    widening = (widen_module_ranges(module, structure, reference, x[:range_search.SEARCH_IMAGES], progress)
+                if config.range_search else None)
     reconstruction = None
     if config.reconstruct_iters:  # BRECQ/QDrop block reconstruction (reconstruct.py)
         from . import reconstruct as R
@@ -577,6 +579,7 @@ def _apply_modules(backbone: Backbone, config: QuantConfig, x: torch.Tensor, pro
         "layers": layer_specs(module),
         "scheme_choice": schemes,
         "vit_quantizers": vit_quantizer_summary(config, plan, reparam_norms, structure, module),
+        "range_widening": widening,
         "sqnr_db": {k: (round(v, 2) if math.isfinite(v) else None) for k, v in sqnr.items()},
     }
     if families_note:
@@ -586,6 +589,56 @@ def _apply_modules(backbone: Backbone, config: QuantConfig, x: torch.Tensor, pro
     if config.layer_bits:
         record["mixed_precision"] = {"layer_bits": config.layer_bits}
     return out.with_module(module, record)
+
+
+def _module_outputs(module: nn.Module, x: torch.Tensor) -> list:
+    with torch.no_grad():
+        out = module(x)
+    out = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, (list, tuple)) else [out]
+    return [o.detach().float().numpy() for o in out if isinstance(o, torch.Tensor)]
+
+
+def module_range_groups(module: nn.Module, structure) -> dict[str, list[ActQuant]]:
+    """The module path's uniform activation quantizers by ``range_search`` group: fc2 after a
+    GELU/SiLU, the linears a LayerNorm feeds, the attention q/k operands, other linears, convs."""
+    after_gelu = {b.mlp.fc2 for b in structure.blocks if b.mlp is not None and b.mlp.activation in ("gelu", "silu")}
+    after_norm = {c for _, _, consumers in norm_sites(module, structure) for c in consumers}
+    groups: dict[str, list[ActQuant]] = {}
+    for name, layer in weighted_layers(module).items():
+        g = ("conv inputs" if isinstance(layer, QuantConv2d) else "post-gelu linear inputs" if name in after_gelu
+             else "post-layernorm linear inputs" if name in after_norm else "plain linear inputs")
+        groups.setdefault(g, []).append(layer.input_quant)
+    for core in (m for m in module.modules() if isinstance(m, AttentionCore)):
+        groups.setdefault("attention logits", []).extend([core.q_quant, core.k_quant])
+    return {g: [q for q in qs if q.kind == "uniform"] for g, qs in groups.items() if any(q.kind == "uniform" for q in qs)}
+
+
+def widen_module_ranges(module: nn.Module, structure, reference: nn.Module, x: torch.Tensor, progress=None) -> dict:
+    """``range_search`` on the module path (as ``torch_graph.widen_ranges``): each group's activation
+    scales widened by the factor that lowers the model's worst output error on ``x``."""
+    groups = module_range_groups(module, structure)
+    if not groups:
+        return {"groups": {}}
+    keys = {g: [id(q) for q in qs] for g, qs in groups.items()}
+    quant = {id(q): q for qs in groups.values() for q in qs}
+    base = {k: q.scale.clone() for k, q in quant.items()}
+    ref = _module_outputs(reference, x)
+
+    def set_scales(factors: dict) -> None:
+        for k, q in quant.items():
+            q.scale = base[k] * factors.get(k, 1.0)
+
+    def evaluate(factors: dict) -> float:
+        set_scales(factors)
+        return range_search.search_error(ref, _module_outputs(module, x))
+
+    task = progress.add_task("widening ranges", total=range_search.evaluations(keys)) if progress is not None else None
+    chosen, before, after = range_search.search(keys, evaluate, (lambda: progress.advance(task)) if task is not None else None)
+    set_scales({k: chosen[g] for g, ks in keys.items() for k in ks})
+    if task is not None:
+        progress.remove_task(task)
+    return {"groups": chosen, "images": int(x.shape[0]), "output_error_before": round(before, 6),
+            "output_error_after": round(after, 6)}
 
 
 def layer_specs(module: nn.Module) -> dict[str, dict]:
