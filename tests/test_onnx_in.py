@@ -109,10 +109,10 @@ def test_onnx_path_matches_fp32_and_pytorch_path(quantized_vit, tmp_path):
     calib = load_tensors(DataSpec("bundled:calib", size=128).open(), fp32.preprocess)[0]
     # range widening off on both sides: each backend searches with its own runtime's outputs (ONNX
     # Runtime's int8 kernels, PyTorch's fake quantization), which may pick a neighbouring factor
-    matched = QuantConfig(scheme="symmetric", softmax="uniform", range_search=False)
+    matched = QuantConfig(scheme="symmetric", softmax="uniform", range_search="off")
     onnx_q = onnx_graph.apply(fp32, matched, calib, threads=1)
     assert len(onnx_q.transforms[-1]["reparameterised_norms"]) == 12  # both LayerNorms of all 6 blocks
-    torch_q = apply(zoo_or_skip("vit-c10"), QuantConfig(range_search=False), calib)
+    torch_q = apply(zoo_or_skip("vit-c10"), QuantConfig(range_search="off"), calib)
     paths = {"onnx": tmp_path / "onnx.onnx", "torch": tmp_path / "torch.onnx"}
     export_artifact(onnx_q, "onnx", paths["onnx"], check=False)
     export_artifact(torch_q, "onnx", paths["torch"], check=False)

@@ -66,7 +66,7 @@ def test_graph_path_leaves_the_chosen_grids_in_the_model(calib_images):
     # the model returned computes what the search measured for the chosen factors
     measured = rs.search_error(_outputs(base.module, x[:rs.SEARCH_IMAGES]), _outputs(q.module, x[:rs.SEARCH_IMAGES]))
     assert measured == pytest.approx(w["output_error_after"], rel=1e-3, abs=1e-7)
-    off = apply_graph(base, QuantConfig(sites="graph", range_search=False), x).transforms[-1]
+    off = apply_graph(base, QuantConfig(sites="graph", range_search="off"), x).transforms[-1]
     assert off["range_widening"] is None
 
 
@@ -90,8 +90,33 @@ def test_onnx_backend_leaves_the_chosen_scales_in_the_graph(calib_images, tmp_pa
     ref = base.module(x[:rs.SEARCH_IMAGES]).detach().numpy()
     got = s.run(None, {"image": x[:rs.SEARCH_IMAGES].numpy()})[0]
     assert rs.search_error([ref], [got]) == pytest.approx(w["output_error_after"], rel=1e-2, abs=1e-6)
-    baseline, _ = quantize_model(onnx_source.read(path, x.shape[-1]), QuantConfig(range_search=False), x)
+    baseline, _ = quantize_model(onnx_source.read(path, x.shape[-1]), QuantConfig(range_search="off"), x)
     scales = {i.name: numpy_helper.to_array(i) for i in baseline.graph.initializer if i.name.endswith("/vitc/scale")}
     widened = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("/vitc/scale")}
     ratios = {round(float(widened[n] / scales[n]), 3) for n in scales if scales[n].size == 1}
     assert ratios <= {round(f, 3) for f in rs.WIDENINGS}
+
+
+def test_module_path_widens_only_when_asked(calib_images):
+    from conftest import zoo_or_skip
+
+    from vitc.compress.quantize import apply
+
+    base = zoo_or_skip("vit-c10")
+    x = _images(base, calib_images, 24)
+    auto = apply(base, QuantConfig(sites="modules"), x).transforms[-1]
+    assert auto["range_widening"] is None  # "auto" leaves the module path out (QuantConfig.range_search_in)
+    on = apply(base, QuantConfig(sites="modules", range_search="on"), x).transforms[-1]["range_widening"]
+    assert {"post-layernorm linear inputs", "post-gelu linear inputs", "attention logits"} <= set(on["groups"])
+    assert on["output_error_after"] <= on["output_error_before"]
+
+
+def test_cli_refuses_an_unknown_range_search_value(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "vitc.cli", "quantize", "--range-search", "maybe", "-o", str(tmp_path / "q"),
+                        "--no-latency"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert r.stderr.startswith("error: range_search 'maybe' is not supported") and "auto, on, off" in r.stderr
+    assert not (tmp_path / "q").exists()

@@ -45,6 +45,7 @@ def quantize_cmd(
     repq: bool = typer.Option(True, "--repq/--no-repq", help="RepQ-ViT reparameterisation of post-LayerNorm activations"),
     smooth: Optional[float] = typer.Option(None, "--smooth", help="SmoothQuant (with shift) strength alpha in (0, 1) before RepQ"),
     bias_correction: bool = typer.Option(True, "--bias-correction/--no-bias-correction", help="correct the output shift of quantized weights"),
+    range_search: str = typer.Option("auto", "--range-search", help="widen activation ranges by the model's output error after calibration: auto (graph/ONNX backends), on, off"),
     latency: bool = typer.Option(True, "--latency/--no-latency", help="measure CPU latency of FP32 and int8 in OpenVINO (W8A8 only)"),
     data: DataOpt = "bundled:eval",
     labels: LabelsOpt = None,
@@ -114,7 +115,7 @@ def quantize_cmd(
 
         cfg = _Config(wbits=wbits or bits, abits=abits or bits, calibrator=calib, percentile=percentile, softmax=softmax,
                       gelu=gelu, scheme=scheme, granularity=granularity, ln_reparam=repq, smooth_alpha=smooth,
-                      bias_correction=bias_correction).validate()
+                      bias_correction=bias_correction, range_search=range_search).validate()
         run_onnx_quantize(model=model, config=cfg, calib_data=calib_data, calib_size=calib_size or DEFAULT_CALIB_SIZE, data=data, labels=labels,
                           eval_size=eval_size, seed=seed, batch_size=batch_size, output=output, force=force, threads=threads,
                           convert_rgb=convert_rgb, out=out, input_size=input_size, resize=resize, mean=mean, std=std,
@@ -130,7 +131,7 @@ def quantize_cmd(
 
     config = QuantConfig(wbits=wbits or bits, abits=abits or bits, calibrator=calib, percentile=percentile, softmax=softmax,
                          gelu=gelu, scheme=scheme, granularity=granularity, ln_reparam=repq, smooth_alpha=smooth,
-                         bias_correction=bias_correction, group_size=group_size,
+                         bias_correction=bias_correction, group_size=group_size, range_search=range_search,
                          reconstruct_iters=iters if reconstruct else 0, sites=sites).validate()
     weight_only = config.abits == 16
     if not weight_only:

@@ -701,7 +701,7 @@ def _quantize_model(src, config: QuantConfig, images: torch.Tensor, threads: int
     except onnx.checker.ValidationError as exc:
         raise VitcError(f"the quantized graph of {src.path} does not pass onnx.checker ({_first_line(exc)})",
                         "report it with the model") from exc
-    widening = widen_ranges(model, src, specs, grids, images, threads, progress) if config.range_search else None
+    widening = widen_ranges(model, src, specs, grids, images, threads, progress) if config.range_search_in("onnx") else None
     seconds = time.perf_counter() - start
     coverage = found.plan.coverage()
     record = {

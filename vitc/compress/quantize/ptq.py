@@ -556,7 +556,7 @@ def _apply_modules(backbone: Backbone, config: QuantConfig, x: torch.Tensor, pro
         q.observer = None
     set_mode(module, "quant")
     widening = (widen_module_ranges(module, structure, reference, x[:range_search.SEARCH_IMAGES], progress)
-                if config.range_search else None)
+                if config.range_search_in("modules") else None)
     reconstruction = None
     if config.reconstruct_iters:  # BRECQ/QDrop block reconstruction (reconstruct.py)
         from . import reconstruct as R

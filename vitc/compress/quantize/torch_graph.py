@@ -962,14 +962,14 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None):
     set_mode(captured, "off")
     reference = site_outputs(gm, plan, x[:SQNR_IMAGES])  # the float function (the reparameterisations are exact)
     search_x = x[:range_search.SEARCH_IMAGES]
-    float_outputs = _outputs(captured, search_x) if config.range_search else None
+    float_outputs = _outputs(captured, search_x) if config.range_search_in("graph") else None
     _calibrate(installed, plan, config)
     drop_lossy_probs_v(gm, installed, plan, config)
     biased = _quantize_weights(gm, installed, plan, config)
     for q in installed["act"].values():
         q.observer = None
     set_mode(captured, "quant")
-    widening = widen_ranges(captured, installed, plan, search_x, float_outputs, progress) if config.range_search else None
+    widening = widen_ranges(captured, installed, plan, search_x, float_outputs, progress) if float_outputs is not None else None
     sqnr = site_sqnr(reference, site_outputs(gm, plan, x[:SQNR_IMAGES]))
     del reference
     finalize_plan(plan, installed)
