@@ -171,10 +171,20 @@ HANDWRITTEN = {"subclassed-cnn": (subclassed_cnn, 32), "fused-vit": (fused_vit, 
 NAMES = ("mobilenetv2", "efficientnet", "convnext", "subclassed-cnn", "dinov2", "fused-vit")
 
 
+# the quantization generality matrix's rows (tests/generality_models.py), pruned and sparsified too
+QUANT_ROWS = ("effnet_like", "functional_vit", "mha_vit", "hf_swin", "hf_mobilevit", "hf_segformer", "hf_yolos")
+
+
 def write(name: str, folder: Path) -> tuple[str, str | None]:
     """Save model ``name`` under ``folder``: (``--model`` spec, ``--weights`` file or None)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if name in QUANT_ROWS:
+        import generality_models
+
+        w = folder / f"{name}.pt"
+        torch.save(getattr(generality_models, name)().state_dict(), w)
+        return f"generality_models:{name}", str(w)
     if name in HANDWRITTEN:
         factory, _ = HANDWRITTEN[name]
         w = folder / f"{name}.pt"

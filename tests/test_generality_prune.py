@@ -210,3 +210,29 @@ def test_global_taylor_allocation_ranks_graph_groups(images):
     rec = p.transforms[-1]
     assert 0.55 <= rec["flops"] / rec["flops_dense"] <= 0.6 + 1e-6
     assert rec["keep_ratio"] is None and rec["global_rank_kept"] > 0  # ranked units, not one shared ratio
+
+
+def test_taylor_scores_reach_every_output_of_a_detector(tmp_path):
+    """YOLOS returns class logits and boxes: the Taylor objective covers both, so the box head's
+    channels get a gradient (with the logits alone they got none and scoring crashed), and the
+    pruned detector still returns both outputs with their shapes."""
+    import vitc
+    from vitc.calibration.data import load_tensors
+    from vitc.calibration.sources import open_source
+    from vitc.compress.prune.generic import _loss
+    from vitc.models.intake import load_model
+
+    logits = torch.randn(2, 5, 4, requires_grad=True)
+    boxes = torch.randn(2, 5, 4, requires_grad=True)
+    _loss({"logits": logits, "pred_boxes": boxes}).backward()
+    assert logits.grad is not None and boxes.grad is not None and boxes.grad.abs().sum() > 0
+
+    spec, weights = gm.write("hf_yolos", tmp_path)
+    dense = load_model(spec, weights)
+    x = load_tensors(open_source("bundled:calib").select(8, seed=0), dense.preprocess)[0]
+    pruned = vitc.prune(dense, x, importance="taylor", flops=0.7, method="graph", round_to=1, batch_size=8)
+    rec = pruned.transforms[-1]
+    assert rec["flops"] / rec["flops_dense"] <= 0.75
+    with torch.no_grad():
+        out, ref = pruned.module(x[:2]), dense.module(x[:2])
+    assert [tuple(t.shape) for t in out] == [tuple(t.shape) for t in ref]

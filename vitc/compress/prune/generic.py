@@ -219,13 +219,27 @@ def _dim(group: GraphGroup, x: torch.Tensor) -> int:
     return group.gate[2] % x.dim()
 
 
-def _loss(out) -> torch.Tensor:
-    from vitc.models.wrappers import logits_of
+def _output_tensors(out) -> list[torch.Tensor]:
+    """Every float tensor a model returns (a tensor, a tuple/list, a dict or a transformers output)."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict) or hasattr(out, "values") and callable(out.values):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _output_tensors(o)]
+    return []
 
-    out = logits_of(out)
-    if out.dim() == 2:  # logits: hard distillation against the dense model's top-1
-        return F.cross_entropy(out, out.detach().argmax(-1), reduction="sum")
-    return out.float().pow(2).sum()  # dense outputs: first-order change of the output energy
+
+def _loss(out) -> torch.Tensor:
+    """The Taylor objective over every output (a detector's boxes as well as its class logits: a
+    head that only one output reads would otherwise get no gradient)."""
+    total = 0
+    for t in _output_tensors(out):
+        if t.dim() == 2:  # logits: hard distillation against the dense model's top-1
+            total = total + F.cross_entropy(t, t.detach().argmax(-1), reduction="sum")
+        else:  # dense outputs: first-order change of the output energy
+            total = total + t.float().pow(2).sum()
+    return total
 
 
 def score(root: nn.Module, groups: list[GraphGroup], method: str, images: torch.Tensor | None, batch: int) -> dict:
@@ -265,7 +279,9 @@ def score(root: nn.Module, groups: list[GraphGroup], method: str, images: torch.
                 if a is None:
                     continue
                 d = _dim(g, a)
-                if taylor:
+                if taylor and a.grad is None:  # reaches no output: pruning it changes nothing
+                    s = torch.zeros(a.shape[d])
+                elif taylor:
                     s = imp.taylor_from_gates(imp.gate_gradients(a, a.grad, d), g.unit_size)
                 else:
                     s = imp.channel_abs_mean(a, d) * len(a)
