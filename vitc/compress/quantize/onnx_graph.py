@@ -22,7 +22,11 @@ writes the graph. The steps:
 5. weights on per-output-channel symmetric int8 grids, stored as int8 initializers, with bias
    correction where the bias is a constant (Conv/Gemm input, or the Add after a MatMul);
 6. Q/DQ pairs on every quantized input (one pair per tensor; ``vitc.export.qdq.
-   split_shared_activation_qdq`` gives ONNX Runtime's artifact one pair per consumer).
+   split_shared_activation_qdq`` gives ONNX Runtime's artifact one pair per consumer);
+7. range widening (``range_search``, ``widen_ranges``): each group's activation scales widened by
+   the factor that lowers the Q/DQ graph's worst output error (ONNX Runtime) on 16 calibration
+   images. Before the grids, probabilities x V MatMuls whose probabilities' uint8 grid loses more
+   than 1% of their mass go back to float (``drop_lossy_probs_v``).
 """
 from __future__ import annotations
 

@@ -20,15 +20,18 @@ The pass on the graph (``apply_graph``), one step each:
 2. ``fold_batchnorms``: eval BatchNorm after a conv folded into the conv (exact);
 3. ``find_sites``: every matmul-like op (linear, conv1d/2d/3d, transposed conv1d/2d/3d,
    matmul/mm/bmm/baddbmm/addmm, einsum) becomes a ``Site`` of the ``QuantPlan`` with its FLOPs;
-   anything left float is a ``Skipped`` with its reason (at 8 bits the attention probabilities
-   x V matmul by default, as NNCF's transformer preset; ``softmax="uniform"`` quantizes it). The pattern feeding each operand picks its quantizer:
+   anything left float is a ``Skipped`` with its reason (at 8 bits, after calibration, the attention
+   probabilities x V matmuls whose probabilities' uint8 grid loses their mass: ``drop_lossy_probs_v``;
+   ``softmax="uniform"`` quantizes them). The pattern feeding each operand picks its quantizer:
    LayerNorm -> linear (SmoothQuant and/or RepQ-ViT reparameterisation, then a per-tensor grid), softmax -> matmul
    (log-sqrt(2) below 8 bits), GELU -> linear (twin-uniform below 8 bits where it fits better);
 4. ``install``: an ``ActQuant`` per quantized activation tensor (shared by every site reading
    it, so the export quantizes it once) and a ``WeightFakeQuant`` per weight, as graph nodes;
 5. calibration with the same observers, calibrators and quantizers as the module path
    (``ptq``), weights on per-output-channel grids (axis 1 of a transposed conv's (I, O/g, ...)
-   kernel), bias correction.
+   kernel), bias correction;
+6. ``widen_ranges`` (``range_search``): each group's activation grids scaled by the factor that
+   lowers the worst output error of 16 calibration images.
 """
 from __future__ import annotations
 
