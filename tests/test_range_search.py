@@ -53,7 +53,7 @@ def _images(base, calib_images, n):
 
 
 def test_graph_path_leaves_the_chosen_grids_in_the_model(calib_images):
-    from vitc.compress.quantize.torch_graph import _outputs, apply_graph
+    from vitc.compress.quantize.torch_graph import apply_graph
     from vitc.models.intake import load_model
 
     base = load_model("tests.generality_models:functional_vit")
@@ -64,7 +64,7 @@ def test_graph_path_leaves_the_chosen_grids_in_the_model(calib_images):
     assert all(f in rs.WIDENINGS for f in w["groups"].values()) and w["images"] == rs.SEARCH_IMAGES
     assert w["output_error_after"] <= w["output_error_before"]
     # the model returned computes what the search measured for the chosen factors
-    measured = rs.search_error(_outputs(base.module, x[:rs.SEARCH_IMAGES]), _outputs(q.module, x[:rs.SEARCH_IMAGES]))
+    measured = rs.search_error(rs.model_outputs(base.module, x[:rs.SEARCH_IMAGES]), rs.model_outputs(q.module, x[:rs.SEARCH_IMAGES]))
     assert measured == pytest.approx(w["output_error_after"], rel=1e-3, abs=1e-7)
     off = apply_graph(base, QuantConfig(sites="graph", range_search="off"), x).transforms[-1]
     assert off["range_widening"] is None

@@ -591,13 +591,6 @@ def _apply_modules(backbone: Backbone, config: QuantConfig, x: torch.Tensor, pro
     return out.with_module(module, record)
 
 
-def _module_outputs(module: nn.Module, x: torch.Tensor) -> list:
-    with torch.no_grad():
-        out = module(x)
-    out = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, (list, tuple)) else [out]
-    return [o.detach().float().numpy() for o in out if isinstance(o, torch.Tensor)]
-
-
 def module_range_groups(module: nn.Module, structure) -> dict[str, list[ActQuant]]:
     """The module path's uniform activation quantizers by ``range_search`` group: fc2 after a
     GELU/SiLU, the linears a LayerNorm feeds, the attention q/k operands, other linears, convs."""
@@ -622,7 +615,7 @@ def widen_module_ranges(module: nn.Module, structure, reference: nn.Module, x: t
     keys = {g: [id(q) for q in qs] for g, qs in groups.items()}
     quant = {id(q): q for qs in groups.values() for q in qs}
     base = {k: q.scale.clone() for k, q in quant.items()}
-    ref = _module_outputs(reference, x)
+    ref = range_search.model_outputs(reference, x)
 
     def set_scales(factors: dict) -> None:
         for k, q in quant.items():
@@ -630,7 +623,7 @@ def widen_module_ranges(module: nn.Module, structure, reference: nn.Module, x: t
 
     def evaluate(factors: dict) -> float:
         set_scales(factors)
-        return range_search.search_error(ref, _module_outputs(module, x))
+        return range_search.search_error(ref, range_search.model_outputs(module, x))
 
     task = progress.add_task("widening ranges", total=range_search.evaluations(keys)) if progress is not None else None
     chosen, before, after = range_search.search(keys, evaluate, (lambda: progress.advance(task)) if task is not None else None)

@@ -31,6 +31,17 @@ GROUPS = ("post-gelu linear inputs", "attention logits", "post-layernorm linear 
           "conv inputs")
 
 
+def model_outputs(module, x) -> list[np.ndarray]:
+    """A PyTorch module's output tensors on ``x`` (a tensor, or those of a tuple/list/dict), as numpy:
+    what ``output_error`` compares."""
+    import torch
+
+    with torch.no_grad():
+        out = module(x)
+    out = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, (list, tuple)) else [out]
+    return [o.detach().float().numpy() for o in out if isinstance(o, torch.Tensor)]
+
+
 def site_group(site: Site) -> str | None:
     """The group whose shared widening a site's activation grids take (None: not searched; the
     probabilities of attention x V keep the [0, 1] grid their mass rule chose)."""

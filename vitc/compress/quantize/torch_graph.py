@@ -965,7 +965,7 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None):
     set_mode(captured, "off")
     reference = site_outputs(gm, plan, x[:SQNR_IMAGES])  # the float function (the reparameterisations are exact)
     search_x = x[:range_search.SEARCH_IMAGES]
-    float_outputs = _outputs(captured, search_x) if config.range_search_in("graph") else None
+    float_outputs = range_search.model_outputs(captured, search_x) if config.range_search_in("graph") else None
     _calibrate(installed, plan, config)
     drop_lossy_probs_v(gm, installed, plan, config)
     biased = _quantize_weights(gm, installed, plan, config)
@@ -998,16 +998,6 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None):
     return backbone.with_module(captured, record)
 
 
-def _outputs(module: nn.Module, x: torch.Tensor) -> list:
-    """The module's output tensors on ``x`` (a tensor, or the tensors of a tuple/list/dict), as numpy."""
-    with torch.no_grad():
-        out = module(x)
-    if isinstance(out, dict):
-        out = list(out.values())
-    out = list(out) if isinstance(out, (list, tuple)) else [out]
-    return [o.detach().float().numpy() for o in out if isinstance(o, torch.Tensor)]
-
-
 def widen_ranges(captured: nn.Module, installed: dict, plan: QuantPlan, x: torch.Tensor, reference: list,
                  progress=None) -> dict:
     """``range_search`` on the quantized graph (quantizers on): each group's uniform activation scales
@@ -1029,7 +1019,7 @@ def widen_ranges(captured: nn.Module, installed: dict, plan: QuantPlan, x: torch
 
     def evaluate(factors: dict) -> float:
         set_scales(factors)
-        return range_search.search_error(reference, _outputs(captured, x))
+        return range_search.search_error(reference, range_search.model_outputs(captured, x))
 
     task = progress.add_task("widening ranges", total=range_search.evaluations(groups)) if progress is not None else None
     chosen, before, after = range_search.search(groups, evaluate, (lambda: progress.advance(task)) if task is not None else None)
