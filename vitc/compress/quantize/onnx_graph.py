@@ -46,7 +46,7 @@ from vitc.models import onnx_source as osrc
 from . import quantizers as Q
 from . import reparam
 from .config import QuantConfig
-from .plan import PROBS_MASS_LOSS_MAX, QuantPlan, Site, Skipped, TensorQuant, WeightQuant, probs_v_reason
+from .plan import QuantPlan, Site, Skipped, TensorQuant, WeightQuant
 
 PASS_NAME = "quantize"
 CALIB_CHUNK = 8  # images per ONNX Runtime call while observing: ViT-S returns ~60 MB of activations per image
@@ -238,7 +238,8 @@ def widen_ranges(model, src, specs: list[SiteSpec], grids: dict, images: torch.T
                  progress=None) -> dict:
     """``range_search``: each group's activation scales (the ``{tensor}/vitc/scale`` initializers
     ``write_qdq`` wrote) widened by the factor that lowers the quantized graph's output error on
-    ``range_search.SEARCH_IMAGES`` calibration images; the chosen scales are left in ``model``."""
+    ``range_search.SEARCH_IMAGES`` calibration images; the chosen scales are left in ``model``
+    (``grids`` keeps the calibrated ones the factors apply to)."""
     from onnx import numpy_helper
 
     from . import range_search as rs
@@ -262,20 +263,8 @@ def widen_ranges(model, src, specs: list[SiteSpec], grids: dict, images: torch.T
             name = f"{t}/vitc/scale"
             inits[name].CopyFrom(numpy_helper.from_array(np.array(grids[t][0] * factors.get(t, 1.0), np.float32), name))
 
-    def evaluate(factors: dict[str, float]) -> float:
-        set_scales(factors)
-        return rs.search_error(reference, _run(model, src.input_name, x, src.fixed_batch, threads))
-
-    task = progress.add_task("widening ranges", total=rs.evaluations(groups)) if progress is not None else None
-    chosen, before, after = rs.search(groups, evaluate, (lambda: progress.advance(task)) if task is not None else None)
-    set_scales({t: chosen[g] for g, ts in groups.items() for t in ts})
-    for t in seen:
-        g = next(g for g, ts in groups.items() if t in ts)
-        grids[t] = (grids[t][0] * chosen[g], grids[t][1], grids[t][2])
-    if task is not None:
-        progress.remove_task(task)
-    return {"groups": chosen, "images": int(x.shape[0]), "output_error_before": round(before, 6),
-            "output_error_after": round(after, 6)}
+    return rs.widen(groups, set_scales, lambda: _run(model, src.input_name, x, src.fixed_batch, threads), reference,
+                    int(x.shape[0]), progress)
 
 
 def _channel_axis(spec: SiteSpec) -> int:
@@ -579,9 +568,8 @@ def topological_sort(model) -> None:
 
 def drop_lossy_probs_v(plan: QuantPlan, specs: list[SiteSpec], grids: dict, observers: dict[str, obs.Observer],
                        config: QuantConfig) -> set[str]:
-    """The probabilities x V MatMuls whose probabilities' grid rounds more than ``PROBS_MASS_LOSS_MAX``
-    of their mass to 0 go back to float, listed with the measured share (the PyTorch backend's
-    ``torch_graph.drop_lossy_probs_v``)."""
+    """``QuantPlan.float_if_mass_lost`` on each probabilities x V MatMul; returns the names sent back to
+    float (their Q/DQ pairs are then not written)."""
     if not config.probs_v_by_mass:
         return set()
     dropped = set()
@@ -589,11 +577,7 @@ def drop_lossy_probs_v(plan: QuantPlan, specs: list[SiteSpec], grids: dict, obse
         probs = [t for q, (_, t) in zip(sp.site.inputs, sp.act_inputs) if q.pattern == "post-softmax"]
         if sp.weight is not None or not probs:
             continue
-        step = grids[probs[0]][0]
-        lost = obs.mass_rounded_to_zero(observers[probs[0]].histogram(), step)
-        if lost > PROBS_MASS_LOSS_MAX:
-            plan.sites.remove(sp.site)
-            plan.skipped.append(Skipped(sp.site.name, sp.site.op, sp.site.flops, probs_v_reason(lost, step), attention=True))
+        if plan.float_if_mass_lost(sp.site, observers[probs[0]].histogram(), grids[probs[0]][0]):
             dropped.add(sp.site.name)
     return dropped
 

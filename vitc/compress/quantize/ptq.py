@@ -614,24 +614,8 @@ def widen_module_ranges(module: nn.Module, structure, reference: nn.Module, x: t
         return {"groups": {}}
     keys = {g: [id(q) for q in qs] for g, qs in groups.items()}
     quant = {id(q): q for qs in groups.values() for q in qs}
-    base = {k: q.scale.clone() for k, q in quant.items()}
-    ref = range_search.model_outputs(reference, x)
-
-    def set_scales(factors: dict) -> None:
-        for k, q in quant.items():
-            q.scale = base[k] * factors.get(k, 1.0)
-
-    def evaluate(factors: dict) -> float:
-        set_scales(factors)
-        return range_search.search_error(ref, range_search.model_outputs(module, x))
-
-    task = progress.add_task("widening ranges", total=range_search.evaluations(keys)) if progress is not None else None
-    chosen, before, after = range_search.search(keys, evaluate, (lambda: progress.advance(task)) if task is not None else None)
-    set_scales({k: chosen[g] for g, ks in keys.items() for k in ks})
-    if task is not None:
-        progress.remove_task(task)
-    return {"groups": chosen, "images": int(x.shape[0]), "output_error_before": round(before, 6),
-            "output_error_after": round(after, 6)}
+    return range_search.widen(keys, range_search.scale_setter(quant), lambda: range_search.model_outputs(module, x),
+                              range_search.model_outputs(reference, x), int(x.shape[0]), progress)
 
 
 def layer_specs(module: nn.Module) -> dict[str, dict]:

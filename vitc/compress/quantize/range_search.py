@@ -99,3 +99,31 @@ def search(groups: dict[str, list[Hashable]], evaluate: Callable[[dict[Hashable,
 def evaluations(groups: dict) -> int:
     """How many model runs ``search`` makes (for progress bars)."""
     return 1 + len([g for g in GROUPS if g in groups]) * (len(WIDENINGS) - 1)
+
+
+def widen(groups: dict[str, list[Hashable]], set_scales: Callable[[dict[Hashable, float]], None],
+          outputs: Callable[[], list[np.ndarray]], reference: list[np.ndarray], images: int, progress=None) -> dict:
+    """The search as every backend runs it: ``set_scales({key: factor})`` rescales that backend's grids
+    (keys absent: factor 1), ``outputs()`` runs its quantized model on the search images; the chosen
+    factors are left set. Returns the record (groups' factors, errors before and after)."""
+    def evaluate(factors: dict[Hashable, float]) -> float:
+        set_scales(factors)
+        return search_error(reference, outputs())
+
+    task = progress.add_task("widening ranges", total=evaluations(groups)) if progress is not None else None
+    chosen, before, after = search(groups, evaluate, (lambda: progress.advance(task)) if task is not None else None)
+    set_scales({k: chosen[g] for g, ks in groups.items() for k in ks})
+    if task is not None:
+        progress.remove_task(task)
+    return {"groups": chosen, "images": images, "output_error_before": round(before, 6), "output_error_after": round(after, 6)}
+
+
+def scale_setter(quantizers: dict[Hashable, object]) -> Callable[[dict[Hashable, float]], None]:
+    """``set_scales`` for PyTorch activation quantizers (``ActQuant``: a ``scale`` tensor), from the
+    scales they hold now."""
+    base = {k: q.scale.clone() for k, q in quantizers.items()}
+
+    def set_scales(factors: dict[Hashable, float]) -> None:
+        for k, q in quantizers.items():
+            q.scale = base[k] * factors.get(k, 1.0)
+    return set_scales

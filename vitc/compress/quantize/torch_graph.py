@@ -54,7 +54,7 @@ from . import quantizers as Q
 from . import range_search, reparam
 from .config import QuantConfig
 from .modules import ActQuant, WeightFakeQuant, set_mode, weight_quantizers
-from .plan import PROBS_MASS_LOSS_MAX, QuantPlan, Site, Skipped, TensorQuant, WeightQuant, probs_v_reason
+from .plan import QuantPlan, Site, Skipped, TensorQuant, WeightQuant
 
 CAPTURE = "torch.export(strict=False)"
 aten = torch.ops.aten
@@ -526,8 +526,8 @@ def _uninstall_operands(gm: fx.GraphModule, installed: dict, site: Site) -> None
 
 
 def drop_lossy_probs_v(gm: fx.GraphModule, installed: dict, plan: QuantPlan, config: QuantConfig) -> list[str]:
-    """After calibration: the probabilities x V sites whose probabilities' grid rounds more than
-    ``PROBS_MASS_LOSS_MAX`` of their mass to 0 go back to float, listed with the measured share."""
+    """After calibration: ``QuantPlan.float_if_mass_lost`` on each probabilities x V site; the sites it
+    sends back to float lose their quantizers."""
     if not config.probs_v_by_mass:
         return []
     dropped = []
@@ -536,14 +536,9 @@ def drop_lossy_probs_v(gm: fx.GraphModule, installed: dict, plan: QuantPlan, con
         if site.weight is not None or not probs:
             continue
         aq = installed["act"][probs[0][1]]
-        step = float(aq.scale.reshape(-1)[0])
-        lost = obs.mass_rounded_to_zero(aq.observer.histogram(), step)
-        if lost <= PROBS_MASS_LOSS_MAX:
-            continue
-        _uninstall_operands(gm, installed, site)
-        plan.sites.remove(site)
-        plan.skipped.append(Skipped(site.name, site.op, site.flops, probs_v_reason(lost, step), attention=True))
-        dropped.append(site.name)
+        if plan.float_if_mass_lost(site, aq.observer.histogram(), float(aq.scale.reshape(-1)[0])):
+            _uninstall_operands(gm, installed, site)
+            dropped.append(site.name)
     return dropped
 
 
@@ -1011,23 +1006,9 @@ def widen_ranges(captured: nn.Module, installed: dict, plan: QuantPlan, x: torch
                 groups.setdefault(g, []).append(key)
     if not groups:
         return {"groups": {}}
-    base = {k: installed["act"][k].scale.clone() for ks in groups.values() for k in ks}
-
-    def set_scales(factors: dict) -> None:
-        for k, s in base.items():
-            installed["act"][k].scale = s * factors.get(k, 1.0)
-
-    def evaluate(factors: dict) -> float:
-        set_scales(factors)
-        return range_search.search_error(reference, range_search.model_outputs(captured, x))
-
-    task = progress.add_task("widening ranges", total=range_search.evaluations(groups)) if progress is not None else None
-    chosen, before, after = range_search.search(groups, evaluate, (lambda: progress.advance(task)) if task is not None else None)
-    set_scales({k: chosen[g] for g, ks in groups.items() for k in ks})
-    if task is not None:
-        progress.remove_task(task)
-    return {"groups": chosen, "images": int(x.shape[0]), "output_error_before": round(before, 6),
-            "output_error_after": round(after, 6)}
+    quant = {k: installed["act"][k] for ks in groups.values() for k in ks}
+    return range_search.widen(groups, range_search.scale_setter(quant), lambda: range_search.model_outputs(captured, x),
+                              reference, int(x.shape[0]), progress)
 
 
 def _norm_biases(gm: fx.GraphModule) -> list[str]:
