@@ -236,3 +236,56 @@ def test_taylor_scores_reach_every_output_of_a_detector(tmp_path):
     with torch.no_grad():
         out, ref = pruned.module(x[:2]), dense.module(x[:2])
     assert [tuple(t.shape) for t in out] == [tuple(t.shape) for t in ref]
+
+
+@pytest.mark.parametrize("name, blocked", [("mha_vit", {"embed", "sdpa.qkv"}), ("hf_swin", {"attention.q_proj"})])
+def test_groups_whose_width_the_forward_reads_are_left_alone_with_the_error(name, blocked, tmp_path):
+    """nn.MultiheadAttention checks its input against embed_dim, a hand-written attention reshapes
+    with x.shape[-1] // heads, Swin adds a per-head bias from a table: pruning those groups broke
+    the forward ("the pruned model no longer runs"). Each group is now tried on a copy first; the
+    ones that break the forward are left alone with the error as the reason, the rest are pruned,
+    and the model saves and reloads."""
+    from vitc.calibration.sources import open_source
+
+    spec, weights = gm.write(name, tmp_path)
+    dense = load_model(spec, weights)
+    x = load_tensors(open_source("bundled:calib").select(8, seed=0), dense.preprocess)[0]
+    pruned = vitc.prune(dense, x, importance="taylor", mlp=0.5, method="graph", round_to=1, batch_size=8)
+    rec = pruned.transforms[-1]
+    assert rec["plan"]["channels"] and all(k.endswith(("mlps.0.1", "mlps.1.1", "mlp.fc1")) for k in rec["plan"]["channels"])
+    assert rec["flops"] < rec["flops_dense"]
+    reasons = [d["reason"] for d in rec["coverage"]["left_alone"]]
+    assert sum("pruning it breaks the model's forward" in r for r in reasons) >= len(blocked), reasons
+    with torch.no_grad():
+        out = pruned.module(x)
+    again = load_model(vitc.save(pruned, tmp_path / "saved"))
+    with torch.no_grad():
+        assert _same(again.module(x), out)
+
+
+def test_narrow_cnn_2_4_is_refused_at_kernel_shapes_and_runs_with_shapes_any(tmp_path):
+    """A CNN with no layer at the shapes GPU 2:4 kernels run (outputs a multiple of 32, inputs of
+    64) is refused with a pointer to --shapes any, which sparsifies every layer whose inputs are a
+    multiple of 4 (exactly 2:4, saved and reloaded); the 3-channel stem stays dense with why."""
+    from vitc.calibration.sources import open_source
+
+    spec, weights = gm.write("effnet_like", tmp_path)
+    dense = load_model(spec, weights)
+    x = load_tensors(open_source("bundled:calib").select(8, seed=0), dense.preprocess)[0]
+    with pytest.raises(VitcError, match="--shapes any"):
+        vitc.sparsify(dense, x, method="wanda")
+    sparse = vitc.sparsify(dense, x, method="wanda", shapes="any")
+    rec = sparse.transforms[-1]
+    layers = dict(sparse.module.named_modules())
+    assert len(rec["sparse_layers"]) >= 10
+    for path in rec["sparse_layers"]:
+        assert masks.violations(masks.conv_to_2d(layers[path].weight.detach())) == 0, path
+    stem = [why for path, why in rec["dense_layers"].items() if path.endswith("stem.0")]
+    assert stem and "inputs must be a multiple of 4" in stem[0], rec["dense_layers"]
+    with torch.no_grad():
+        out = sparse.module(x)
+    again = load_model(vitc.save(sparse, tmp_path / "s"))
+    with torch.no_grad():
+        assert _same(again.module(x), out)
+    with pytest.raises(VitcError, match="unknown --shapes"):
+        vitc.sparsify(dense, x, method="wanda", shapes="gpu")

@@ -78,7 +78,10 @@ def test_dinov2_quantize_prune_sparsify_engage(tiny_dinov2):
 
     x = torch.randn(8, 3, 56, 56, generator=torch.Generator().manual_seed(2))
     ref = tiny_dinov2(x)
-    q = vitc.quantize(tiny_dinov2, x, wbits=8, abits=8)
+    auto = vitc.quantize(tiny_dinov2, x, wbits=8, abits=8)
+    assert auto.transforms[-1]["sites"] == "graph"  # --sites auto: the graph path outside the zoo families
+    assert auto.transforms[-1]["coverage"]["flops_share"] > 0.9 and (auto(x) - ref).abs().max() < 0.05 * ref.abs().max()
+    q = vitc.quantize(tiny_dinov2, x, wbits=8, abits=8, sites="modules")
     attn = q.module.get_submodule(tiny_dinov2.structure.blocks[0].attention.path)
     assert isinstance(attn, QuantViTAttention)  # both attention matmuls run through the quantized core
     assert (q(x) - ref).abs().max() < 0.05 * ref.abs().max()
@@ -135,7 +138,7 @@ def test_dinov2_probe_passes_engage():
     x = torch.randn(8, 3, 56, 56, generator=torch.Generator().manual_seed(4))
     last = _tiny_probe(ProbeLayout((2,), (2,)))
     ref = last(x)
-    q = vitc.quantize(last, x, wbits=8, abits=8)
+    q = vitc.quantize(last, x, wbits=8, abits=8, sites="modules")
     assert isinstance(q.module.get_submodule(last.structure.blocks[0].attention.path), QuantViTAttention)
     assert (q(x) - ref).abs().max() < 0.05 * ref.abs().max()
     p = prune(last, PruneConfig(importance="magnitude", heads=0.5, mlp=0.5), x)

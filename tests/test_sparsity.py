@@ -185,7 +185,7 @@ def test_bad_input(tiny_vit, calib):
     with pytest.raises(VitcError, match="unknown 2:4 method"):
         apply(tiny_vit, SparsityConfig(method="random"), calib)
     narrow = tiny_vit.with_module(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)), {"pass": "test"})
-    with pytest.raises(VitcError, match="no layer that 2:4 sparsity can take"):
+    with pytest.raises(VitcError, match="no layer that GPU 2:4 kernels run"):
         apply(narrow, SparsityConfig(method="magnitude"))
 
 
@@ -205,4 +205,4 @@ def test_cli_sparsify(tiny_vit_dir, tmp_path, capsys):
     every = ",".join(data["sparse_layers"])
     assert run(base + ["--method", "magnitude", "--exclude", every]) != 0
     err = capsys.readouterr().err
-    assert err.startswith("error: the model has no layer that 2:4 sparsity can take") and err.count("\n") == 1
+    assert err.startswith("error: every layer 2:4 sparsity could take is excluded") and err.count("\n") == 1

@@ -17,6 +17,8 @@ def sparsify_cmd(
     layers: Optional[str] = typer.Option(None, "--layers", help="comma-separated module paths to sparsify (default: every eligible layer)"),
     exclude: Optional[str] = typer.Option(None, "--exclude", help="comma-separated module paths to leave dense"),
     damp: float = typer.Option(0.01, "--damp", help="SparseGPT Hessian dampening (fraction of its mean diagonal)"),
+    shapes: str = typer.Option("kernel", "--shapes", help="kernel: only layers GPU 2:4 kernels run (outputs a multiple of 32, "
+                               "inputs of 64); any: every layer with inputs a multiple of 4 (no sparse-kernel speed-up)"),
     data: DataOpt = "bundled:calib",
     calib_size: int = CalibSizeOpt,
     seed: SeedOpt = 0,
@@ -49,7 +51,7 @@ def sparsify_cmd(
     def paths(text):
         return [p.strip() for p in text.split(",") if p.strip()] if text else None
 
-    config = SparsityConfig(method=method, layers=paths(layers), exclude=paths(exclude) or [], damp=damp, batch_size=batch_size)
+    config = SparsityConfig(method=method, layers=paths(layers), exclude=paths(exclude) or [], damp=damp, batch_size=batch_size, shapes=shapes)
     config.validate()
     if output is not None:
         hold(output, force)  # a concurrent run on this -o fails now, not after the work

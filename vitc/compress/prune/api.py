@@ -130,6 +130,7 @@ def apply(backbone, config: PruneConfig, data=None):
         if dropped:
             raise VitcError("--drop-attention needs a family adapter", "drop --drop-attention, or prune a ViT/DeiT/MobileViT")
         groups, graph = generic.find_groups(root, backbone.example_input(2))
+        groups = generic.runnable(root, groups, graph, backbone.example_input(1))
     if not groups and (config.flops or config.params or config.heads or config.mlp or config.conv):
         reasons = generic.coverage(graph, [], []) if graph is not None else {"left_alone": []}
         top = reasons["left_alone"][0]["reason"] if reasons["left_alone"] else "no conv/linear layers"

@@ -138,6 +138,50 @@ def find_groups(root: nn.Module, example: torch.Tensor) -> tuple[list[GraphGroup
     return groups, g
 
 
+def runnable(root: nn.Module, groups: list[GraphGroup], g: Graph, example: torch.Tensor) -> list[GraphGroup]:
+    """The groups whose removal of one unit leaves a model that still runs with the same output shape.
+
+    The graph shows which tensors share a channel axis, but not the widths a forward reads from
+    elsewhere: ``nn.MultiheadAttention`` checks its input against ``embed_dim``, a hand-written
+    attention may reshape with ``x.shape[-1] // self.heads``, Swin adds a per-head bias indexed
+    from a table. Torch-Pruning lists such modules by hand; vitc tries each group on a copy
+    instead (all at once first, one by one only if that fails) and blocks, with the error as
+    the reason, the ones that break the forward, so they appear in the coverage as left alone.
+    """
+    import copy
+
+    def trial(chosen: list[GraphGroup]) -> str | None:
+        m = copy.deepcopy(root)
+        try:
+            for x in chosen:
+                if x.units(m) > 1:
+                    x.keep(m, torch.arange(x.units(m) - 1))
+            with torch.no_grad():
+                y = m.eval()(example)
+        except Exception as exc:  # any error of the user's forward means: this width is read elsewhere
+            return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:120]}"
+        return None if _shapes(y) == _shapes(dense) else "changes the model's output shape"
+
+    if any(isinstance(m, torch.fx.GraphModule) for m in root.modules()):
+        return groups  # a torch.export program: the pass's own check explains why it cannot shrink
+    with torch.no_grad():
+        dense = root.eval()(example)
+    if not groups or trial(groups) is None:
+        return groups
+    kept = []
+    for x in groups:
+        why = trial([x])
+        if why is None:
+            kept.append(x)
+        else:
+            g.block(x.space, f"pruning it breaks the model's forward ({why})")
+    return kept
+
+
+def _shapes(out) -> list:
+    return [tuple(t.shape) for t in _output_tensors(out)]
+
+
 def coverage(g: Graph, groups: list[GraphGroup], kinds: list[str]) -> dict:
     """Share of the model's conv/matmul FLOPs in ops that a pruned group shrinks; each op left alone with why."""
     live = {x.space for x in groups if x.kind in kinds}

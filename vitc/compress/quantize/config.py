@@ -36,8 +36,9 @@ class QuantConfig:
     a hybrid's conv->token bridge convs stay at 8 bits (``ptq.end_layers``).
     ``sites``: "graph" finds every matmul-like op in the captured graph (``torch_graph``);
     "modules" swaps exact Linear/Conv2d modules and routes attention through a family adapter;
-    "auto" keeps the module path where it covers at least 95% of the model's matmul/conv FLOPs
-    (the zoo families, where the adapters add precision) and takes the graph path elsewhere.
+    "auto" keeps the module path for the families it was written for (the zoo's ViT, DeiT,
+    MobileViT, ResNet) and for models another pass transformed, and takes the graph path
+    elsewhere (``ptq.choose_sites`` says why).
     """
 
     wbits: int = 8

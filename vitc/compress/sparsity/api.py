@@ -20,6 +20,10 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 # PyTorch's semi-structured kernels (CUTLASS and cuSPARSELt) take fp16 weights whose rows are a
 # multiple of 32 and columns a multiple of 64; TensorRT's sparse convs group input channels.
 ROWS_MULTIPLE, COLS_MULTIPLE = 32, 64
+# shapes="any": every layer whose groups of 4 inputs lie within one kernel position (inputs a multiple
+# of 4). For narrow models no sparse kernel runs (they stay as fast as dense); the pattern is kept for
+# accuracy studies, for runtimes that take unstructured sparsity at any shape, and for later widening.
+SHAPES = ("kernel", "any")
 
 
 @dataclass
@@ -30,8 +34,11 @@ class SparsityConfig:
     damp: float = 0.01  # SparseGPT: Hessian dampening, as a fraction of its mean diagonal
     block_size: int = 128  # SparseGPT: columns per lazy-update block
     batch_size: int = 32
+    shapes: str = "kernel"  # kernel: the shapes GPU sparse kernels run; any: inputs a multiple of 4
 
     def validate(self) -> None:
+        if self.shapes not in SHAPES:
+            raise VitcError(f"unknown --shapes '{self.shapes}'", f"use one of: {', '.join(SHAPES)}")
         if self.method not in METHODS:
             raise VitcError(f"unknown 2:4 method '{self.method}'", f"use one of: {', '.join(METHODS)}")
         if not 0 <= self.damp < 1:
@@ -46,8 +53,8 @@ def _graph_layer(m: nn.Module) -> bool:
     return type(m) is nn.Module and isinstance(w, nn.Parameter) and w.dim() in (2, 4)
 
 
-def ineligibility(layer: nn.Module) -> str | None:
-    """Why a layer cannot be 2:4 (None when it can)."""
+def ineligibility(layer: nn.Module, shapes: str = "kernel") -> str | None:
+    """Why a layer cannot be 2:4 (None when it can); ``shapes`` as in ``SparsityConfig``."""
     if isinstance(layer, nn.Linear):
         rows, cols = layer.out_features, layer.in_features
     elif isinstance(layer, nn.Conv2d):
@@ -60,18 +67,20 @@ def ineligibility(layer: nn.Module) -> str | None:
             return "depthwise conv"
     else:
         return "not a Linear or Conv2d"
+    if shapes == "any":
+        return f"{rows}x{cols} (inputs must be a multiple of {masks.M})" if cols % masks.M else None
     if rows % ROWS_MULTIPLE or cols % COLS_MULTIPLE:
         return f"{rows}x{cols} (outputs must be a multiple of {ROWS_MULTIPLE}, inputs of {COLS_MULTIPLE})"
     return None
 
 
-def eligible_layers(root: nn.Module) -> tuple[list[str], dict[str, str]]:
+def eligible_layers(root: nn.Module, shapes: str = "kernel") -> tuple[list[str], dict[str, str]]:
     """(eligible Linear/Conv2d paths, {ineligible path: reason}), in module order."""
     ok, skipped = [], {}
     program = any(isinstance(m, torch.fx.GraphModule) for m in root.modules())
     for name, m in root.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)) or (program and _graph_layer(m)):
-            why = ineligibility(m)
+            why = ineligibility(m, shapes)
             if why is None:
                 ok.append(name)
             else:
@@ -143,7 +152,7 @@ def _input_stats(root: nn.Module, layer: nn.Module, images: torch.Tensor, batch:
 
 
 def selected_layers(root: nn.Module, config: SparsityConfig) -> tuple[list[str], dict[str, str]]:
-    eligible, skipped = eligible_layers(root)
+    eligible, skipped = eligible_layers(root, config.shapes)
     names = dict(root.named_modules())
     for path in (config.layers or []) + config.exclude:
         if path not in names:
@@ -159,10 +168,15 @@ def selected_layers(root: nn.Module, config: SparsityConfig) -> tuple[list[str],
         chosen = eligible
     chosen = [p for p in chosen if p not in config.exclude]
     skipped.update({p: "excluded" for p in config.exclude})
-    if not chosen:
-        raise VitcError(f"the model has no layer that 2:4 sparsity can take "
+    if not chosen and eligible:
+        raise VitcError("every layer 2:4 sparsity could take is excluded (--exclude)", "exclude fewer layers")
+    if not chosen and config.shapes == "kernel":
+        raise VitcError(f"the model has no layer that GPU 2:4 kernels run "
                         f"(Linear/Conv2d with outputs a multiple of {ROWS_MULTIPLE} and inputs of {COLS_MULTIPLE})",
-                        "use a model with wider layers, or prune channels instead (vitc prune)")
+                        "prune channels instead (vitc prune), or pass --shapes any to apply the pattern to every layer "
+                        "whose inputs are a multiple of 4 (accuracy studies; no speed-up from sparse kernels)")
+    if not chosen:
+        raise VitcError("the model has no Linear/Conv2d layer whose inputs are a multiple of 4", "prune channels instead (vitc prune)")
     return chosen, skipped
 
 
@@ -183,6 +197,14 @@ def apply(backbone, config: SparsityConfig, data=None, progress=None):
     if config.method != "magnitude" and any(_graph_layer(names[p]) for p in chosen):
         raise VitcError(f"{config.method} reads each layer's inputs, which a torch.export program does not expose per layer",
                         "use --method magnitude, or load the model from its Python code (pkg.module:factory --weights)")
+    if config.method != "magnitude":
+        for path in _not_called(root, chosen, data[:1]):
+            chosen.remove(path)
+            skipped[path] = (f"{config.method} needs its inputs, but the forward never calls it as a layer "
+                             "(its parent reads the weight directly, as nn.MultiheadAttention does with out_proj)")
+        if not chosen:
+            raise VitcError(f"no eligible layer is called as a layer in the forward, so {config.method} sees no inputs",
+                            "use --method magnitude")
     task = progress.add_task(f"2:4 by {config.method}", total=len(chosen)) if progress is not None else None
     for path in chosen:
         layer = root.get_submodule(path)
@@ -205,6 +227,19 @@ def apply(backbone, config: SparsityConfig, data=None, progress=None):
     record = {"pass": "sparsify", "config": asdict(config), "pattern": "2:4", "sparse_layers": chosen, "dense_layers": skipped,
               "coverage": coverage(backbone, chosen, skipped)}
     return out.with_module(root, record)
+
+
+@torch.no_grad()
+def _not_called(root: nn.Module, paths: list[str], x: torch.Tensor) -> list[str]:
+    """The layers among ``paths`` whose forward the model never calls (one image)."""
+    called = set()
+    hooks = [root.get_submodule(p).register_forward_pre_hook(lambda m, a, p=p: called.add(p)) for p in paths]
+    try:
+        root(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [p for p in paths if p not in called]
 
 
 def layer_masks(backbone) -> dict[str, torch.Tensor]:
