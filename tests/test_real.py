@@ -145,9 +145,19 @@ def test_dinov2_probe_passes_engage():
     assert p.structure.blocks[0].attention.num_heads == 2 and p(x).shape == (8, 10)
     assert (merge(last, MergeConfig(r=0))(x) - ref).abs().max() < 1e-5  # one block read: merging runs it exactly
     assert merge(last, MergeConfig(method="tome", r=4)).transforms[-1]["tokens"] == [17, 13, 9]
-    several = _tiny_probe(ProbeLayout((1, 2), (2,)))  # block 1's tokens would be lost inside a merged chain
-    with pytest.raises(VitcError, match=r"reads the tokens of blocks \[1\]"):
-        merge(several, MergeConfig(method="tome", r=4))
+    # a head that reads earlier blocks too (dinov2s-c10 reads blocks 7-10): the probe runs the merged
+    # blocks itself, so r=0 is exact and a merge still reads every block, its patch mean weighted by size
+    several = _tiny_probe(ProbeLayout((1, 2), (1, 2)))
+    ref2 = several(x)
+    assert (merge(several, MergeConfig(r=0))(x) - ref2).abs().max() < 1e-5
+    merged = merge(several, MergeConfig(method="tome", r=4))
+    assert merged.transforms[-1]["tokens"] == [17, 13, 9]
+    calls = []
+    hook = merged.module.model.dinov2.layernorm.register_forward_hook(lambda m, a, o: calls.append(tuple(o.shape[1:2])))
+    out = merged(x)
+    hook.remove()
+    assert calls == [(13,), (9,)] and out.shape == ref2.shape  # block 1's 13 tokens and block 2's 9 were both read
+    assert torch.nn.functional.cosine_similarity(out, ref2, dim=1).min() > 0.5
 
 
 # ---------------------------------------------------------------- zoo:dinov2s-focus

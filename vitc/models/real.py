@@ -130,9 +130,15 @@ class ProbeLayout:
 FINAL_BLOCK_LAYOUT = ProbeLayout((12,), (12,))
 
 
-def token_summary(normed: torch.Tensor) -> torch.Tensor:
-    """(N, 1 + patches, D) final-norm tokens -> (N, 2, D): [CLS, mean of the patch tokens]."""
-    return torch.stack([normed[:, 0], normed[:, 1:].mean(dim=1)], dim=1)
+def token_summary(normed: torch.Tensor, size: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, 1 + patches, D) final-norm tokens -> (N, 2, D): [CLS, mean of the patch tokens].
+
+    ``size`` (N, 1 + patches, 1): how many patches each token stands for after token merging;
+    the mean then weights each token by it, so it is the mean over the original patches."""
+    if size is None:
+        return torch.stack([normed[:, 0], normed[:, 1:].mean(dim=1)], dim=1)
+    w = size[:, 1:]
+    return torch.stack([normed[:, 0], (normed[:, 1:] * w).sum(dim=1) / w.sum(dim=1)], dim=1)
 
 
 def probe_vector(summaries: dict[int, torch.Tensor], layout: ProbeLayout) -> torch.Tensor:
@@ -324,6 +330,9 @@ class Dinov2Probe(nn.Module):
     hf-dinov2 structure adapter (``.dinov2``, ``.classifier``) and every pass see them."""
 
     main_input_name = "pixel_values"
+    # token merging (vitc merge) may reduce tokens inside the blocks it reads: the forward then
+    # runs the merged blocks itself and weights the patch mean by token size
+    reads_merged_tokens = True
 
     def __init__(self, config, layout: ProbeLayout, num_labels: int):
         super().__init__()
@@ -340,10 +349,18 @@ class Dinov2Probe(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         h = self.dinov2.embeddings(pixel_values)
         summaries = {}
-        for block, layer in enumerate(self.dinov2.encoder.layer, start=1):
-            h = layer(h)
-            if block in self._read:
-                summaries[block] = token_summary(self.dinov2.layernorm(h))
+        layers = self.dinov2.encoder.layer
+        if hasattr(layers[0], "forward_tokens"):  # token-merged blocks (duck-typed: models/ never imports compress/)
+            size, extra = h[..., :1] * 0 + 1, None
+            for block, layer in enumerate(layers, start=1):
+                h, size, extra = layer.forward_tokens(h, size, extra)
+                if block in self._read:
+                    summaries[block] = token_summary(self.dinov2.layernorm(h), size)
+        else:
+            for block, layer in enumerate(layers, start=1):
+                h = layer(h)
+                if block in self._read:
+                    summaries[block] = token_summary(self.dinov2.layernorm(h))
         return self.classifier(self.feature_norm(probe_vector(summaries, self.layout)))
 
 

@@ -37,7 +37,7 @@ class QuantConfig:
     ``sites``: "graph" finds every matmul-like op in the captured graph (``torch_graph``);
     "modules" swaps exact Linear/Conv2d modules and routes attention through a family adapter;
     "auto" keeps the module path for the families it was written for (the zoo's ViT, DeiT,
-    MobileViT, ResNet) and for models another pass transformed, and takes the graph path
+    MobileViT, ResNet; merged or pruned ones too), and takes the graph path
     elsewhere (``ptq.choose_sites`` says why).
     """
 

@@ -386,8 +386,8 @@ MODULE_PATH_FAMILIES = ("hf-vit", "hf-deit", "hf-mobilevit", "hf-resnet")
 def choose_sites(backbone: Backbone, config: QuantConfig, x: torch.Tensor):
     """("graph" | "modules", audit plan of the module path or None): see ``QuantConfig.sites``.
 
-    "auto": the module path for the families it was written for and for models already
-    transformed by another pass (a merged ViT); the graph path everywhere else, even where the
+    "auto": the module path for the families it was written for (merged or pruned ones
+    included); the graph path everywhere else (a merged DINOv2 too), even where the
     module path would cover every op. Measured on zoo:dinov2s-c10 (a real DINOv2 ViT-S, 32
     calibration / 192 test images), the module path covers 100% of the FLOPs but its symmetric
     int8 grids for the post-GELU inputs and the attention probabilities give logits at cosine
@@ -398,7 +398,7 @@ def choose_sites(backbone: Backbone, config: QuantConfig, x: torch.Tensor):
     if config.sites == "graph":
         return "graph", None
     module = backbone.require_module("quantization")
-    known = config.sites == "modules" or backbone.structure.family in MODULE_PATH_FAMILIES or bool(backbone.transforms)
+    known = config.sites == "modules" or backbone.structure.family in MODULE_PATH_FAMILIES
     if not known:
         return "graph", None
     try:

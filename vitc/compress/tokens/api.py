@@ -51,8 +51,10 @@ def _stage(backbone):
 
     backbone.require_module("token merging")
     # the first reducing block runs them all (block.py), so a head that reads an earlier block's
-    # tokens inside the model would silently get the last block's instead
-    taps = sorted({b for m in backbone.module.modules() for b in getattr(m, "intermediate_reads", ())})
+    # tokens inside the model would silently get the last block's instead, unless the model runs
+    # the merged blocks itself (``reads_merged_tokens``: the dinov2s-c10 probe)
+    taps = sorted({b for m in backbone.module.modules() if not getattr(m, "reads_merged_tokens", False)
+                   for b in getattr(m, "intermediate_reads", ())})
     if taps:
         raise VitcError(f"{backbone.source}'s head reads the tokens of blocks {taps} as well as the last block's, and token "
                         "merging gives only the last block's tokens", "merge a model whose head reads the last block only")
