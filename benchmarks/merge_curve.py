@@ -206,7 +206,7 @@ def curve(args, base, x, y, work: Path) -> dict:
         cand = [p for p in ok if p["method"] == m]
         per_method[m] = max(cand, key=lambda p: p["speedup"]) if cand else None
     equal_flops(points)
-    return {"original_top1": base_top1, "original_flops": base_flops, "points": points, "best": best, "fastest": fastest,
+    return {"original_top1": base_top1, "original_flops": base_flops, "batch": args.batch, "points": points, "best": best, "fastest": fastest,
             "best_per_method": per_method}
 
 
@@ -239,7 +239,7 @@ def plot(result: dict, path: Path, title: str) -> None:
             continue
         a.plot([base_speed] + [p["base_images_per_s"] * p["speedup"] for p in pts], [base] + [100 * p["top1"] for p in pts], "o-", label=m)
         b.plot([1.0] + [p["flops_ratio"] for p in pts], [base] + [100 * p["top1"] for p in pts], "o-", label=m)
-    a.set_xlabel("ONNX Runtime images/s (batch 32)")
+    a.set_xlabel(f"ONNX Runtime images/s (batch {result.get('batch', 32)})")
     b.set_xlabel("FLOPs (fraction of the original)")
     for ax in (a, b):
         ax.set_ylabel("top-1 %")
