@@ -81,6 +81,12 @@ def test_dinov2_quantize_prune_sparsify_engage(tiny_dinov2):
     auto = vitc.quantize(tiny_dinov2, x, wbits=8, abits=8)
     assert auto.transforms[-1]["sites"] == "graph"  # --sites auto: the graph path outside the zoo families
     assert auto.transforms[-1]["coverage"]["flops_share"] > 0.9 and (auto(x) - ref).abs().max() < 0.05 * ref.abs().max()
+    from vitc.compress.quantize import QuantConfig
+    from vitc.compress.quantize.ptq import choose_sites
+
+    # reconstruction and mixed precision run on the module path: "auto" takes it where it covers the model
+    assert choose_sites(tiny_dinov2, QuantConfig(reconstruct_iters=10), x)[0] == "modules"
+    assert choose_sites(tiny_dinov2, QuantConfig(), x)[0] == "graph"
     q = vitc.quantize(tiny_dinov2, x, wbits=8, abits=8, sites="modules")
     attn = q.module.get_submodule(tiny_dinov2.structure.blocks[0].attention.path)
     assert isinstance(attn, QuantViTAttention)  # both attention matmuls run through the quantized core

@@ -378,6 +378,9 @@ def module_path_reach(module: nn.Module, structure) -> tuple[set[str], list[str]
     return layers, attention
 
 
+MODULE_PATH_MIN_SHARE = 0.95  # with --reconstruct / --bits auto, "auto" takes the module path where it covers this much
+
+
 # families whose module path is complete (every Linear/Conv2d swapped, attention through an adapter):
 # "auto" keeps it there, so the zoo's results and exports are exactly what they were
 MODULE_PATH_FAMILIES = ("hf-vit", "hf-deit", "hf-mobilevit", "hf-resnet")
@@ -392,20 +395,29 @@ def choose_sites(backbone: Backbone, config: QuantConfig, x: torch.Tensor):
     calibration / 192 test images), the module path covers 100% of the FLOPs but its symmetric
     int8 grids for the post-GELU inputs and the attention probabilities give logits at cosine
     0.870 with FP32 (77% top-1 agreement); the graph path, with per-activation grids, the
-    probabilities x V rule and range widening, 0.9968 (96%)."""
+    probabilities x V rule and range widening, 0.9968 (96%).
+
+    Block reconstruction and mixed precision run on the module path only, so with those "auto"
+    takes it wherever it covers at least ``MODULE_PATH_MIN_SHARE`` of the matmul/conv FLOPs."""
     from . import torch_graph
 
     if config.sites == "graph":
         return "graph", None
     module = backbone.require_module("quantization")
     known = config.sites == "modules" or backbone.structure.family in MODULE_PATH_FAMILIES
-    if not known:
+    module_only = bool(config.reconstruct_iters or config.layer_bits)
+    if not known and not module_only:
         return "graph", None
     try:
         layers, attention = module_path_reach(module, backbone.structure)
-        return "modules", torch_graph.audit_module_path(module, x[:2], layers, attention)
-    except VitcError:  # the module path still runs; its coverage is unknown (the CLI says so)
-        return "modules", None
+        audit = torch_graph.audit_module_path(module, x[:2], layers, attention)
+    except VitcError:
+        if known:  # the module path still runs; its coverage is unknown (the CLI says so)
+            return "modules", None
+        return "graph", None  # apply() then says that reconstruction needs the module path
+    if known or audit.coverage()["flops_share"] >= MODULE_PATH_MIN_SHARE:
+        return "modules", audit
+    return "graph", None
 
 
 def apply(backbone: Backbone, config: QuantConfig | None = None, data=None, progress=None,
