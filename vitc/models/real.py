@@ -350,17 +350,16 @@ class Dinov2Probe(nn.Module):
         h = self.dinov2.embeddings(pixel_values)
         summaries = {}
         layers = self.dinov2.encoder.layer
-        if hasattr(layers[0], "forward_tokens"):  # token-merged blocks (duck-typed: models/ never imports compress/)
-            size, extra = h[..., :1] * 0 + 1, None
-            for block, layer in enumerate(layers, start=1):
+        # token-merged blocks (duck-typed: models/ never imports compress/) carry each token's size
+        merged = hasattr(layers[0], "forward_tokens")
+        size, extra = (h[..., :1] * 0 + 1 if merged else None), None
+        for block, layer in enumerate(layers, start=1):
+            if merged:
                 h, size, extra = layer.forward_tokens(h, size, extra)
-                if block in self._read:
-                    summaries[block] = token_summary(self.dinov2.layernorm(h), size)
-        else:
-            for block, layer in enumerate(layers, start=1):
+            else:
                 h = layer(h)
-                if block in self._read:
-                    summaries[block] = token_summary(self.dinov2.layernorm(h))
+            if block in self._read:
+                summaries[block] = token_summary(self.dinov2.layernorm(h), size)
         return self.classifier(self.feature_norm(probe_vector(summaries, self.layout)))
 
 

@@ -392,7 +392,7 @@ def choose_sites(backbone: Backbone, config: QuantConfig, x: torch.Tensor):
     "auto": the module path for the families it was written for (merged or pruned ones
     included); the graph path everywhere else (a merged DINOv2 too), even where the
     module path would cover every op. Measured on zoo:dinov2s-c10 (a real DINOv2 ViT-S, 32
-    calibration / 192 test images), the module path covers 100% of the FLOPs but its symmetric
+    calibration images; 96 test images for the module path, 192 for the graph path), the module path covers 100% of the FLOPs but its symmetric
     int8 grids for the post-GELU inputs and the attention probabilities give logits at cosine
     0.870 with FP32 (77% top-1 agreement); the graph path, with per-activation grids, the
     probabilities x V rule and range widening, 0.9968 (96%).
