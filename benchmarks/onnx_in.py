@@ -183,10 +183,22 @@ def main() -> None:
         def run_vitc() -> float:
             seconds, record = vitc_quantize(fp32, tmp / "vitc_ov.onnx", tmp / "vitc_ort.onnx", calib, args.threads, settings)
             kept["vitc_record"] = {k: record[k] for k in ("coverage", "config", "reparameterised_norms", "smoothed_inputs",
-                                                         "folded_batchnorms", "bias_corrected", "activation_grids",
+                                                         "folded_batchnorms", "folded_constants", "bias_corrected", "activation_grids",
                                                          "calibration_s")}
             return seconds
 
+        def run_fold() -> float:
+            """FP32 with vitc's exact image-independent folding (what `vitc export --model x.onnx` writes): a
+            second baseline, so the int8 speedups can be read without the fold's share."""
+            from vitc.models import onnx_source
+            from vitc.models.onnx_fold import fold_input_independent
+
+            src = onnx_source.read(fp32, 224)
+            fold_input_independent(src.model, src.input_name, 224, src.fixed_batch)
+            onnx.save(src.model, str(tmp / "fp32_folded.onnx"))
+            return 0.0
+
+        produce("fp32 folded (vitc export)", run_fold, {"onnxruntime": "fp32_folded.onnx", "openvino": "fp32_folded.onnx"})
         produce("vitc", run_vitc, {"onnxruntime": "vitc_ort.onnx", "openvino": "vitc_ov.onnx"})
         result["vitc_record"] = kept["vitc_record"]
         if "nncf-onnx" not in skip:

@@ -391,3 +391,53 @@ def test_decoder_deconvolutions_run_int8_in_both_runtimes(tmp_path):
     deconv_exec = [p.exec_type for p in request.profiling_info if p.node_type == "ConvolutionBackpropData"]
     assert len(deconv_exec) == 2 and all("i8" in e.lower() for e in deconv_exec), deconv_exec
 
+
+
+def _dinov2_onnx(path: Path, size: int, dynamic_spatial: bool = False) -> Path:
+    """A small transformers Dinov2Model exported at ``size`` px: its position embedding (trained for
+    56 px) is interpolated in the graph on every call (Shape -> ... -> bicubic Resize)."""
+    import warnings
+
+    from generality_models import hf_dinov2
+
+    m = hf_dinov2()
+    axes = {"x": {0: "b", 2: "h", 3: "w"} if dynamic_spatial else {0: "b"}, "y": {0: "b"}}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (torch.randn(1, 3, size, size),), str(path), input_names=["x"], output_names=["y"],
+                          dynamic_axes=axes, opset_version=17, dynamo=False)
+    return path
+
+
+def test_image_independent_subgraphs_fold_exactly(tmp_path):
+    """DINOv2's per-call position-embedding Resize becomes a constant; outputs stay bit-identical at other batch sizes."""
+    import onnxruntime as ort
+
+    from vitc.models import onnx_source
+    from vitc.models.onnx_fold import fold_input_independent
+
+    path = _dinov2_onnx(tmp_path / "d.onnx", 70)
+    src = onnx_source.read(path)
+    assert any(n.op_type == "Resize" for n in src.model.graph.node)
+    folded = fold_input_independent(src.model, "x", 70, None)
+    assert folded and not any(n.op_type == "Resize" for n in src.model.graph.node)
+    onnx.checker.check_model(src.model)
+    x = torch.randn(3, 3, 70, 70).numpy()
+    before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    after = ort.InferenceSession(src.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.array_equal(before, after)
+    # dynamic spatial axes: the interpolation depends on the size, so nothing folds
+    dyn = onnx_source.read(_dinov2_onnx(tmp_path / "dyn.onnx", 70, dynamic_spatial=True), 70)
+    assert fold_input_independent(dyn.model, "x", 70, None) == []
+    assert any(n.op_type == "Resize" for n in dyn.model.graph.node)
+
+
+def test_quantize_records_the_folded_subgraphs(tmp_path):
+    from vitc.compress.quantize import QuantConfig
+    from vitc.compress.quantize.onnx_graph import quantize_model
+    from vitc.models import onnx_source
+
+    src = onnx_source.read(_dinov2_onnx(tmp_path / "d.onnx", 70))
+    model, record = quantize_model(src, QuantConfig(range_search="off"), torch.randn(8, 3, 70, 70), 1)
+    assert record["folded_constants"]
+    assert not any(n.op_type == "Resize" for n in model.graph.node)

@@ -157,9 +157,10 @@ def _deconv_qdq(cin: int, cout: int, k: int, s: int, p: int, relu: bool, bias: b
     (4, 4, 6, 2, 2, False, True, True),
     (4, 4, 3, 2, 0, True, True, False),    # output not stride x input: left alone
 ])
-def test_subpixel_deconv_is_the_same_int8_products(cin, cout, k, s, p, relu, bias, rewritten):
-    """ConvTranspose -> int8 Conv + DepthToSpace: ONNX Runtime's output is the plain graph's, at most one
-    output code apart where float rounding of a tie differs."""
+@pytest.mark.parametrize("per_phase", [True, False])
+def test_subpixel_deconv_is_the_same_int8_products(cin, cout, k, s, p, relu, bias, rewritten, per_phase):
+    """ConvTranspose -> int8 Conv(s) + DepthToSpace (one Conv per phase, or one for all): ONNX Runtime's
+    output is the plain graph's, at most one output code apart where float rounding of a tie differs."""
     import onnxruntime as ort
 
     from vitc.export.qdq_speed import subpixel_deconvs
@@ -170,10 +171,11 @@ def test_subpixel_deconv_is_the_same_int8_products(cin, cout, k, s, p, relu, bia
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     ref = ort.InferenceSession(model.SerializeToString(), opts).run(None, {"x": x})[0]
-    assert subpixel_deconvs(model) == int(rewritten)
+    assert subpixel_deconvs(model, per_phase=per_phase) == int(rewritten)
     onnx.checker.check_model(model)
     ops = [n.op_type for n in model.graph.node]
     assert ("DepthToSpace" in ops) == rewritten and ("ConvTranspose" in ops) != rewritten
+    assert ops.count("Conv") == (s * s if per_phase else 1) * int(rewritten)
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     codes = np.abs(got - ref) / 0.08
     assert got.shape == ref.shape and codes.max() <= 1.0 + 1e-4 and (codes > 0.5).mean() < 0.005

@@ -130,6 +130,12 @@ def _write_from_onnx(backbone, path: Path, quant: dict | None, for_openvino: boo
             note += ", shared activation Q/DQ split per consumer (ONNX Runtime fuses DQ -> MatMul only then)"
         if rewrites:
             note += ", exact speed rewrites " + ", ".join(f"{k} x{v}" for k, v in rewrites.items())
+    elif quant is None:
+        from vitc.models.onnx_fold import fold_input_independent
+
+        folded = fold_input_independent(model, src.input_name, src.input_size, src.fixed_batch)
+        if folded:
+            note += f", {len(folded)} image-independent subgraph(s) folded into constants (e.g. {folded[0]})"
     onnx.save(model, str(path))
     shapes = onnx_source.run_shapes(onnx_source.with_fixed_input(model, src.input_name, src.fixed_batch or 1, src.input_size),
                                     src.input_name, src.fixed_batch or 1, src.input_size, [o["name"] for o in src.outputs])

