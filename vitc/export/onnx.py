@@ -91,6 +91,15 @@ def write_onnx(backbone, path: Path, opts, quant, progress=None, for_openvino: b
     if opts.simplify:
         model = _simplify(model)
         onnx.save(model, str(path))
+    folded = []
+    if backbone.module is not None:  # an ONNX source was folded in _write_from_onnx
+        from vitc.models.onnx_fold import fold_input_independent
+
+        batch = model.graph.input[0].type.tensor_type.shape.dim[0]
+        folded = fold_input_independent(model, model.graph.input[0].name, backbone.preprocess.input_size,
+                                        None if batch.dim_param else batch.dim_value)
+        if folded:
+            onnx.save(model, str(path))
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as exc:
@@ -104,6 +113,7 @@ def write_onnx(backbone, path: Path, opts, quant, progress=None, for_openvino: b
         progress.remove_task(task)
     io = source_io or {"input": _io(model.graph.input[0]), "output": _io(model.graph.output[0])}
     return {"exporter": exporter, "opset": opset, "nodes": len(model.graph.node), "simplified": opts.simplify,
+            "folded_constants": folded,
             "op_types": _op_counts(model), **io}
 
 
