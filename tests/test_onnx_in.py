@@ -441,3 +441,30 @@ def test_quantize_records_the_folded_subgraphs(tmp_path):
     model, record = quantize_model(src, QuantConfig(range_search="off"), torch.randn(8, 3, 70, 70), 1)
     assert record["folded_constants"]
     assert not any(n.op_type == "Resize" for n in model.graph.node)
+
+
+def test_a_uniform_image_independent_where_is_dropped(tmp_path):
+    """Where(Not(Expand(all-True mask, batch)), -inf, scores) always picks the scores: its readers read them directly.
+    A mask with one False entry keeps its Where."""
+    import onnxruntime as ort
+
+    from vitc.models.onnx_fold import fold_input_independent
+
+    def model(mask):
+        inits = [numpy_helper.from_array(mask, "mask"), numpy_helper.from_array(np.array(-np.inf, np.float32), "neg"),
+                 numpy_helper.from_array(np.array([1, 1, 1], np.int64), "ones")]
+        nodes = [helper.make_node("Shape", ["x"], ["s"], end=1), helper.make_node("Concat", ["s", "ones"], ["shape"], axis=0),
+                 helper.make_node("Expand", ["mask", "shape"], ["m"]), helper.make_node("Not", ["m"], ["nm"]),
+                 helper.make_node("ReduceMean", ["x"], ["scores"], axes=[1], keepdims=1),
+                 helper.make_node("Where", ["nm", "neg", "scores"], ["w"]), helper.make_node("Softmax", ["w"], ["y"], axis=-1)]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    for mask, dropped in ((np.ones((1, 1, 8, 1), bool), True), (np.array([1, 1, 1, 0, 1, 1, 1, 1], bool).reshape(1, 1, 8, 1), False)):
+        m = model(mask)
+        before = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
+        fold_input_independent(m, "x", 8, None)
+        assert any(n.op_type == "Where" for n in m.graph.node) != dropped
+        assert np.array_equal(ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0], before, equal_nan=True)

@@ -1,6 +1,9 @@
 """Speed rewrites of QDQ graphs (exact on the integer grid), the measured OpenVINO float-precision policy, PyTorch's PT2E peer."""
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -264,3 +267,33 @@ def test_zero_weight_zero_points_are_dropped_exactly():
     assert "z0" not in {i.name for i in model.graph.initializer}
     after = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_erf_gelu_is_reordered_into_the_form_onnx_runtime_fuses():
+    """x * (0.5 * (1 + erf(x / sqrt 2))) (the dynamo export's GELU) -> (x * (1 + erf(...))) * 0.5:
+    same values, and ONNX Runtime then fuses it into one Gelu node."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vitc.export.qdq_speed import reorder_erf_gelu
+
+    arrays = {"c": np.array(2 ** 0.5, np.float32), "one": np.array(1.0, np.float32), "half": np.array(0.5, np.float32)}
+    nodes = [helper.make_node("Div", ["x", "c"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["a"]), helper.make_node("Mul", ["half", "a"], ["h"]),
+             helper.make_node("Mul", ["x", "h"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])],
+                              [numpy_helper.from_array(v, n) for n, v in arrays.items()])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    x = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32) * 3
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    before = ort.InferenceSession(model.SerializeToString(), plain).run(None, {"x": x})[0]
+    assert reorder_erf_gelu(model) == 1
+    onnx.checker.check_model(model)
+    assert np.array_equal(ort.InferenceSession(model.SerializeToString(), plain).run(None, {"x": x})[0], before)
+    fused = ort.SessionOptions()
+    fused.optimized_model_filepath = str(Path(tempfile.mkdtemp()) / "opt.onnx")
+    ort.InferenceSession(model.SerializeToString(), fused)
+    ops = [n.op_type for n in onnx.load(fused.optimized_model_filepath).graph.node]
+    assert ops == ["Gelu"], ops
