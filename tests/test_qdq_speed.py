@@ -297,3 +297,31 @@ def test_erf_gelu_is_reordered_into_the_form_onnx_runtime_fuses():
     ort.InferenceSession(model.SerializeToString(), fused)
     ops = [n.op_type for n in onnx.load(fused.optimized_model_filepath).graph.node]
     assert ops == ["Gelu"], ops
+
+
+@pytest.mark.parametrize("factor,folded", [(0.125, True), (0.1, False)])
+def test_power_of_two_score_scale_folds_into_a_dequantization_scale(factor, folded):
+    """Mul(MatMul(DQ(q), DQ(k)), 1/8) -> MatMul with q's scale x 1/8: the same bits in ONNX Runtime. 0.1 is left alone."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vitc.export.qdq_speed import fold_score_scales
+
+    arrays = {"sa": np.array(0.02, np.float32), "za": np.array(0, np.int8), "sb": np.array(0.03, np.float32),
+              "zb": np.array(0, np.int8), "c": np.array(factor, np.float32)}
+    nodes = [helper.make_node("QuantizeLinear", ["a", "sa", "za"], ["aq"]), helper.make_node("DequantizeLinear", ["aq", "sa", "za"], ["ad"]),
+             helper.make_node("QuantizeLinear", ["b", "sb", "zb"], ["bq"]), helper.make_node("DequantizeLinear", ["bq", "sb", "zb"], ["bd"]),
+             helper.make_node("MatMul", ["ad", "bd"], ["s"]), helper.make_node("Mul", ["s", "c"], ["m"]),
+             helper.make_node("Softmax", ["m"], ["y"], axis=-1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 5, 8]),
+                                           helper.make_tensor_value_info("b", TensorProto.FLOAT, [2, 8, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 5])],
+                              [numpy_helper.from_array(v, n) for n, v in arrays.items()])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(0)
+    feed = {"a": rng.standard_normal((2, 5, 8)).astype(np.float32), "b": rng.standard_normal((2, 8, 5)).astype(np.float32)}
+    before = ort.InferenceSession(model.SerializeToString()).run(None, feed)[0]
+    assert fold_score_scales(model) == int(folded)
+    onnx.checker.check_model(model)
+    assert ("Mul" in [n.op_type for n in model.graph.node]) != folded
+    assert np.array_equal(ort.InferenceSession(model.SerializeToString()).run(None, feed)[0], before)

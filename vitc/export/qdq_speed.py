@@ -30,6 +30,7 @@ class SpeedConfig:
     fold_output_scales: bool = True  # a constant Mul on an int8 MatMul's output columns into the weight scales
     drop_zero_weight_zero_points: bool = True  # an all-zero int8 weight zero point left out (it is the default)
     gelu_form: bool = False  # erf-GELU written as x * (0.5 * (1 + erf)) reordered to the form ONNX Runtime fuses
+    score_scale: bool = False  # a power-of-two Mul after an int8 activation x activation MatMul into a DQ scale
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,7 +47,8 @@ class SpeedConfig:
         the patch conv in int8.
         subpixel_deconv (ONNX Runtime only): its QDQ ConvTranspose runs in float (see
         ``subpixel_deconvs``); OpenVINO runs int8 deconvolution itself."""
-        return cls(patchify_conv=True, subpixel_deconv=True, gelu_form=True) if runtime == "onnxruntime" else cls()
+        return cls(patchify_conv=True, subpixel_deconv=True, gelu_form=True, score_scale=True) \
+            if runtime == "onnxruntime" else cls()
 
 
 def apply_speed(model, config: SpeedConfig = SpeedConfig()) -> dict:
@@ -62,6 +64,8 @@ def apply_speed(model, config: SpeedConfig = SpeedConfig()) -> dict:
         report["subpixel_deconv"] = subpixel_deconvs(model)
     if config.gelu_form:
         report["gelu_form"] = reorder_erf_gelu(model)
+    if config.score_scale:
+        report["score_scale"] = fold_score_scales(model)
     if config.drop_zero_weight_zero_points:  # last: the rewrites above write zero points of their own
         report["drop_zero_weight_zero_points"] = drop_zero_weight_zero_points(model)
     return report
@@ -345,6 +349,53 @@ def _write_phase_convs(graph, ct, dq_w, tail, tag: str, phase_weights, scale, ze
     stale = {ct.output[0]} | {n.output[0] for n in tail}
     for v in [v for v in graph.value_info if v.name in stale]:
         graph.value_info.remove(v)
+
+
+def fold_score_scales(model) -> int:
+    """Fold ``Mul(MatMul(DQ(a), DQ(b)), c)`` with a constant power of two ``c`` into ``a``'s
+    dequantization scale (a new initializer; the codes stay).
+
+    Why: the dynamo export scales the attention scores after QK^T (``1/sqrt(head_dim)``, 1/8 for
+    64-wide heads), a Mul over batch x heads x tokens^2 values in every block that ONNX Runtime
+    runs on its own. With int8 operands the MatMul's output is ``s_a * s_b * (integer sum)``, so a
+    power-of-two factor on ``s_a`` gives the same bits; any other factor would round differently,
+    and is left alone. Returns the number folded."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits, producer, consumers, values = _index(graph)
+    outputs = {o.name for o in graph.output}
+    count = 0
+    for mul in list(graph.node):
+        if mul.op_type != "Mul" or len(mul.input) != 2:
+            continue
+        k = next((i for i in mul.input if i in values and values[i].size == 1), None)
+        if k is None:
+            continue
+        c = float(values[k].reshape(-1)[0])
+        mm = producer.get(mul.input[1] if mul.input[0] == k else mul.input[0])
+        if c <= 0 or not np.isfinite(c) or np.frexp(c)[0] != 0.5 or mm is None or mm.op_type != "MatMul" \
+                or len(consumers.get(mm.output[0], [])) != 1 or mm.output[0] in outputs or mul.output[0] in outputs:
+            continue
+        dq = [producer.get(t) for t in mm.input]
+        if any(d is None or d.op_type != "DequantizeLinear" or d.input[0] in inits for d in dq):
+            continue  # activation x activation only (a weight's scale is fold_output_scales' business)
+        a = dq[0]
+        scale = values.get(a.input[1])
+        if scale is None or scale.size != 1 or len(consumers.get(a.output[0], [])) != 1:
+            continue
+        name = a.output[0] + "/vitc_scaled_scale"
+        graph.initializer.append(numpy_helper.from_array((scale * np.float32(c)).astype(scale.dtype), name))
+        a.input[1] = name
+        for n in graph.node:
+            for j, t in enumerate(n.input):
+                if t == mul.output[0]:
+                    n.input[j] = mm.output[0]
+        graph.node.remove(mul)
+        count += 1
+    if count:
+        _reorder_and_tidy(graph)
+    return count
 
 
 def reorder_erf_gelu(model) -> int:
