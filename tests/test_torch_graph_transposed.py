@@ -84,14 +84,17 @@ def test_transposed_convs_are_sites_export_and_reload(calib_images, eval_images,
 
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
     producers = {o: n for n in graph.node for o in n.output}
-    convt = [n for n in graph.node if n.op_type == "ConvTranspose"]
-    # ONNX Runtime runs no int8 ConvTranspose: the one whose output reaches a Q (up1 -> ReLU -> Q) is
-    # rewritten as an int8 Conv + DepthToSpace (qdq_speed.subpixel_deconvs); up2 feeds float ops
-    assert len(convt) == 1 and sum(n.op_type == "DepthToSpace" for n in graph.node) == 1
-    for n in convt:  # int8 activation and per-output-channel int8 weight, axis 1
+    # ONNX Runtime runs no int8 ConvTranspose: each one whose output reaches a Q ([BN ->] ReLU -> Q; up2's
+    # Q is the 1x1 head conv's input, which patchify_conv leaves alone) is rewritten as one int8 Conv per
+    # output phase + DepthToSpace (qdq_speed.subpixel_deconvs)
+    assert not any(n.op_type == "ConvTranspose" for n in graph.node)
+    assert sum(n.op_type == "DepthToSpace" for n in graph.node) == 2
+    phase_convs = [n for n in graph.node if n.op_type == "Conv" and "/subpixel/" in n.name]
+    assert len(phase_convs) == 8
+    for n in phase_convs:  # int8 activation and per-output-channel int8 weight
         act, weight = producers[n.input[0]], producers[n.input[1]]
         assert act.op_type == weight.op_type == "DequantizeLinear"
-        assert next(a.i for a in weight.attribute if a.name == "axis") == 1
+        assert next(a.i for a in weight.attribute if a.name == "axis") == 0
 
     save_quantized(q, tmp_path / "saved")
     back = load_quantized(tmp_path / "saved")
