@@ -194,7 +194,7 @@ def main() -> None:
             from vitc.models.onnx_fold import fold_input_independent
 
             src = onnx_source.read(fp32, 224)
-            fold_input_independent(src.model, src.input_name, 224, src.fixed_batch)
+            fold_input_independent(src.model, 224)
             onnx.save(src.model, str(tmp / "fp32_folded.onnx"))
             return 0.0
 

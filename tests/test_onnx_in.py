@@ -419,7 +419,7 @@ def test_image_independent_subgraphs_fold_exactly(tmp_path):
     path = _dinov2_onnx(tmp_path / "d.onnx", 70)
     src = onnx_source.read(path)
     assert any(n.op_type == "Resize" for n in src.model.graph.node)
-    folded = fold_input_independent(src.model, "x", 70, None)
+    folded = fold_input_independent(src.model, 70)
     assert folded and not any(n.op_type == "Resize" for n in src.model.graph.node)
     onnx.checker.check_model(src.model)
     x = torch.randn(3, 3, 70, 70).numpy()
@@ -428,7 +428,7 @@ def test_image_independent_subgraphs_fold_exactly(tmp_path):
     assert np.array_equal(before, after)
     # dynamic spatial axes: the interpolation depends on the size, so nothing folds
     dyn = onnx_source.read(_dinov2_onnx(tmp_path / "dyn.onnx", 70, dynamic_spatial=True), 70)
-    assert fold_input_independent(dyn.model, "x", 70, None) == []
+    assert fold_input_independent(dyn.model, 70) == []
     assert any(n.op_type == "Resize" for n in dyn.model.graph.node)
 
 
@@ -465,6 +465,6 @@ def test_a_uniform_image_independent_where_is_dropped(tmp_path):
     for mask, dropped in ((np.ones((1, 1, 8, 1), bool), True), (np.array([1, 1, 1, 0, 1, 1, 1, 1], bool).reshape(1, 1, 8, 1), False)):
         m = model(mask)
         before = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
-        fold_input_independent(m, "x", 8, None)
+        fold_input_independent(m, 8)
         assert any(n.op_type == "Where" for n in m.graph.node) != dropped
         assert np.array_equal(ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0], before, equal_nan=True)

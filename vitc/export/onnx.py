@@ -92,12 +92,10 @@ def write_onnx(backbone, path: Path, opts, quant, progress=None, for_openvino: b
         model = _simplify(model)
         onnx.save(model, str(path))
     folded = []
-    if backbone.module is not None:  # an ONNX source was folded in _write_from_onnx
+    if backbone.module is not None and quant is None:  # the QDQ writers and _write_from_onnx fold their own graphs
         from vitc.models.onnx_fold import fold_input_independent
 
-        batch = model.graph.input[0].type.tensor_type.shape.dim[0]
-        folded = fold_input_independent(model, model.graph.input[0].name, backbone.preprocess.input_size,
-                                        None if batch.dim_param else batch.dim_value)
+        folded = fold_input_independent(model, backbone.preprocess.input_size)
         if folded:
             onnx.save(model, str(path))
     try:
@@ -143,7 +141,7 @@ def _write_from_onnx(backbone, path: Path, quant: dict | None, for_openvino: boo
     elif quant is None:
         from vitc.models.onnx_fold import fold_input_independent
 
-        folded = fold_input_independent(model, src.input_name, src.input_size, src.fixed_batch)
+        folded = fold_input_independent(model, src.input_size)
         if folded:
             note += f", {len(folded)} image-independent subgraph(s) folded into constants (e.g. {folded[0]})"
     onnx.save(model, str(path))

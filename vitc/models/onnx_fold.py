@@ -16,9 +16,9 @@ that does depend on the image. Its value is computed by ONNX Runtime itself, so 
 computes exactly what the original one did. A ``Where`` whose condition is image-independent and
 the same value everywhere (an all-False attention mask expanded to the batch, as the ATen export
 of transformers' DINOv2 writes: 4 ms per block at batch 8 in ONNX Runtime) is replaced by the
-branch it always picks. Cones through ``DequantizeLinear`` are left alone
-(int8 weights stay int8), and so is a tensor over 1 MiB and 4x the constants it is computed
-from (folding an ``Expand`` or ``Tile`` of a table would grow the file). Graphs with control flow (If/Loop/Scan)
+branch it always picks. Cones through ``DequantizeLinear`` are left alone (int8 weights stay
+int8), and so is a tensor over both 1 MiB and 4x the constants it is computed from (folding an
+``Expand`` or ``Tile`` of a table would grow the file). Graphs with control flow (If/Loop/Scan)
 are left as they are.
 
 Only graphs whose input has static spatial axes are folded: the folded values hold for that
@@ -27,6 +27,8 @@ size, which is the size vitc runs and exports the model at.
 from __future__ import annotations
 
 import numpy as np
+
+from vitc.models.onnx_source import drop_unused_initializers, image_input, replace_uses, with_fixed_input, zero_image_outputs
 
 SHAPE_OPS = ("Shape", "Size")
 NEVER_FOLD_THROUGH = ("DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "RandomNormal",
@@ -39,10 +41,6 @@ def _has_subgraph(node) -> bool:
     return any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute)
 
 
-def _static_spatial(model, input_name: str) -> bool:
-    inp = next(i for i in model.graph.input if i.name == input_name)
-    dims = inp.type.tensor_type.shape.dim
-    return len(dims) == 4 and all(d.HasField("dim_value") and d.dim_value > 0 for d in list(dims)[1:])
 
 
 def _analyse(model, input_name: str):
@@ -76,12 +74,11 @@ def _analyse(model, input_name: str):
     return tainted, shape_only, blocked
 
 
-def candidates(model, input_name: str) -> dict[str, int]:
+def _candidates(model, tainted: set, shape_only: dict, blocked: set) -> dict[str, int]:
     """{tensor: bytes of the constants its cone reads} for tensors that reach the image only
     through Shape/Size and feed a node that reads the image (not Constant or Identity outputs:
     both runtimes drop those themselves)."""
     g = model.graph
-    tainted, shape_only, blocked = _analyse(model, input_name)
     readers = {t for n in g.node if any(i in tainted for i in n.input if i) for t in n.input if t}
     readers |= {o.name for o in g.output}
     produced_by_op = {o: n.op_type for n in g.node for o in n.output}
@@ -89,33 +86,33 @@ def candidates(model, input_name: str) -> dict[str, int]:
             if t in readers and t not in blocked and produced_by_op.get(t) not in ("Constant", "Identity")}
 
 
-def fold_input_independent(model, input_name: str, input_size: int, fixed_batch: int | None) -> list[str]:
-    """Replace the image-independent tensors (see the module docstring) by initializers, in place;
-    drop the nodes no longer read. Returns the names of the folded tensors' producing nodes."""
+def fold_input_independent(model, input_size: int) -> list[str]:
+    """Replace the image-independent tensors (see the module docstring) of ``model``, run at
+    ``input_size``, by initializers, in place; drop the nodes no longer read. Returns the names of
+    the nodes folded away (the producers of folded tensors, and uniform ``Where`` nodes)."""
     from onnx import numpy_helper
 
-    from vitc.models.onnx_source import with_fixed_input, with_outputs
-
     g = model.graph
-    if any(_has_subgraph(n) for n in g.node) or not _static_spatial(model, input_name):
+    inp = image_input(model)
+    dims = inp.type.tensor_type.shape.dim
+    static_spatial = len(dims) == 4 and all(d.HasField("dim_value") and d.dim_value > 0 for d in list(dims)[1:])
+    if not static_spatial or any(_has_subgraph(n) for n in g.node):
         return []
-    found = candidates(model, input_name)
-    tainted, shape_only, blocked = _analyse(model, input_name)
+    tainted, shape_only, blocked = _analyse(model, inp.name)
+    found = _candidates(model, tainted, shape_only, blocked)
     graph_outputs = {o.name for o in g.output}
     wheres = [n for n in g.node if n.op_type == "Where" and n.input[0] in shape_only and n.input[0] not in blocked
               and n.output[0] not in graph_outputs]
     if not found and not wheres:
         return []
-    names = sorted(found)
-    where_names = sorted({t for n in wheres for t in (n.input[0], n.input[1], n.input[2], n.output[0])} - set(names))
-    batches = [fixed_batch] if fixed_batch else [1, 3]
-    every = names + where_names
-    runs = [dict(zip(every, _run(with_outputs(with_fixed_input(model, input_name, b, input_size), every), input_name, b,
-                                 input_size, every))) for b in batches]
-    folded = [_drop_uniform_where(g, n, runs) for n in wheres]
-    folded = [f for f in folded if f]
+    names = sorted(set(found) | {t for n in wheres for t in (*n.input[:3], n.output[0])})
+    fixed_batch = dims[0].dim_value if dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
+    runs = [dict(zip(names, zero_image_outputs(with_fixed_input(model, inp.name, b, input_size), inp.name, b, input_size,
+                                               names, optimize=False)))
+            for b in ([fixed_batch] if fixed_batch else [1, 3])]
+    folded = [f for f in (_drop_uniform_where(g, n, runs) for n in wheres) if f]
     producer = {o: n for n in g.node for o in n.output}
-    for name in names:
+    for name in sorted(found):
         values = [r[name] for r in runs]
         v = values[0]
         if any(w.shape != v.shape or w.dtype != v.dtype or not np.array_equal(w, v, equal_nan=True) for w in values[1:]):
@@ -144,10 +141,7 @@ def _drop_uniform_where(graph, node, runs: list[dict]) -> str | None:
     branch = node.input[1] if value else node.input[2]
     if any(r[branch].shape != r[node.output[0]].shape or r[branch].dtype != r[node.output[0]].dtype for r in runs):
         return None
-    for n in graph.node:
-        for k, t in enumerate(n.input):
-            if t == node.output[0]:
-                n.input[k] = branch
+    replace_uses(graph, node.output[0], branch)
     return node.name or "Where"
 
 
@@ -164,17 +158,5 @@ def drop_dead_nodes(model) -> int:
         for n in dead:
             g.node.remove(n)
         removed += len(dead)
-    read = {t for n in g.node for t in n.input if t} | {o.name for o in g.output}
-    for init in [i for i in g.initializer if i.name not in read]:
-        g.initializer.remove(init)
+    drop_unused_initializers(g)
     return removed
-
-
-def _run(model, input_name: str, batch: int, size: int, names: list[str]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph's own arithmetic
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    dtype = np.float16 if sess.get_inputs()[0].type == "tensor(float16)" else np.float32
-    return sess.run(names, {input_name: np.zeros((batch, 3, size, size), dtype)})

@@ -448,13 +448,43 @@ def tensor_shapes(src: OnnxSource, names: list[str] | None = None) -> tuple[dict
 
 
 def run_shapes(model, input_name: str, batch: int, size: int, names: list[str]) -> dict[str, tuple]:
+    outs = zero_image_outputs(model, input_name, batch, size, names)
+    return {n: tuple(o.shape) for n, o in zip(names, outs)}
+
+
+def zero_image_outputs(model, input_name: str, batch: int, size: int, names: list[str],
+                       optimize: bool = True) -> list:
+    """The tensors ``names`` of ``model`` run by ONNX Runtime on a batch of zero images.
+    ``optimize=False``: the graph's own arithmetic, without ORT's fusions."""
     import onnxruntime as ort
 
-    m = with_outputs(model, names)
-    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(with_outputs(model, names).SerializeToString(), opts, providers=["CPUExecutionProvider"])
     dtype = np.float16 if sess.get_inputs()[0].type == "tensor(float16)" else np.float32
-    outs = sess.run(names, {input_name: np.zeros((batch, 3, size, size), dtype)})
-    return {n: tuple(o.shape) for n, o in zip(names, outs)}
+    return sess.run(names, {input_name: np.zeros((batch, 3, size, size), dtype)})
+
+
+def image_input(model):
+    """The graph's image input: its one input that is not also an initializer (IR < 4 lists weights as inputs)."""
+    inits = {i.name for i in model.graph.initializer}
+    return next(i for i in model.graph.input if i.name not in inits)
+
+
+def replace_uses(graph, old: str, new: str) -> None:
+    """Every node that reads tensor ``old`` reads ``new`` instead."""
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name == old:
+                node.input[k] = new
+
+
+def drop_unused_initializers(graph) -> None:
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
 
 
 def with_outputs(model, names: list[str]):

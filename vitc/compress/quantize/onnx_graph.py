@@ -458,7 +458,7 @@ def write_qdq(model, index, specs: list[SiteSpec], grids: dict[str, tuple[float,
                 corrected += 1
     graph.initializer.extend(new_inits)
     graph.node.extend(new_nodes)
-    _drop_unused_initializers(model)
+    osrc.drop_unused_initializers(model.graph)
     topological_sort(model)
     return {"activation_qdq": len(grids), "int8_weights": sum(1 for s in specs if s.weight is not None),
             "bias_corrected": corrected}
@@ -512,7 +512,7 @@ def fold_batchnorms(model) -> list[str]:
     for bn in drop:
         model.graph.node.remove(bn)
     if drop:
-        _drop_unused_initializers(model)
+        osrc.drop_unused_initializers(model.graph)
     return folded
 
 
@@ -528,13 +528,6 @@ def _pads(node) -> bool:
 
 def _groups(node) -> int:
     return next((a.i for a in node.attribute if a.name == "group"), 1)
-
-
-def _drop_unused_initializers(model) -> None:
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    keep = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
 
 
 def topological_sort(model) -> None:
@@ -624,7 +617,7 @@ def _quantize_model(src, config: QuantConfig, images: torch.Tensor, threads: int
     model.CopyFrom(src.model)
     # image-independent work (DINOv2's per-call position-embedding Resize) as constants: exact, and
     # the quantizer then sees the same graph the runtimes will run
-    folded_constants = fold_input_independent(model, src.input_name, src.input_size, src.fixed_batch)
+    folded_constants = fold_input_independent(model, src.input_size)
     folded_bn = fold_batchnorms(model) if config.fold_bn else []
     work = osrc.OnnxSource(**{**src.__dict__, "model": model})
     found = find_sites(work, config)
