@@ -90,6 +90,7 @@ def build_arms(backbone, calib: torch.Tensor, tmp: Path, args, log) -> tuple[dic
     import openvino as ov
 
     from vitc.compress.quantize import QuantConfig, apply
+    from vitc.export import export_artifact
     from vitc.export.onnx import write_onnx
     from vitc.export.pipeline import ExportOptions
     from vitc.export.precision_policy import choose, record_in_ir
@@ -104,7 +105,12 @@ def build_arms(backbone, calib: torch.Tensor, tmp: Path, args, log) -> tuple[dic
     facts["vitc_quantize_s"] = time.perf_counter() - t
     log(f"  vitc W8A8 calibrated in {facts['vitc_quantize_s']:.0f} s")
     vitc_ort, vitc_ort_qkv, vitc_ov_onnx = tmp / "vitc_ort.onnx", tmp / "vitc_ort_qkv.onnx", tmp / "vitc_ov.onnx"
-    export_qdq_onnx(q, vitc_ort)  # as `vitc export --target onnx` writes it
+    # as `vitc export --target onnx` writes it: the fused float attention only where it passes parity
+    art = export_artifact(q, "onnx", vitc_ort, force=True, data=getattr(args, "parity_data", "bundled:eval"), eval_size=32)
+    vitc_ort = art.path
+    facts["vitc_ort_attention_core"] = art.manifest["export"]["attention_core"]
+    facts["vitc_ort_parity"] = {k: v for k, v in art.parity.items() if isinstance(v, (int, float, str, bool, dict))}
+    log(f"  vitc ORT artifact: parity {'passed' if art.parity.get('passed') else 'FAILED'}; attention {facts['vitc_ort_attention_core']}")
     export_qdq_onnx(q, vitc_ort_qkv, speed=SpeedConfig(patchify_conv=True, fuse_qkv=True))
     export_qdq_onnx(q, vitc_ov_onnx, split_shared_inputs=False)  # as `--target openvino` converts it
     model = ov.convert_model(str(vitc_ov_onnx))
@@ -294,6 +300,7 @@ def main(argv=None) -> int:
 
         class A:
             pt2e = spec in pt2e_models
+            parity_data = IMAGENET if spec == "vits" else "bundled:eval"  # held out from the calibration images
         if spec == "vits" and args.prebuilt:
             arms, facts = prebuilt_arms(args.prebuilt, calib, tmp, log)
         else:

@@ -297,6 +297,29 @@ def test_parity_fails_on_a_corrupted_int8_weight_tensor(tmp_path):
     assert "logit error" in result["failure"] or "agreement" in result["failure"]
 
 
+def test_fused_float_attention_is_kept_only_where_it_passes_parity(tmp_path):
+    """ORT's fused float attention is not the simulation's int8 QK^T: the ONNX target writes it,
+    checks parity, and falls back to the quantized attention when it fails, saying so."""
+    import onnx
+
+    from vitc.compress.quantize.config import QuantConfig
+    from vitc.compress.quantize.ptq import apply
+    from vitc.models.intake import load_model
+
+    zoo = load_model("zoo:vit-c10")
+    q = apply(zoo, QuantConfig(scheme="symmetric", calibrator="minmax"), data="bundled:calib")
+    art = export_artifact(q, "onnx", tmp_path / "q.onnx", **EVAL)
+    ops = {n.op_type for n in onnx.load(str(art.path)).graph.node}
+    assert art.status == "passed"
+    core = art.manifest["export"]["attention_core"]
+    if "fallback" in art.parity:  # the fused write failed: the artifact is the quantized attention
+        assert "MultiHeadAttention" not in ops and core.startswith("as quantized (the fused")
+        assert "agreement" in art.parity["fallback"]["first_write_failed"] or "error" in art.parity["fallback"]["first_write_failed"]
+    else:
+        assert "MultiHeadAttention" in ops and core.startswith("float32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in art.files)  # nothing left over
+
+
 def test_parity_agreement_is_not_100_on_nan_logits():
     import torch
 

@@ -325,3 +325,117 @@ def test_power_of_two_score_scale_folds_into_a_dequantization_scale(factor, fold
     onnx.checker.check_model(model)
     assert ("Mul" in [n.op_type for n in model.graph.node]) != folded
     assert np.array_equal(ort.InferenceSession(model.SerializeToString()).run(None, feed)[0], before)
+
+
+def _attention_graph(rescale_q: float | None):
+    """x (2, 6, 16) -> q, k, v projections -> 2 heads of 8, written as the dynamo export does
+    (Reshape, Transpose, QK^T, Mul by 1/sqrt(8), Softmax, P.V, Transpose, Reshape). ``rescale_q``:
+    q goes through a Q -> DQ pair whose DQ scale is ``rescale_q`` x its Q's (a constant folded
+    into the grid), and the score Mul is divided by it, so the attention is the same."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    arrays = {f"w{n}": rng.standard_normal((16, 16)).astype(np.float32) * 0.3 for n in "qkv"}
+    arrays.update({f"b{n}": rng.standard_normal(16).astype(np.float32) * 0.1 for n in "qkv"})
+    arrays.update({"heads": np.array([0, 0, 2, 8], np.int64), "merged": np.array([0, 0, 16], np.int64),
+                   "c": np.array(8 ** -0.5 / (rescale_q or 1.0), np.float32)})
+    nodes = []
+    for n, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+        nodes += [helper.make_node("MatMul", ["x", f"w{n}"], [f"{n}0"]), helper.make_node("Add", [f"{n}0", f"b{n}"], [f"{n}1"]),
+                  helper.make_node("Reshape", [f"{n}1", "heads"], [f"{n}2"]), helper.make_node("Transpose", [f"{n}2"], [f"{n}3"], perm=perm)]
+    q = "q3"
+    if rescale_q is not None:
+        arrays.update({"sq": np.array(1 / 64, np.float32), "sq2": np.array(rescale_q / 64, np.float32), "zq": np.array(0, np.int8)})
+        nodes += [helper.make_node("QuantizeLinear", ["q3", "sq", "zq"], ["q4"]), helper.make_node("DequantizeLinear", ["q4", "sq2", "zq"], ["q5"])]
+        q = "q5"
+    nodes += [helper.make_node("MatMul", [q, "k3"], ["s"]), helper.make_node("Mul", ["s", "c"], ["s2"]),
+              helper.make_node("Softmax", ["s2"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v3"], ["o"]),
+              helper.make_node("Transpose", ["o"], ["o2"], perm=[0, 2, 1, 3]), helper.make_node("Reshape", ["o2", "merged"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 16])],
+                              [numpy_helper.from_array(v, n) for n, v in arrays.items()])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), arrays
+
+
+@pytest.mark.parametrize("rescale_q", [None, 0.5])
+def test_attention_core_becomes_onnx_runtime_multi_head_attention(rescale_q):
+    """fuse_attention: the float attention of the unfused graph (the grid's folded factor included), in one kernel."""
+    import onnxruntime as ort
+
+    from vitc.export.qdq_speed import fuse_attention
+
+    model, w = _attention_graph(rescale_q)
+    x = np.random.default_rng(1).standard_normal((2, 6, 16)).astype(np.float32)
+    heads = lambda t: (x @ w[f"w{t}"] + w[f"b{t}"]).reshape(2, 6, 2, 8).transpose(0, 2, 1, 3)
+    s = heads("q") @ heads("k").transpose(0, 1, 3, 2) / np.sqrt(8)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    expected = ((p / p.sum(-1, keepdims=True)) @ heads("v")).transpose(0, 2, 1, 3).reshape(2, 6, 16)
+    assert fuse_attention(model) == 1
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node if n.op_type not in ("MatMul", "Add")] == ["MultiHeadAttention"]
+    got = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_pointwise_conv_moves_before_depth_to_space_exactly():
+    """D2S -> DQ -> 1x1 Conv (int8 weights) == DQ -> grouped 1x1 Conv -> D2S, bit for bit; D2S moves 4 channels, not 32."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vitc.export.qdq_speed import pointwise_before_depth_to_space
+
+    rng = np.random.default_rng(0)
+    arrays = {"s": np.array(0.05, np.float32), "z": np.array(128, np.uint8),
+              "w": rng.integers(-127, 128, (1, 8, 1, 1)).astype(np.int8), "ws": np.array([0.01], np.float32),
+              "b": np.array([0.3], np.float32)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DepthToSpace", ["xq"], ["d"], blocksize=2, mode="DCR"),
+             helper.make_node("DequantizeLinear", ["d", "s", "z"], ["dd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws"], ["wd"], axis=0),
+             helper.make_node("Conv", ["dd", "wd", "b"], ["y"], kernel_shape=[1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 1, 10, 10])],
+                              [numpy_helper.from_array(v, n) for n, v in arrays.items()])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    x = rng.standard_normal((2, 32, 5, 5)).astype(np.float32) * 3
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    assert pointwise_before_depth_to_space(model) == 1
+    onnx.checker.check_model(model)
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    assert [a.i for a in conv.attribute if a.name == "group"] == [4]
+    assert [n.op_type for n in model.graph.node][-1] == "DepthToSpace"
+    np.testing.assert_array_equal(ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0], before)
+
+
+@pytest.mark.parametrize("zero_dtype,shared", [(np.uint8, True), (np.int8, False)])
+def test_split_shares_the_quantize_of_uint8_matmul_inputs(zero_dtype, shared):
+    """One Q and a DQ per MatMul for uint8 activations (ORT still fuses all three into int8 GEMMs);
+    whole pairs for int8 ones, which ORT fuses only that way."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vitc.export.qdq import split_shared_activation_qdq
+
+    rng = np.random.default_rng(0)
+    arrays = {"s": np.array(0.02, np.float32), "z": np.array(128 if zero_dtype == np.uint8 else 0, zero_dtype)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]), helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"])]
+    for j in range(3):
+        arrays.update({f"w{j}": rng.integers(-127, 128, (32, 32)).astype(np.int8), f"ws{j}": np.full(32, 0.01, np.float32)})
+        nodes += [helper.make_node("DequantizeLinear", [f"w{j}", f"ws{j}"], [f"wd{j}"], axis=1),
+                  helper.make_node("MatMul", ["xd", f"wd{j}"], [f"y{j}"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 32])],
+                              [helper.make_tensor_value_info(f"y{j}", TensorProto.FLOAT, [8, 32]) for j in range(3)],
+                              [numpy_helper.from_array(v, n) for n, v in arrays.items()])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    x = rng.standard_normal((8, 32)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    assert split_shared_activation_qdq(model) == 2
+    ops = [n.op_type for n in model.graph.node]
+    assert (ops.count("QuantizeLinear"), ops.count("DequantizeLinear") - 3) == ((1, 3) if shared else (3, 3))
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(Path(tempfile.mkdtemp()) / "opt.onnx")
+    after = ort.InferenceSession(model.SerializeToString(), opts).run(None, {"x": x})
+    fused = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    assert fused.count("MatMulIntegerToFloat") == 3, fused
+    for a, b in zip(before, after):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

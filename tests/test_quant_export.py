@@ -71,8 +71,11 @@ def test_onnxruntime_runs_every_projection_in_int8(tiny_vit, calib32, eval_image
             i.name == n.input[0] and i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2 for i in g.initializer)}
         return [n.name for n in g.node if n.op_type == "MatMul" and n.input[1] in dq_weights]
 
-    shared = export_qdq_onnx(q, tmp_path / "shared.onnx", split_shared_inputs=False)
-    split = export_qdq_onnx(q, tmp_path / "split.onnx")
+    from vitc.export.qdq_speed import SpeedConfig
+
+    # no attention fusion on either side, so only the split differs (it is what this test is about)
+    shared = export_qdq_onnx(q, tmp_path / "shared.onnx", split_shared_inputs=False, speed=SpeedConfig.for_runtime("tensorrt"))
+    split = export_qdq_onnx(q, tmp_path / "split.onnx", speed=SpeedConfig.for_runtime("tensorrt"))
     assert len(float_matmuls_with_int8_weights(shared)) >= 3  # the q/k/v projections of each block
     assert float_matmuls_with_int8_weights(split) == []
     qs = lambda p: sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(p)).graph.node)
@@ -115,7 +118,9 @@ def test_default_w8a8_is_symmetric_and_tensorrt_clean(name, request, calib32, ev
 
     backbone = request.getfixturevalue(name)
     q = apply(backbone, QuantConfig(), _x(backbone, calib32))
-    path = export_qdq_onnx(q, tmp_path / "q.onnx")
+    from vitc.export.qdq_speed import SpeedConfig
+
+    path = export_qdq_onnx(q, tmp_path / "q.onnx", speed=SpeedConfig.for_runtime("tensorrt"))  # the TensorRT target's graph
     model = onnx.load(str(path))
     consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for node in model.graph.node:

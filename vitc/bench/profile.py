@@ -280,9 +280,10 @@ def ov_layer_info(compiled, matmuls: dict[str, dict]) -> dict[str, dict]:
         info = {"precision": rt["runtimePrecision"].astype(str).lower() if "runtimePrecision" in rt else "?"}
         names = rt["originalLayersNames"].astype(str).split(",") if "originalLayersNames" in rt else []
         hits = {k: m for n in names for k, m in matmuls.items() if n == k or n.startswith(k + "/")}
-        if any(m["two_activations"] for m in hits.values()) and any("Softmax" in n for n in names):
+        if any(m["two_activations"] for m in hits.values()) and any("softmax" in n.lower() for n in names):
             # A fused attention layer (OpenVINO's MHA snippet) lists the AV matmul, while the QK^T matmul
             # may survive only under a renamed dequantization node: count every attention matmul of its block.
+            # (Case-blind: the dynamo export names it "node_softmax", TorchScript ".../Softmax".)
             blocks = {k.rsplit("/", 1)[0] for k, m in hits.items() if m["two_activations"]}
             hits.update({k: m for k, m in matmuls.items() if m["two_activations"] and k.rsplit("/", 1)[0] in blocks})
         hits = list(hits.values())

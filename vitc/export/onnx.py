@@ -47,13 +47,30 @@ def output_names(stem: str) -> list[str]:
     return [f"{stem}{SUFFIX}"]
 
 
-def write(backbone, staging: Path, stem: str, opts, quant, progress=None):
+def write(backbone, staging: Path, stem: str, opts, quant, progress=None, fused_attention: bool = True):
+    """The ONNX Runtime artifact. Where ``fuse_attention`` put ORT's float attention kernel in a
+    quantized graph (not exact: the simulation quantizes the attention operands), the artifact
+    carries a fallback without it, which the pipeline writes when the fused one fails parity."""
+    from dataclasses import replace
+
     from vitc.export.pipeline import Staged
+    from vitc.export.qdq_speed import SpeedConfig
     from vitc.runtimes import open_session
 
     path = staging / f"{stem}{SUFFIX}"
-    info = write_onnx(backbone, path, opts, quant, progress=progress)
-    return Staged(primary=path, info=info, open_session=lambda p: open_session(p, runtime="onnxruntime"))
+    speed = replace(SpeedConfig.for_runtime("onnxruntime"), fused_attention=fused_attention)
+    info = write_onnx(backbone, path, opts, quant, progress=progress, speed=speed)
+    fused = info["op_types"].get("MultiHeadAttention", 0) if quant is not None else 0
+    info["attention_core"] = (f"float32 in ONNX Runtime's MultiHeadAttention kernel ({fused} fused; faster, and "
+                              "closer to FP32 than the simulation's quantized attention)") if fused else "as quantized"
+    fallback = None
+    if fused:
+        def fallback():
+            path.unlink(missing_ok=True)
+            staged = write(backbone, staging, stem, opts, quant, progress=progress, fused_attention=False)
+            staged.info["attention_core"] = "as quantized (the fused float attention failed parity; see parity.fallback)"
+            return staged
+    return Staged(primary=path, info=info, open_session=lambda p: open_session(p, runtime="onnxruntime"), fallback=fallback)
 
 
 def _require(module: str):
@@ -73,18 +90,24 @@ def check_onnx_source(backbone, opts) -> None:
                         "pass --static-batch, or export the PyTorch model it came from")
 
 
-def write_onnx(backbone, path: Path, opts, quant, progress=None, for_openvino: bool = False) -> dict:
+def write_onnx(backbone, path: Path, opts, quant, progress=None, runtime: str = "onnxruntime", speed=None) -> dict:
     """Write ``backbone`` as an ONNX graph at ``path``; return facts for the manifest.
-    ``for_openvino``: the graph is converted to OpenVINO IR next (quantized graphs keep shared Q/DQ pairs)."""
+    ``runtime`` ("onnxruntime", "openvino", "tensorrt"): who runs the graph, which picks the speed
+    rewrites of a quantized graph (``qdq_speed.SpeedConfig.for_runtime``, or ``speed`` when given);
+    for "openvino" (converted to IR next) quantized graphs keep shared Q/DQ pairs."""
+    from vitc.export.qdq_speed import SpeedConfig
+
+    for_openvino = runtime == "openvino"
+    speed = speed or SpeedConfig.for_runtime(runtime)
     import onnx
     import torch
 
     task = progress.add_task("exporting onnx", total=None) if progress is not None else None
     source_io = None
     if backbone.module is None:
-        exporter, source_io = _write_from_onnx(backbone, path, quant, for_openvino)
+        exporter, source_io = _write_from_onnx(backbone, path, quant, for_openvino, speed)
     elif quant is not None:
-        exporter = _write_quantized(backbone, path, opts, quant, for_openvino)
+        exporter = _write_quantized(backbone, path, opts, quant, for_openvino, speed)
     else:
         exporter = _torch_export(backbone, path, opts)
     model = onnx.load(str(path))
@@ -115,7 +138,7 @@ def write_onnx(backbone, path: Path, opts, quant, progress=None, for_openvino: b
             "op_types": _op_counts(model), **io}
 
 
-def _write_from_onnx(backbone, path: Path, quant: dict | None, for_openvino: bool) -> tuple[dict, dict]:
+def _write_from_onnx(backbone, path: Path, quant: dict | None, for_openvino: bool, speed) -> tuple[dict, dict]:
     """A model given as an ONNX file, written as it is (opset < 13 upgraded, external data inlined);
     a graph quantized by the ONNX backend gets the target's exact speed rewrites
     (``qdq_speed.SpeedConfig.for_runtime``) and, for ONNX Runtime, one Q/DQ pair per consumer (it
@@ -128,9 +151,9 @@ def _write_from_onnx(backbone, path: Path, quant: dict | None, for_openvino: boo
     model = src.model
     note = "copy of the source ONNX file" + (f", upgraded from opset {src.original_opset}" if src.upgraded else "")
     if quant is not None and quant.get("backend") == "onnx":
-        from vitc.export.qdq_speed import SpeedConfig, apply_speed
+        from vitc.export.qdq_speed import apply_speed
 
-        rewrites = {k: v for k, v in apply_speed(model, SpeedConfig.for_runtime("openvino" if for_openvino else "onnxruntime")).items() if v}
+        rewrites = {k: v for k, v in apply_speed(model, speed).items() if v}
         if not for_openvino:
             from vitc.export.qdq import split_shared_activation_qdq
 
@@ -244,7 +267,7 @@ def layer_using(module, x, op: str) -> str | None:
     return None
 
 
-def _write_quantized(backbone, path: Path, opts, quant: dict, for_openvino: bool = False) -> dict:
+def _write_quantized(backbone, path: Path, opts, quant: dict, for_openvino: bool, speed) -> dict:
     import importlib
 
     kind = quant["pass"]
@@ -256,7 +279,7 @@ def _write_quantized(backbone, path: Path, opts, quant: dict, for_openvino: bool
         raise VitcError(f"this vitc has no ONNX writer for {kind}d models ({module_name}.{fn_name} is missing)",
                         "export the model from before the quantization pass, or update vitc") from exc
     if kind == "quantize":
-        fn(backbone, path, opts.opset, opts.dynamic_batch, split_shared_inputs=not for_openvino)
+        fn(backbone, path, opts.opset, opts.dynamic_batch, split_shared_inputs=not for_openvino, speed=speed)
     else:
         fn(backbone, path, opts.opset, opts.dynamic_batch)
     if not path.exists():

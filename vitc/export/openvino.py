@@ -58,7 +58,7 @@ def write(backbone, staging: Path, stem: str, opts, quant, progress=None):
     from vitc.runtimes import open_session
 
     onnx_path = staging / f".{stem}.from.onnx"
-    info = {"onnx": onnx_target.write_onnx(backbone, onnx_path, opts, quant, progress=progress, for_openvino=True)}
+    info = {"onnx": onnx_target.write_onnx(backbone, onnx_path, opts, quant, progress=progress, runtime="openvino")}
     task = progress.add_task("converting to OpenVINO IR", total=None) if progress is not None else None
     try:
         model = ov.convert_model(str(onnx_path))

@@ -47,6 +47,7 @@ class Staged:
     not_run_reason: str | None = None  # why parity cannot run here, when open_session is None
     runtime_checks: Callable[[object], dict] | None = None  # extra checks on the open session (int8 layers kept, ...)
     parity_subject: str | None = None  # what parity ran on, when that is not the artifact itself
+    fallback: Callable[[], "Staged"] | None = None  # a more conservative write, used when this one fails parity
 
 
 @dataclass
@@ -192,9 +193,17 @@ def _export_claimed(backbone, mod, target, folder: Path, stem: str, output_path,
         elif staged.open_session is None:
             parity = {"skipped": staged.not_run_reason}
         else:
-            parity = parity_mod.check(backbone, staged.open_session(staged.primary), opts.precision, data=data,
-                                      eval_size=eval_size, batch_size=batch_size, progress=progress,
-                                      extra_checks=staged.runtime_checks, session_batch=None if opts.dynamic_batch else 1)
+            def run_parity(staged):
+                return parity_mod.check(backbone, staged.open_session(staged.primary), opts.precision, data=data,
+                                        eval_size=eval_size, batch_size=batch_size, progress=progress,
+                                        extra_checks=staged.runtime_checks, session_batch=None if opts.dynamic_batch else 1)
+
+            parity = run_parity(staged)
+            if not parity.get("passed", True) and staged.fallback is not None:
+                first, staged = parity, staged.fallback()
+                parity = run_parity(staged)
+                parity["fallback"] = {"first_write_failed": first.get("failure"),
+                                      "first_write": {k: v for k, v in first.items() if isinstance(v, (int, float))}}
             if staged.parity_subject:
                 parity["checked"] = staged.parity_subject
         manifest = manifest_mod.build(backbone, target, stem, staging, staged, opts, parity, quant)

@@ -10,9 +10,10 @@ PyTorch export and the ONNX-in path call the same code:
 
 Every pass here is exact on the integer grid: no weight code changes, and a scale changes only by
 a power of two, so the runtimes compute the same int8 products as before and fidelity holds by
-construction (the tests compare outputs). Passes that would change numerics are not here. One
-caveat: ``reorder_erf_gelu`` keeps the graph's meaning, but lets ONNX Runtime fuse the GELU, whose
-kernel computes erf its own way.
+construction (the tests compare outputs). Two caveats: ``reorder_erf_gelu`` keeps the graph's
+meaning, but lets ONNX Runtime fuse the GELU, whose kernel computes erf its own way; and
+``fuse_attention`` (ONNX Runtime only) computes the attention core in float32 where the graph
+quantized its operands, a change towards FP32 that the artifact's parity check measures.
 
 Which pass helps on which runtime was measured with ``vitc bench --profile`` and interleaved
 rounds (``benchmarks/speed_vs_peers.py``); docs/quantize.md records the figures.
@@ -35,6 +36,8 @@ class SpeedConfig:
     drop_zero_weight_zero_points: bool = True  # an all-zero int8 weight zero point left out (it is the default)
     gelu_form: bool = False  # erf-GELU written as x * (0.5 * (1 + erf)) reordered to the form ONNX Runtime fuses
     score_scale: bool = False  # a power-of-two Mul after an int8 activation x activation MatMul into a DQ scale
+    pointwise_d2s: bool = False  # a float 1x1 Conv after a DepthToSpace moved before it (as a grouped Conv)
+    fused_attention: bool = False  # the attention core as ONNX Runtime's MultiHeadAttention kernel, in float (not exact)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,9 +53,13 @@ class SpeedConfig:
         the fused GEMM keeps its attention from fusing), so it stays off; OpenVINO already runs
         the patch conv in int8.
         subpixel_deconv (ONNX Runtime only): its QDQ ConvTranspose runs in float (see
-        ``subpixel_deconvs``); OpenVINO runs int8 deconvolution itself."""
-        return cls(patchify_conv=True, subpixel_deconv=True, gelu_form=True, score_scale=True) \
-            if runtime == "onnxruntime" else cls()
+        ``subpixel_deconvs``); OpenVINO runs int8 deconvolution itself. pointwise_d2s follows it.
+        fused_attention (ONNX Runtime only): see ``fuse_attention``; OpenVINO fuses attention itself."""
+        if runtime == "openvino":
+            return cls()
+        # TensorRT takes the graph ONNX Runtime gets, in the standard ONNX domain only
+        return cls(patchify_conv=True, subpixel_deconv=True, gelu_form=True, score_scale=True, pointwise_d2s=True,
+                   fused_attention=runtime == "onnxruntime")
 
 
 def apply_speed(model, config: SpeedConfig = SpeedConfig()) -> dict:
@@ -66,8 +73,12 @@ def apply_speed(model, config: SpeedConfig = SpeedConfig()) -> dict:
         report["fuse_qkv"] = fuse_sibling_matmuls(model)
     if config.subpixel_deconv:
         report["subpixel_deconv"] = subpixel_deconvs(model)
+    if config.pointwise_d2s:
+        report["pointwise_d2s"] = pointwise_before_depth_to_space(model)
     if config.gelu_form:
         report["gelu_form"] = reorder_erf_gelu(model)
+    if config.fused_attention:  # before score_scale: it reads the score scale from the graph
+        report["fused_attention"] = fuse_attention(model)
     if config.score_scale:
         report["score_scale"] = fold_score_scales(model)
     if config.drop_zero_weight_zero_points:  # last: the rewrites above write zero points of their own
@@ -302,6 +313,92 @@ def subpixel_deconvs(model, per_phase: bool = True) -> int:
     return count
 
 
+def pointwise_before_depth_to_space(model) -> int:
+    """Move a 1x1 Conv that reads a DepthToSpace (DCR) output, through a per-tensor activation DQ,
+    before the DepthToSpace: ``Conv1x1(DQ(D2S(x)))`` = ``D2S(GroupConv1x1(DQ(x)))``, the Conv's
+    weights repeated once per phase (``blocksize**2`` groups), so DepthToSpace moves the Conv's
+    few output channels instead of its many input channels.
+
+    Why: ONNX Runtime's DepthToSpace is a generic 6-D transpose at about 1 GB/s here. The
+    sub-pixel deconvolutions (``subpixel_deconvs``) end in one; on zoo:dinov2s-focus the last one
+    (8 x 256 x 64 x 64 uint8 at batch 8) took 8.9 ms of about 195, feeding a 64 -> 1 channel 1x1
+    Conv. The same products in the same order: exact. Only a Conv ONNX Runtime runs in float (its
+    output not quantized; weights a float initializer or int8 codes through a DQ), kernel 1,
+    stride 1, no padding, one group. Returns the number moved."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits, producer, consumers, values = _index(graph)
+    outputs = {o.name for o in graph.output}
+    count = 0
+    for d2s in list(graph.node):
+        if d2s.op_type != "DepthToSpace" or _attr(d2s, "mode", b"DCR") not in (b"DCR", "DCR"):
+            continue
+        b = int(_attr(d2s, "blocksize"))
+        users = consumers.get(d2s.output[0], [])
+        dq = users[0] if len(users) == 1 and users[0].op_type == "DequantizeLinear" else None
+        if dq is not None and (values.get(dq.input[1]) is None or values[dq.input[1]].size != 1):
+            continue
+        reader = consumers.get(dq.output[0], []) if dq is not None else users
+        conv = reader[0] if len(reader) == 1 and reader[0].op_type == "Conv" else None
+        if conv is None or d2s.output[0] in outputs or (dq is not None and dq.output[0] in outputs) \
+                or _attr(conv, "group", 1) != 1 or any(s != 1 for s in _attr(conv, "strides", [1, 1])) \
+                or any(p != 0 for p in _attr(conv, "pads", [0, 0, 0, 0])) or any(d != 1 for d in _attr(conv, "dilations", [1, 1])) \
+                or _attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") \
+                or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in values) \
+                or any(u.op_type == "QuantizeLinear" for u in consumers.get(conv.output[0], [])):
+            continue
+        weight = _pointwise_weight(conv.input[1], producer, values, inits)
+        if weight is None:
+            continue
+        tag = conv.output[0] + "/vitc_before_d2s"
+        names = [tag + "/w"]
+        w, wdq = weight
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(np.tile(w, (b * b, 1, 1, 1))), names[0]))
+        if wdq is not None:  # int8 codes: repeat their per-channel (or per-tensor) scale and zero point too
+            wq = [names[0]]
+            for k, t in enumerate(wdq.input[1:]):
+                v = values[t]
+                wq.append(f"{tag}/w_q{k}")
+                graph.initializer.append(numpy_helper.from_array(np.tile(v.reshape(-1), b * b) if v.size > 1 else v, wq[-1]))
+            graph.node.append(helper.make_node("DequantizeLinear", wq, [tag + "/w_dq"], name=tag + "/w_DequantizeLinear",
+                                               axis=0))
+            names[0] = tag + "/w_dq"
+        if len(conv.input) > 2 and conv.input[2]:
+            names.append(tag + "/bias")
+            graph.initializer.append(numpy_helper.from_array(np.tile(values[conv.input[2]].reshape(-1), b * b), names[1]))
+        x = d2s.input[0]
+        if dq is not None:
+            graph.node.append(helper.make_node("DequantizeLinear", [x, *dq.input[1:]], [tag + "/dq"], name=tag + "/DequantizeLinear"))
+            x = tag + "/dq"
+        graph.node.append(helper.make_node("Conv", [x, *names], [tag + "/phases"], name=tag + "/Conv", kernel_shape=[1, 1],
+                                           group=b * b))
+        graph.node.append(helper.make_node("DepthToSpace", [tag + "/phases"], [conv.output[0]], name=tag + "/DepthToSpace",
+                                           blocksize=b, mode="DCR"))
+        for n in [conv, d2s] + ([dq] if dq is not None else []):
+            graph.node.remove(n)
+        count += 1
+    if count:
+        _reorder_and_tidy(graph)
+    return count
+
+
+def _pointwise_weight(name: str, producer, values, inits):
+    """(weights, their DQ or None) of a 1x1 Conv: a float initializer, or int8 codes through a
+    DequantizeLinear with per-tensor or per-output-channel (axis 0) scale; None otherwise."""
+    if name in inits:
+        w, dq = values[name], None
+    else:
+        dq = producer.get(name)
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits \
+                or any(t not in values for t in dq.input[1:] if t):
+            return None
+        w = values[dq.input[0]]
+        if values[dq.input[1]].size > 1 and _attr(dq, "axis", 1) != 0:
+            return None
+    return (w, dq) if w.ndim == 4 and w.shape[2:] == (1, 1) else None
+
+
 def _write_subpixel(graph, ct, dq_w, tail, convs: list, s: int) -> None:
     """Replace ``ct`` (and its weight DQ and [Relu ->] Q tail) by stride-1 Convs, each
     ``(codes, pads, scale, zero, bias)`` with the tail ([Relu ->] Q, the same grid) after it, their
@@ -338,6 +435,166 @@ def _write_subpixel(graph, ct, dq_w, tail, convs: list, s: int) -> None:
     stale = {ct.output[0]} | {n.output[0] for n in tail[:-1]}
     for v in [v for v in graph.value_info if v.name in stale]:
         graph.value_info.remove(v)
+
+
+def _through_qdq(t: str, producer, values) -> tuple[str, float] | None:
+    """Walk up from ``t`` through Q -> DQ pairs of activations: (the float tensor they quantize,
+    the factor the pairs apply). A pair whose DQ scale differs from its Q's (per-tensor, same zero
+    point: a constant Mul folded into the grid, as the ONNX-in quantizer does) multiplies by
+    s_dq / s_q; None at any other mismatch."""
+    factor = 1.0
+    while True:
+        dq = producer.get(t)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            return t, factor
+        q = producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or len(q.input) != len(dq.input) or any(i not in values for i in q.input[1:] + dq.input[1:]):
+            return None
+        (sq, *zq), (sd, *zd) = [values[i] for i in q.input[1:]], [values[i] for i in dq.input[1:]]
+        if sq.size != 1 or sd.size != 1 or any(not np.array_equal(a, b) for a, b in zip(zq, zd)):
+            return None
+        factor *= float(sd.reshape(-1)[0]) / float(sq.reshape(-1)[0])
+        t = q.input[0]
+
+
+def _shape_tail(name: str, producer, values) -> tuple[int, int] | None:
+    """The last two entries (heads, d) of a rank-4 Reshape target: a constant, or a Concat whose
+    last two pieces are constants (the TorchScript export builds batch and tokens from Shape)."""
+    v = values.get(name)
+    if v is not None:
+        return (int(v[2]), int(v[3])) if v.size == 4 else None
+    cat = producer.get(name)
+    if cat is None or cat.op_type != "Concat" or len(cat.input) != 4:
+        return None
+    pieces = [values.get(i) for i in cat.input[2:]]
+    if any(p is None or p.size != 1 for p in pieces):
+        return None
+    return int(pieces[0].reshape(-1)[0]), int(pieces[1].reshape(-1)[0])
+
+
+def _heads_input(t: str, perm: list[int], producer, values) -> tuple[str, int, int, float] | None:
+    """``t`` = Transpose(Reshape(x, [b, s, heads, d]), perm) (activation Q/DQ pairs allowed around the
+    Transpose): (x, heads, d, the factor the pairs apply), with x laid out (batch, tokens, heads * d)."""
+    factor = 1.0
+
+    def up(name):
+        nonlocal factor
+        walked = _through_qdq(name, producer, values) if name is not None else None
+        if walked is None:
+            return None
+        factor *= walked[1]
+        return producer.get(walked[0])
+
+    tr = up(t)
+    if tr is not None and tr.op_type == "Transpose" and perm == [0, 2, 3, 1] and list(_attr(tr, "perm", [])) == [0, 1, 3, 2]:
+        tr, perm = up(tr.input[0]), [0, 2, 1, 3]  # k^T written as two transposes
+    if tr is None or tr.op_type != "Transpose" or list(_attr(tr, "perm", [])) != perm:
+        return None
+    rs = up(tr.input[0])
+    tail = _shape_tail(rs.input[1], producer, values) if rs is not None and rs.op_type == "Reshape" else None
+    if tail is not None and tail[0] == -1 and tail[1] > 0:  # view(b, n, -1, d): heads from the projection's width
+        width = _projection_width(rs.input[0], producer, values)
+        tail = (width // tail[1], tail[1]) if width and width % tail[1] == 0 else None
+    if tail is None or tail[0] <= 0 or tail[1] <= 0:
+        return None
+    return rs.input[0], tail[0], tail[1], factor
+
+
+def _projection_width(name: str, producer, values) -> int | None:
+    """The output width of a linear projection ``[Add(bias)] <- MatMul(x, W)``, W an initializer or a DQ of one."""
+    n = producer.get(name)
+    if n is not None and n.op_type == "Add":
+        b = next((values[i] for i in n.input if i in values and values[i].ndim == 1), None)
+        if b is not None:
+            return int(b.size)
+        n = next((producer.get(i) for i in n.input if producer.get(i) is not None and producer[i].op_type == "MatMul"), None)
+    if n is None or n.op_type != "MatMul":
+        return None
+    w = n.input[1]
+    if w not in values and producer.get(w) is not None and producer[w].op_type == "DequantizeLinear":
+        w = producer[w].input[0]
+    return int(values[w].shape[-1]) if w in values and values[w].ndim == 2 else None
+
+
+def fuse_attention(model) -> int:
+    """Replace each attention core, ``Softmax(q k^T * c) v`` over heads split by Reshape/Transpose
+    and merged back by Transpose/Reshape, with ONNX Runtime's ``com.microsoft.MultiHeadAttention``
+    reading q, k and v as (batch, tokens, width) and writing the merged heads.
+
+    Why: ONNX Runtime runs the unfused core as four head transposes, an int8 QK^T (its scores
+    dequantized), a Softmax and a float P.V; on zoo:dinov2s-focus at batch 8 (2 threads) that was
+    about 50 ms of 200, and the fused kernel with its transposes gone is about 4% faster overall.
+    ORT's own transformer optimizer (``onnxruntime.transformers.optimizer``, model_type ``vit``)
+    does not match attention through Q/DQ nodes, hence this rewrite.
+
+    Not exact: the kernel computes in float32, so the quantization of q, k (and of the
+    probabilities, where the plan quantized them) is dropped; the outputs move towards FP32 and
+    the artifact's parity check against the simulation measures by how much. Cores with a mask or
+    bias on the scores are left alone. Returns the number fused."""
+    from onnx import helper
+
+    graph = model.graph
+    inits, producer, consumers, values = _index(graph)
+    outputs = {o.name for o in graph.output}
+    count = 0
+    for sm in list(graph.node):
+        if sm.op_type != "Softmax" or _attr(sm, "axis", -1) not in (-1, 3):
+            continue
+        scale, t = 1.0, sm.input[0]
+        while (n := producer.get(t)) is not None and n.op_type in ("Mul", "Div"):  # scores * c or / c
+            k = next((i for i in n.input if i in values and values[i].size == 1), None)
+            if k is None or (n.op_type == "Div" and n.input[1] != k):
+                break
+            c = float(values[k].reshape(-1)[0])
+            scale, t = (scale * c if n.op_type == "Mul" else scale / c), (n.input[1] if n.input[0] == k else n.input[0])
+        qk = producer.get(t)
+        users = consumers.get(_through_qdq_down(sm.output[0], consumers), [])
+        if qk is None or qk.op_type != "MatMul" or len(users) != 1 or users[0].op_type != "MatMul":
+            continue
+        pv = users[0]
+        q = _heads_input(qk.input[0], [0, 2, 1, 3], producer, values)
+        k = _heads_input(qk.input[1], [0, 2, 3, 1], producer, values)
+        v = _heads_input(pv.input[1], [0, 2, 1, 3], producer, values)
+        if not (q and k and v) or len({q[1:3], k[1:3], v[1:3]}) != 1 or abs(v[3] - 1.0) > 1e-6:
+            continue
+        heads, width = q[1], q[2]
+        scale *= q[3] * k[3]  # a constant folded into q's or k's grid
+        out_t = consumers.get(pv.output[0], [])
+        if len(out_t) == 1 and out_t[0].op_type == "Reshape" and _is_shape(values.get(out_t[0].input[1]), heads, width):
+            out_t = consumers.get(out_t[0].output[0], [])  # a no-op view to (batch, heads, tokens, d) first
+        out_r = [n for n in consumers.get(out_t[0].output[0], []) if n.op_type != "Shape"] \
+            if len(out_t) == 1 and out_t[0].op_type == "Transpose" and list(_attr(out_t[0], "perm", [])) == [0, 2, 1, 3] else []
+        # (Shape readers compute the merge's own target shape in TorchScript exports; they die with it)
+        if len(out_r) != 1 or out_r[0].op_type != "Reshape" or any(x in outputs for x in (qk.output[0], sm.output[0], pv.output[0])):
+            continue
+        merged = out_r[0].output[0]
+        out_r[0].output[0] = merged + "/vitc_unfused"
+        graph.node.append(helper.make_node("MultiHeadAttention", [q[0], k[0], v[0]], [merged], domain="com.microsoft",
+                                           name=merged + "/vitc_mha", num_heads=heads, scale=float(scale)))
+        count += 1
+    if count:
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        from vitc.models.onnx_fold import drop_dead_nodes
+
+        drop_dead_nodes(model)
+        _reorder_and_tidy(graph)
+    return count
+
+
+def _is_shape(shape, heads: int, width: int) -> bool:
+    """``shape`` (a Reshape's constant) is (batch, heads, tokens, width), batch and tokens any."""
+    return shape is not None and shape.size == 4 and int(shape[1]) == heads and int(shape[3]) == width
+
+
+def _through_qdq_down(t: str, consumers) -> str:
+    """Walk down from ``t`` through a lone Q -> DQ pair: the tensor its reader sees."""
+    users = consumers.get(t, [])
+    if len(users) == 1 and users[0].op_type == "QuantizeLinear":
+        dq = consumers.get(users[0].output[0], [])
+        if len(dq) == 1 and dq[0].op_type == "DequantizeLinear":
+            return dq[0].output[0]
+    return t
 
 
 def fold_score_scales(model) -> int:

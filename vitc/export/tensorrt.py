@@ -77,7 +77,7 @@ def write(backbone, staging: Path, stem: str, opts, quant, progress=None):
     from vitc.runtimes import open_session
 
     onnx_path = staging / f"{stem}.onnx"
-    info = {"onnx": onnx_target.write_onnx(backbone, onnx_path, opts, quant, progress=progress)}
+    info = {"onnx": onnx_target.write_onnx(backbone, onnx_path, opts, quant, progress=progress, runtime="tensorrt")}
     model = onnx.load(str(onnx_path))
     violations = trt_rules.check_graph(model)
     if violations:
