@@ -48,7 +48,7 @@ _ORT_KINDS = {
                       "Range", "ScatterND", "QLinearGlobalAveragePool", "GlobalAveragePool", "AveragePool", "MaxPool"},
 }
 # OpenVINO CPU plugin layer types by kind (the compiled graph's names, not the IR's).
-_OV_GEMM = {"FullyConnected", "Convolution", "GroupConvolution", "Deconvolution", "MatMul", "Gemm"}
+_OV_GEMM = {"FullyConnected", "Convolution", "GroupConvolution", "Deconvolution", "ConvolutionBackpropData", "MatMul", "Gemm"}
 _OV_KINDS = {
     "attention matmul": {"ScaledDotProductAttention", "ScaledAttn", "MHA"},
     "norm": {"MVN", "NormalizeL2", "RMS", "LayerNorm", "BatchNormInference"},
@@ -129,7 +129,8 @@ def ov_kind(layer_type: str, precision: str, info: dict) -> str | None:
         if info.get("attention"):
             return "attention matmul"
         return "int8 GEMM" if precision in ("i8", "u8") else "float GEMM"
-    if layer_type.startswith("FullyConnected") or layer_type in ("Convolution", "GroupConvolution", "Deconvolution"):
+    if layer_type.startswith("FullyConnected") or layer_type in ("Convolution", "GroupConvolution", "Deconvolution",
+                                                                 "ConvolutionBackpropData"):
         return "int8 GEMM" if precision in ("i8", "u8") else "float GEMM"
     for kind, types in _OV_KINDS.items():
         if layer_type in types:
@@ -260,7 +261,12 @@ def ir_matmuls(model, input_shape) -> dict[str, dict]:
         if op.get_type_name() == "Parameter" or any(s in live for s in srcs):
             live.add(name)
         t = op.get_type_name()
-        if t in ("MatMul", "Convolution", "GroupConvolution"):
+        if t == "ConvolutionBackpropData":  # a deconvolution: every input element times Cout x kh x kw weights
+            a, w = op.get_input_partial_shape(0), op.get_input_partial_shape(1)
+            ops = 2.0 * float(np.prod([d.get_length() for d in a])) * float(np.prod([d.get_length() for d in w][1:])) \
+                if a.is_static and w.is_static else 0.0
+            out[name] = {"ops": ops, "two_activations": False}
+        elif t in ("MatMul", "Convolution", "GroupConvolution"):
             a, o = op.get_input_partial_shape(0), op.get_output_partial_shape(0)
             if t == "MatMul":
                 ops = gemm_ops([d.get_length() for d in a], [d.get_length() for d in o]) if a.is_static and o.is_static else 0.0
@@ -269,6 +275,12 @@ def ir_matmuls(model, input_shape) -> dict[str, dict]:
                 ops = 2.0 * float(np.prod([d.get_length() for d in o])) * float(np.prod([d.get_length() for d in w][-3:])) \
                     if o.is_static and w.is_static else 0.0
             out[name] = {"ops": ops, "two_activations": srcs[1] in live if len(srcs) > 1 else False}
+        elif t == "ScaledDotProductAttention":  # OpenVINO's frontend folds QK^T, softmax and P.V into one op
+            q, k, o = (op.get_input_partial_shape(0), op.get_input_partial_shape(1), op.get_output_partial_shape(0))
+            # QK^T: 2 * |q| * Sk; P.V: 2 * |out| * Sk
+            ops = 2.0 * k[-2].get_length() * (float(np.prod([d.get_length() for d in q])) + float(np.prod([d.get_length() for d in o]))) \
+                if q.is_static and k.is_static and o.is_static else 0.0
+            out[name] = {"ops": ops, "two_activations": True}
     return out
 
 
