@@ -112,6 +112,7 @@ def nncf_quantize(fp32: Path, out: Path, calib: torch.Tensor, kind: str) -> floa
 def bench_model(spec: str, calib_src, test_src, args) -> list[dict]:
     from vitc.calibration.data import load_tensors
     from vitc.compress.quantize import QuantConfig, apply
+    from vitc.export import ParityError, export_artifact
     from vitc.export.onnx import write_onnx
     from vitc.export.pipeline import ExportOptions
     from vitc.export.qdq import export_qdq_onnx
@@ -152,9 +153,18 @@ def bench_model(spec: str, calib_src, test_src, args) -> list[dict]:
         if bits != 8:
             continue
         int8, int8_ov = tmp / f"vitc_int8_{scheme}.onnx", tmp / f"vitc_int8_{scheme}_for_openvino.onnx"
-        export_qdq_onnx(q, int8)  # as `vitc export --target onnx` writes it
+        # as `vitc export --target onnx` writes it: parity-checked, its fused float attention kept only if that passes
+        try:
+            art = export_artifact(q, "onnx", int8, force=True, eval_size=64)
+        except ParityError as exc:  # kept and marked failed: measure it anyway, and say so
+            art = exc.artifact
+            print(f"    ORT artifact FAILED parity: {art.parity.get('failure')}", flush=True)
+        int8 = art.path
         export_qdq_onnx(q, int8_ov, split_shared_inputs=False)  # as `--target openvino` converts it
-        row(label, "onnxruntime", *top1(open_session(int8, runtime="onnxruntime", threads=args.threads), x, y), artifact=int8)
+        ort_row = row(label, "onnxruntime", *top1(open_session(int8, runtime="onnxruntime", threads=args.threads), x, y), artifact=int8)
+        ort_row["attention_core"] = art.manifest["export"]["attention_core"]
+        ort_row["parity_top1_agreement"] = art.parity.get("top1_agreement")
+        print(f"    ORT artifact attention: {ort_row['attention_core']}", flush=True)
         ov_row = row(label, "openvino", *top1(open_session(int8_ov, runtime="openvino", threads=args.threads), x, y),
                      artifact=int8_ov)
         ov_row["vs_simulation_pt"] = 100 * abs(ov_row["top1"] - sim["top1"])
