@@ -61,8 +61,9 @@ def write(backbone, staging: Path, stem: str, opts, quant, progress=None, fused_
     speed = replace(SpeedConfig.for_runtime("onnxruntime"), fused_attention=fused_attention)
     info = write_onnx(backbone, path, opts, quant, progress=progress, speed=speed)
     fused = info["op_types"].get("MultiHeadAttention", 0) if quant is not None else 0
-    info["attention_core"] = (f"float32 in ONNX Runtime's MultiHeadAttention kernel ({fused} fused; faster, and "
-                              "closer to FP32 than the simulation's quantized attention)") if fused else "as quantized"
+    if quant is not None:
+        info["attention_core"] = (f"float32 in ONNX Runtime's MultiHeadAttention kernel ({fused} fused; faster, and "
+                                  "closer to FP32 than the simulation's quantized attention)") if fused else "as quantized"
     fallback = None
     if fused:
         def fallback():
