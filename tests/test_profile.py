@@ -178,3 +178,27 @@ def test_cli_profile_bad_input_exits_3_and_writes_nothing(tiny_artifacts, tmp_pa
     assert cli(["bench", "-m", str(tiny_artifacts["fp32"]), "--profile", "--png", str(tmp_path / "p.jpg")]) == 3
     assert cli(["bench", "-m", str(tiny_artifacts["fp32"]), "--profile", "--profile-runs", "0"]) == 3
     assert not png.exists() and not out.exists()
+
+
+def test_openvino_profile_counts_fused_attention_of_a_dynamo_export(tmp_path):
+    """The IR of a graph-path (dynamo-exported) model holds ScaledDotProductAttention ops, compiled into
+    snippets named after a transpose: they are attention matmuls, with QK^T and P.V's work counted
+    (before, they were filed under "eltwise" with no work)."""
+    from vitc.calibration.data import load_tensors
+    from vitc.calibration.sources import open_source
+    from vitc.compress.quantize import QuantConfig, apply
+    from vitc.export import export_artifact
+    from vitc.models.intake import load_model
+    from vitc.runtimes import open_session
+
+    base = load_model("tests.generality_models:hf_dinov2")  # 2 blocks, 4 heads of 16, 17 tokens at 56 px
+    x = load_tensors(open_source("bundled:calib").select(8, seed=0), base.preprocess)[0]
+    q = apply(base, QuantConfig(sites="graph", range_search="off"), x)
+    art = export_artifact(q, "openvino", tmp_path / "q.xml", check=False)
+    pool = [np.ascontiguousarray(x[i:i + 2].numpy()) for i in range(0, 8, 2)]
+    prof = profile(open_session(art.path, runtime="openvino", threads=1, precision="f32"), pool, runs=3)
+    _check_shares(prof)
+    attention = prof["kinds"].get("attention matmul")
+    assert attention is not None, prof["kinds"].keys()
+    per_image = 2 * 2 * 2 * 4 * 17 * 17 * 16  # 2 ops per MAC x (QK^T + P.V) x 2 blocks x heads x tokens^2 x d
+    assert attention["gop"] * 1e9 == pytest.approx(2 * per_image, rel=1e-6)  # batch 2

@@ -404,6 +404,7 @@ def test_pointwise_conv_moves_before_depth_to_space_exactly():
     conv = next(n for n in model.graph.node if n.op_type == "Conv")
     assert [a.i for a in conv.attribute if a.name == "group"] == [4]
     assert [n.op_type for n in model.graph.node][-1] == "DepthToSpace"
+    assert sum(n.op_type == "DequantizeLinear" for n in model.graph.node) == 2  # the old weight DQ went with its Conv
     np.testing.assert_array_equal(ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0], before)
 
 

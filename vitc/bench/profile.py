@@ -275,6 +275,8 @@ def ir_matmuls(model, input_shape) -> dict[str, dict]:
                 ops = 2.0 * float(np.prod([d.get_length() for d in o])) * float(np.prod([d.get_length() for d in w][-3:])) \
                     if o.is_static and w.is_static else 0.0
             out[name] = {"ops": ops, "two_activations": srcs[1] in live if len(srcs) > 1 else False}
+            if t == "MatMul" and out[name]["two_activations"]:
+                out[name]["scores_from"] = _scores_matmul(op, out)
         elif t == "ScaledDotProductAttention":  # OpenVINO's frontend folds QK^T, softmax and P.V into one op
             q, k, o = (op.get_input_partial_shape(0), op.get_input_partial_shape(1), op.get_output_partial_shape(0))
             # QK^T: 2 * |q| * Sk; P.V: 2 * |out| * Sk
@@ -282,6 +284,20 @@ def ir_matmuls(model, input_shape) -> dict[str, dict]:
                 if q.is_static and k.is_static and o.is_static else 0.0
             out[name] = {"ops": ops, "two_activations": True}
     return out
+
+
+def _scores_matmul(op, seen: dict, depth: int = 8) -> str | None:
+    """For P.V: the activation x activation MatMul (QK^T) its probabilities come from, found by
+    walking up its first input through the non-MatMul ops between them (softmax, scale, Q/DQ)."""
+    node = op.input_value(0).get_node()
+    for _ in range(depth):
+        name = node.get_friendly_name()
+        if node.get_type_name() == "MatMul":
+            return name if seen.get(name, {}).get("two_activations") else None
+        if node.get_input_size() == 0:
+            return None
+        node = node.input_value(0).get_node()
+    return None
 
 
 def ov_layer_info(compiled, matmuls: dict[str, dict]) -> dict[str, dict]:
@@ -292,12 +308,10 @@ def ov_layer_info(compiled, matmuls: dict[str, dict]) -> dict[str, dict]:
         info = {"precision": rt["runtimePrecision"].astype(str).lower() if "runtimePrecision" in rt else "?"}
         names = rt["originalLayersNames"].astype(str).split(",") if "originalLayersNames" in rt else []
         hits = {k: m for n in names for k, m in matmuls.items() if n == k or n.startswith(k + "/")}
-        if any(m["two_activations"] for m in hits.values()) and any("softmax" in n.lower() for n in names):
-            # A fused attention layer (OpenVINO's MHA snippet) lists the AV matmul, while the QK^T matmul
-            # may survive only under a renamed dequantization node: count every attention matmul of its block.
-            # (Case-blind: the dynamo export names it "node_softmax", TorchScript ".../Softmax".)
-            blocks = {k.rsplit("/", 1)[0] for k, m in hits.items() if m["two_activations"]}
-            hits.update({k: m for k, m in matmuls.items() if m["two_activations"] and k.rsplit("/", 1)[0] in blocks})
+        if any("softmax" in n.lower() for n in names):  # "node_softmax" (dynamo) or ".../Softmax" (TorchScript)
+            # A fused attention layer (OpenVINO's MHA snippet) lists the P.V matmul, while the QK^T matmul
+            # may survive only under a renamed dequantization node: count the QK^T that feeds each P.V.
+            hits.update({m["scores_from"]: matmuls[m["scores_from"]] for m in list(hits.values()) if m.get("scores_from")})
         hits = list(hits.values())
         if hits:
             info["ops"] = sum(h["ops"] for h in hits)

@@ -62,8 +62,8 @@ def write(backbone, staging: Path, stem: str, opts, quant, progress=None, fused_
     info = write_onnx(backbone, path, opts, quant, progress=progress, speed=speed)
     fused = info["op_types"].get("MultiHeadAttention", 0) if quant is not None else 0
     if quant is not None:
-        info["attention_core"] = (f"float32 in ONNX Runtime's MultiHeadAttention kernel ({fused} fused; faster, and "
-                                  "closer to FP32 than the simulation's quantized attention)") if fused else "as quantized"
+        info["attention_core"] = (f"float32 in ONNX Runtime's MultiHeadAttention kernel ({fused} fused), where the "
+                                  "simulation quantizes q and k; kept because it passed parity") if fused else "as quantized"
     fallback = None
     if fused:
         def fallback():

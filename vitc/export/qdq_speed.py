@@ -357,7 +357,7 @@ def pointwise_before_depth_to_space(model) -> int:
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(np.tile(w, (b * b, 1, 1, 1))), names[0]))
         if wdq is not None:  # int8 codes: repeat their per-channel (or per-tensor) scale and zero point too
             wq = [names[0]]
-            for k, t in enumerate(wdq.input[1:]):
+            for k, t in enumerate(t for t in wdq.input[1:] if t):
                 v = values[t]
                 wq.append(f"{tag}/w_q{k}")
                 graph.initializer.append(numpy_helper.from_array(np.tile(v.reshape(-1), b * b) if v.size > 1 else v, wq[-1]))
@@ -379,6 +379,9 @@ def pointwise_before_depth_to_space(model) -> int:
             graph.node.remove(n)
         count += 1
     if count:
+        from vitc.models.onnx_fold import drop_dead_nodes
+
+        drop_dead_nodes(model)  # the old weight DQ, when the moved Conv was its only reader
         _reorder_and_tidy(graph)
     return count
 
