@@ -23,6 +23,14 @@ MIN_AGREEMENT = {"fp32": 0.995, "fp16": 0.99, "bf16": 0.99, "int8": 0.98, "fp8":
 # measure ~1e-6 on the zoo; fp16 rounding ~1e-3; int8 artifacts vs their simulation ~3e-3 mean,
 # ~5e-2 max (benchmarks/results_export_parity_2026-11-21.json); each bound leaves 10-100x headroom.
 MAX_LOGIT_ERROR = {"fp32": (1e-4, 1e-3), "fp16": (1e-2, 5e-2), "bf16": (2e-2, 1e-1), "int8": (5e-2, 1.0), "fp8": (5e-2, 1.0)}
+# A model whose token passes make discrete choices (ToMe's bipartite matching, EViT's top-k keep)
+# is not continuous in its input: where two candidate merges score within float rounding of each
+# other, the runtime's summation order can pick the other one, and that image's logits move by
+# far more than fp32 rounding (zoo:dinov2s-c10, ToMe r=4, FP32 ONNX Runtime: the median image
+# 5e-7 of the spread, 10 of 64 images 1e-3 to 1.1e-2, one sweep point 0.14 at most). For such
+# artifacts the mean bound holds the median image (a wrong op moves every image), the max bound is
+# int8's, and top-1 agreement keeps the precision's bar.
+DECISION_MAX_LOGIT_ERROR = MAX_LOGIT_ERROR["int8"][1]
 TIME_BUDGET_S = 60.0  # default parity cost when --eval-size is not given
 MIN_IMAGES = 200  # ... but never fewer images than this (1 flip = 0.5 point)
 PROBE_IMAGES = 16
@@ -88,17 +96,31 @@ def check(backbone, session, precision: str, data: str = "bundled:eval", eval_si
         result["artifact_top1"] = (out.argmax(-1) == y).float().mean().item()
     result["min_agreement"] = MIN_AGREEMENT.get(precision, MIN_AGREEMENT["int8"])
     mean_bound, max_bound = MAX_LOGIT_ERROR.get(precision, MAX_LOGIT_ERROR["int8"])
-    result["max_logit_error"] = {"mean_rel": mean_bound, "max_rel": max_bound}
+    checked = (("mean_rel_logit_error", "mean", mean_bound), ("max_rel_logit_error", "max", max_bound))
+    if token_decisions(backbone):
+        per_image = (out - ref).abs().amax(-1) / result["logit_scale"]
+        result["median_image_rel_logit_error"] = per_image.median().item() if per_image.numel() else 0.0
+        result["images_over_max_bound"] = int((per_image > max_bound).sum())
+        result["rule"] = "token decisions: the mean bound holds the median image, the max bound is int8's"
+        checked = (("median_image_rel_logit_error", "median image", mean_bound),
+                   ("max_rel_logit_error", "max", max(max_bound, DECISION_MAX_LOGIT_ERROR)))
+    result["max_logit_error"] = {("median_image_rel" if k.startswith("median") else k.split("_")[0] + "_rel"): b for k, _, b in checked}
     failures = []
     if not torch.isfinite(out).all():
         failures.append("the artifact returns non-finite logits")
     if result["top1_agreement"] < result["min_agreement"]:
         failures.append(f"top-1 agreement {100 * result['top1_agreement']:.2f}% is below {100 * result['min_agreement']:.1f}% "
                         f"for {precision}")
-    for key, bound in (("mean_rel_logit_error", mean_bound), ("max_rel_logit_error", max_bound)):
+    for key, label, bound in checked:
         if not result[key] <= bound:  # NaN fails too
-            failures.append(f"{key.split('_')[0]} logit error {result[key]:.2e} of the logits' spread is above {bound:.0e} for {precision}")
+            failures.append(f"{label} logit error {result[key]:.2e} of the logits' spread is above {bound:.0e} for {precision}")
     return _verdict(result, failures, session, extra_checks)
+
+
+def token_decisions(backbone) -> bool:
+    """Whether a token pass (merge/prune, ``vitc.compress.tokens``) makes discrete per-image choices
+    in this model: then parity takes ``DECISION_MAX_LOGIT_ERROR`` (see above)."""
+    return any(t.get("pass") == "merge" and any(t.get("removals") or [0]) for t in backbone.transforms)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> dict:

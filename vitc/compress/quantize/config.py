@@ -60,6 +60,7 @@ class QuantConfig:
     reconstruct_iters: int = 0  # block reconstruction steps per unit after calibration (0: off)
     layer_bits: dict | None = None  # {layer: [wbits, abits]} from a mixed-precision allocation
     group_size: int | None = None  # weight-only (abits 16): per-group weight scales along the input
+    weight_rounding: str = "gptq"  # weight-only: "gptq" (error compensation, needs calibration images) | "nearest"
     sites: str = "auto"  # auto | graph | modules: how quantization sites are found (see ptq.choose_sites)
 
     def validate(self) -> "QuantConfig":
@@ -82,7 +83,7 @@ class QuantConfig:
         choices = {"calibrator": CALIBRATORS, "softmax": ("auto", "uniform", "log2", "logsqrt2"),
                    "gelu": ("auto", "uniform", "twin"), "scheme": ("auto", "per-layer", "symmetric", "asymmetric"),
                    "granularity": ("auto", "tensor"), "sites": ("auto", "graph", "modules"),
-                   "range_search": ("auto", "on", "off")}
+                   "range_search": ("auto", "on", "off"), "weight_rounding": ("gptq", "nearest")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise VitcError(f"{name} '{getattr(self, name)}' is not supported", f"use one of: {', '.join(allowed)}")

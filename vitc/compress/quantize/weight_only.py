@@ -6,6 +6,16 @@ the clipping of each group searched for the least squared error. Convolutions (t
 embedding, conv stems) and the classifier get int8 per-output-channel weights, as NNCF's
 ``compress_weights`` keeps its "backup" layers in 8 bits: they are small and sensitive.
 
+With calibration images the grouped Linears are rounded by GPTQ (Frantar et al., 2023): columns
+are quantized one at a time, in order of decreasing input energy, and each column's rounding error
+is spread over the columns not yet quantized through the inverse of the layer's input Hessian
+X^T X, so the layer's output error, not each weight's, is what rounding minimises. The group
+scales are fixed first (the activation-weighted search below, on the original weights), so the
+stored codes and scales stay exactly what the runtimes' int4 formats hold. Written here rather
+than taken from a library: NNCF's GPTQ runs on OpenVINO models only and optimum's/AutoGPTQ's on
+language models; this one runs on any torch Linear that ``layer_plan`` groups, and shares the
+Hessian algebra of SparseGPT (``sparsity/masks.py``).
+
 The simulation is the float model with every weight on its grid (``WeightOnlyLinear`` /
 ``WeightOnlyConv2d`` keep the scales as buffers), so it runs plain float kernels and the
 saved folder, the ONNX graph and the OpenVINO IR all hold the same integers.
@@ -50,6 +60,8 @@ def validate_config(config):
     if config.group_size not in GROUP_SIZES:
         raise VitcError(f"--group-size {config.group_size} is not supported",
                         f"use one of {', '.join(map(str, GROUP_SIZES))}")
+    if config.weight_rounding not in ("gptq", "nearest"):
+        raise VitcError(f"weight rounding '{config.weight_rounding}' is not supported", "use gptq or nearest")
     if config.reconstruct_iters or config.layer_bits:
         raise VitcError("--reconstruct and --bits auto apply to weight-and-activation quantization, not to --abits 16",
                         "drop them, or quantize activations too (--abits 8)")
@@ -98,6 +110,41 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return codes.float() * scale.repeat_interleave(codes.shape[1] // scale.shape[1], dim=1)
 
 
+def gptq_groups(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, bits: int,
+                damp: float = 0.01, block: int = 128, act_order: bool = True) -> torch.Tensor:
+    """GPTQ rounding of ``w`` (out, in) onto the fixed group grid ``scale`` (out, in/group): the
+    dequantized weights, every one on its grid. ``hessian`` is X^T X (in x in) of the layer's
+    calibration inputs. ``act_order`` visits the inputs by decreasing Hessian diagonal, so the
+    loudest inputs are rounded while the most columns remain to absorb their error; the grid is
+    static, so the order changes no scale."""
+    qmin, qmax = Q.int_range(bits, True, restricted=True)
+    w = w.detach().clone().float()
+    cols = w.shape[1]
+    h = hessian.detach().clone().double()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    s_full = scale.float().repeat_interleave(cols // scale.shape[1], dim=1)
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
+    w, s_full, h = w[:, perm], s_full[:, perm], h[perm][:, perm]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    q = torch.zeros_like(w)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            col, s = w1[:, i], s_full[:, i1 + i]
+            qc = torch.clamp(torch.round(col / s), qmin, qmax) * s
+            q[:, i1 + i] = qc
+            e = (col - qc) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] @ hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return q[:, torch.argsort(perm)]
+
+
 class _WeightOnly:
     wbits: int
     group_size: int | None  # None: per output channel
@@ -106,12 +153,18 @@ class _WeightOnly:
         self.wbits, self.group_size = wbits, group_size
         self.register_buffer("weight_scale", torch.ones(scale_shape))
 
-    def quantize(self, search: bool = True, importance: torch.Tensor | None = None) -> None:
+    def quantize(self, search: bool = True, importance: torch.Tensor | None = None,
+                 hessian: torch.Tensor | None = None) -> None:
+        """Scales by the (activation-weighted) search; the weights rounded to nearest, or by GPTQ
+        when the input ``hessian`` (X^T X) is given (grouped Linears)."""
         w = self.weight.detach().float()
         with torch.no_grad():
             if self.group_size:
                 self.weight_scale = group_scales(w, self.wbits, self.group_size, search, importance)
-                self.weight.copy_(dequantize_groups(group_codes(w, self.weight_scale, self.wbits), self.weight_scale))
+                if hessian is not None:
+                    self.weight.copy_(gptq_groups(w, hessian, self.weight_scale, self.wbits))
+                else:
+                    self.weight.copy_(dequantize_groups(group_codes(w, self.weight_scale, self.wbits), self.weight_scale))
             else:
                 self.weight_scale = Q.weight_qparams(w, self.wbits, search)
                 self.weight.copy_(Q.fake_quant_weight(w, self.weight_scale, self.wbits))
@@ -182,15 +235,18 @@ ACTIVATION_IMAGES = 128  # images for the input statistics of the activation-awa
 
 
 @torch.no_grad()
-def input_mean_squares(module: nn.Module, names: list[str], x: torch.Tensor, batch: int = 64) -> dict[str, torch.Tensor]:
-    """{layer: E[x_i^2] per input channel (last axis)} of each named Linear on images ``x``."""
+def input_mean_squares(module: nn.Module, names: list[str], x: torch.Tensor, batch: int = 64,
+                       full: bool = False) -> dict[str, torch.Tensor]:
+    """{layer: E[x_i^2] per input channel (last axis)} of each named Linear on images ``x``; with
+    ``full``, the whole second moment E[x x^T] (in x in), GPTQ's Hessian up to a factor."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
     def hook(name):
         def pre(m, args):
             a = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            sums[name] = sums.get(name, 0) + a.pow(2).sum(0)
+            moment = a.T.double() @ a.double() if full else a.pow(2).sum(0)
+            sums[name] = sums.get(name, 0) + moment
             counts[name] = counts.get(name, 0) + a.shape[0]
         return pre
 
@@ -220,14 +276,17 @@ def apply_weight_only(backbone: Backbone, config, x: torch.Tensor | None = None)
         raise VitcError("the model has no Linear or Conv2d layer to quantize", "quantize a model built from Linear/Conv2d layers")
     grouped = [n for n, spec in plan.items() if spec["group_size"]]
     images = x[:ACTIVATION_IMAGES] if x is not None else None
-    importance = input_mean_squares(module, grouped, images) if images is not None and grouped else {}
+    gptq = config.weight_rounding == "gptq" and images is not None
+    moments = input_mean_squares(module, grouped, images, full=gptq) if images is not None and grouped else {}
+    importance = {n: torch.diag(m).float() for n, m in moments.items()} if gptq else moments
     install(module, plan)
     for name, layer in weight_only_layers(module).items():
-        layer.quantize(config.weight_search, importance.get(name))
+        layer.quantize(config.weight_search, importance.get(name), moments.get(name) if gptq else None)
     record = {"pass": "quantize", "config": config.to_dict(), "calibration_images": 0 if images is None else int(images.shape[0]),
               "calibration_s": round(time.perf_counter() - start, 3),
               "weight_only": {"layers": plan, "wbits": config.wbits, "group_size": config.group_size, "folded_bn": folded,
-                              "scale_search": "activation-weighted MSE" if importance else ("MSE" if config.weight_search else "max")},
+                              "scale_search": "activation-weighted MSE" if importance else ("MSE" if config.weight_search else "max"),
+                              "rounding": "GPTQ" if gptq else "nearest"},
               "plan": {"folded_bn": folded, "attention": [], "ends_8bit": [n for n, s in plan.items() if s["group_size"] is None]},
               "layers": {}, "scheme_choice": {}, "vit_quantizers": {}, "sqnr_db": {}}
     return out.with_module(module, record)
