@@ -437,3 +437,64 @@ def test_gptq_rounding_lowers_each_layers_output_error_on_the_same_grid(tiny_vit
         ref, out_n, out_g = tiny_vit.module(xe), nearest.module(xe), gptq.module(xe)
     assert ((out_g - ref) ** 2).mean() < 0.5 * ((out_n - ref) ** 2).mean()  # measured 0.11
 
+
+
+def test_prefix_grid_fits_a_loud_cls_token_without_coarsening_the_patches():
+    """The split grid on (batch, tokens, channels) values whose CLS token is 10x the patches': the
+    patch tokens' error drops to the single-grid error of patches alone, the CLS token is not clipped."""
+    from vitc.calibration import observers as obs
+    from vitc.compress.quantize.config import QuantConfig
+    from vitc.compress.quantize.modules import ActQuant
+    from vitc.compress.quantize.torch_graph import _calibrate_prefix_split
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 17, 64, generator=g)
+    x[:, 0] *= 10
+    config = QuantConfig(wbits=6, abits=6, calibrator="mse")
+
+    def calibrated(split: bool) -> ActQuant:
+        q = ActQuant("x", bits=6)
+        q.observer = obs.Observer("x", channel_axis=-1)
+        q.mode = "observe"
+        q(x)
+        q.observer.start_histogram()
+        if split:
+            q.prefix_tokens, q.prefix_observer = 1, obs.Observer("x prefix")
+            q.prefix_observer.min, q.prefix_observer.max = q.observer.min, q.observer.max
+            q.prefix_observer.start_histogram()
+        q(x)
+        if split:
+            _calibrate_prefix_split(q, config)
+        else:
+            from vitc.compress.quantize.ptq import _calibrate_uniform
+
+            _, sym, s, z = _calibrate_uniform(q, "mse", config, "per-layer")[0]
+            q.set_uniform(s, z, sym, False)
+        q.mode = "quant"
+        return q
+
+    one, split = calibrated(False), calibrated(True)
+    assert split.scale.numel() == 2 and split.prefix_observer is None and split.spec()["granularity"] == "prefix+patches"
+    err = lambda q, sl: ((q(x) - x)[:, sl] ** 2).mean().item()
+    assert err(split, slice(1, None)) < 0.2 * err(one, slice(1, None))  # the patches' grid no longer spans the CLS range
+    assert err(split, slice(0, 1)) < 1.5 * err(one, slice(0, 1))
+    assert split.scale[0] > 5 * split.scale[1]
+
+
+def test_graph_path_splits_token_inputs_below_8_bits_and_reloads(tiny_vit, calib64, tmp_path):
+    x = _x(tiny_vit, calib64)[:32]
+    q6 = apply(tiny_vit, QuantConfig(wbits=6, abits=6, sites="graph", calibrator="minmax"), x)
+    rec = quant_record(q6)
+    blocks = len(tiny_vit.structure.stages[0].blocks)
+    # each block's Linear inputs: q/k/v's shared input, the output projection's, fc1's and fc2's
+    assert len(rec["plan"]["prefix_grids"]) == 4 * blocks
+    split = [i for s in rec["quant_plan"]["sites"] for i in s["inputs"] if i["prefix_tokens"]]
+    assert split and all(i["prefix_tokens"] == 1 and i["kind"] == "uniform" for i in split)
+    assert not quant_record(apply(tiny_vit, QuantConfig(sites="graph", calibrator="minmax"), x))["plan"]["prefix_grids"]
+    off = apply(tiny_vit, QuantConfig(wbits=6, abits=6, sites="graph", calibrator="minmax", prefix_grid="off"), x)
+    assert not quant_record(off)["plan"]["prefix_grids"]
+    save_quantized(q6, tmp_path / "q6")
+    back = load_quantized(tmp_path / "q6")
+    xe = _x(tiny_vit, calib64)[32:48]
+    with torch.no_grad():
+        assert torch.equal(back(xe), q6(xe))

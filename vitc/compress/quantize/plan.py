@@ -47,6 +47,7 @@ class TensorQuant:
     kind: str = "uniform"  # uniform | log2 | logsqrt2 | twin
     symmetric: bool = True
     per_channel: bool = False
+    prefix_tokens: int = 0  # > 0: the first tokens (CLS, registers) have a grid of their own (ActQuant)
     pattern: str = "plain"  # which pattern chose this quantizer (PATTERNS)
     operand: int = 0  # which input of the op it quantizes
 

@@ -329,6 +329,8 @@ def beta_at(step: int, total: int, options: ReconstructOptions) -> float | None:
 
 def _learnable_act(q: ActQuant, drop_prob: float, learn: bool, gen: torch.Generator):
     """Replace ``q``'s forward by an LSQ fake-quant with a learnable log step size and QDrop."""
+    if q.prefix_tokens:  # the graph path's split grids; reconstruction runs on the module path
+        raise ValueError(f"{q.name}: reconstruction has no learnable form of a prefix+patches grid")
     log_scale = nn.Parameter(q.scale.detach().clamp_min(1e-8).log().clone()) if learn else None
     zero = q.zero_point.detach().float()
     qmin, qmax = q.qrange

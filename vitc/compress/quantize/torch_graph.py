@@ -818,6 +818,9 @@ def _calibrate(installed: dict, plan: QuantPlan, config: QuantConfig) -> None:
     for key, q in installed["act"].items():
         if q.kind in ("log2", "logsqrt2"):
             continue
+        if q.prefix_observer is not None:
+            _calibrate_prefix_split(q, config)
+            continue
         if q.kind == "twin":
             twin_error = _calibrate_twin(q, config.calibrator, config)
             uniform = _calibrate_uniform(q, config.calibrator, config, "asymmetric")[0]
@@ -835,6 +838,45 @@ def _calibrate(installed: dict, plan: QuantPlan, config: QuantConfig) -> None:
             scheme = "asymmetric" if q.observer.min >= 0 else "symmetric"
         _, symmetric, scale, zero = _calibrate_uniform(q, config.calibrator, config, scheme)[0]
         q.set_uniform(scale, zero, symmetric, False)
+
+
+def _calibrate_prefix_split(q: ActQuant, config: QuantConfig) -> None:
+    """Two uniform grids of one symmetry: the patch tokens' (``q.observer``) chosen as any grid
+    is, the prefix tokens' (``q.prefix_observer``) calibrated on their own values."""
+    from .ptq import _calibrate_uniform
+
+    _, symmetric, scale, zero = _calibrate_uniform(q, config.calibrator, config, config.graph_scheme)[0]
+    lo, hi = obs.calibrate(q.prefix_observer.histogram(), config.calibrator, q.bits, symmetric, config.percentile)
+    p_scale, p_zero = Q.uniform_qparams(lo, hi, q.bits, symmetric)
+    q.set_uniform(torch.stack([p_scale.reshape(()), scale.reshape(())]), torch.stack([p_zero.reshape(()), zero.reshape(())]),
+                  symmetric, False)
+    q.prefix_observer = None
+
+
+def prefix_split_quantizers(gm: fx.GraphModule, installed: dict, plan: QuantPlan, structure, config: QuantConfig) -> dict[str, int]:
+    """{quantizer key: prefix tokens} of the token activations that get a prefix grid of their own
+    (``ActQuant.prefix_tokens``): with ``config.prefix_grid`` on ("auto": below 8-bit activations,
+    where the export takes no activation anyway), in a model whose structure has prefix tokens
+    first (CLS, distillation), the (batch, tokens, channels) inputs of weighted sites (Linears),
+    ``tokens`` being the stage's token count. Attention operands (batch, heads, tokens, dim) keep
+    one grid."""
+    if not config.prefix_split_in_use or structure is None:
+        return {}
+    layouts = {st.tokens.num_tokens: st.tokens.num_prefix for st in getattr(structure, "stages", [])
+               if getattr(st, "tokens", None) is not None and st.tokens.num_prefix and st.tokens.cls_index in (0, None)}
+    if not layouts:
+        return {}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out = {}
+    for site in plan.sites:
+        if site.weight is None:
+            continue
+        for q, key in zip(site.inputs, _site_operand_keys(installed, site)):
+            shape = _meta_shape(nodes.get(key)) if key in nodes else None
+            aq = installed["act"][key]
+            if shape and len(shape) == 3 and shape[1] in layouts and aq.channel_axis in (-1, 2) and aq.kind in ("uniform", "twin"):
+                out[key] = layouts[shape[1]]
+    return out
 
 
 def _pads_input(node: fx.Node) -> bool:
@@ -905,15 +947,15 @@ def finalize_plan(plan: QuantPlan, installed: dict) -> None:
     for site in plan.sites:
         for q, key in zip(site.inputs, _site_operand_keys(installed, site)):
             aq = installed["act"][key]
-            q.kind, q.symmetric, q.bits = aq.kind, aq.symmetric, aq.bits
+            q.kind, q.symmetric, q.bits, q.prefix_tokens = aq.kind, aq.symmetric, aq.bits, aq.prefix_tokens
 
 
 def site_specs(plan: QuantPlan) -> dict[str, dict]:
     """Per-site scheme in the shape of the module path's ``layers`` record (exports check its bits)."""
     specs = {}
     for s in plan.sites:
-        grids = [{"kind": q.kind, "bits": q.bits, "symmetric": q.symmetric, "granularity": "tensor", "pattern": q.pattern}
-                 for q in s.inputs]
+        grids = [{"kind": q.kind, "bits": q.bits, "symmetric": q.symmetric,
+                  "granularity": "prefix+patches" if q.prefix_tokens else "tensor", "pattern": q.pattern} for q in s.inputs]
         low = min(grids, key=lambda g: g["bits"]) if grids else {"kind": "uniform", "bits": 8}
         specs[s.name] = {"type": s.op, "module": s.module, "wbits": s.weight.bits if s.weight else 8,
                          "input": low, "operands": grids}
@@ -956,6 +998,13 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None):
     smoothed = smooth_linear_inputs(gm, installed, config.smooth_alpha, set(norms)) if config.smooth_alpha else []
     for q in installed["act"].values():
         q.observer.start_histogram()
+    split = prefix_split_quantizers(gm, installed, plan, backbone.structure, config)
+    for key, prefix in split.items():
+        q = installed["act"][key]
+        q.prefix_tokens = prefix
+        q.prefix_observer = obs.Observer(f"{key} (prefix tokens)")
+        q.prefix_observer.min, q.prefix_observer.max = q.observer.min, q.observer.max  # the histograms share one range
+        q.prefix_observer.start_histogram()
     _run_all(captured, x, progress, task)
     set_mode(captured, "off")
     reference = site_outputs(gm, plan, x[:SQNR_IMAGES])  # the float function (the reparameterisations are exact)
@@ -981,7 +1030,8 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None):
         "calibration_s": round(time.perf_counter() - start, 3),
         "plan": {"capture": CAPTURE, "folded_bn": folded, "reparameterised_norms": norms, "norms_kept_plain": kept,
                  "smooth_alpha": config.smooth_alpha, "smoothed_inputs": smoothed,
-                 "bias_added": sorted(set(_norm_biases(gm)) | set(biased)), "attention": [], "ends_8bit": []},
+                 "bias_added": sorted(set(_norm_biases(gm)) | set(biased)), "attention": [], "ends_8bit": [],
+                 "prefix_grids": sorted(split)},
         "quant_plan": plan.to_dict(),
         "coverage": plan.coverage(),
         "layers": site_specs(plan),
@@ -1062,6 +1112,9 @@ def finalize_plan_into(installed: dict, plan: QuantPlan) -> None:
         for q, key in zip(site.inputs, _site_operand_keys(installed, site)):
             aq = installed["act"][key]
             aq.kind, aq.bits, aq.symmetric = q.kind, q.bits, q.symmetric
+            if q.prefix_tokens:  # two grids: size the buffers so the saved state loads
+                aq.prefix_tokens = q.prefix_tokens
+                aq.scale, aq.zero_point = torch.ones(2), torch.zeros(2, dtype=torch.int32)
 
 
 # ---------------------------------------------------------------- auditing the module path
