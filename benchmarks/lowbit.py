@@ -133,6 +133,18 @@ def bench_model(spec: str, calib_src, test_src, args, plot_rows: list) -> list[d
     iters = args.iters
     if args.weight_only_only:  # rerun the weight-only comparison alone
         return _weight_only_section(backbone, x, y, calib, tmp, args, rows, row, quantize, exported, plot_rows)
+    if args.calibration_only:  # uniform widths without reconstruction or mixed precision (the real ViT-S)
+        for w, a in ((8, 8), (6, 6), (4, 4)):
+            quantize(QuantConfig(wbits=w, abits=a), f"W{w}A{a}")
+            if a < 8:  # what the prefix (CLS) grid and GPTQ each bring
+                quantize(QuantConfig(wbits=w, abits=a, weight_rounding="nearest"), f"W{w}A{a}, nearest rounding")
+                quantize(QuantConfig(wbits=w, abits=a, weight_rounding="nearest", prefix_grid="off"),
+                         f"W{w}A{a}, nearest rounding, one grid for CLS and patches")
+        q48, w4a8 = quantize(QuantConfig(wbits=4, abits=8), "W4A8")
+        exported(q48, w4a8, "W4A8")
+        quantize(QuantConfig(wbits=4, abits=8, weight_rounding="nearest"), "W4A8, nearest rounding")
+        quantize(QuantConfig(wbits=6, abits=8), "W6A8")
+        return rows
     _, w4a4 = quantize(QuantConfig(wbits=4, abits=4), "W4A4 calibration only")
     _, w4a4r = quantize(QuantConfig(wbits=4, abits=4, reconstruct_iters=iters), f"W4A4 + reconstruction ({iters} it)")
     q48, w4a8 = quantize(QuantConfig(wbits=4, abits=8), "W4A8")
@@ -280,6 +292,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--no-latency", action="store_true")
     p.add_argument("--weight-only-only", action="store_true", help="only the weight-only comparison (with W8A8 for latency)")
+    p.add_argument("--calibration-only", action="store_true",
+                   help="W8A8, W6A6, W4A4 (each also with nearest rounding, and with one grid for CLS and patches), W4A8, W6A8: no reconstruction, mixed precision or weight-only")
     p.add_argument("--no-w6a6-reconstruct", action="store_true", help="W6A6 calibration only (saves one reconstruction)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)

@@ -380,6 +380,7 @@ def test_parity_of_token_decisions_holds_the_median_image_and_int8s_max(tiny_vit
 
     few = parity.check(merged, Moved(merged, 3), "fp32", eval_size=64)
     assert few["passed"], few.get("failure")
+    assert few["min_agreement"] == parity.MIN_AGREEMENT["int8"]
     assert few["images_over_max_bound"] == 3 and few["median_image_rel_logit_error"] < 1e-6
     assert few["max_rel_logit_error"] > parity.MAX_LOGIT_ERROR["fp32"][1]  # beyond the strict rule
     every = parity.check(merged, Moved(merged, 64), "fp32", eval_size=64)

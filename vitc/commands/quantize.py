@@ -74,7 +74,7 @@ def quantize_cmd(
     act_budget: Optional[float] = typer.Option(None, "--act-budget", help="with --bits auto --size-budget: also allocate activation bits, average at most this"),
     alloc: str = typer.Option("ilp", "--alloc", help="with --bits auto: ilp (exact) or greedy (MPTQ-ViT)"),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="weight-only (--abits 16): input channels per weight scale, 32, 64 or 128 (default 64)"),
-    rounding: Optional[str] = typer.Option(None, "--rounding", help="weight-only (--abits 16): gptq (default; error compensation from the calibration images) or nearest"),
+    rounding: Optional[str] = typer.Option(None, "--rounding", help="weight-only (--abits 16) and graph-path weights below 8 bits: gptq (default; error compensation from the calibration images) or nearest"),
     sites: str = typer.Option("auto", "--sites", help="auto, graph (every matmul-like op in the captured graph) or modules (Linear/Conv2d swaps + family adapters)"),
     task: str = typer.Option("auto", "--task", help="auto, classify (top-1 with labels), dense (maps) or embed (vectors): how the output is compared with FP32"),
     strict_coverage: bool = typer.Option(False, "--strict-coverage", help="fail (exit 2, nothing saved) below 90% of matmul/conv FLOPs quantized"),
@@ -136,8 +136,9 @@ def quantize_cmd(
                          reconstruct_iters=iters if reconstruct else 0, sites=sites,
                          weight_rounding=rounding or "gptq").validate()
     weight_only = config.abits == 16
-    if rounding is not None and not weight_only:
-        raise VitcError(f"--rounding {rounding} applies to weight-only quantization", "pass --abits 16, or drop --rounding")
+    if rounding is not None and not weight_only and config.wbits >= 8:
+        raise VitcError(f"--rounding {rounding} applies to weight-only quantization and to weights below 8 bits",
+                        "pass --abits 16 or --wbits 4/6, or drop --rounding")
     if not weight_only:
         check_count(config.calibrator, calib_size or DEFAULT_CALIB_SIZE)
     if reconstruct:

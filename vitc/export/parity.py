@@ -27,9 +27,11 @@ MAX_LOGIT_ERROR = {"fp32": (1e-4, 1e-3), "fp16": (1e-2, 5e-2), "bf16": (2e-2, 1e
 # is not continuous in its input: where two candidate merges score within float rounding of each
 # other, the runtime's summation order can pick the other one, and that image's logits move by
 # far more than fp32 rounding (zoo:dinov2s-c10, ToMe r=4, FP32 ONNX Runtime: the median image
-# 5e-7 of the spread, 10 of 64 images 1e-3 to 1.1e-2, one sweep point 0.14 at most). For such
-# artifacts the mean bound holds the median image (a wrong op moves every image), the max bound is
-# int8's, and top-1 agreement keeps the precision's bar.
+# 5e-7 of the spread, 61 of 200 images above 1e-3, up to 0.08, and 2 of 200 top-1s flipped,
+# after ties were broken by index in both; CIFAR upsampled to 224 px has many near-identical
+# patches). For such artifacts the mean bound holds the median image (a wrong op moves every
+# image) and the max bound and top-1 agreement are int8's: a flipped merge moves an image about
+# as far as int8 rounding does.
 DECISION_MAX_LOGIT_ERROR = MAX_LOGIT_ERROR["int8"][1]
 TIME_BUDGET_S = 60.0  # default parity cost when --eval-size is not given
 MIN_IMAGES = 200  # ... but never fewer images than this (1 flip = 0.5 point)
@@ -101,7 +103,8 @@ def check(backbone, session, precision: str, data: str = "bundled:eval", eval_si
         per_image = (out - ref).abs().amax(-1) / result["logit_scale"]
         result["median_image_rel_logit_error"] = per_image.median().item() if per_image.numel() else 0.0
         result["images_over_max_bound"] = int((per_image > max_bound).sum())
-        result["rule"] = "token decisions: the mean bound holds the median image, the max bound is int8's"
+        result["rule"] = "token decisions: the mean bound holds the median image; the max bound and top-1 agreement are int8's"
+        result["min_agreement"] = min(result["min_agreement"], MIN_AGREEMENT["int8"])
         checked = (("median_image_rel_logit_error", "median image", mean_bound),
                    ("max_rel_logit_error", "max", max(max_bound, DECISION_MAX_LOGIT_ERROR)))
     result["max_logit_error"] = {("median_image_rel" if k.startswith("median") else k.split("_")[0] + "_rel"): b for k, _, b in checked}

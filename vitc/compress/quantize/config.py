@@ -60,7 +60,7 @@ class QuantConfig:
     reconstruct_iters: int = 0  # block reconstruction steps per unit after calibration (0: off)
     layer_bits: dict | None = None  # {layer: [wbits, abits]} from a mixed-precision allocation
     group_size: int | None = None  # weight-only (abits 16): per-group weight scales along the input
-    weight_rounding: str = "gptq"  # weight-only: "gptq" (error compensation, needs calibration images) | "nearest"
+    weight_rounding: str = "gptq"  # weight-only, and graph-path Linears below 8 bits: "gptq" (error compensation) | "nearest"
     sites: str = "auto"  # auto | graph | modules: how quantization sites are found (see ptq.choose_sites)
     prefix_grid: str = "auto"  # auto | on | off: prefix tokens (CLS) get their own activation grid (prefix_split_in_use)
 

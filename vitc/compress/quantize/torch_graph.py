@@ -52,6 +52,7 @@ from vitc.errors import VitcError
 
 from . import quantizers as Q
 from . import range_search, reparam
+from .gptq import HessianTaps, gptq_groups
 from .config import QuantConfig
 from .modules import ActQuant, WeightFakeQuant, set_mode, weight_quantizers
 from .plan import QuantPlan, Site, Skipped, TensorQuant, WeightQuant
@@ -900,10 +901,39 @@ def _site_operand_keys(installed: dict, site: Site) -> list[str]:
 
 
 @torch.no_grad()
-def _quantize_weights(gm: fx.GraphModule, installed: dict, plan: QuantPlan, config: QuantConfig) -> list[str]:
-    """Weights onto their grids (in place), then bias correction for linear/conv2d; returns nodes given a bias."""
+def gptq_sites(gm: fx.GraphModule, installed: dict, plan: QuantPlan, config: QuantConfig) -> dict[str, str]:
+    """{weight target: its input's quantizer key} of the linear weights below 8 bits that GPTQ rounds
+    (``config.weight_rounding == "gptq"``): 2-D weights (out, in) read by one site. At 6 bits per
+    output channel nearest rounding alone cost dinov2s-c10 9% of its top-1s (agreement 90.6%).
+    Convolutions and 8-bit weights keep nearest rounding."""
+    if config.weight_rounding != "gptq":
+        return {}
+    out = {}
+    for site in plan.sites:
+        if site.op != "linear" or site.weight is None or not site.inputs:
+            continue
+        node = installed["sites"][site.name]
+        wnode, aq_node = node.args[1], node.args[0]
+        if wnode.op != "call_module" or aq_node.op != "call_module" or len(wnode.users) != 1:
+            continue
+        key = wnode.args[0].target
+        wq = installed["weight"].get(key)
+        if wq is None or wq.wbits >= 8 or wq.axis % 2 != 0 or _attr_by_target(gm, key).dim() != 2:
+            continue
+        out[key] = aq_node.args[0].name
+    return out
+
+
+def _quantize_weights(gm: fx.GraphModule, installed: dict, plan: QuantPlan, config: QuantConfig,
+                      hessians: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Weights onto their grids (in place), by GPTQ where ``hessians`` has the weight's input X^T X,
+    then bias correction for linear/conv2d; returns nodes given a bias."""
     added = []
     originals = {key: wq.quantize(_attr_by_target(gm, key), config.weight_search) for key, wq in installed["weight"].items()}
+    for key, h in (hessians or {}).items():
+        wq = installed["weight"][key]
+        with torch.no_grad():
+            _attr_by_target(gm, key).copy_(gptq_groups(originals[key], h, wq.weight_scale.reshape(-1, 1), wq.wbits))
     if not config.bias_correction:
         return added
     for site in plan.sites:
@@ -1005,14 +1035,22 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None):
         q.prefix_observer = obs.Observer(f"{key} (prefix tokens)")
         q.prefix_observer.min, q.prefix_observer.max = q.observer.min, q.observer.max  # the histograms share one range
         q.prefix_observer.start_histogram()
-    _run_all(captured, x, progress, task)
+    gptq_targets = gptq_sites(gm, installed, plan, config)
+    taps = HessianTaps()
+    for act_key in sorted(set(gptq_targets.values())):
+        taps.hook(installed["act"][act_key], act_key)
+    try:
+        _run_all(captured, x, progress, task)
+    finally:
+        taps.remove()
     set_mode(captured, "off")
     reference = site_outputs(gm, plan, x[:SQNR_IMAGES])  # the float function (the reparameterisations are exact)
     search_x = x[:range_search.SEARCH_IMAGES]
     float_outputs = range_search.model_outputs(captured, search_x) if config.range_search_in("graph") else None
     _calibrate(installed, plan, config)
     drop_lossy_probs_v(gm, installed, plan, config)
-    biased = _quantize_weights(gm, installed, plan, config)
+    biased = _quantize_weights(gm, installed, plan, config, {k: taps.sums[a] for k, a in gptq_targets.items() if a in taps.sums})
+    del taps
     for q in installed["act"].values():
         q.observer = None
     set_mode(captured, "quant")
@@ -1031,7 +1069,7 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None):
         "plan": {"capture": CAPTURE, "folded_bn": folded, "reparameterised_norms": norms, "norms_kept_plain": kept,
                  "smooth_alpha": config.smooth_alpha, "smoothed_inputs": smoothed,
                  "bias_added": sorted(set(_norm_biases(gm)) | set(biased)), "attention": [], "ends_8bit": [],
-                 "prefix_grids": sorted(split)},
+                 "prefix_grids": sorted(split), "gptq_weights": sorted(gptq_targets)},
         "quant_plan": plan.to_dict(),
         "coverage": plan.coverage(),
         "layers": site_specs(plan),

@@ -14,7 +14,7 @@ scales are fixed first (the activation-weighted search below, on the original we
 stored codes and scales stay exactly what the runtimes' int4 formats hold. Written here rather
 than taken from a library: NNCF's GPTQ runs on OpenVINO models only and optimum's/AutoGPTQ's on
 language models; this one runs on any torch Linear that ``layer_plan`` groups, and shares the
-Hessian algebra of SparseGPT (``sparsity/masks.py``).
+Hessian algebra of SparseGPT (``sparsity/masks.py``); the rounding itself is ``gptq.py``.
 
 The simulation is the float model with every weight on its grid (``WeightOnlyLinear`` /
 ``WeightOnlyConv2d`` keep the scales as buffers), so it runs plain float kernels and the
@@ -43,6 +43,7 @@ from vitc.backbone import Backbone
 from vitc.errors import VitcError
 
 from . import quantizers as Q
+from .gptq import gptq_groups
 
 FORMAT = "vitc-woq/1"
 WBITS = (4, 8)
@@ -108,41 +109,6 @@ def group_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor
 
 def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return codes.float() * scale.repeat_interleave(codes.shape[1] // scale.shape[1], dim=1)
-
-
-def gptq_groups(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, bits: int,
-                damp: float = 0.01, block: int = 128, act_order: bool = True) -> torch.Tensor:
-    """GPTQ rounding of ``w`` (out, in) onto the fixed group grid ``scale`` (out, in/group): the
-    dequantized weights, every one on its grid. ``hessian`` is X^T X (in x in) of the layer's
-    calibration inputs. ``act_order`` visits the inputs by decreasing Hessian diagonal, so the
-    loudest inputs are rounded while the most columns remain to absorb their error; the grid is
-    static, so the order changes no scale."""
-    qmin, qmax = Q.int_range(bits, True, restricted=True)
-    w = w.detach().clone().float()
-    cols = w.shape[1]
-    h = hessian.detach().clone().double()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    s_full = scale.float().repeat_interleave(cols // scale.shape[1], dim=1)
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
-    w, s_full, h = w[:, perm], s_full[:, perm], h[perm][:, perm]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
-    q = torch.zeros_like(w)
-    for i1 in range(0, cols, block):
-        i2 = min(i1 + block, cols)
-        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
-        err1 = torch.zeros_like(w1)
-        for i in range(i2 - i1):
-            col, s = w1[:, i], s_full[:, i1 + i]
-            qc = torch.clamp(torch.round(col / s), qmin, qmax) * s
-            q[:, i1 + i] = qc
-            e = (col - qc) / hinv1[i, i]
-            w1[:, i:] -= e[:, None] @ hinv1[i, i:][None, :]
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return q[:, torch.argsort(perm)]
 
 
 class _WeightOnly:
@@ -260,6 +226,22 @@ def input_mean_squares(module: nn.Module, names: list[str], x: torch.Tensor, bat
     return {n: sums[n] / counts[n] for n in sums}
 
 
+def block_waves(names: list[str], structure) -> list[list[str]]:
+    """``names`` in the order GPTQ rounds them: one step per transformer block or conv stage of
+    ``structure`` (its layers' Hessians measured after the earlier steps are rounded, GPTQ's
+    sequential mode), then whatever lies in no block; one step when the structure is unknown."""
+    paths = []
+    for stage in getattr(structure, "stages", None) or []:
+        paths += [b.path for b in getattr(stage, "blocks", [])] or [stage.path]
+    waves, left = [], list(names)
+    for path in paths:
+        wave = [n for n in left if n.startswith(path + ".")]
+        if wave:
+            waves.append(wave)
+            left = [n for n in left if n not in wave]
+    return waves + ([left] if left else [])
+
+
 def apply_weight_only(backbone: Backbone, config, x: torch.Tensor | None = None) -> Backbone:
     """Weight-only quantization of ``backbone``. Calibration images ``x`` are optional: with them the
     group scales minimise the activation-weighted error (``group_scales``), without them the plain one."""
@@ -276,17 +258,27 @@ def apply_weight_only(backbone: Backbone, config, x: torch.Tensor | None = None)
         raise VitcError("the model has no Linear or Conv2d layer to quantize", "quantize a model built from Linear/Conv2d layers")
     grouped = [n for n, spec in plan.items() if spec["group_size"]]
     images = x[:ACTIVATION_IMAGES] if x is not None else None
-    gptq = config.weight_rounding == "gptq" and images is not None
-    moments = input_mean_squares(module, grouped, images, full=gptq) if images is not None and grouped else {}
-    importance = {n: torch.diag(m).float() for n, m in moments.items()} if gptq else moments
+    gptq = config.weight_rounding == "gptq" and images is not None and bool(grouped)
+    waves = block_waves(grouped, backbone.structure) if gptq else [grouped]
+    moments = {} if gptq or images is None or not grouped else input_mean_squares(module, grouped, images)
     install(module, plan)
-    for name, layer in weight_only_layers(module).items():
-        layer.quantize(config.weight_search, importance.get(name), moments.get(name) if gptq else None)
+    layers = weight_only_layers(module)
+    for name in [n for n in layers if n not in grouped]:  # the int8 ends first: later Hessians see their rounding
+        layers[name].quantize(config.weight_search)
+    for wave in waves if images is not None else []:
+        if gptq:  # sequential: this block's inputs come from the blocks already rounded
+            moments.update(input_mean_squares(module, wave, images, full=True))
+        for name in wave:
+            h = moments[name] if gptq else None
+            layers[name].quantize(config.weight_search, torch.diag(h).float() if gptq else moments.get(name), h)
+    if images is None:
+        for name in grouped:
+            layers[name].quantize(config.weight_search)
     record = {"pass": "quantize", "config": config.to_dict(), "calibration_images": 0 if images is None else int(images.shape[0]),
               "calibration_s": round(time.perf_counter() - start, 3),
               "weight_only": {"layers": plan, "wbits": config.wbits, "group_size": config.group_size, "folded_bn": folded,
-                              "scale_search": "activation-weighted MSE" if importance else ("MSE" if config.weight_search else "max"),
-                              "rounding": "GPTQ" if gptq else "nearest"},
+                              "scale_search": "activation-weighted MSE" if images is not None and grouped else ("MSE" if config.weight_search else "max"),
+                              "rounding": (f"GPTQ, sequential in {len(waves)} steps" if len(waves) > 1 else "GPTQ") if gptq else "nearest"},
               "plan": {"folded_bn": folded, "attention": [], "ends_8bit": [n for n, s in plan.items() if s["group_size"] is None]},
               "layers": {}, "scheme_choice": {}, "vit_quantizers": {}, "sqnr_db": {}}
     return out.with_module(module, record)

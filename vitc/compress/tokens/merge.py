@@ -87,6 +87,22 @@ def _with_prefix(rows: torch.Tensor, prefix: int) -> torch.Tensor:
     return torch.cat([rows[:, :1] * 0 + torch.arange(prefix, device=rows.device), rows], dim=1)
 
 
+def _ranked(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest values along the last axis and their indices, ties to the lower index.
+
+    ``torch.topk`` orders equal values its own way and ONNX's TopK by index, so an exported merged
+    model picked other tokens wherever two scores were exactly equal, and CIFAR images upsampled
+    to 224 px are full of identical patches: 68 of 200 images of zoo:dinov2s-c10 (ToMe r=4) left
+    the FP32 parity bound. A stable sort would be the ONNX order, but the TorchScript exporter has
+    no stable Sort; so the ranking key subtracts index x 2^-20 of the row's largest magnitude (8
+    ulps of it): the same IEEE ops in torch and in the exported graph (a max is exact in any
+    order), so both rank the same, and only scores that close are reordered, by index."""
+    step = x.abs().amax(-1, keepdim=True) * 2.0 ** -20
+    key = x - torch.arange(x.shape[-1], dtype=x.dtype, device=x.device) * step
+    indices = torch.topk(key, k, dim=-1).indices
+    return x.gather(-1, indices), indices
+
+
 def _bipartite_ranking(metric: torch.Tensor, r: int):
     """ToMe's choice of what to remove, on unit-norm ``metric``: split patch tokens alternately
     into A and B and rank each A token by its best cosine similarity to a B token. Returns
@@ -96,7 +112,7 @@ def _bipartite_ranking(metric: torch.Tensor, r: int):
     a, b = metric[:, ::2], metric[:, 1::2]
     na, nb = (n + 1) // 2, n // 2
     node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
-    order = torch.topk(node_max, na, dim=-1).indices  # most similar first
+    order = _ranked(node_max, na)[1]  # most similar first
     b_rows = node_idx[:, :1] * 0 + (2 * torch.arange(nb, device=metric.device) + 1)
     return 2 * order[:, :r], 2 * order[:, r:], b_rows, node_idx
 
@@ -128,7 +144,7 @@ def attentive_pruning(scores: torch.Tensor, r: int, prefix: int = 0) -> Reductio
     n = int(scores.shape[1])
     if not 0 <= r <= n - 2:
         raise ValueError(f"r={r} is out of range for {n} tokens (at most {n - 2})")
-    order = torch.topk(scores, n, dim=-1).indices
+    order = _ranked(scores, n)[1]
     keep = n - r - 1
     off = _offsets(order, prefix + n)
     # the fused row starts from the most attended dropped token; the other r are mixed in
@@ -170,7 +186,7 @@ def token_transforming(metric: torch.Tensor, r: int, k: int = 4, temperature: fl
     m = n - r
     own = _offsets(tgt, n)
     sim = _rows(metric, src + own) @ _rows(metric, tgt + own).transpose(-1, -2)  # (B, r, m): sources x targets
-    top, idx = torch.topk(sim, min(k, m), dim=-1)
+    top, idx = _ranked(sim, min(k, m))
     w = torch.softmax(top / temperature, dim=-1)
     # (B, out, r): output row prefix + j receives w of each source whose j-th most similar target it is
     spread = (_one_hot(idx + prefix, prefix + m, sim.dtype) * w.unsqueeze(-1)).sum(2).transpose(1, 2)

@@ -1,0 +1,71 @@
+"""GPTQ rounding (Frantar et al., 2023) onto fixed grids: shared by weight-only quantization
+(``weight_only.py``, int4/int8 per group) and the graph path's low-bit weights (``torch_graph.py``,
+per output channel, below 8 bits).
+
+Columns are rounded one at a time, in order of decreasing input energy, and each column's
+rounding error is spread over the columns not yet rounded through the inverse of the layer's
+input Hessian X^T X, so rounding minimises the layer's output error rather than each weight's.
+The grids (scales) are chosen before and never changed, so the stored integer codes and scales
+stay exactly what the runtimes hold. The algebra follows SparseGPT's (``sparsity/masks.py``).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import quantizers as Q
+
+
+def gptq_groups(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, bits: int,
+                damp: float = 0.01, block: int = 128, act_order: bool = True) -> torch.Tensor:
+    """GPTQ rounding of ``w`` (out, in) onto the fixed group grid ``scale`` (out, in/group): the
+    dequantized weights, every one on its grid. ``hessian`` is X^T X (in x in) of the layer's
+    calibration inputs. ``act_order`` visits the inputs by decreasing Hessian diagonal, so the
+    loudest inputs are rounded while the most columns remain to absorb their error; the grid is
+    static, so the order changes no scale."""
+    qmin, qmax = Q.int_range(bits, True, restricted=True)
+    w = w.detach().clone().float()
+    cols = w.shape[1]
+    h = hessian.detach().clone().double()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    s_full = scale.float().repeat_interleave(cols // scale.shape[1], dim=1)
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
+    w, s_full, h = w[:, perm], s_full[:, perm], h[perm][:, perm]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    q = torch.zeros_like(w)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            col, s = w1[:, i], s_full[:, i1 + i]
+            qc = torch.clamp(torch.round(col / s), qmin, qmax) * s
+            q[:, i1 + i] = qc
+            e = (col - qc) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] @ hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return q[:, torch.argsort(perm)]
+
+
+class HessianTaps:
+    """Accumulate X^T X (in x in, float64) of the last axis of tensors seen by forward hooks:
+    ``taps.hook(module, key)`` registers one on ``module`` that reads its output."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.handles = []
+
+    def hook(self, module: torch.nn.Module, key: str) -> None:
+        def tap(mod, args, out):
+            a = out.detach().float().reshape(-1, out.shape[-1])
+            h = (a.T @ a).double()
+            self.sums[key] = self.sums[key] + h if key in self.sums else h
+        self.handles.append(module.register_forward_hook(tap))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
