@@ -494,6 +494,13 @@ def test_graph_path_splits_token_inputs_below_8_bits_and_reloads(tiny_vit, calib
     assert not quant_record(apply(tiny_vit, QuantConfig(sites="graph", calibrator="minmax"), x))["plan"]["prefix_grids"]
     off = apply(tiny_vit, QuantConfig(wbits=6, abits=6, sites="graph", calibrator="minmax", prefix_grid="off"), x)
     assert not quant_record(off)["plan"]["prefix_grids"]
+    on8 = apply(tiny_vit, QuantConfig(sites="graph", calibrator="minmax", prefix_grid="on"), x)
+    assert len(quant_record(on8)["plan"]["prefix_grids"]) == 4 * blocks
+    from vitc.export.qdq import export_qdq_onnx
+
+    with pytest.raises(VitcError, match="prefix\\+patches activation grid, which has no Q/DQ form"):
+        export_qdq_onnx(on8, tmp_path / "on8.onnx")
+    assert not (tmp_path / "on8.onnx").exists()
     save_quantized(q6, tmp_path / "q6")
     back = load_quantized(tmp_path / "q6")
     xe = _x(tiny_vit, calib64)[32:48]

@@ -32,10 +32,12 @@ def _check_exportable(backbone) -> dict:
     record = quant_record(backbone)
     for name, spec in record["layers"].items():
         grids = spec.get("operands") or ([spec["input"]] if "input" in spec else [spec[k] for k in ("q", "k", "probs", "v")])
-        odd = next((g["kind"] for g in grids if g.get("kind", "uniform") != "uniform"), None)
+        odd = next((g["kind"] for g in grids if g.get("kind", "uniform") != "uniform"), None) or \
+            next(("prefix+patches" for g in grids if g.get("granularity") == "prefix+patches"), None)
         if odd and record.get("sites") == "graph":
             raise VitcError(f"{name} uses a {odd} activation grid, which has no Q/DQ form",
-                            "quantize with --softmax uniform --gelu uniform for the ONNX export")
+                            "quantize with prefix_grid='off' (or 'auto') for the ONNX export" if odd == "prefix+patches"
+                            else "quantize with --softmax uniform --gelu uniform for the ONNX export")
     # Weights of any width up to 8 are exact as int8 codes (a 4/6-bit grid is a subset of int8's,
     # same scale), so W4A8/W6A8 and mixed-precision weights export; activations must be 8-bit:
     # name every layer that is not, before anything is written.

@@ -875,7 +875,9 @@ def prefix_split_quantizers(gm: fx.GraphModule, installed: dict, plan: QuantPlan
         for q, key in zip(site.inputs, _site_operand_keys(installed, site)):
             shape = _meta_shape(nodes.get(key)) if key in nodes else None
             aq = installed["act"][key]
-            if shape and len(shape) == 3 and shape[1] in layouts and aq.channel_axis in (-1, 2) and aq.kind in ("uniform", "twin"):
+            low = aq.bits < 8 or config.prefix_grid == "on"  # mixed precision: 8-bit inputs keep their exportable grid
+            if low and shape and len(shape) == 3 and shape[1] in layouts and aq.channel_axis in (-1, 2) \
+                    and aq.kind in ("uniform", "twin"):
                 out[key] = layouts[shape[1]]
     return out
 
@@ -900,7 +902,6 @@ def _site_operand_keys(installed: dict, site: Site) -> list[str]:
     return keys
 
 
-@torch.no_grad()
 def gptq_sites(gm: fx.GraphModule, installed: dict, plan: QuantPlan, config: QuantConfig) -> dict[str, str]:
     """{weight target: its input's quantizer key} of the linear weights below 8 bits that GPTQ rounds
     (``config.weight_rounding == "gptq"``): 2-D weights (out, in) read by one site. At 6 bits per
@@ -924,6 +925,7 @@ def gptq_sites(gm: fx.GraphModule, installed: dict, plan: QuantPlan, config: Qua
     return out
 
 
+@torch.no_grad()
 def _quantize_weights(gm: fx.GraphModule, installed: dict, plan: QuantPlan, config: QuantConfig,
                       hessians: dict[str, torch.Tensor] | None = None) -> list[str]:
     """Weights onto their grids (in place), by GPTQ where ``hessians`` has the weight's input X^T X,
