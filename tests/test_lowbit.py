@@ -488,7 +488,7 @@ def test_graph_path_splits_token_inputs_below_8_bits_and_reloads(tiny_vit, calib
     rec = quant_record(q6)
     blocks = len(tiny_vit.structure.stages[0].blocks)
     # each block's Linear inputs: q/k/v's shared input, the output projection's, fc1's and fc2's
-    assert len(rec["plan"]["prefix_grids"]) == 4 * blocks
+    assert len(rec["plan"]["prefix_grids"]) == 4 * blocks and rec["vit_quantizers"]["prefix_token_grids"] == 4 * blocks
     split = [i for s in rec["quant_plan"]["sites"] for i in s["inputs"] if i["prefix_tokens"]]
     assert split and all(i["prefix_tokens"] == 1 and i["kind"] == "uniform" for i in split)
     assert not quant_record(apply(tiny_vit, QuantConfig(sites="graph", calibrator="minmax"), x))["plan"]["prefix_grids"]
@@ -529,6 +529,7 @@ def test_graph_path_rounds_low_bit_linear_weights_by_gptq(tiny_vit, calib64):
     rounded = quant_record(gptq)["plan"]["gptq_weights"]
     blocks = len(tiny_vit.structure.stages[0].blocks)
     assert len(rounded) == 6 * blocks and not quant_record(nearest)["plan"]["gptq_weights"]  # q, k, v, o, fc1, fc2
+    assert quant_record(gptq)["vit_quantizers"]["gptq_rounded_weights"] == 6 * blocks
     gm = gptq.module.graph_module
     for wq in weight_quantizers(gptq.module).values():
         if wq.target in rounded:

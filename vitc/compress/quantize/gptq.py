@@ -6,11 +6,13 @@ Columns are rounded one at a time, in order of decreasing input energy, and each
 rounding error is spread over the columns not yet rounded through the inverse of the layer's
 input Hessian X^T X, so rounding minimises the layer's output error rather than each weight's.
 The grids (scales) are chosen before and never changed, so the stored integer codes and scales
-stay exactly what the runtimes hold. The algebra follows SparseGPT's (``sparsity/masks.py``).
+stay exactly what the runtimes hold. The Hessian algebra is SparseGPT's (``vitc/compress/hessian.py``).
 """
 from __future__ import annotations
 
 import torch
+
+from vitc.compress.hessian import inverse_cholesky
 
 from . import quantizers as Q
 
@@ -23,17 +25,11 @@ def gptq_groups(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, bit
     loudest inputs are rounded while the most columns remain to absorb their error; the grid is
     static, so the order changes no scale."""
     qmin, qmax = Q.int_range(bits, True, restricted=True)
-    w = w.detach().clone().float()
     cols = w.shape[1]
-    h = hessian.detach().clone().double()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
     s_full = scale.float().repeat_interleave(cols // scale.shape[1], dim=1)
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
-    w, s_full, h = w[:, perm], s_full[:, perm], h[perm][:, perm]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    perm = torch.argsort(torch.diag(hessian), descending=True) if act_order else torch.arange(cols)
+    w, hinv = inverse_cholesky(w[:, perm], hessian[perm][:, perm], damp)
+    s_full = s_full[:, perm]
     q = torch.zeros_like(w)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
@@ -51,19 +47,31 @@ def gptq_groups(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, bit
 
 
 class HessianTaps:
-    """Accumulate X^T X (in x in, float64) of the last axis of tensors seen by forward hooks:
-    ``taps.hook(module, key)`` registers one on ``module`` that reads its output."""
+    """Second moments of the last axis of tensors seen by forward hooks, per key: X^T X (float64,
+    accumulated from float32 products), or with ``full=False`` only its diagonal.
+    ``taps.hook(module, key)`` reads the module's output, ``on="input"`` its first input."""
 
-    def __init__(self):
+    def __init__(self, full: bool = True):
+        self.full = full
         self.sums: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
         self.handles = []
 
-    def hook(self, module: torch.nn.Module, key: str) -> None:
-        def tap(mod, args, out):
-            a = out.detach().float().reshape(-1, out.shape[-1])
-            h = (a.T @ a).double()
-            self.sums[key] = self.sums[key] + h if key in self.sums else h
-        self.handles.append(module.register_forward_hook(tap))
+    def add(self, key: str, x: torch.Tensor) -> None:
+        a = x.detach().float().reshape(-1, x.shape[-1])
+        m = (a.T @ a).double() if self.full else a.pow(2).sum(0).double()
+        self.sums[key] = self.sums[key] + m if key in self.sums else m
+        self.rows[key] = self.rows.get(key, 0) + a.shape[0]
+
+    def hook(self, module: torch.nn.Module, key: str, on: str = "output") -> None:
+        if on == "input":
+            self.handles.append(module.register_forward_pre_hook(lambda mod, args: self.add(key, args[0])))
+        else:
+            self.handles.append(module.register_forward_hook(lambda mod, args, out: self.add(key, out)))
+
+    def means(self) -> dict[str, torch.Tensor]:
+        """E[x x^T] (or E[x_i^2]) per key, float32."""
+        return {k: (v / self.rows[k]).float() for k, v in self.sums.items()}
 
     def remove(self) -> None:
         for h in self.handles:

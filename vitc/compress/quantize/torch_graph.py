@@ -873,7 +873,7 @@ def prefix_split_quantizers(gm: fx.GraphModule, installed: dict, plan: QuantPlan
         if site.weight is None:
             continue
         for q, key in zip(site.inputs, _site_operand_keys(installed, site)):
-            shape = _meta_shape(nodes.get(key)) if key in nodes else None
+            shape = _meta_shape(nodes[key]) if key in nodes else None
             aq = installed["act"][key]
             low = aq.bits < 8 or config.prefix_grid == "on"  # mixed precision: 8-bit inputs keep their exportable grid
             if low and shape and len(shape) == 3 and shape[1] in layouts and aq.channel_axis in (-1, 2) \
@@ -1076,7 +1076,7 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None):
         "coverage": plan.coverage(),
         "layers": site_specs(plan),
         "scheme_choice": {},
-        "vit_quantizers": pattern_summary(plan, norms, config),
+        "vit_quantizers": pattern_summary(plan, norms, config, len(split), len(gptq_targets)),
         "range_widening": widening,
         "sqnr_db": sqnr,
     }
@@ -1107,7 +1107,8 @@ def _norm_biases(gm: fx.GraphModule) -> list[str]:
             and len(n.args) > 2 and isinstance(n.args[2], fx.Node) and str(n.args[2].target).endswith("_vitc_bias")]
 
 
-def pattern_summary(plan: QuantPlan, norms: list[str], config: QuantConfig) -> dict:
+def pattern_summary(plan: QuantPlan, norms: list[str], config: QuantConfig, prefix_grids: int = 0,
+                    gptq_weights: int = 0) -> dict:
     kinds: dict[str, dict[str, int]] = {}
     for s in plan.sites:
         for q in s.inputs:
@@ -1119,6 +1120,10 @@ def pattern_summary(plan: QuantPlan, norms: list[str], config: QuantConfig) -> d
         alpha = config.smooth_alpha
         how = "+".join(([f"smoothquant(alpha={alpha})"] if alpha else []) + (["repq"] if config.ln_reparam else [])) or "per-tensor"
         out["post-layernorm"] += f"; {how} on {len(norms)} norms"
+    if prefix_grids:
+        out["prefix_token_grids"] = prefix_grids
+    if gptq_weights:
+        out["gptq_rounded_weights"] = gptq_weights
     out["bias_correction"] = config.bias_correction
     return out
 

@@ -43,7 +43,7 @@ from vitc.backbone import Backbone
 from vitc.errors import VitcError
 
 from . import quantizers as Q
-from .gptq import gptq_groups
+from .gptq import HessianTaps, gptq_groups
 
 FORMAT = "vitc-woq/1"
 WBITS = (4, 8)
@@ -205,25 +205,15 @@ def input_mean_squares(module: nn.Module, names: list[str], x: torch.Tensor, bat
                        full: bool = False) -> dict[str, torch.Tensor]:
     """{layer: E[x_i^2] per input channel (last axis)} of each named Linear on images ``x``; with
     ``full``, the whole second moment E[x x^T] (in x in), GPTQ's Hessian up to a factor."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(name):
-        def pre(m, args):
-            a = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            moment = a.T.double() @ a.double() if full else a.pow(2).sum(0)
-            sums[name] = sums.get(name, 0) + moment
-            counts[name] = counts.get(name, 0) + a.shape[0]
-        return pre
-
-    handles = [module.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    taps = HessianTaps(full)
+    for n in names:
+        taps.hook(module.get_submodule(n), n, on="input")
     try:
         for i in range(0, x.shape[0], batch):
             module(x[i:i + batch])
     finally:
-        for h in handles:
-            h.remove()
-    return {n: sums[n] / counts[n] for n in sums}
+        taps.remove()
+    return taps.means()
 
 
 def block_waves(names: list[str], structure) -> list[list[str]]:
@@ -259,21 +249,20 @@ def apply_weight_only(backbone: Backbone, config, x: torch.Tensor | None = None)
     grouped = [n for n, spec in plan.items() if spec["group_size"]]
     images = x[:ACTIVATION_IMAGES] if x is not None else None
     gptq = config.weight_rounding == "gptq" and images is not None and bool(grouped)
+    # GPTQ measures each block's Hessians after the earlier blocks are rounded; nearest rounding
+    # takes its activation weights from the float model
     waves = block_waves(grouped, backbone.structure) if gptq else [grouped]
-    moments = {} if gptq or images is None or not grouped else input_mean_squares(module, grouped, images)
+    moments = input_mean_squares(module, grouped, images) if images is not None and grouped and not gptq else {}
     install(module, plan)
     layers = weight_only_layers(module)
     for name in [n for n in layers if n not in grouped]:  # the int8 ends first: later Hessians see their rounding
         layers[name].quantize(config.weight_search)
-    for wave in waves if images is not None else []:
-        if gptq:  # sequential: this block's inputs come from the blocks already rounded
+    for wave in waves:
+        if gptq:
             moments.update(input_mean_squares(module, wave, images, full=True))
         for name in wave:
             h = moments[name] if gptq else None
-            layers[name].quantize(config.weight_search, torch.diag(h).float() if gptq else moments.get(name), h)
-    if images is None:
-        for name in grouped:
-            layers[name].quantize(config.weight_search)
+            layers[name].quantize(config.weight_search, torch.diag(h) if gptq else moments.get(name), h)
     record = {"pass": "quantize", "config": config.to_dict(), "calibration_images": 0 if images is None else int(images.shape[0]),
               "calibration_s": round(time.perf_counter() - start, 3),
               "weight_only": {"layers": plan, "wbits": config.wbits, "group_size": config.group_size, "folded_bn": folded,

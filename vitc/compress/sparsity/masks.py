@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from vitc.compress.hessian import inverse_cholesky
+
 N, M = 2, 4
 
 
@@ -64,14 +66,8 @@ def sparsegpt(w2d: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01, bloc
 
     ``hessian`` is X^T X over the calibration inputs (cols x cols), in the column order of ``w2d``.
     """
-    w = w2d.detach().clone().float()
-    h = hessian.detach().clone().double()
+    w, hinv = inverse_cholesky(w2d, hessian, damp)
     rows, cols = w.shape
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     keep = torch.ones_like(w, dtype=torch.bool)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
