@@ -145,6 +145,13 @@ def bench_model(spec: str, calib_src, test_src, args, plot_rows: list) -> list[d
         quantize(QuantConfig(wbits=4, abits=8, weight_rounding="nearest"), "W4A8, nearest rounding")
         quantize(QuantConfig(wbits=6, abits=8), "W6A8")
         return rows
+    if args.reconstruction_only:  # each width calibration-only, then with block reconstruction (the real ViT-S)
+        for w, a in (tuple(int(v) for v in wa.split("x")) for wa in args.widths.split(",")):
+            quantize(QuantConfig(wbits=w, abits=a), f"W{w}A{a} calibration only")
+            qr, logits = quantize(QuantConfig(wbits=w, abits=a, reconstruct_iters=iters), f"W{w}A{a} + reconstruction ({iters} it)")
+            if a == 8:  # below 8-bit activations the CLS grid has no QDQ form
+                exported(qr, logits, f"W{w}A{a}_recon")
+        return rows
     _, w4a4 = quantize(QuantConfig(wbits=4, abits=4), "W4A4 calibration only")
     _, w4a4r = quantize(QuantConfig(wbits=4, abits=4, reconstruct_iters=iters), f"W4A4 + reconstruction ({iters} it)")
     q48, w4a8 = quantize(QuantConfig(wbits=4, abits=8), "W4A8")
@@ -294,6 +301,9 @@ def main(argv=None) -> int:
     p.add_argument("--weight-only-only", action="store_true", help="only the weight-only comparison (with W8A8 for latency)")
     p.add_argument("--calibration-only", action="store_true",
                    help="W8A8, W6A6, W4A4 (each also with nearest rounding, and with one grid for CLS and patches), W4A8, W6A8: no reconstruction, mixed precision or weight-only")
+    p.add_argument("--reconstruction-only", action="store_true",
+                   help="each of --widths calibration-only and with block reconstruction (A8 ones also exported)")
+    p.add_argument("--widths", default="4x8,6x6,4x4", help="with --reconstruction-only: WxA pairs")
     p.add_argument("--no-w6a6-reconstruct", action="store_true", help="W6A6 calibration only (saves one reconstruction)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)

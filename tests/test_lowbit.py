@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 from vitc.calibration.data import load_tensors
 from vitc.compress.quantize import QuantConfig, apply
@@ -542,3 +543,120 @@ def test_graph_path_rounds_low_bit_linear_weights_by_gptq(tiny_vit, calib64):
         ref = tiny_vit(xe)
         err = lambda q: ((q(xe) - ref) ** 2).mean().item()
         assert err(gptq) < 0.5 * err(nearest)  # measured 0.14
+
+
+# ---------------------------------------------------------------- reconstruction on the graph path
+
+def test_rounding_can_start_from_the_calibrated_codes():
+    w = torch.tensor([[0.26, -0.74, 0.5, 0.12]])
+    s = torch.tensor([0.1])
+    codes = torch.tensor([[3.0, -7.0, 6.0, 1.0]])  # 3: floor+1 (up), -7: nearest, 6: one past ceil, 1: nearest
+    floor, v = R.init_rounding_at(w, s, codes)
+    assert torch.equal(R.hard_weight(floor, v, s, 8) / s, codes)  # the hard start is the calibrated rounding
+    soft = R.soft_weight(floor, v, s, 8)
+    # where the codes are the nearest rounding, learning starts at the float weight
+    assert torch.allclose(soft[0, [1, 3]], w[0, [1, 3]], atol=1e-4)
+    assert torch.all((soft - codes * s).abs() <= 0.4 * s + 1e-6)
+
+
+def test_graph_cut_into_units_reproduces_the_model(tiny_vit, calib64):
+    """Each block of the captured graph, run alone on its recorded inputs, gives its recorded outputs."""
+    from vitc.compress.quantize import graph_reconstruct as GR
+    from vitc.compress.quantize import torch_graph as TG
+
+    x = _x(tiny_vit, calib64)[:4]
+    gm = TG.capture(tiny_vit.module, x[:2]).graph_module
+    units = GR.partition(gm, tiny_vit.structure, f"{TG.QUANT_ROOT}.")
+    blocks = [u.path for u in units if u.kind == "block"]
+    assert blocks == [b.path for b in tiny_vit.structure.blocks]
+    assert units[0].kind == "span" and units[-1].kind == "span"  # the embeddings, the head
+    values = GR.record_values(gm, {n for u in units for n in u.inputs + u.outputs}, x)
+    GR.check_cut(gm, units, values, x)
+    # chained, the units are the model
+    flow = {next(p.name for p in gm.graph.nodes if p.op == "placeholder"): x}
+    for u in units:
+        for name, v in zip(u.outputs, GR.run_unit(GR.cut(gm, u), [flow[n] for n in u.inputs], len(x))):
+            flow[name] = v
+    with torch.no_grad():
+        assert torch.allclose(flow[units[-1].outputs[-1]], gm(x), atol=1e-6)
+
+
+def test_graph_path_reconstruction_lowers_the_error_and_stays_on_the_grids(tiny_vit, calib64, tmp_path):
+    """--reconstruct on the graph path (prefix grids and GPTQ codes below 8 bits included): every
+    unit ends no worse than calibration, the output is closer to FP32, the weights lie on their grids,
+    and the model saves and reloads to the same outputs."""
+    from vitc.compress.quantize.modules import weight_quantizers
+
+    x = _x(tiny_vit, calib64)
+    cfg = dict(wbits=4, abits=4, sites="graph", calibrator="minmax")
+    calibrated = apply(tiny_vit, QuantConfig(**cfg), x)
+    said = []
+    q = apply(tiny_vit, QuantConfig(**cfg, reconstruct_iters=40), x, say=said.append)
+    rec = quant_record(q)
+    assert "reconstruction (graph)" in said[0] and rec["reconstruction"]["path"] == "graph"
+    assert rec["plan"]["prefix_grids"] and rec["plan"]["gptq_weights"]
+    learned = [u for u in rec["reconstruction"]["units"] if u["weights"]]
+    assert [u["unit"] for u in learned if u["kind"] == "block"] == [b.path for b in tiny_vit.structure.blocks]
+    assert all(u["mse_after"] <= u["mse_before"] for u in learned)
+    assert any(u["codes_changed"] > 0 for u in learned)  # the rounding moved off the calibrated codes
+    assert any(u["learned_mse"] < 0.9 * u["mse_before"] for u in learned), learned
+    xe = _x(tiny_vit, calib64)[:48]
+    with torch.no_grad():
+        ref = tiny_vit(xe)
+        assert (q(xe) - ref).pow(2).mean() < 0.9 * (calibrated(xe) - ref).pow(2).mean()  # measured 0.84
+    gm = q.module.graph_module
+    for wq in weight_quantizers(q.module).values():
+        w = gm.get_parameter(wq.target) if "." in wq.target else getattr(gm, wq.target)
+        codes = w.movedim(wq.axis, 0) / wq.weight_scale.reshape(-1, *[1] * (w.dim() - 1))
+        assert torch.allclose(codes, codes.round(), atol=1e-3), wq.target
+    save_quantized(q, tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "q")(xe[:8]), q(xe[:8]))
+
+
+def test_graph_path_reconstruction_resumes(tiny_vit, calib64, tmp_path, monkeypatch):
+    from vitc.compress.quantize import graph_reconstruct as GR
+
+    x = _x(tiny_vit, calib64)
+    config = QuantConfig(wbits=4, abits=8, sites="graph", calibrator="minmax", reconstruct_iters=4)
+    full = apply(tiny_vit, config, x, say=lambda *_: None)
+    real, calls = GR.learn_graph_unit, {"n": 0}
+
+    def dies_after_two(*a, **k):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(GR, "learn_graph_unit", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        apply(tiny_vit, config, x, reconstruct_staging=tmp_path, say=lambda *_: None)
+    monkeypatch.setattr(GR, "learn_graph_unit", real)
+    said = []
+    resumed = apply(tiny_vit, config, x, reconstruct_staging=tmp_path, say=said.append)
+    assert "resuming after 2 finished units" in said[0] and not any(tmp_path.iterdir())
+    with torch.no_grad():
+        assert torch.allclose(resumed(x[:8]), full(x[:8]), atol=1e-5)
+
+
+def test_graph_cut_refuses_a_block_run_twice():
+    """A block whose ops are not one stretch of the graph (a module applied twice) cannot be a unit:
+    one line that says so and what to do."""
+    from types import SimpleNamespace as NS
+
+    from vitc.compress.quantize import graph_reconstruct as GR
+    from vitc.compress.quantize import torch_graph as TG
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blk, self.mid = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.blk(self.mid(self.blk(x)))
+
+    gm = TG.capture(Twice(), torch.randn(2, 8)).graph_module
+    with pytest.raises(VitcError, match="the ops of blk are not one stretch of the captured graph.*without --reconstruct"):
+        GR.partition(gm, NS(blocks=[NS(path="blk")], conv_stages=[]), f"{TG.QUANT_ROOT}.")
+    units = GR.partition(gm, NS(blocks=[NS(path="mid")], conv_stages=[]), f"{TG.QUANT_ROOT}.")
+    assert [u.kind for u in units] == ["span", "block", "span"]

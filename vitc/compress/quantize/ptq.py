@@ -378,7 +378,7 @@ def module_path_reach(module: nn.Module, structure) -> tuple[set[str], list[str]
     return layers, attention
 
 
-MODULE_PATH_MIN_SHARE = 0.95  # with --reconstruct / --bits auto, "auto" takes the module path where it covers this much
+MODULE_PATH_MIN_SHARE = 0.95  # with --bits auto, "auto" takes the module path where it covers this much
 
 
 # families whose module path is complete (every Linear/Conv2d swapped, attention through an adapter):
@@ -397,15 +397,16 @@ def choose_sites(backbone: Backbone, config: QuantConfig, x: torch.Tensor):
     0.870 with FP32 (77% top-1 agreement); the graph path, with per-activation grids, the
     probabilities x V rule and range widening, 0.9968 (96%).
 
-    Block reconstruction and mixed precision run on the module path only, so with those "auto"
-    takes it wherever it covers at least ``MODULE_PATH_MIN_SHARE`` of the matmul/conv FLOPs."""
+    Mixed precision runs on the module path only, so with it "auto" takes that path wherever it
+    covers at least ``MODULE_PATH_MIN_SHARE`` of the matmul/conv FLOPs. Block reconstruction runs
+    on either path (``graph_reconstruct`` cuts the captured graph into blocks)."""
     from . import torch_graph
 
     if config.sites == "graph":
         return "graph", None
     module = backbone.require_module("quantization")
     known = config.sites == "modules" or backbone.structure.family in MODULE_PATH_FAMILIES
-    module_only = bool(config.reconstruct_iters or config.layer_bits)
+    module_only = bool(config.layer_bits)
     if not known and not module_only:
         return "graph", None
     try:
@@ -444,13 +445,13 @@ def apply(backbone: Backbone, config: QuantConfig | None = None, data=None, prog
 
         check_reconstruct_count(x.shape[0])
     path, audit = choose_sites(backbone, config, x)
-    if path == "graph" and (config.reconstruct_iters or config.layer_bits):
-        raise VitcError(f"--reconstruct and --bits auto work on the module path, and {backbone.source} needs the graph path "
-                        f"({backbone.structure.family} family)", "quantize it with calibration only and one bit width, or pass --sites modules")
+    if path == "graph" and config.layer_bits:
+        raise VitcError(f"--bits auto works on the module path, and {backbone.source} needs the graph path "
+                        f"({backbone.structure.family} family)", "quantize it with one bit width, or pass --sites modules")
     if path == "graph":
         from .torch_graph import apply_graph
 
-        return apply_graph(backbone, config, x, progress)
+        return apply_graph(backbone, config, x, progress, reconstruct_staging, say)
     out = _apply_modules(backbone, config, x, progress, reconstruct_staging, say)
     record = out.transforms[-1]
     record["sites"] = "modules"

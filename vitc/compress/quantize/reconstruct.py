@@ -299,6 +299,23 @@ def init_rounding(w: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, t
     return floor, v
 
 
+def init_rounding_at(w: torch.Tensor, scale: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(floor, V) whose hard rounding is ``codes`` (the integer weight calibration chose, e.g. by
+    GPTQ) and whose soft weight starts at the float weight where that rounding is the nearest
+    one (elsewhere at most 0.4 of a step from the chosen code's side). Learning then starts from
+    the calibrated model instead of nearest rounding: at a few hundred steps AdaRound from the
+    float weights ends near nearest rounding, which below 8 bits is worse than GPTQ's."""
+    s = scale.reshape(-1, *[1] * (w.dim() - 1))
+    ws = w / s
+    floor = torch.floor(ws)
+    floor = torch.where(codes > floor + 1, codes - 1, torch.where(codes < floor, codes, floor))
+    rest = ws - floor
+    up = codes == floor + 1
+    h = torch.where(up, rest.clamp(0.6, 1 - 1e-4), rest.clamp(1e-4, 0.4))
+    v = -torch.log((ZETA - GAMMA) / (h - GAMMA) - 1)
+    return floor, v
+
+
 def round_regulariser(v: torch.Tensor, beta: float) -> torch.Tensor:
     return (1 - (2 * rectified_sigmoid(v) - 1).abs().pow(beta)).sum()
 
@@ -329,8 +346,6 @@ def beta_at(step: int, total: int, options: ReconstructOptions) -> float | None:
 
 def _learnable_act(q: ActQuant, drop_prob: float, learn: bool, gen: torch.Generator):
     """Replace ``q``'s forward by an LSQ fake-quant with a learnable log step size and QDrop."""
-    if q.prefix_tokens:  # the graph path's split grids; reconstruction runs on the module path
-        raise ValueError(f"{q.name}: reconstruction has no learnable form of a prefix+patches grid")
     log_scale = nn.Parameter(q.scale.detach().clamp_min(1e-8).log().clone()) if learn else None
     zero = q.zero_point.detach().float()
     qmin, qmax = q.qrange
@@ -344,7 +359,11 @@ def _learnable_act(q: ActQuant, drop_prob: float, learn: bool, gen: torch.Genera
         else:
             scale = log_scale.exp()
             grad_factor = 1.0 / math.sqrt(max(1, x.numel() // max(1, scale.numel())) * qmax)
-            if self.per_channel:
+            if self.prefix_tokens:  # the graph path's split grid: the prefix tokens' step, then the patches'
+                p = self.prefix_tokens
+                xq = torch.cat([torch._fake_quantize_learnable_per_tensor_affine(x[:, :p], scale[:1], zero[:1], qmin, qmax, grad_factor),
+                                torch._fake_quantize_learnable_per_tensor_affine(x[:, p:], scale[1:], zero[1:], qmin, qmax, grad_factor)], 1)
+            elif self.per_channel:
                 xq = torch._fake_quantize_learnable_per_channel_affine(x, scale, zero, axis % x.dim(), qmin, qmax, grad_factor)
             else:
                 xq = torch._fake_quantize_learnable_per_tensor_affine(x, scale, zero, qmin, qmax, grad_factor)
@@ -370,6 +389,31 @@ def _unit_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (out - target).pow(2).flatten(1).sum(1).mean()
 
 
+def optimise(batch_loss, params_w: list, params_a: list, options: ReconstructOptions, progress=None, task=None) -> None:
+    """The learning loop of both paths: ``batch_loss()`` is the unit's loss on one sampled batch;
+    Adam on the rounding variables (plus the annealed rounding regulariser after the warm-up),
+    Adam with a cosine schedule on the log step sizes."""
+    opt_w = torch.optim.Adam(params_w, lr=options.weight_lr) if params_w else None
+    opt_a = torch.optim.Adam(params_a, lr=options.act_lr) if params_a else None
+    sched_a = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, options.iters, eta_min=0.0) if opt_a else None
+    opts = [o for o in (opt_w, opt_a) if o is not None]
+    with torch.enable_grad():
+        for step in range(options.iters):
+            loss = batch_loss()
+            beta = beta_at(step, options.iters, options)
+            if beta is not None and params_w:
+                loss = loss + options.reg * sum(round_regulariser(v, beta) for v in params_w)
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            for o in opts:
+                o.step()
+            if sched_a is not None:
+                sched_a.step()
+            if progress is not None and task is not None:
+                progress.advance(task)
+
+
 def learn_unit(module: nn.Module, unit: Unit, reference: nn.Module, quant_in: Captured, target: torch.Tensor,
                options: ReconstructOptions, progress=None, task=None, keep_outputs: bool = False):
     """Learn the rounding and step sizes of one unit in place; return its before/after output error
@@ -378,6 +422,8 @@ def learn_unit(module: nn.Module, unit: Unit, reference: nn.Module, quant_in: Ca
     unit_module = module.get_submodule(unit.path)
     layers = {n: module.get_submodule(n) for n in unit.layers}
     ref_layers = {n: reference.get_submodule(n) for n in unit.layers}
+    # the calibrated unit's error, before the soft rounding starts at the float weights
+    before, _ = _unit_error(unit_module, quant_in, target, {}, options)
     state = {}
     for name, layer in layers.items():
         w = ref_layers[name].weight.detach().float()
@@ -392,34 +438,17 @@ def learn_unit(module: nn.Module, unit: Unit, reference: nn.Module, quant_in: Ca
     scales = {n: _learnable_act(q, options.drop_prob, options.learn_act, gen) for n, q in acts.items()}
     params_w = [v for _, v in state.values()]
     params_a = [p for p in scales.values() if p is not None]
-    opt_w = torch.optim.Adam(params_w, lr=options.weight_lr)
-    opt_a = torch.optim.Adam(params_a, lr=options.act_lr) if params_a else None
-    sched_a = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, options.iters, eta_min=0.0) if opt_a else None
-
-    before, _ = _unit_error(unit_module, quant_in, target, acts, options)
     # the calibrated state, kept when learning does not lower the unit's error on the calibration images
     snapshot = {k: v.detach().clone() for k, v in unit_module.state_dict().items()}
     n = quant_in.n
+
+    def batch_loss():
+        idx = torch.randint(0, n, (min(options.batch, n),), generator=gen)
+        args, kwargs = quant_in.inputs(idx)
+        return _unit_loss(first_tensor(unit_module(*args, **kwargs)), target[idx])
+
     try:
-        with torch.enable_grad():
-            for step in range(options.iters):
-                idx = torch.randint(0, n, (min(options.batch, n),), generator=gen)
-                args, kwargs = quant_in.inputs(idx)
-                out = first_tensor(unit_module(*args, **kwargs))
-                loss = _unit_loss(out, target[idx])
-                beta = beta_at(step, options.iters, options)
-                if beta is not None:
-                    loss = loss + options.reg * sum(round_regulariser(v, beta) for v in params_w)
-                opt_w.zero_grad(set_to_none=True)
-                if opt_a:
-                    opt_a.zero_grad(set_to_none=True)
-                loss.backward()
-                opt_w.step()
-                if opt_a:
-                    opt_a.step()
-                    sched_a.step()
-                if progress is not None and task is not None:
-                    progress.advance(task)
+        optimise(batch_loss, params_w, params_a, options, progress, task)
     finally:
         for name, layer in layers.items():
             del layer._weight
