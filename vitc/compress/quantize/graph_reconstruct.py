@@ -20,7 +20,6 @@ then cost k blocks of forward (6.5x the work on average over a 12-block ViT).
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -330,10 +329,7 @@ def _reconstruct_graph(gm, units, x, float_values, originals, options, key, stag
     done: list[dict] = []
     if staging is not None:
         staging = Path(staging) / key
-        meta = staging / "progress.json"
-        if meta.exists() and (staging / "state.pt").exists():
-            owner.load_state_dict(torch.load(staging / "state.pt", weights_only=True))
-            done = json.loads(meta.read_text())["units"]
+        done = R.load_checkpoint(staging, owner)
     estimate = _estimate(subs, units, learnable, x, float_values, options) * max(0.0, 1 - len(done) / max(1, len(units)))
     say(f"reconstruction (graph): {len(units)} units ({R._kinds([R.Unit(u.path, u.kind) for u in units])}), "
         f"{len(learnable)} with quantizers, x {options.iters} steps on {n} images, about {R._fmt_s(estimate)}"
@@ -370,10 +366,7 @@ def _reconstruct_graph(gm, units, x, float_values, originals, options, key, stag
         for nm in [nm for nm in quant_values if needed_later.get(nm, -1) <= k and nm != placeholder]:
             del quant_values[nm]
         if staging is not None:
-            staging.mkdir(parents=True, exist_ok=True)
-            torch.save(owner.state_dict(), staging / "state.tmp")
-            (staging / "state.tmp").replace(staging / "state.pt")
-            (staging / "progress.json").write_text(json.dumps({"key": key, "units": done}, indent=1))
+            R.save_checkpoint(staging, owner, key, done)
     if progress is not None and task is not None:
         progress.remove_task(task)
     if staging is not None:

@@ -542,12 +542,9 @@ def _reconstruct(reference: nn.Module, module: nn.Module, structure, x: torch.Te
     done: list[dict] = []
     if staging is not None:
         staging = Path(staging) / key
-        meta = staging / "progress.json"
-        if meta.exists() and (staging / "state.pt").exists():
-            saved = json.loads(meta.read_text())
-            module.load_state_dict(torch.load(staging / "state.pt", weights_only=True))
+        done = load_checkpoint(staging, module)
+        if done:
             set_mode(module, "quant")
-            done = saved["units"]
             estimate *= max(0.0, 1 - len(done) / max(1, len(units)))
     say(f"reconstruction: {len(units)} units ({_kinds(units)}) x {options.iters} steps on {x.shape[0]} images, "
         f"about {_fmt_s(estimate)}" + (f" (resuming after {len(done)} finished units)" if done else ""))
@@ -574,10 +571,7 @@ def _reconstruct(reference: nn.Module, module: nn.Module, structure, x: torch.Te
             next_in = None
         done.append(result)
         if staging is not None:
-            staging.mkdir(parents=True, exist_ok=True)
-            torch.save(module.state_dict(), staging / "state.tmp")
-            (staging / "state.tmp").replace(staging / "state.pt")
-            (staging / "progress.json").write_text(json.dumps({"key": key, "units": done}, indent=1))
+            save_checkpoint(staging, module, key, done)
     if progress is not None and task is not None:
         progress.remove_task(task)
     seconds = time.perf_counter() - start
@@ -585,6 +579,23 @@ def _reconstruct(reference: nn.Module, module: nn.Module, structure, x: torch.Te
         shutil.rmtree(staging, ignore_errors=True)
     return {"options": asdict(options), "units": done, "estimate_s": round(estimate, 1), "seconds": round(seconds, 2),
             "images": int(x.shape[0])}
+
+
+def save_checkpoint(staging: Path, owner: nn.Module, key: str, done: list[dict]) -> None:
+    """The model state after the finished units ``done`` (written to a temp name, then renamed)."""
+    staging.mkdir(parents=True, exist_ok=True)
+    torch.save(owner.state_dict(), staging / "state.tmp")
+    (staging / "state.tmp").replace(staging / "state.pt")
+    (staging / "progress.json").write_text(json.dumps({"key": key, "units": done}, indent=1))
+
+
+def load_checkpoint(staging: Path, owner: nn.Module) -> list[dict]:
+    """The finished units' records of a checkpoint in ``staging``, its state loaded into ``owner``; [] when none."""
+    meta = staging / "progress.json"
+    if not (meta.exists() and (staging / "state.pt").exists()):
+        return []
+    owner.load_state_dict(torch.load(staging / "state.pt", weights_only=True))
+    return json.loads(meta.read_text())["units"]
 
 
 def _kinds(units: list[Unit]) -> str:
