@@ -67,6 +67,7 @@ def bench_model(spec: str, calib_src, test_src, args, plot_rows: list) -> list[d
     from vitc.compress.quantize.weight_only import ir_weight_types
     from vitc.export.onnx import write_onnx
     from vitc.export.pipeline import ExportOptions
+    from vitc.export.parity import RoundingJitter, logit_verdict
     from vitc.export.qdq import export_qdq_onnx
     from vitc.models.intake import load_model
     from vitc.runtimes import open_session
@@ -84,7 +85,7 @@ def bench_model(spec: str, calib_src, test_src, args, plot_rows: list) -> list[d
     rows: list[dict] = []
     print(f"{spec} ({backbone.kind}): {len(calib)} calibration / {len(x)} test images, FP32 top-1 {100 * fp_top1:.2f}%", flush=True)
 
-    def row(method, runtime, logits, sim_logits=None, **extra):
+    def row(method, runtime, logits, sim_logits=None, floor_logits=None, **extra):
         acc = float((logits.argmax(-1) == y).mean())
         r = {"model": spec, "method": method, "runtime": runtime, "top1": acc, "drop_pt": 100 * (fp_top1 - acc),
              # fidelity to FP32: far less noisy than a top-1 difference of a few images out of 2,000
@@ -93,8 +94,15 @@ def bench_model(spec: str, calib_src, test_src, args, plot_rows: list) -> list[d
         if sim_logits is not None:  # parity against the artifact's own simulation
             r["agreement_with_simulation"] = float((logits.argmax(-1) == sim_logits.argmax(-1)).mean())
             r["max_abs_diff_vs_simulation"] = float(np.abs(logits - sim_logits).max())
+            # vitc export's rule (vitc.export.parity), with the simulation's own rounding floor
+            verdict, failures = logit_verdict(logits, sim_logits, "int8", floor_logits)
+            r["parity_passed"], r["parity_failure"] = not failures, "; ".join(failures)
+            r["parity_min_agreement"] = verdict["min_agreement"]
+            if "rounding_floor" in verdict:
+                r["rounding_floor_agreement"] = verdict["rounding_floor"]["top1_agreement"]
         rows.append(r)
-        par = f"  agree w/ sim {100 * r['agreement_with_simulation']:.2f}%" if sim_logits is not None else ""
+        par = (f"  agree w/ sim {100 * r['agreement_with_simulation']:.2f}% (parity {'passed' if r['parity_passed'] else 'FAILED'}"
+               f", bar {100 * r['parity_min_agreement']:.1f}%)") if sim_logits is not None else ""
         print(f"  {method:34s} {runtime:12s} top-1 {100 * acc:6.2f}%  drop {r['drop_pt']:+.2f} pt  "
               f"agree w/ fp32 {100 * r['agreement_with_fp32']:.2f}%  KL {r['kl_vs_fp32']:.5f}{par}", flush=True)
         return r
@@ -117,16 +125,18 @@ def bench_model(spec: str, calib_src, test_src, args, plot_rows: list) -> list[d
         return q, logits
 
     def exported(q, sim_logits, label):
+        with RoundingJitter(q.module, 0):  # the simulation's own float-rounding spread (parity's floor)
+            floor = predict(q, x)
         onnx_path = tmp / f"{label}.onnx"
         export_qdq_onnx(q, onnx_path)
         row(label, "onnxruntime", predict(open_session(onnx_path, runtime="onnxruntime", threads=args.threads), x),
-            sim_logits, file_bytes=os.path.getsize(onnx_path))
+            sim_logits, floor, file_bytes=os.path.getsize(onnx_path))
         ov_onnx = tmp / f"{label}_ov.onnx"
         export_qdq_onnx(q, ov_onnx, split_shared_inputs=False)
         model = ov.convert_model(str(ov_onnx))
         xml = tmp / f"{label}.xml"
         ov.save_model(model, str(xml), compress_to_fp16=False)
-        row(label, "openvino", predict(open_session(xml, runtime="openvino", threads=args.threads), x), sim_logits,
+        row(label, "openvino", predict(open_session(xml, runtime="openvino", threads=args.threads), x), sim_logits, floor,
             file_bytes=os.path.getsize(xml.with_suffix(".bin")), ir_weight_constants=ir_weight_types(model))
         return xml
 
@@ -145,6 +155,12 @@ def bench_model(spec: str, calib_src, test_src, args, plot_rows: list) -> list[d
         quantize(QuantConfig(wbits=4, abits=8, weight_rounding="nearest"), "W4A8, nearest rounding")
         quantize(QuantConfig(wbits=6, abits=8), "W6A8")
         return rows
+    if args.mixed_only:  # uniform W4A8 / W6A8 / W8A8 and mixed precision at CURVE_BUDGETS (the real ViT-S)
+        q48, w4a8 = quantize(QuantConfig(wbits=4, abits=8), "W4A8")
+        _, w6a8 = quantize(QuantConfig(wbits=6, abits=8), "W6A8")
+        _, w8a8 = quantize(QuantConfig(), "W8A8")
+        _mixed_section(backbone, calib, x, y, spec, fp_top1, quantize, exported, plot_rows, w4a8, w8a8, w6a8)
+        return rows
     if args.reconstruction_only:  # each width calibration-only, then with block reconstruction (the real ViT-S)
         for w, a in (tuple(int(v) for v in wa.split("x")) for wa in args.widths.split(",")):
             quantize(QuantConfig(wbits=w, abits=a), f"W{w}A{a} calibration only")
@@ -161,6 +177,14 @@ def bench_model(spec: str, calib_src, test_src, args, plot_rows: list) -> list[d
         quantize(QuantConfig(wbits=6, abits=6, reconstruct_iters=iters), f"W6A6 + reconstruction ({iters} it)")
     q88, w8a8 = quantize(QuantConfig(), "W8A8")
     w8a8_xml = exported(q88, w8a8, "W8A8")
+
+    _mixed_section(backbone, calib, x, y, spec, fp_top1, quantize, exported, plot_rows, w4a8, w8a8)
+    return _weight_only_section(backbone, x, y, calib, tmp, args, rows, row, quantize, exported, plot_rows)
+
+
+def _mixed_section(backbone, calib, x, y, spec, fp_top1, quantize, exported, plot_rows, w4a8, w8a8, w6a8=None):
+    """Mixed precision at 5.0 average weight bits (exported) and the accuracy-vs-size curve against uniform widths."""
+    from vitc.compress.quantize import QuantConfig, mixed
 
     # mixed precision: one sensitivity table, an allocation per budget
     t = time.perf_counter()
@@ -181,18 +205,18 @@ def bench_model(spec: str, calib_src, test_src, args, plot_rows: list) -> list[d
         if abs(budget - 5.0) < 1e-9:
             logits = mixed5
         else:
-            logits = predict(apply(backbone, QuantConfig(layer_bits=lb), calib), x)
+            _, logits = quantize(QuantConfig(layer_bits=lb), f"mixed {budget:g} avg weight bits, A8",
+                                 average_wbits=mixed.average_bits(bits, costs))
         curve.append({"kind": "mixed", "average_wbits": mixed.average_bits(bits, costs),
                       "top1": float((logits.argmax(-1) == y).mean())})
     for wb, logits in ((4, w4a8), (8, w8a8)):
         curve.append({"kind": "uniform", "average_wbits": mixed.average_bits({n: (8 if n in fixed else wb) for n in costs}, costs),
                       "top1": float((logits.argmax(-1) == y).mean())})
-    q68, w6a8 = quantize(QuantConfig(wbits=6, abits=8), "W6A8")
+    if w6a8 is None:
+        _, w6a8 = quantize(QuantConfig(wbits=6, abits=8), "W6A8")
     curve.append({"kind": "uniform", "average_wbits": mixed.average_bits({n: (8 if n in fixed else 6) for n in costs}, costs),
                   "top1": float((w6a8.argmax(-1) == y).mean())})
     plot_rows.append({"model": spec, "fp32_top1": fp_top1, "curve": curve})
-
-    return _weight_only_section(backbone, x, y, calib, tmp, args, rows, row, quantize, exported, plot_rows)
 
 
 def _weight_only_section(backbone, x, y, calib, tmp, args, rows, row, quantize, exported, plot_rows):
@@ -303,6 +327,8 @@ def main(argv=None) -> int:
                    help="W8A8, W6A6, W4A4 (each also with nearest rounding, and with one grid for CLS and patches), W4A8, W6A8: no reconstruction, mixed precision or weight-only")
     p.add_argument("--reconstruction-only", action="store_true",
                    help="each of --widths calibration-only and with block reconstruction (A8 ones also exported)")
+    p.add_argument("--mixed-only", action="store_true",
+                   help="uniform W4A8/W6A8/W8A8 and mixed precision at the curve's budgets (5.0 exported), with the plot")
     p.add_argument("--widths", default="4x8,6x6,4x4", help="with --reconstruction-only: WxA pairs")
     p.add_argument("--no-w6a6-reconstruct", action="store_true", help="W6A6 calibration only (saves one reconstruction)")
     p.add_argument("--out", type=Path, default=None)

@@ -175,6 +175,41 @@ def test_mixed_model_exports_its_weight_widths_and_refuses_low_bit_activations(t
     assert not (tmp_path / "bad.onnx").exists()
 
 
+def test_mixed_precision_on_the_graph_path(tiny_vit, calib64, tmp_path):
+    """The table, keyed by module name, lands on the captured graph's sites of those modules;
+    the model saves, reloads and exports its weight widths like a uniform one."""
+    from vitc.compress.quantize.saved import load_quantized, save_quantized
+    from vitc.export.qdq import export_qdq_onnx
+    from vitc.runtimes import open_session
+
+    x = _x(tiny_vit, calib64)
+    plan = mixed.plan_mixed(tiny_vit, x, size_budget=5.0)
+    table = plan["layer_bits"]
+    q = apply(tiny_vit, QuantConfig(layer_bits=table, sites="graph"), x)
+    record = quant_record(q)
+    assert record["sites"] == "graph"
+    sites = record["quant_plan"]["sites"]
+    by_module = {}
+    for site in sites:
+        if site.get("weight") and site.get("module") in table:
+            by_module.setdefault(site["module"], set()).add(site["weight"]["bits"])
+    assert set(by_module) == set(table)  # every Linear of the table has its site
+    assert all(bits == {table[m][0]} for m, bits in by_module.items())
+    assert {4, 8} <= {b for bits in by_module.values() for b in bits}
+    out = q(x[:16])
+    save_quantized(q, tmp_path / "m")
+    assert torch.equal(load_quantized(tmp_path / "m")(x[:16]), out)
+    path = export_qdq_onnx(q, tmp_path / "m.onnx")
+    got = np.asarray(open_session(path, runtime="onnxruntime")(x[:16]))
+    assert (got.argmax(-1) == out.numpy().argmax(-1)).mean() >= 0.9
+    # activations below 8 bits on one module: refused before export, by that module's site
+    first = next(n for n, (w, _) in table.items())
+    q4 = apply(tiny_vit, QuantConfig(layer_bits={**table, first: [8, 4]}, sites="graph"), x)
+    with pytest.raises(VitcError, match="8-bit activations only"):
+        export_qdq_onnx(q4, tmp_path / "bad.onnx")
+    assert not (tmp_path / "bad.onnx").exists()
+
+
 # ---------------------------------------------------------------- weight-only
 
 def test_group_quantization_roundtrip():

@@ -104,14 +104,15 @@ def fidelity(out, ref) -> dict:
     return result
 
 
-def passes(result: dict, precision: str) -> list[str]:
-    """Failures of a fidelity result against the documented thresholds for ``precision``."""
+def passes(result: dict, precision: str, cos_min: float | None = None, r_min: float | None = None) -> list[str]:
+    """Failures of a fidelity result against the documented thresholds for ``precision`` (or the
+    ones given: parity's rounding floor can loosen them, ``vitc.export.parity``)."""
     failures = []
     if not result.get("finite", True):
         failures.append("the output has non-finite values")
         return failures
-    cos_min = MIN_WORST_COSINE.get(precision, MIN_WORST_COSINE["int8"])
-    r_min = MIN_MEAN_PEARSON.get(precision, MIN_MEAN_PEARSON["int8"])
+    cos_min = MIN_WORST_COSINE.get(precision, MIN_WORST_COSINE["int8"]) if cos_min is None else cos_min
+    r_min = MIN_MEAN_PEARSON.get(precision, MIN_MEAN_PEARSON["int8"]) if r_min is None else r_min
     if not result["cosine_worst"] >= cos_min:
         failures.append(f"worst-sample cosine {result['cosine_worst']:.5f} is below {cos_min} for {precision}")
     if not result["pearson_mean"] >= r_min:

@@ -119,6 +119,8 @@ def _export_one(backbone, target: str, output: Path, options: dict, prog, failed
 
 
 def _print_table(source: str, rows: list[dict]) -> None:
+    from vitc.export.parity import MIN_AGREEMENT
+
     table = Table(title=f"export: {source}")
     for col in ("target", "precision", "status", "agree", "max |Δ|", "mean |Δ|"):
         table.add_column(col, no_wrap=True)
@@ -136,6 +138,12 @@ def _print_table(source: str, rows: list[dict]) -> None:
                          + (f" (reference top-1 {pct(p['reference_top1'])}, artifact {pct(p['artifact_top1'])})" if "artifact_top1" in p else ""))
             if p.get("images_chosen"):
                 notes.append(f"{r['target']}: parity on {p['images_chosen']}")
+            floor = p.get("rounding_floor")
+            if floor and floor["min_agreement"] < MIN_AGREEMENT.get(r.get("precision"), MIN_AGREEMENT["int8"]):
+                notes.append(f"{r['target']}: this model's rounding floor (its simulation against itself with 2-ulp jitter at every "
+                             f"activation quantizer) agrees on {pct(floor['top1_agreement'])} at a mean logit error of "
+                             f"{floor['mean_rel_logit_error']:.1e} of the spread, so the agreement bar is {pct(p['min_agreement'])} "
+                             "(docs/export.md, 'The rounding floor')")
         if r.get("note"):
             notes.append(f"{r['target']}: {r['note']}")
     console.print(table)

@@ -378,9 +378,6 @@ def module_path_reach(module: nn.Module, structure) -> tuple[set[str], list[str]
     return layers, attention
 
 
-MODULE_PATH_MIN_SHARE = 0.95  # with --bits auto, "auto" takes the module path where it covers this much
-
-
 # families whose module path is complete (every Linear/Conv2d swapped, attention through an adapter):
 # "auto" keeps it there, so the zoo's results and exports are exactly what they were
 MODULE_PATH_FAMILIES = ("hf-vit", "hf-deit", "hf-mobilevit", "hf-resnet")
@@ -397,28 +394,23 @@ def choose_sites(backbone: Backbone, config: QuantConfig, x: torch.Tensor):
     0.870 with FP32 (77% top-1 agreement); the graph path, with per-activation grids, the
     probabilities x V rule and range widening, 0.9968 (96%).
 
-    Mixed precision runs on the module path only, so with it "auto" takes that path wherever it
-    covers at least ``MODULE_PATH_MIN_SHARE`` of the matmul/conv FLOPs. Block reconstruction runs
-    on either path (``graph_reconstruct`` cuts the captured graph into blocks)."""
+    Mixed precision and block reconstruction run on either path (the graph path maps a
+    mixed-precision table onto its sites by module name, ``torch_graph.apply_layer_bits``;
+    ``graph_reconstruct`` cuts the captured graph into blocks), so neither changes the choice."""
     from . import torch_graph
 
     if config.sites == "graph":
         return "graph", None
     module = backbone.require_module("quantization")
     known = config.sites == "modules" or backbone.structure.family in MODULE_PATH_FAMILIES
-    module_only = bool(config.layer_bits)
-    if not known and not module_only:
+    if not known:
         return "graph", None
     try:
         layers, attention = module_path_reach(module, backbone.structure)
         audit = torch_graph.audit_module_path(module, x[:2], layers, attention)
-    except VitcError:
-        if known:  # the module path still runs; its coverage is unknown (the CLI says so)
-            return "modules", None
-        return "graph", None  # apply() then says that reconstruction needs the module path
-    if known or audit.coverage()["flops_share"] >= MODULE_PATH_MIN_SHARE:
-        return "modules", audit
-    return "graph", None
+    except VitcError:  # the module path still runs; its coverage is unknown (the CLI says so)
+        return "modules", None
+    return "modules", audit
 
 
 def apply(backbone: Backbone, config: QuantConfig | None = None, data=None, progress=None,
@@ -445,9 +437,6 @@ def apply(backbone: Backbone, config: QuantConfig | None = None, data=None, prog
 
         check_reconstruct_count(x.shape[0])
     path, audit = choose_sites(backbone, config, x)
-    if path == "graph" and config.layer_bits:
-        raise VitcError(f"--bits auto works on the module path, and {backbone.source} needs the graph path "
-                        f"({backbone.structure.family} family)", "quantize it with one bit width, or pass --sites modules")
     if path == "graph":
         from .torch_graph import apply_graph
 

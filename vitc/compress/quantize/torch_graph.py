@@ -509,6 +509,26 @@ def find_sites(gm: fx.GraphModule, config: QuantConfig) -> QuantPlan:
     return plan
 
 
+def apply_layer_bits(plan: QuantPlan, layer_bits: dict[str, list[int]]) -> list[str]:
+    """A mixed-precision table (``mixed.py``: {module name: [weight bits, activation bits]}) onto the
+    graph's sites: a site takes the widths of the module its op was traced in (``nn_module_stack``),
+    so a Linear module's matmul, however the graph spells it, gets that Linear's widths. Sites of no
+    listed module (attention matmuls, functional ops) keep the config's. Returns the listed modules
+    that no site was traced in (modules the forward never calls)."""
+    used = set()
+    for site in plan.sites:
+        bits = layer_bits.get(site.module or "")
+        if bits is None:
+            continue
+        used.add(site.module)
+        wbits, abits = int(bits[0]), int(bits[1])
+        if site.weight is not None:
+            site.weight.bits = wbits
+        for q in site.inputs:
+            q.bits = abits
+    return sorted(set(layer_bits) - used)
+
+
 def _uninstall_operands(gm: fx.GraphModule, installed: dict, site: Site) -> None:
     """Take a site's activation quantizers out of the graph (those no other op reads)."""
     node = installed["sites"][site.name]
@@ -1010,6 +1030,11 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
     plan = find_sites(gm, config)
     if not plan.sites:
         raise VitcError("the model has no quantizable layer (no matmul, linear or convolution)", "quantize a model that has some")
+    if config.layer_bits:
+        unused = apply_layer_bits(plan, config.layer_bits)
+        if unused:
+            say(f"mixed precision: {len(unused)} layers of the table run no op in the captured graph ({', '.join(unused[:4])}"
+                f"{', ...' if len(unused) > 4 else ''}); the model does not call them")
     installed = install(gm, plan)
     for key, q in installed["act"].items():
         q.observer = obs.Observer(key, channel_axis=q.channel_axis)
