@@ -98,7 +98,14 @@ def main(argv=None) -> int:
     for hint in ("f32", "bf16"):
         c = core.compile_model(ov.convert_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": args.threads})
         row(f"OpenVINO, INFERENCE_PRECISION_HINT={hint}", predict(lambda t: c(t.numpy())[0], x))
+    def write(sensitivity):
+        if args.out:
+            args.out.write_text(json.dumps({"model": args.model, "bits": f"W{wbits}A{abits}", "calib_size": len(calib),
+                                            "test_size": len(x), "logit_spread": spread, "rows": rows,
+                                            "per_quantizer": sensitivity}, indent=1))
+
     sensitivity = []
+    write(sensitivity)  # the table is kept even if the per-quantizer pass is cut short
     if args.per_quantizer:
         xs, ref = x[:args.per_quantizer], sim[:args.per_quantizer]
         for name, quantizer in act_quantizers(q.module).items():
@@ -112,10 +119,7 @@ def main(argv=None) -> int:
         print(f"jitter at one quantizer at a time ({len(xs)} images): sum over {len(sensitivity)} quantizers {total:.4f}; largest:")
         for r in sensitivity[:8]:
             print(f"  {r['quantizer']:60s} {r['mean_rel_logit_error']:.4f}")
-    if args.out:
-        args.out.write_text(json.dumps({"model": args.model, "bits": f"W{wbits}A{abits}", "calib_size": len(calib),
-                                        "test_size": len(x), "logit_spread": spread, "rows": rows,
-                                        "per_quantizer": sensitivity}, indent=1))
+    write(sensitivity)
     return 0
 
 
