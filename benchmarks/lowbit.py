@@ -125,8 +125,10 @@ def bench_model(spec: str, calib_src, test_src, args, plot_rows: list) -> list[d
         return q, logits
 
     def exported(q, sim_logits, label):
-        with RoundingJitter(q.module, 0):  # the simulation's own float-rounding spread (parity's floor)
-            floor = predict(q, x)
+        jitter, floor = RoundingJitter(q.module, 0), None
+        if jitter:  # the simulation's own float-rounding spread (parity's floor); none without activation grids
+            with jitter:
+                floor = predict(q, x)
         onnx_path = tmp / f"{label}.onnx"
         export_qdq_onnx(q, onnx_path)
         row(label, "onnxruntime", predict(open_session(onnx_path, runtime="onnxruntime", threads=args.threads), x),

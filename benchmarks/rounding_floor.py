@@ -71,10 +71,7 @@ def main(argv=None) -> int:
     row("FP32 model (for scale: the quantization itself)", predict(backbone, x))
     for jitter in (FLOOR_JITTER, 2.0 ** -20, 2.0 ** -16):
         for seed in (0, 1, 2):
-            j = RoundingJitter(q.module, seed)
-            j_scale = jitter / FLOOR_JITTER
-            j._hook = (lambda s: (lambda m, a: (a[0] * (1 + s * FLOOR_JITTER * torch.randn(a[0].shape, generator=j.generator)),) + tuple(a[1:])))(j_scale)
-            with j:
+            with RoundingJitter(q.module, seed, relative=jitter):
                 row(f"simulation, jitter {jitter:.1e} relative, seed {seed}", predict(q, x))
     tmp = Path(tempfile.mkdtemp(prefix="vitc-floor-"))
 

@@ -202,9 +202,13 @@ def test_mixed_precision_on_the_graph_path(tiny_vit, calib64, tmp_path):
     path = export_qdq_onnx(q, tmp_path / "m.onnx")
     got = np.asarray(open_session(path, runtime="onnxruntime")(x[:16]))
     assert (got.argmax(-1) == out.numpy().argmax(-1)).mean() >= 0.9
-    # activations below 8 bits on one module: refused before export, by that module's site
-    first = next(n for n, (w, _) in table.items())
-    q4 = apply(tiny_vit, QuantConfig(layer_bits={**table, first: [8, 4]}, sites="graph"), x)
+    # 4-bit activations on the query projection: key and value read the same tensor, so they run at
+    # 4 bits too, and the pass says so; the export refuses the model before writing anything
+    query = next(n for n in table if n.endswith("attention.q_proj"))
+    said = []
+    q4 = apply(tiny_vit, QuantConfig(layer_bits={**table, query: [8, 4]}, sites="graph"), x, say=said.append)
+    lowered = next(m for m in said if "quantizes narrower" in m)
+    assert query.replace("q_proj", "k_proj") in lowered and query.replace("q_proj", "v_proj") in lowered
     with pytest.raises(VitcError, match="8-bit activations only"):
         export_qdq_onnx(q4, tmp_path / "bad.onnx")
     assert not (tmp_path / "bad.onnx").exists()

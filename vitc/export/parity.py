@@ -240,14 +240,15 @@ def _fidelity_result(ref, out, precision: str, source, seed: int, reference_name
 
 class RoundingJitter:
     """While active (``with jitter:``), every activation quantizer of ``module`` that rounds sees its
-    input times (1 + FLOOR_JITTER * N(0, 1)): a float-rounding-sized change at every rounding point,
+    input times (1 + relative * N(0, 1)), FLOOR_JITTER by default: a float-rounding-sized change at every rounding point,
     as a different runtime makes. Falsy when the module has no such quantizer (then there is no floor)."""
 
-    def __init__(self, module, seed: int = 0):
+    def __init__(self, module, seed: int = 0, relative: float = FLOOR_JITTER):
         from vitc.compress.quantize.modules import act_quantizers
 
         self.quantizers = [q for q in act_quantizers(module).values() if q.mode == "quant"] if module is not None else []
         self.generator = torch.Generator().manual_seed(seed)
+        self.relative = relative
         self.hooks = []
 
     def __bool__(self) -> bool:
@@ -255,8 +256,8 @@ class RoundingJitter:
 
     def _hook(self, _module, args):
         x = args[0]
-        noise = torch.randn(x.shape, generator=self.generator).to(x.dtype)
-        return (x * (1 + FLOOR_JITTER * noise),) + tuple(args[1:])
+        noise = torch.randn(x.shape, generator=self.generator).to(x.device, x.dtype)
+        return (x * (1 + self.relative * noise),) + tuple(args[1:])
 
     def __enter__(self):
         self.hooks = [q.register_forward_pre_hook(self._hook) for q in self.quantizers]

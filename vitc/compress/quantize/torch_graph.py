@@ -1036,6 +1036,12 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
             say(f"mixed precision: {len(unused)} layers of the table run no op in the captured graph ({', '.join(unused[:4])}"
                 f"{', ...' if len(unused) > 4 else ''}); the model does not call them")
     installed = install(gm, plan)
+    if config.layer_bits:  # a tensor read by several sites runs at the lowest width any of them was given
+        lowered = sorted({s.module for s in plan.sites if s.module in config.layer_bits
+                          and any(installed["act"][k].bits < config.layer_bits[s.module][1] for k in _site_operand_keys(installed, s))})
+        if lowered:
+            say(f"mixed precision: {len(lowered)} layers read an input another layer quantizes narrower, and run at that width "
+                f"({', '.join(lowered[:4])}{', ...' if len(lowered) > 4 else ''})")
     for key, q in installed["act"].items():
         q.observer = obs.Observer(key, channel_axis=q.channel_axis)
     from .ptq import _run_all
