@@ -10,7 +10,9 @@ test subset and one class-stratified calibration subset from the training archiv
   curve (mixed at 4.25..8 average bits against uniform W4A8/W6A8/W8A8) in one PNG;
 * weight-only int4, group 64 (simulation, ONNX Runtime, OpenVINO; GPTQ rounding, and nearest
   rounding in simulation) against NNCF's ``compress_weights`` (INT4_SYM, group 64; data-free, and
-  with the same calibration images, GPTQ and scale estimation) on the same FP32 OpenVINO model; file sizes against
+  with the same calibration images, GPTQ and scale estimation) on the same FP32 OpenVINO model;
+  weight-only int4/int8 mixed precision at ``--wo-budgets`` average bits against NNCF at the same
+  int4 ratio (``ratio=``); file sizes against
   FP32; batch-1 OpenVINO latency of FP32, W8A8 and W4A16 (interleaved rounds);
 * parity of every exported low-bit artifact against its own PyTorch simulation.
 
@@ -232,13 +234,31 @@ def _weight_only_section(backbone, x, y, calib, tmp, args, rows, row, quantize, 
 
     spec = backbone.source
     w8a8_xml = tmp / "W8A8.xml"
-    if not w8a8_xml.exists():
+    if not w8a8_xml.exists() and not args.no_latency:  # only the latency rounds use it
         q88, w8a8 = quantize(QuantConfig(), "W8A8")
         w8a8_xml = exported(q88, w8a8, "W8A8")
     # weight-only int4 g64 against NNCF compress_weights on the same FP32 model
     quantize(QuantConfig(wbits=4, abits=16, group_size=64, weight_rounding="nearest"), "W4A16 g64, nearest rounding")
     qwo, wo = quantize(QuantConfig(wbits=4, abits=16, group_size=64), "W4A16 g64 (weight-only, GPTQ)")
     wo_xml = exported(qwo, wo, "W4A16g64")
+    # weight-only mixed precision: each layer int4 g64 or int8 per channel by output-KL sensitivity
+    # under an average-weight-bits budget (vitc quantize --bits auto --size-budget B --abits 16)
+    from vitc.compress.quantize import mixed
+
+    int4_ratios, table = {}, None
+    for budget in args.wo_budgets:
+        t = time.perf_counter()  # one sensitivity pass, an allocation per budget
+        plan = mixed.plan_mixed(backbone, calib, size_budget=budget, abits=16, group_size=64, sensitivity_table=table)
+        table, sens_s = plan["sensitivity"], time.perf_counter() - t
+        free = {n: r["params"] for n, r in ((r["layer"], r) for r in plan["rows"]) if r["kl_w4"] is not None}
+        int4 = sum(p for n, p in free.items() if plan["layer_bits"][n][0] == 4)
+        int4_ratios[budget] = int4 / sum(free.values())
+        label = f"W{budget:g}A16 mixed g64"
+        qm, mixed_logits = quantize(QuantConfig(wbits=4, abits=16, group_size=64, layer_bits=plan["layer_bits"]),
+                                    f"{label} (int4 ratio {int4_ratios[budget]:.2f}, GPTQ)", average_wbits=plan["average_wbits"],
+                                    int4_ratio=round(int4_ratios[budget], 4), sensitivity_s=round(sens_s, 2))
+        if budget == args.wo_budgets[0]:  # the first budget's artifacts through ONNX Runtime and OpenVINO
+            exported(qm, mixed_logits, label.replace(" ", "_"))
     fp_onnx = tmp / "fp32.onnx"
     write_onnx(backbone, fp_onnx, ExportOptions("fp32"), None)
     fp_model = ov.convert_model(str(fp_onnx))
@@ -270,6 +290,18 @@ def _weight_only_section(backbone, x, y, calib, tmp, args, rows, row, quantize, 
     row("nncf.compress_weights INT4_SYM g64 +data (GPTQ, scale estimation)", "openvino",
         predict(open_session(nncf_data_xml, runtime="openvino", threads=args.threads), x), seconds=round(nncf_data_s, 2),
         file_bytes=os.path.getsize(nncf_data_xml.with_suffix(".bin")))
+    # NNCF's own int4/int8 mix at the same int4 share of the weights as vitc's allocation
+    # (``ratio``; with a dataset NNCF ranks layers by its Hessian-input-activation metric)
+    for budget, ratio in int4_ratios.items():
+        t = time.perf_counter()
+        nncf_mix = nncf.compress_weights(ov.convert_model(str(fp_onnx)), mode=nncf.CompressWeightsMode.INT4_SYM,
+                                         group_size=64, ratio=round(ratio, 4), dataset=dataset, scale_estimation=True, gptq=True)
+        mix_s = time.perf_counter() - t
+        mix_xml = tmp / f"nncf_int4_mix{budget:g}.xml"
+        ov.save_model(nncf_mix, str(mix_xml), compress_to_fp16=False)
+        row(f"nncf.compress_weights INT4_SYM g64 ratio {ratio:.2f} +data (GPTQ, scale estimation)", "openvino",
+            predict(open_session(mix_xml, runtime="openvino", threads=args.threads), x), seconds=round(mix_s, 2),
+            file_bytes=os.path.getsize(mix_xml.with_suffix(".bin")), ir_weight_constants=ir_weight_types(nncf_mix))
 
     if not args.no_latency:
         from vitc.bench.harness import HarnessConfig, build_pool, measure
@@ -325,6 +357,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--no-latency", action="store_true")
     p.add_argument("--weight-only-only", action="store_true", help="only the weight-only comparison (with W8A8 for latency)")
+    p.add_argument("--wo-budgets", type=lambda v: [float(b) for b in v.split(",") if b], default=[5.0],
+                   help="weight-only mixed int4/int8 at these average weight bits (comma-separated; empty: none), "
+                        "each against NNCF at the same int4 ratio")
     p.add_argument("--calibration-only", action="store_true",
                    help="W8A8, W6A6, W4A4 (each also with nearest rounding, and with one grid for CLS and patches), W4A8, W6A8: no reconstruction, mixed precision or weight-only")
     p.add_argument("--reconstruction-only", action="store_true",

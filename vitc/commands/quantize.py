@@ -145,8 +145,9 @@ def quantize_cmd(
         from vitc.compress.quantize.reconstruct import check_count as check_reconstruct_count
 
         check_reconstruct_count(calib_size or DEFAULT_CALIB_SIZE)
-    if auto and weight_only:
-        raise VitcError("--bits auto allocates weight and activation widths", "drop --abits 16, or drop --bits auto")
+    if auto and weight_only and size_budget is None:
+        raise VitcError("weight-only mixed precision (--abits 16) takes --size-budget, not --max-drop",
+                        "pass --bits auto --size-budget 5.0 --abits 16")
     n_threads = set_threads(threads)
     backbone = load_backbone(model, weights, input_size, resize, mean, std, interpolation, fit)
     backbone.require_module("quantization")
@@ -177,7 +178,8 @@ def quantize_cmd(
             from vitc.compress.quantize import mixed
 
             if size_budget is not None:
-                mixed_info = mixed.plan_mixed(backbone, x, size_budget, act_budget, config.abits, alloc, progress=prog)
+                mixed_info = mixed.plan_mixed(backbone, x, size_budget, act_budget, config.abits, alloc, progress=prog,
+                                              group_size=config.group_size)
                 quantized = run(replace(config, layer_bits=mixed_info["layer_bits"]))
             else:
                 mixed_info, quantized = mixed.search_max_drop(

@@ -76,15 +76,16 @@ def check(backbone, session, precision: str, data: str = "bundled:eval", eval_si
     if len(source) == 0:
         raise VitcError(f"no images in {source.location} for the parity check", "pass --data with images")
     sized_by = None
-    if eval_size is None and len(source) > MIN_IMAGES:
-        source, sized_by = _size_by_cost(source, reference, session, backbone, batch_size, seed, session_batch)
+    jitter = RoundingJitter(backbone.module, seed) if precision not in FLOAT_PRECISIONS and reference is backbone else None
+    if eval_size is None and len(source) > MIN_IMAGES:  # the rounding floor's pass counts in the budget
+        source, sized_by = _size_by_cost(source, reference, session, backbone, batch_size, seed, session_batch,
+                                         reference_passes=2 if jitter else 1)
     try:
         mapping = label_map(source, backbone.labels)
         labelled = True
     except VitcError:
         mapping, labelled = None, False
     refs, outs, ys, floors = [], [], [], []
-    jitter = RoundingJitter(backbone.module, seed) if precision not in FLOAT_PRECISIONS and reference is backbone else None
     task = progress.add_task(f"parity ({session.name})", total=len(source)) if progress is not None else None
     from vitc.artifacts import fault_point
     from vitc.numerics import check_outputs
@@ -182,9 +183,11 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> dict:
             "max_rel_logit_error": diff.max().item() / scale if diff.numel() else 0.0}
 
 
-def _size_by_cost(source, reference, session, backbone, batch_size: int, seed: int, session_batch):
+def _size_by_cost(source, reference, session, backbone, batch_size: int, seed: int, session_batch,
+                  reference_passes: int = 1):
     """The parity subset when no --eval-size was given: time both models on a few images and keep
-    as many as fit TIME_BUDGET_S (at least MIN_IMAGES); say how the count was chosen."""
+    as many as fit TIME_BUDGET_S (at least MIN_IMAGES); say how the count was chosen.
+    ``reference_passes``: 2 when the rounding floor runs the reference once more per batch."""
     from vitc.calibration.data import iter_batches
 
     probe = source.select(PROBE_IMAGES, seed)
@@ -192,7 +195,8 @@ def _size_by_cost(source, reference, session, backbone, batch_size: int, seed: i
 
     def run_both():
         for x in batches:
-            reference(x)
+            for _ in range(reference_passes):
+                reference(x)
             for r in ([x] if session_batch is None else x.split(session_batch)):
                 session(r)
 
@@ -205,7 +209,8 @@ def _size_by_cost(source, reference, session, backbone, batch_size: int, seed: i
     if n >= len(source):
         return source, None
     note = (f"{n} of {len(source)} images: the default parity budget is {TIME_BUDGET_S:.0f} s at "
-            f"{1000 * per_image:.1f} ms per image (both models); pass --eval-size to choose")
+            f"{1000 * per_image:.1f} ms per image (both models{', the reference twice for the rounding floor' if reference_passes > 1 else ''}); "
+            "pass --eval-size to choose")
     return source.select(n, seed), note
 
 

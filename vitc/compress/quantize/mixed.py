@@ -36,6 +36,7 @@ from vitc.errors import VitcError
 from . import quantizers as Q
 
 WIDTHS = (4, 6, 8)
+WEIGHT_ONLY_WIDTHS = (4, 8)  # weight-only: int4 with group scales, int8 per channel (what the runtimes run)
 SENSITIVITY_IMAGES = 64
 
 
@@ -79,8 +80,10 @@ def _act_grid(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def sensitivity(module: nn.Module, layers: list[LayerInfo], x: torch.Tensor, widths=WIDTHS,
-                activations: bool = False, progress=None) -> dict[str, dict[str, dict[int, float]]]:
-    """{layer: {"w": {bits: KL}, "a": {bits: KL}}}: output KL with one layer quantized, the rest float."""
+                activations: bool = False, progress=None, weight_quant=None) -> dict[str, dict[str, dict[int, float]]]:
+    """{layer: {"w": {bits: KL}, "a": {bits: KL}}}: output KL with one layer quantized, the rest float.
+    ``weight_quant(w, bits)``: the weight's grid (default: per output channel, searched clipping)."""
+    quant = weight_quant or (lambda w, bits: Q.fake_quant_weight(w, Q.weight_qparams(w, bits, search=True), bits))
     module = module.eval()
     ref = module(x)
     free = [l for l in layers if not l.fixed]
@@ -100,9 +103,7 @@ def sensitivity(module: nn.Module, layers: list[LayerInfo], x: torch.Tensor, wid
         w = layer.weight.detach().clone()
         row = {"w": {}, "a": {}}
         for bits in widths:
-            scale = Q.weight_qparams(w, bits, search=True)
-            with torch.no_grad():
-                layer.weight.copy_(Q.fake_quant_weight(w, scale, bits))
+            layer.weight.copy_(quant(w, bits))
             row["w"][bits] = _kl(ref, module(x))
             layer.weight.copy_(w)
         if activations:
@@ -236,24 +237,47 @@ def table_rows(layer_bits: dict[str, list[int]], sens: dict, costs: dict[str, in
 # ---------------------------------------------------------------- the driver
 
 def plan_mixed(backbone, x: torch.Tensor, size_budget: float | None = None, act_budget: float | None = None,
-               abits: int = 8, method: str = "ilp", keep_ends_8bit: bool = True, progress=None) -> dict:
+               abits: int = 8, method: str = "ilp", keep_ends_8bit: bool = True, progress=None,
+               group_size: int | None = None, sensitivity_table: dict | None = None) -> dict:
     """Sensitivity and allocation for ``backbone`` on calibration images ``x``: returns
-    ``{"layer_bits": {layer: [w, a]}, "sensitivity": ..., "average_wbits", "average_abits", ...}``."""
+    ``{"layer_bits": {layer: [w, a]}, "sensitivity": ..., "average_wbits", "average_abits", ...}``.
+
+    Weight-only (``abits`` 16, ``group_size``): each layer int4 with group scales or int8 per
+    channel (``WEIGHT_ONLY_WIDTHS``), measured on those grids (``weight_only.fake_quant``); layers
+    that cannot take group scales stay at 8 (``weight_only.groupable``).
+
+    ``sensitivity_table``: a previous plan's ``"sensitivity"`` for the same model, images and grids
+    (another budget without measuring again)."""
     module = backbone.require_module("mixed precision")
     layers = candidate_layers(module, backbone.structure, keep_ends_8bit)
+    widths, weight_quant = WIDTHS, None
+    if abits == 16:
+        from . import weight_only as WO
+
+        if act_budget is not None:
+            raise VitcError("--act-budget allocates activation widths; weight-only (--abits 16) has none",
+                            "drop --act-budget, or quantize activations (--abits 8)")
+        group = group_size or WO.DEFAULT_GROUP
+        widths, weight_quant = WEIGHT_ONLY_WIDTHS, (lambda w, bits: WO.fake_quant(w, bits, group))
+        for l in layers:
+            l.fixed = l.fixed or not WO.groupable(l.name, module.get_submodule(l.name), backbone.structure, group)
     costs = {l.name: l.params for l in layers}
     fixed = {l.name for l in layers if l.fixed}
     if size_budget is not None:
-        check_budget(size_budget, costs, fixed)
-    sens = sensitivity(module, layers, x[:SENSITIVITY_IMAGES], activations=act_budget is not None, progress=progress)
+        check_budget(size_budget, costs, fixed, widths=widths)
+    if sensitivity_table is not None:
+        sens = {n: {k: {int(b): v for b, v in d.items()} for k, d in row.items()} for n, row in sensitivity_table.items()}
+    else:
+        sens = sensitivity(module, layers, x[:SENSITIVITY_IMAGES], widths, activations=act_budget is not None,
+                           progress=progress, weight_quant=weight_quant)
     wbits = allocate({n: s["w"] for n, s in sens.items()}, costs, size_budget if size_budget is not None else 8.0,
-                     fixed, method=method)
+                     fixed, widths=widths, method=method)
     if act_budget is not None:
         acosts = {l.name: max(1, l.inputs) for l in layers}
         a_bits = allocate({n: s["a"] for n, s in sens.items()}, acosts, act_budget, fixed, method=method)
     else:
         acosts = {l.name: 1 for l in layers}
-        a_bits = {n: (8 if n in fixed else abits) for n in costs}
+        a_bits = {n: (8 if n in fixed and abits != 16 else abits) for n in costs}  # weight-only: float everywhere
     layer_bits = {n: [wbits[n], a_bits[n]] for n in costs}
     return {"layer_bits": layer_bits, "sensitivity": {n: {k: {str(b): v for b, v in d.items()} for k, d in s.items()}
                                                       for n, s in sens.items()},

@@ -63,9 +63,13 @@ def validate_config(config):
                         f"use one of {', '.join(map(str, GROUP_SIZES))}")
     if config.weight_rounding not in ("gptq", "nearest"):
         raise VitcError(f"weight rounding '{config.weight_rounding}' is not supported", "use gptq or nearest")
-    if config.reconstruct_iters or config.layer_bits:
-        raise VitcError("--reconstruct and --bits auto apply to weight-and-activation quantization, not to --abits 16",
-                        "drop them, or quantize activations too (--abits 8)")
+    if config.reconstruct_iters:
+        raise VitcError("--reconstruct applies to weight-and-activation quantization, not to --abits 16",
+                        "drop --reconstruct (weight-only rounding is GPTQ's), or quantize activations too (--abits 8)")
+    for name, bits in (config.layer_bits or {}).items():  # a weight-only mixed-precision allocation (mixed.py)
+        if len(bits) != 2 or bits[0] not in WBITS or bits[1] != 16:
+            raise VitcError(f"layer '{name}' has bit widths {bits} in a weight-only table",
+                            "use [4, 16] or [8, 16] (weight bits, float activations)")
     return config
 
 
@@ -109,6 +113,22 @@ def group_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor
 
 def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return codes.float() * scale.repeat_interleave(codes.shape[1] // scale.shape[1], dim=1)
+
+
+def fake_quant(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """``w`` on the grid ``layer_plan`` gives a Linear of ``bits``: groups of ``group`` inputs below
+    8 bits (nearest rounding, searched scales), per output channel at 8 bits or where the inputs do
+    not split into groups. Mixed precision's sensitivity measures each layer on it."""
+    if bits < 8 and w.dim() == 2 and w.shape[1] % group == 0:
+        scale = group_scales(w, bits, group)
+        return dequantize_groups(group_codes(w, scale, bits), scale)
+    return Q.fake_quant_weight(w, Q.weight_qparams(w, 8, True), 8)
+
+
+def groupable(name: str, m: nn.Module, structure, group: int) -> bool:
+    """Whether ``layer_plan`` would give this layer group scales (a Linear other than the classifier
+    whose inputs split into groups): the others run at 8 bits per channel whatever is asked."""
+    return type(m) is nn.Linear and name != structure.classifier and m.in_features % group == 0
 
 
 class _WeightOnly:
@@ -174,13 +194,17 @@ def weight_only_layers(module: nn.Module) -> dict[str, _WeightOnly]:
     return {n: m for n, m in module.named_modules() if isinstance(m, (WeightOnlyLinear, WeightOnlyConv2d))}
 
 
-def layer_plan(module: nn.Module, structure, wbits: int, group: int) -> dict[str, dict]:
+def layer_plan(module: nn.Module, structure, wbits: int, group: int, layer_bits: dict | None = None) -> dict[str, dict]:
     """{layer: {"wbits", "group_size"}}: Linears whose input splits into groups at ``wbits``; the
     classifier, convolutions and Linears that do not split at int8 per channel."""
     plan = {}
     for name, m in module.named_modules():
         if type(m) is nn.Linear:
-            grouped = name != structure.classifier and m.in_features % group == 0
+            grouped = groupable(name, m, structure, group)
+            if layer_bits and name in layer_bits:  # mixed precision: 4-bit layers grouped, 8-bit ones per channel
+                grouped = grouped and layer_bits[name][0] < 8
+                plan[name] = {"wbits": layer_bits[name][0], "group_size": group} if grouped else {"wbits": 8, "group_size": None}
+                continue
             plan[name] = {"wbits": wbits, "group_size": group} if grouped else {"wbits": 8, "group_size": None}
         elif type(m) is nn.Conv2d:
             plan[name] = {"wbits": 8, "group_size": None}
@@ -243,7 +267,7 @@ def apply_weight_only(backbone: Backbone, config, x: torch.Tensor | None = None)
     # fold BatchNorms first: the ONNX exporter folds them into the conv weights itself, which
     # would leave the exported weights off their grid (and unmatched by store_compressed_weights)
     folded = fold_batchnorms(module, backbone.structure) if config.fold_bn else []
-    plan = layer_plan(module, backbone.structure, config.wbits, config.group_size)
+    plan = layer_plan(module, backbone.structure, config.wbits, config.group_size, config.layer_bits)
     if not plan:
         raise VitcError("the model has no Linear or Conv2d layer to quantize", "quantize a model built from Linear/Conv2d layers")
     grouped = [n for n, spec in plan.items() if spec["group_size"]]
