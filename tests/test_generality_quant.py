@@ -153,3 +153,34 @@ def test_cli_strict_coverage_fails_before_saving(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "of the matmul/conv FLOPs are quantized" in captured.err and not model.exists()
     assert "largest ops left in float" in captured.out
+
+
+def test_weight_only_names_what_it_leaves_float_and_takes_linear_subclasses(tmp_path, capsys):
+    """Weight-only on nn.MultiheadAttention: its output projection (a Linear subclass whose forward
+    never runs) is quantized, with nearest rounding said; the packed in-projection, a raw parameter,
+    is named as left float with the share of weights covered; the folder reloads and exports."""
+    import json
+
+    from vitc.cli import run
+
+    out, model = tmp_path / "r.json", tmp_path / "q"
+    assert _cli(["--wbits", "4", "--abits", "16", "--group-size", "32", "-o", str(model), "--out", str(out)], tmp_path) == 0
+    printed = capsys.readouterr().out
+    wo = json.loads(out.read_text())["weight_only"]
+    assert wo["layers"]["model.attns.0.out_proj"] == {"wbits": 4, "group_size": 32}
+    assert wo["nearest_rounding"]["layers"] == ["model.attns.0.out_proj", "model.attns.1.out_proj"]
+    left = {(r["module"], r["parameter"]) for r in wo["coverage"]["left_float"]}
+    assert left == {("model.attns.0", "in_proj_weight"), ("model.attns.1", "in_proj_weight")}
+    cov = wo["coverage"]
+    assert cov["params_quantized"] + 2 * 3 * 64 * 64 == cov["params_total"] and 0.70 < cov["share"] < 0.72  # 71.3%
+    assert "left float: model.attns.0.in_proj_weight (MultiheadAttention" in printed
+    assert "warning: only 71.3% of the weight-matrix parameters are quantized" in printed.replace("\n", " ")
+    assert "coverage unknown" not in printed
+    assert run(["export", "-m", str(model), "--target", "onnx", "-o", str(tmp_path / "onnx"), "--eval-size", "16"]) == 0
+    manifest = json.loads(next((tmp_path / "onnx").glob("*.manifest.json")).read_text())
+    assert manifest["status"] == "passed"
+    capsys.readouterr()
+    assert _cli(["--wbits", "4", "--abits", "16", "--strict-coverage", "-o", str(tmp_path / "s")], tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "only 71.3% of the weight-matrix parameters are quantized (below 90%); nothing was saved" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "s").exists()

@@ -686,7 +686,9 @@ def test_graph_path_reconstruction_lowers_the_error_and_stays_on_the_grids(tiny_
     cfg = dict(wbits=4, abits=4, sites="graph", calibrator="minmax")
     calibrated = apply(tiny_vit, QuantConfig(**cfg), x)
     said = []
-    q = apply(tiny_vit, QuantConfig(**cfg, reconstruct_iters=40), x, say=said.append)
+    # 120 steps: at 40 the output error ratio below measured 0.84 in one installation and 0.94 in
+    # another (same code; the tiny random ViT's few-step learning is that sensitive); 80: 0.85
+    q = apply(tiny_vit, QuantConfig(**cfg, reconstruct_iters=120), x, say=said.append)
     rec = quant_record(q)
     assert "reconstruction (graph)" in said[0] and rec["reconstruction"]["path"] == "graph"
     assert rec["plan"]["prefix_grids"] and rec["plan"]["gptq_weights"]
@@ -698,7 +700,7 @@ def test_graph_path_reconstruction_lowers_the_error_and_stays_on_the_grids(tiny_
     xe = _x(tiny_vit, calib64)[:48]
     with torch.no_grad():
         ref = tiny_vit(xe)
-        assert (q(xe) - ref).pow(2).mean() < 0.9 * (calibrated(xe) - ref).pow(2).mean()  # measured 0.84
+        assert (q(xe) - ref).pow(2).mean() < 0.75 * (calibrated(xe) - ref).pow(2).mean()  # measured 0.59
     gm = q.module.graph_module
     for wq in weight_quantizers(q.module).values():
         w = gm.get_parameter(wq.target) if "." in wq.target else getattr(gm, wq.target)

@@ -11,6 +11,7 @@ that run artifacts (export checks, bench); steps that need PyTorch call ``requir
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -108,3 +109,16 @@ class Backbone:
             "preprocess_origin": self.preprocess_origin,
             "transforms": self.transforms,
         }
+
+
+@contextlib.contextmanager
+def mha_fast_path_off():
+    """``nn.MultiheadAttention`` in eval/no-grad takes a fused fast path (``_native_multi_head_attention``)
+    that no ONNX exporter translates and no graph capture can quantize (one op, no matmul); its
+    regular path traces as matmuls and softmax. Every tracer of a backbone's module runs under this."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)

@@ -191,7 +191,10 @@ def quantize_cmd(
         if staging.exists() and not any(staging.iterdir()):  # each finished key folder removes itself
             staging.rmdir()
         record = quantized.transforms[-1]
-        check_coverage(record.get("coverage"), config, strict_coverage)
+        if weight_only:
+            check_weight_coverage(record["weight_only"]["coverage"], strict_coverage)
+        else:
+            check_coverage(record.get("coverage"), config, strict_coverage)
         # saved first: nothing that runs afterwards (evaluation, export, timing) can lose the calibration
         save_quantized(quantized, output, force=force, weights=weights)
         if kind == "classify":
@@ -301,6 +304,26 @@ def check_coverage(cov: dict | None, config, strict: bool) -> None:
         if strict:
             raise VitcError(msg + "; nothing was saved", "quantize with --sites graph, or drop --strict-coverage")
         console.print(f"[yellow]warning:[/yellow] {msg}; the rest runs in float (listed above)")
+
+
+def check_weight_coverage(cov: dict, strict: bool) -> None:
+    """Weight-only: say what share of the weight matrices is quantized and name each one left float;
+    below ``COVERAGE_WARN`` warn, or with ``--strict-coverage`` refuse (nothing saved)."""
+    from vitc.compress.quantize.plan import COVERAGE_WARN
+    from vitc.errors import VitcError
+
+    console.print(f"coverage (weight-only): {cov['params_quantized']:,} of {cov['params_total']:,} weight-matrix "
+                  f"parameters quantized ({100 * cov['share']:.1f}%)")
+    for r in cov["left_float"][:10]:
+        console.print(f"  left float: {r['module']}.{r['parameter']} ({r['type']}, {r['params']:,} parameters): {r['reason']}")
+    if len(cov["left_float"]) > 10:
+        console.print(f"  ... and {len(cov['left_float']) - 10} more (the JSON's weight_only.coverage lists them)")
+    if cov["share"] < COVERAGE_WARN:
+        msg = f"only {100 * cov['share']:.1f}% of the weight-matrix parameters are quantized (below {100 * COVERAGE_WARN:.0f}%)"
+        if strict:
+            raise VitcError(msg + "; nothing was saved", "drop --strict-coverage, or quantize with activations (--abits 8), "
+                                                         "whose graph path finds every matmul")
+        console.print(f"[yellow]warning:[/yellow] {msg}; the rest stays float (listed above)")
 
 
 def print_coverage(cov: dict, config) -> None:

@@ -11,10 +11,10 @@ by ``vitc.export.integer_onnx`` (both owned by the quantization helpers).
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from pathlib import Path
 
+from vitc.backbone import mha_fast_path_off
 from vitc.errors import MissingExtraError, VitcError
 
 SUFFIX = ".onnx"
@@ -181,20 +181,6 @@ def _write_from_onnx(backbone, path: Path, quant: dict | None, for_openvino: boo
     return {"name": note, "version": onnx.__version__}, io
 
 
-@contextlib.contextmanager
-def _mha_fast_path_off():
-    """``nn.MultiheadAttention`` in eval/no-grad takes a fused fast path (``_native_multi_head_attention``)
-    that no ONNX exporter translates; its regular path exports as matmuls and softmax."""
-    import torch
-
-    before = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(before)
-
-
 def _torch_export(backbone, path: Path, opts) -> dict:
     import torch
 
@@ -202,7 +188,7 @@ def _torch_export(backbone, path: Path, opts) -> dict:
     x = backbone.example_input(2)
     dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if opts.dynamic_batch else None
     try:
-        with warnings.catch_warnings(), torch.no_grad(), _mha_fast_path_off():
+        with warnings.catch_warnings(), torch.no_grad(), mha_fast_path_off():
             warnings.simplefilter("ignore")
             torch.onnx.export(module, (x if opts.dynamic_batch else x[:1],), str(path), input_names=[INPUT_NAME],
                               output_names=[OUTPUT_NAME], opset_version=opts.opset, dynamic_axes=dynamic_axes,
@@ -221,7 +207,7 @@ def _torch_export(backbone, path: Path, opts) -> dict:
     path.unlink(missing_ok=True)
     try:
         dyn = ({0: torch.export.Dim("batch", min=1, max=4096)},) if opts.dynamic_batch else None
-        with warnings.catch_warnings(), torch.no_grad(), _mha_fast_path_off():
+        with warnings.catch_warnings(), torch.no_grad(), mha_fast_path_off():
             warnings.simplefilter("ignore")
             torch.onnx.export(module, (x if opts.dynamic_batch else x[:1],), str(path), input_names=[INPUT_NAME],
                               output_names=[OUTPUT_NAME], opset_version=opts.opset, dynamic_shapes=dyn, dynamo=True,

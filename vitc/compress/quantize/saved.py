@@ -47,7 +47,7 @@ def save_quantized(backbone: Backbone, folder: Path | str, force: bool = False, 
     if record.get("weight_only"):  # weight-only int4/int8 (weight_only.py) has its own layer form
         from . import weight_only
 
-        return weight_only.save(backbone, Path(folder), record, force)
+        return weight_only.save(backbone, Path(folder), record, force, weights)
     earlier = [t["pass"] for t in backbone.transforms[:backbone.transforms.index(record)]]
     # a merge loaded from its description (vitc merge -o X.json) comes back when the spec is reloaded
     merged_from_description = earlier == ["merge"] and str(backbone.source).endswith(".json")
@@ -89,6 +89,16 @@ def is_saved_quantized(path: Path) -> bool:
     return path.is_dir() and (path / META_FILE).exists()
 
 
+def load_base(meta: dict) -> Backbone:
+    """The float model a saved one was made from, built with the preprocessing it was saved with:
+    a source that carries none (a ``pkg.module:factory`` model given ``--input-size``) needs it."""
+    from vitc.models.intake import PreprocessFlags, load_model
+
+    pre = meta.get("preprocess")
+    flags = PreprocessFlags(**{k: tuple(v) if k in ("mean", "std") else v for k, v in pre.items()}) if pre else None
+    return load_model(meta["base"]["spec"], meta["base"].get("weights"), flags)
+
+
 def load_quantized(folder: Path | str) -> Backbone:
     from safetensors.torch import load_file
 
@@ -108,7 +118,7 @@ def load_quantized(folder: Path | str) -> Backbone:
         raise VitcError(f"{folder} holds format {meta.get('format')!r}, not {FORMAT}", "save it again with this vitc")
     if not (folder / WEIGHTS_FILE).exists():
         raise VitcError(f"{folder} has no {WEIGHTS_FILE}", "save the quantized model again with vitc quantize")
-    base = load_model(meta["base"]["spec"], meta["base"].get("weights"))
+    base = load_base(meta)
     if meta.get("sites") == "graph":
         return _load_graph(folder, meta, base)
     config = QuantConfig.from_dict(meta["config"])

@@ -104,18 +104,15 @@ def capture(module: nn.Module, example: torch.Tensor) -> Captured:
     """``module`` as an ATen-level graph (batch axis dynamic where the model allows)."""
     from torch.export import Dim
 
+    from vitc.backbone import mha_fast_path_off
+
     module = module.eval()
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    # nn.MultiheadAttention's inference fast path is one fused op with no matmul to quantize
-    torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), mha_fast_path_off():
             warnings.simplefilter("ignore")
             ep = torch.export.export(module, (example,), dynamic_shapes=({0: Dim.AUTO},), strict=False)
     except Exception as exc:  # noqa: BLE001 - every capture failure becomes one line
         raise capture_error(exc) from exc
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
     gm = ep.module()
     graph = gm.graph
     for node in list(graph.nodes):

@@ -125,10 +125,54 @@ def fake_quant(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     return Q.fake_quant_weight(w, Q.weight_qparams(w, 8, True), 8)
 
 
+def swappable(m: nn.Module) -> bool:
+    """A Linear or Conv2d, subclasses included (``nn.MultiheadAttention``'s output projection is one),
+    that computes what its base class computes, so a weight-only layer can take its place. A
+    subclass with its own forward (weight standardisation, LoRA, ...) would compute something else
+    after the swap: it stays float and ``left_float`` names it."""
+    if isinstance(m, _WeightOnly):
+        return False
+    if isinstance(m, nn.Linear):
+        return type(m).forward is nn.Linear.forward
+    if isinstance(m, nn.Conv2d):
+        return type(m).forward is nn.Conv2d.forward and type(m)._conv_forward is nn.Conv2d._conv_forward
+    return False
+
+
 def groupable(name: str, m: nn.Module, structure, group: int) -> bool:
     """Whether ``layer_plan`` would give this layer group scales (a Linear other than the classifier
     whose inputs split into groups): the others run at 8 bits per channel whatever is asked."""
-    return type(m) is nn.Linear and name != structure.classifier and m.in_features % group == 0
+    return isinstance(m, nn.Linear) and swappable(m) and name != structure.classifier and m.in_features % group == 0
+
+
+def left_float(module: nn.Module) -> list[dict]:
+    """The weight matrices no weight-only layer holds (parameters of 2 or more dimensions named
+    ``weight`` or ``*_weight``, embedding tables aside), each with why: what the pass did not do."""
+    out = []
+    for name, m in module.named_modules():
+        if isinstance(m, (_WeightOnly, nn.Embedding, nn.EmbeddingBag)):
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            if p.dim() >= 2 and (pname == "weight" or pname.endswith("_weight")):
+                out.append({"module": name, "type": type(m).__name__, "parameter": pname, "params": p.numel(),
+                            "reason": _why_float(m)})
+    return out
+
+
+def _why_float(m: nn.Module) -> str:
+    if isinstance(m, nn.MultiheadAttention):
+        return "nn.MultiheadAttention's packed q/k/v projection is a raw parameter, not a Linear layer"
+    if isinstance(m, (nn.Linear, nn.Conv2d)):
+        return f"a {type(m).__name__} with its own forward: a weight-only layer in its place would compute something else"
+    return f"{type(m).__name__} has no weight-only version (Linear and Conv2d have)"
+
+
+def coverage(module: nn.Module) -> dict:
+    """Share of the weight-matrix parameters the weight-only layers hold, and the ones left float."""
+    held = sum(l.weight.numel() for l in weight_only_layers(module).values())
+    left = left_float(module)
+    total = held + sum(r["params"] for r in left)
+    return {"params_quantized": held, "params_total": total, "share": held / total if total else 1.0, "left_float": left}
 
 
 class _WeightOnly:
@@ -199,14 +243,14 @@ def layer_plan(module: nn.Module, structure, wbits: int, group: int, layer_bits:
     classifier, convolutions and Linears that do not split at int8 per channel."""
     plan = {}
     for name, m in module.named_modules():
-        if type(m) is nn.Linear:
+        if isinstance(m, nn.Linear) and swappable(m):
             grouped = groupable(name, m, structure, group)
             if layer_bits and name in layer_bits:  # mixed precision: 4-bit layers grouped, 8-bit ones per channel
                 grouped = grouped and layer_bits[name][0] < 8
                 plan[name] = {"wbits": layer_bits[name][0], "group_size": group} if grouped else {"wbits": 8, "group_size": None}
                 continue
             plan[name] = {"wbits": wbits, "group_size": group} if grouped else {"wbits": 8, "group_size": None}
-        elif type(m) is nn.Conv2d:
+        elif isinstance(m, nn.Conv2d) and swappable(m):
             plan[name] = {"wbits": 8, "group_size": None}
     return plan
 
@@ -281,12 +325,15 @@ def apply_weight_only(backbone: Backbone, config, x: torch.Tensor | None = None)
     layers = weight_only_layers(module)
     for name in [n for n in layers if n not in grouped]:  # the int8 ends first: later Hessians see their rounding
         layers[name].quantize(config.weight_search)
+    unobserved: list[str] = []  # layers whose inputs no hook saw: plain scale search and nearest rounding
     for wave in waves:
         if gptq:
             moments.update(input_mean_squares(module, wave, images, full=True))
         for name in wave:
-            h = moments[name] if gptq else None
-            layers[name].quantize(config.weight_search, torch.diag(h) if gptq else moments.get(name), h)
+            h = moments.get(name) if gptq else None
+            if gptq and h is None:  # its forward never ran: its owner reads .weight itself (nn.MultiheadAttention's out_proj)
+                unobserved.append(name)
+            layers[name].quantize(config.weight_search, torch.diag(h) if h is not None else moments.get(name), h)
     record = {"pass": "quantize", "config": config.to_dict(), "calibration_images": 0 if images is None else int(images.shape[0]),
               "calibration_s": round(time.perf_counter() - start, 3),
               "weight_only": {"layers": plan, "wbits": config.wbits, "group_size": config.group_size, "folded_bn": folded,
@@ -294,6 +341,11 @@ def apply_weight_only(backbone: Backbone, config, x: torch.Tensor | None = None)
                               "rounding": (f"GPTQ, sequential in {len(waves)} steps" if len(waves) > 1 else "GPTQ") if gptq else "nearest"},
               "plan": {"folded_bn": folded, "attention": [], "ends_8bit": [n for n, s in plan.items() if s["group_size"] is None]},
               "layers": {}, "scheme_choice": {}, "vit_quantizers": {}, "sqnr_db": {}}
+    record["weight_only"]["coverage"] = coverage(module)
+    if unobserved:
+        record["weight_only"]["nearest_rounding"] = {
+            "layers": unobserved, "why": "the layer's forward never runs (its owner reads the weight directly), so no "
+                                         "input statistics for GPTQ: plain scale search, nearest rounding"}
     return out.with_module(module, record)
 
 
@@ -316,7 +368,7 @@ def model_size(backbone: Backbone) -> int:
 
 # ---------------------------------------------------------------- save / load
 
-def save(backbone: Backbone, folder: Path, record: dict, force: bool = False) -> Path:
+def save(backbone: Backbone, folder: Path, record: dict, force: bool = False, weights: str | Path | None = None) -> Path:
     from safetensors.torch import save_file
 
     from vitc.artifacts import atomic_path
@@ -328,7 +380,8 @@ def save(backbone: Backbone, folder: Path, record: dict, force: bool = False) ->
     for name, layer in weight_only_layers(module).items():
         state.pop(f"{name}.weight")
         state[f"{name}.weight_codes"] = layer.codes().contiguous()
-    meta = {"format": FORMAT, "base": {"spec": backbone.source, "sha256": backbone.source_hash},
+    meta = {"format": FORMAT, "base": {"spec": backbone.source, "sha256": backbone.source_hash,
+                                       "weights": str(Path(weights).resolve()) if weights else None},
             "config": record["config"], "weight_only": record["weight_only"], "transforms": backbone.transforms,
             "preprocess": backbone.preprocess.to_dict(), "labels": backbone.labels}
     with atomic_path(Path(folder), force=force, is_dir=True) as tmp:
@@ -340,12 +393,12 @@ def save(backbone: Backbone, folder: Path, record: dict, force: bool = False) ->
 def load(folder: Path, meta: dict) -> Backbone:
     from safetensors.torch import load_file
 
-    from vitc.models.intake import file_sha256, load_model
+    from vitc.models.intake import file_sha256
     from vitc.models.preprocess import Preprocess
 
-    from .saved import WEIGHTS_FILE
+    from .saved import WEIGHTS_FILE, load_base
 
-    base = load_model(meta["base"]["spec"])
+    base = load_base(meta)
     module = base.copy().require_module("loading a weight-only model")
     # redo the BatchNorm folding structurally (the folded weights and biases come from the state)
     folded = set(meta["weight_only"].get("folded_bn", []))
@@ -392,7 +445,9 @@ def export_onnx(backbone: Backbone, path, dynamic_batch: bool = True) -> Path:
     module = copy.deepcopy(backbone.require_module("weight-only export")).eval()
     path = Path(path)
     example = backbone.example_input(2 if dynamic_batch else 1)
-    with warnings.catch_warnings(), torch.no_grad():
+    from vitc.backbone import mha_fast_path_off
+
+    with warnings.catch_warnings(), torch.no_grad(), mha_fast_path_off():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=17, input_names=["pixel_values"],
                           output_names=["logits"], do_constant_folding=True,
