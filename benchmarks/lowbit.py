@@ -250,7 +250,7 @@ def _weight_only_section(backbone, x, y, calib, tmp, args, rows, row, quantize, 
         t = time.perf_counter()  # one sensitivity pass, an allocation per budget
         plan = mixed.plan_mixed(backbone, calib, size_budget=budget, abits=16, group_size=64, sensitivity_table=table)
         table, sens_s = plan["sensitivity"], time.perf_counter() - t
-        free = {n: r["params"] for n, r in ((r["layer"], r) for r in plan["rows"]) if r["kl_w4"] is not None}
+        free = {r["layer"]: r["params"] for r in plan["rows"] if r["kl_w4"] is not None}  # unmeasured: fixed at int8
         int4 = sum(p for n, p in free.items() if plan["layer_bits"][n][0] == 4)
         int4_ratios[budget] = int4 / sum(free.values())
         label = f"W{budget:g}A16 mixed g64"

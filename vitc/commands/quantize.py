@@ -298,32 +298,32 @@ def check_coverage(cov: dict | None, config, strict: bool) -> None:
         console.print(f"[yellow]warning:[/yellow] {msg}")
         return
     print_coverage(cov, config)
-    if cov["flops_share"] < COVERAGE_WARN:
-        msg = (f"only {100 * cov['flops_share']:.1f}% of the matmul/conv FLOPs are quantized "
-               f"(below {100 * COVERAGE_WARN:.0f}%)")
+    _hold_to_coverage(cov["flops_share"], "the matmul/conv FLOPs", strict, "quantize with --sites graph, or drop --strict-coverage")
+
+
+def _hold_to_coverage(share: float, what: str, strict: bool, hint: str) -> None:
+    """Below ``COVERAGE_WARN`` of ``what`` quantized: a warning, or with ``--strict-coverage`` a refusal (nothing saved yet)."""
+    from vitc.compress.quantize.plan import COVERAGE_WARN
+    from vitc.errors import VitcError
+
+    if share < COVERAGE_WARN:
+        msg = f"only {100 * share:.1f}% of {what} are quantized (below {100 * COVERAGE_WARN:.0f}%)"
         if strict:
-            raise VitcError(msg + "; nothing was saved", "quantize with --sites graph, or drop --strict-coverage")
-        console.print(f"[yellow]warning:[/yellow] {msg}; the rest runs in float (listed above)")
+            raise VitcError(msg + "; nothing was saved", hint)
+        console.print(f"[yellow]warning:[/yellow] {msg}; the rest stays float (listed above)")
 
 
 def check_weight_coverage(cov: dict, strict: bool) -> None:
     """Weight-only: say what share of the weight matrices is quantized and name each one left float;
     below ``COVERAGE_WARN`` warn, or with ``--strict-coverage`` refuse (nothing saved)."""
-    from vitc.compress.quantize.plan import COVERAGE_WARN
-    from vitc.errors import VitcError
-
     console.print(f"coverage (weight-only): {cov['params_quantized']:,} of {cov['params_total']:,} weight-matrix "
                   f"parameters quantized ({100 * cov['share']:.1f}%)")
     for r in cov["left_float"][:10]:
         console.print(f"  left float: {r['module']}.{r['parameter']} ({r['type']}, {r['params']:,} parameters): {r['reason']}")
     if len(cov["left_float"]) > 10:
         console.print(f"  ... and {len(cov['left_float']) - 10} more (the JSON's weight_only.coverage lists them)")
-    if cov["share"] < COVERAGE_WARN:
-        msg = f"only {100 * cov['share']:.1f}% of the weight-matrix parameters are quantized (below {100 * COVERAGE_WARN:.0f}%)"
-        if strict:
-            raise VitcError(msg + "; nothing was saved", "drop --strict-coverage, or quantize with activations (--abits 8), "
-                                                         "whose graph path finds every matmul")
-        console.print(f"[yellow]warning:[/yellow] {msg}; the rest stays float (listed above)")
+    _hold_to_coverage(cov["share"], "the weight-matrix parameters", strict,
+                      "drop --strict-coverage, or quantize with activations (--abits 8), whose graph path finds every matmul")
 
 
 def print_coverage(cov: dict, config) -> None:

@@ -330,9 +330,9 @@ def apply_weight_only(backbone: Backbone, config, x: torch.Tensor | None = None)
         if gptq:
             moments.update(input_mean_squares(module, wave, images, full=True))
         for name in wave:
+            if images is not None and name not in moments:  # its forward never ran: its owner reads .weight itself
+                unobserved.append(name)                      # (nn.MultiheadAttention's out_proj)
             h = moments.get(name) if gptq else None
-            if gptq and h is None:  # its forward never ran: its owner reads .weight itself (nn.MultiheadAttention's out_proj)
-                unobserved.append(name)
             layers[name].quantize(config.weight_search, torch.diag(h) if h is not None else moments.get(name), h)
     record = {"pass": "quantize", "config": config.to_dict(), "calibration_images": 0 if images is None else int(images.shape[0]),
               "calibration_s": round(time.perf_counter() - start, 3),
@@ -345,7 +345,7 @@ def apply_weight_only(backbone: Backbone, config, x: torch.Tensor | None = None)
     if unobserved:
         record["weight_only"]["nearest_rounding"] = {
             "layers": unobserved, "why": "the layer's forward never runs (its owner reads the weight directly), so no "
-                                         "input statistics for GPTQ: plain scale search, nearest rounding"}
+                                         "input statistics: plain scale search, nearest rounding"}
     return out.with_module(module, record)
 
 
