@@ -297,3 +297,22 @@ def test_probe_helpers():
     head = train_head(x, y, 1e-4)
     with torch.no_grad():
         assert float((head(torch.from_numpy(x)).argmax(1).numpy() == y).mean()) > 0.95
+
+
+@needs_wheel
+def test_integer_only_reads_the_real_probe_and_refuses_the_dense_model(tmp_path, capsys):
+    """The real DINOv2 probe's float reference (LayerScale folded into o/fc2, the standardisation of the
+    8 probe reads folded into their norms) computes the model; the saliency model is refused in one line."""
+    from vitc.cli import run
+    from vitc.compress.integer import check_reference
+    from vitc.compress.integer.hf_vit import read_vit
+    from vitc.models.intake import load_model
+
+    bb = load_model("zoo:dinov2s-c10")
+    ref = read_vit(bb)
+    assert [(p.block, p.pool) for p in ref.head] == [(b, pool) for pool in ("cls", "mean") for b in (6, 7, 8, 9)]
+    check_reference(bb, ref, _imagenet(2, bb.preprocess))
+    out = tmp_path / "int"
+    assert run(["quantize", "--integer-only", "-m", "zoo:dinov2s-focus", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "has no classifier head" in err and err.count("\n") == 1 and not out.exists()

@@ -20,6 +20,8 @@ TrainDataOpt = typer.Option("bundled:calib", "--train-data", help="training imag
 TrainSizeOpt = typer.Option(5000, "--train-size", help="training images loaded for recovery")
 RecoverLrOpt = typer.Option(2e-4, "--recover-lr", help="recovery learning rate (AdamW, cosine)")
 RecoverBatchOpt = typer.Option(64, "--recover-batch", help="recovery batch size")
+RecoverFeaturesOpt = typer.Option(0.0, "--recover-features", help="weight of distilling every block's output "
+                                  "(relative MSE) besides the logits; 0: logits only (the teacher then runs on every batch)")
 EvalDataOpt = typer.Option(None, "--eval-data", help="labelled images to compare dense and compressed top-1 on")
 EvalSizeOpt = typer.Option(None, "--eval-size", help="evaluate on a deterministic subset of this many images")
 
@@ -47,6 +49,7 @@ def prune_cmd(
     train_size: int = TrainSizeOpt,
     recover_lr: float = RecoverLrOpt,
     recover_batch: int = RecoverBatchOpt,
+    recover_features: float = RecoverFeaturesOpt,
     eval_data: Optional[str] = EvalDataOpt,
     eval_size: Optional[int] = EvalSizeOpt,
     batch_size: BatchOpt = 32,
@@ -89,7 +92,7 @@ def prune_cmd(
         console.print("removed attention sublayers: " + ", ".join(record["plan"]["dropped_attention"]))
     print_coverage(record["coverage"], "pruned", whole=not (set(config.units) < {"heads", "mlp", "conv"}))
     finish(dense, pruned, "prune", recover_steps, train_data, train_size, recover_lr, recover_batch, seed,
-           eval_data, eval_size, batch_size, convert_rgb, output, force, out, masks=None,
+           eval_data, eval_size, batch_size, convert_rgb, output, force, out, masks=None, feature_weight=recover_features,
            extra={"keep_ratio": record["keep_ratio"], "allocation": allocation, "channels": record["plan"]["channels"],
                   "dropped_attention": record["plan"]["dropped_attention"],
                   "reloads_with_plain_transformers": record["plan"]["config_describes_all_layers"],
@@ -124,7 +127,7 @@ def calibration_images(backbone, data: str, size: int, seed: int, convert_rgb: b
 
 def finish(dense, compressed, verb: str, recover_steps: int, train_data: str, train_size: int, lr: float, batch: int,
            seed: int, eval_data: str | None, eval_size: int | None, eval_batch: int, convert_rgb: bool,
-           output: Path | None, force: bool, out: Path | None, masks, extra: dict) -> dict:
+           output: Path | None, force: bool, out: Path | None, masks, extra: dict, feature_weight: float = 0.0) -> dict:
     """Recovery, evaluation, the table, -o and --out: the part prune and sparsify share."""
     from vitc.artifacts import atomic_path, write_json
     from vitc.calibration.data import DataSpec, load_tensors
@@ -133,7 +136,7 @@ def finish(dense, compressed, verb: str, recover_steps: int, train_data: str, tr
 
     stages = [("dense", dense), (verb, compressed)]
     if recover_steps:
-        rconfig = RecoverConfig(steps=recover_steps, batch_size=batch, lr=lr, seed=seed)
+        rconfig = RecoverConfig(steps=recover_steps, batch_size=batch, lr=lr, seed=seed, feature_weight=feature_weight)
         rconfig.validate()
         train = DataSpec(train_data, None, train_size, seed, convert_rgb).open()
         images = load_tensors(train, dense.preprocess, convert_rgb)[0]

@@ -34,7 +34,7 @@ def quantize_cmd(
     bits: str = typer.Option("8", "--bits", help="weight and activation bits (8, 6 or 4): WnAn; auto: mixed precision per layer (with --size-budget or --max-drop)"),
     wbits: Optional[int] = typer.Option(None, "--wbits", help="weight bits (overrides --bits)"),
     abits: Optional[int] = typer.Option(None, "--abits", help="activation bits (overrides --bits)"),
-    calib: str = typer.Option("mse", "--calib", help="activation calibrator: minmax, percentile, mse or entropy"),
+    calib: Optional[str] = typer.Option(None, "--calib", help="activation calibrator: minmax, percentile, mse or entropy (default mse; minmax with --integer-only)"),
     percentile: float = typer.Option(99.99, "--percentile", help="percentile of the percentile calibrator"),
     calib_data: str = typer.Option("bundled:calib", "--calib-data", help="calibration images (same forms as --data)"),
     calib_size: Optional[int] = typer.Option(None, "--calib-size", help="calibration images drawn (class-stratified) from --calib-data (default 512, or all when fewer; more than the data holds is an error)"),
@@ -103,12 +103,18 @@ def quantize_cmd(
     if integer_only:
         from vitc.compress.integer.command import run_integer_only
 
+        # a real ViT's rare large activations (the CLS token's GELU outputs reach 14 where patches stay
+        # under 3.5) carry the prediction: a clipping calibrator on the integer model's int8 taps lost
+        # 8-30 points on zoo:dinov2s-c10, min-max none (benchmarks/results_integer_ablation_*)
+        calib = calib or "minmax"
+
         return run_integer_only(model=model, weights=weights, input_size=input_size, resize=resize, mean=mean, std=std,
                                 interpolation=interpolation, wbits=wbits or bits, abits=abits or bits, calib=calib,
                                 percentile=percentile, calib_data=calib_data, calib_size=calib_size or DEFAULT_CALIB_SIZE,
                                 recover_steps=recover_steps, data=data, labels=labels, eval_size=eval_size, seed=seed,
                                 batch_size=batch_size, output=output, force=force, threads=threads,
                                 convert_rgb=convert_rgb, out=out)
+    calib = calib or "mse"
     if str(model).endswith(".onnx"):  # an ONNX graph, quantized by the ONNX backend
         from vitc.compress.quantize import QuantConfig as _Config
 

@@ -7,7 +7,7 @@ import typer
 
 from .common import (BatchOpt, ConvertOpt, DataOpt, ForceOpt, InputSizeOpt, FitOpt, InterpOpt, MeanOpt, ModelOpt, OutOpt,
                      OutputOpt, ResizeOpt, SeedOpt, StdOpt, ThreadsOpt, WeightsOpt, console, load_backbone, progress, set_threads)
-from .prune import (CalibSizeOpt, EvalDataOpt, EvalSizeOpt, RecoverBatchOpt, RecoverLrOpt, RecoverStepsOpt, TrainDataOpt,
+from .prune import (CalibSizeOpt, EvalDataOpt, EvalSizeOpt, RecoverBatchOpt, RecoverFeaturesOpt, RecoverLrOpt, RecoverStepsOpt, TrainDataOpt,
                     TrainSizeOpt, calibration_images, finish, print_coverage)
 
 
@@ -27,6 +27,7 @@ def sparsify_cmd(
     train_size: int = TrainSizeOpt,
     recover_lr: float = RecoverLrOpt,
     recover_batch: int = RecoverBatchOpt,
+    recover_features: float = RecoverFeaturesOpt,
     eval_data: Optional[str] = EvalDataOpt,
     eval_size: Optional[int] = EvalSizeOpt,
     batch_size: BatchOpt = 32,
@@ -69,5 +70,6 @@ def sparsify_cmd(
     print_coverage(record["coverage"], "sparsified", whole=not (config.layers or config.exclude))
     finish(dense, sparse, "2:4", recover_steps, train_data, train_size, recover_lr, recover_batch, seed,
            eval_data, eval_size, batch_size, convert_rgb, output, force, out, masks=layer_masks,
+           feature_weight=recover_features,
            extra={"method": method, "sparse_layers": record["sparse_layers"], "dense_layers": record["dense_layers"],
                   "coverage": record["coverage"]})

@@ -1,7 +1,11 @@
 """Recovery after pruning or 2:4 sparsity: distil the compressed model from the dense one.
 
 The student learns the teacher's softened logits (KL at temperature T, Hinton et al.) on
-training images with light augmentation. 2:4 masks stay fixed: after every optimiser step
+training images with light augmentation; with ``feature_weight > 0`` also the output of every
+transformer block (or conv stage) the two models share by position (MSE relative to the
+teacher's energy, averaged over them): a classifier's 10 logits carry little of what a pruned
+block lost, the block outputs carry all of it (a linear probe on intermediate blocks, as
+``zoo:dinov2s-c10``, reads exactly those). 2:4 masks stay fixed: after every optimiser step
 the masked weights are set back to zero, so the pattern the sparse kernels need survives and
 the record's ``sparse_layers`` stay true.
 
@@ -35,8 +39,11 @@ class RecoverConfig:
     temperature: float = 2.0
     seed: int = 0
     augment: str = "auto"  # flip (teacher logits cached per image and mirror) | flip-shift (teacher on every batch) | auto
+    feature_weight: float = 0.0  # > 0: also distil every shared block's output (the teacher then runs on every batch)
 
     def validate(self) -> None:
+        if not 0 <= self.feature_weight <= 1000:
+            raise VitcError(f"--recover-features {self.feature_weight} is out of range", "pass 0 (logits only) to 1000, e.g. 1")
         if self.steps <= 0:
             raise VitcError(f"--recover-steps {self.steps} is not positive", "pass a number of steps, e.g. 200")
         if self.batch_size <= 0 or self.lr <= 0 or self.temperature <= 0:
@@ -50,10 +57,42 @@ AUGMENTS = ("auto", "flip", "flip-shift")
 
 def resolve_augment(config: RecoverConfig, images: int, cached: bool) -> str:
     """``auto``: cached flips when the cache is given or costs less than the teacher on every batch
-    (two forwards per image once vs. one per sample drawn), else online flips and shifts."""
+    (two forwards per image once vs. one per sample drawn), else online flips and shifts; with feature
+    distillation the teacher runs on every batch anyway, so flips and shifts."""
     if config.augment != "auto":
         return config.augment
+    if config.feature_weight > 0:
+        return "flip-shift"
     return "flip" if cached or config.steps * config.batch_size >= 2 * images else "flip-shift"
+
+
+def block_paths(backbone) -> list[str]:
+    """The modules whose outputs feature distillation matches: every transformer block, else every conv stage."""
+    s = backbone.structure
+    return [b.path for b in s.blocks] or [c.path for c in s.conv_stages]
+
+
+class _Outputs:
+    """Forward hooks that keep the outputs of ``paths`` of ``module`` (the first element of a tuple output)."""
+
+    def __init__(self, module, paths: list[str]):
+        self.values: dict[str, torch.Tensor] = {}
+        self.handles = [module.get_submodule(p).register_forward_hook(self._keep(p)) for p in paths]
+
+    def _keep(self, path: str):
+        def hook(_module, _inputs, output):
+            self.values[path] = output[0] if isinstance(output, (tuple, list)) else output
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def feature_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], pairs: list[tuple[str, str]]) -> torch.Tensor:
+    """Mean over the block pairs of ``||s - t||^2 / ||t||^2`` (each block's error relative to its own energy)."""
+    terms = [(student[sp] - teacher[tp]).pow(2).sum() / teacher[tp].pow(2).sum().clamp_min(1e-12) for sp, tp in pairs]
+    return torch.stack(terms).mean()
 
 
 def as_inputs(images: torch.Tensor, preprocess) -> torch.Tensor:
@@ -114,6 +153,10 @@ def recover(student, teacher, images: torch.Tensor, config: RecoverConfig, masks
     teacher_module.eval()
     masks = masks or {}
     masked = {path: (model.get_submodule(path).weight, m) for path, m in masks.items()}
+    pairs: list[tuple[str, str]] = []
+    if config.feature_weight > 0:
+        pairs = _feature_pairs(student, teacher, as_inputs(images[:2], student.preprocess))
+        s_out, t_out = _Outputs(model, [p for p, _ in pairs]), _Outputs(teacher_module, [p for _, p in pairs])
     params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
@@ -140,11 +183,16 @@ def recover(student, teacher, images: torch.Tensor, config: RecoverConfig, masks
                 flip = torch.rand(len(idx), generator=gen) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
                 target = targets[idx, flip.long()]
+                if pairs:  # the block outputs are not cached: the teacher runs for its hooks
+                    with torch.no_grad():
+                        teacher_module(x)
             else:
                 x = augment(x, gen, shift)
                 with torch.no_grad():
                     target = teacher_module(x)
             loss = distillation_loss(model(x), target, config.temperature)
+            if pairs:
+                loss = loss + config.feature_weight * feature_loss(s_out.values, t_out.values, pairs)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -159,10 +207,38 @@ def recover(student, teacher, images: torch.Tensor, config: RecoverConfig, masks
         model.eval()
         for p in params:
             p.requires_grad_(False)
+        if pairs:
+            s_out.close()
+            t_out.close()
     seconds = time.perf_counter() - t0
     tail = losses[-max(1, len(losses) // 10):]
     record = {"pass": "recover", "config": asdict(config), "masked_layers": sorted(masks),
               "loss_first": losses[0], "loss_last": sum(tail) / len(tail), "seconds": seconds,
               "seconds_per_step": seconds / config.steps, "teacher_cache_seconds": t_teacher, "images": len(images),
-              "augment": mode}
+              "augment": mode, "feature_blocks": len(pairs)}
     return out.with_module(model, record)
+
+
+def _feature_pairs(student, teacher, x: torch.Tensor) -> list[tuple[str, str]]:
+    """(student path, teacher path) of the blocks the two share by position, checked on a real batch to
+    have outputs of one shape; a one-line error where none do (a pruned residual width, merged tokens)."""
+    sp, tp = block_paths(student), block_paths(teacher)
+    if not sp or len(sp) != len(tp):
+        raise VitcError(f"feature distillation needs the student and the teacher to have the same blocks "
+                        f"({len(sp)} and {len(tp)} found)", "recover without --recover-features")
+    s_hooks = _Outputs(student.require_module("recovery"), sp)
+    t_hooks = _Outputs(teacher.require_module("recovery"), tp)
+    try:
+        with torch.no_grad():
+            student.require_module("recovery")(x)
+            teacher.require_module("recovery")(x)
+    finally:
+        s_hooks.close()
+        t_hooks.close()
+    pairs = [(a, b) for a, b in zip(sp, tp) if a in s_hooks.values and b in t_hooks.values
+             and s_hooks.values[a].shape == t_hooks.values[b].shape]
+    if not pairs:
+        raise VitcError("feature distillation found no block whose output has the same shape in the compressed and "
+                        "the dense model (the residual width was pruned, or tokens were merged)",
+                        "recover without --recover-features")
+    return pairs

@@ -6,8 +6,8 @@ left operand as uint8 with zero point 128, ONNX Runtime's fast u8 x s8 kernel; a
 probabilities are uint8 already), int64 ``Mul``/``Add``/``Sub``/``Div``/
 ``Clip``/``Max``/``ReduceSum``/``ReduceMax`` for requantization, Shiftmax and LayerNorm,
 ``BitShift`` (unsigned only in ONNX Runtime) for the shifts and the per-element shifts of
-Shiftmax's exponent, and a 256-entry ``Gather`` for the MLP activation, whose input is int8
-(the table is ShiftGELU's output for every int8 value: ``IntActivation.table``), and a ``Gather``
+Shiftmax's exponent, and a ``Gather`` for the MLP activation, whose input is an integer of
+``in_bits`` (the table is ShiftGELU's output for every such value: ``IntActivation.table``), and a ``Gather``
 for Shiftmax's exponential (``shiftmax_table``, the softmax then in int32). A hybrid's conv
 stem runs in NHWC as ``Pad`` (with the zero point), strided ``Slice``s (im2col), ``Concat`` and
 ``MatMulInteger``; its ReLU outputs are uint8 with zero point 0. Float appears only at the two ends: the input quantizer (``Div``, ``Round``,
@@ -225,6 +225,20 @@ class _Graph:
         return x
 
     def layernorm(self, x: str, norm) -> str:
+        return self.requant(self.normalized(x, norm), norm.out, to="uint8", gamma=(norm.gamma, norm.beta))
+
+    def token_mean(self, h: str, part) -> str:
+        """``IntHeadPart`` "mean": the patch tokens' LayerNorm (affine, no requantization) summed over the
+        tokens, shifted by ``sum_shift``, requantized once; uint8 with zero point 128."""
+        n = part.norm
+        tokens = self.op("Slice", [h, self.const([1]), self.const([1 << 62]), self.const([1])])
+        normed = self.normalized(tokens, n)
+        affine = self.mark64(self.add(self.mul(normed, n.gamma), n.beta))
+        total = self.mark64(self.op("ReduceSum", [affine, self.const([1])], keepdims=0))
+        return self.requant(self.rshift_round(total, part.sum_shift), n.out, to="uint8")
+
+    def normalized(self, x: str, norm) -> str:
+        """``int_layernorm`` up to the normalised value ``(x - mean) / std * 2**12`` (before the affine)."""
         from vitc.compress.integer import kernels as K
 
         dim = int(norm.gamma.numel())
@@ -238,8 +252,7 @@ class _Graph:
         # half (std >> 1) and the lift L*std are one per-row term
         row = self.op("Add", [self.rshift_round(std, 1, half=False), self.mul(std, LN_LIFT)])
         lifted = self.op("Add", [self.mul(c, 1 << K.NORM_FRAC_BITS), row])
-        normed = self.mark64(self.sub(self.op("Div", [lifted, std]), LN_LIFT))
-        return self.requant(normed, norm.out, to="uint8", gamma=(norm.gamma, norm.beta))
+        return self.mark64(self.sub(self.op("Div", [lifted, std]), LN_LIFT))
 
     def to_u8(self, x: str, zero_point: int = ZERO_POINT) -> str:
         """An int64 tensor clipped to int8's range as uint8 with zero point 128.
@@ -318,10 +331,19 @@ def build_graph(program, batch: int | None = None, opset: int = OPSET):
     shape = g.op("Concat", [nb, g.const([p.prefix.shape[0], dim])], axis=0)
     prefix = g.op("Expand", [g.const(p.prefix.unsqueeze(0)), shape])
     h = g.mark64(g.op("Concat", [prefix, h], axis=1))
-    for b in p.blocks:
+    read = {part.block for part in p.head}
+    outputs = {}
+    for i, b in enumerate(p.blocks):
         h = _block(g, b, h, n_tok, dim)
-    cls = g.mark64(g.op("Gather", [h, g.const(0)], axis=1))
-    cls = g.layernorm(cls, p.final_norm)
+        if i in read:
+            outputs[i] = h
+    if p.head:  # a multi-block probe head: every part on the feature grid (uint8, zero point 128), concatenated
+        parts = [g.layernorm(g.mark64(g.op("Gather", [outputs[part.block], g.const(0)], axis=1)), part.norm)
+                 if part.pool == "cls" else g.token_mean(outputs[part.block], part) for part in p.head]
+        cls = g.op("Concat", parts, axis=-1)
+    else:
+        cls = g.mark64(g.op("Gather", [h, g.const(0)], axis=1))
+        cls = g.layernorm(cls, p.final_norm)
     logits_int = g.op("Identity", [g.linear(cls, p.classifier)], hint="logits_int32")
     logits = g.op("Mul", [g.cast(logits_int, TP.FLOAT), g.const(p.logit_scale, np.float32)], hint="logits")
     g.nodes.append(g.helper.make_node("Identity", [logits], ["logits"]))
@@ -350,23 +372,34 @@ def _block(g: _Graph, b, h: str, n_tok: int, dim: int) -> str:
 
     q, k, v = heads(b.q, b.q_out, left=True), heads(b.k, b.k_out, transpose_k=True), heads(b.v, b.v_out)
     scores = g.matmul_u8(q, k)
+    levels = getattr(b, "prob_levels", 255)
     if getattr(b, "softmax_table", None) is not None:
-        probs = g.cast(g.shiftmax_lut(scores, b.softmax_table, 255), TP.UINT8)
+        probs = g.shiftmax_lut(scores, b.softmax_table, levels)
     else:
-        probs = g.cast(g.shiftmax(scores, b.softmax_multiplier, b.softmax_shift, 255), TP.UINT8)
-    ctx = g.op("MatMulInteger", [probs, v])
+        probs = g.shiftmax(scores, b.softmax_multiplier, b.softmax_shift, levels)
+    if levels <= 255:
+        ctx = g.op("MatMulInteger", [g.cast(probs, TP.UINT8), v])
+    else:
+        # p = 256 * high + low, each a uint8 digit: p @ V = 256 * (high @ V) + low @ V, exact in int32
+        # (every row of p sums to about `levels`, so |p @ V| <= levels * 128 + rounding)
+        probs = g.cast(probs, TP.INT32)
+        high = g.op("Div", [probs, g.const(256, np.int32)])  # non-negative: Div floors
+        low = g.op("Sub", [probs, g.op("Mul", [high, g.const(256, np.int32)])])
+        ctx = g.op("Add", [g.op("Mul", [g.op("MatMulInteger", [g.cast(high, TP.UINT8), v]), g.const(256, np.int32)]),
+                           g.op("MatMulInteger", [g.cast(low, TP.UINT8), v])])
     ctx = g.requant(ctx, b.context_out, to="uint8")
     ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]), g.const([0, n_tok, dim])])
     h = g.aligned_add(h, g.linear(ctx, b.o), b.add1)
     x = g.layernorm(h, b.norm2)
-    a = g.requant(g.linear(x, b.fc1), b.fc1_out, to="index")
+    a = g.requant(g.linear(x, b.fc1), b.fc1_out, to="index", zero_point=1 << (b.act.in_bits - 1))
     a = g.op("Gather", [g.const(activation_table(b.act), np.uint8), a], axis=0)
-    return g.aligned_add(h, g.linear(a, b.fc2), b.add2)
+    # the stored codes u = c + zero_point go in as they are: fc2's bias already carries -zero_point * colsum(W)
+    return g.aligned_add(h, g.linear(a, b.fc2, zero_point=0), b.add2)
 
 
 def activation_table(act) -> np.ndarray:
-    """``act.table()`` as uint8 codes (zero point 128), for the graph's ``Gather``."""
-    return (act.table() + ZERO_POINT).numpy().astype(np.uint8)
+    """``act.table()``, the stored unsigned codes, for the graph's ``Gather``."""
+    return act.table().numpy().astype(np.uint8)
 
 
 def export_integer_onnx(backbone, path: Path | str, opset: int = OPSET, dynamic_batch: bool = True) -> Path:

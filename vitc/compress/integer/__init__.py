@@ -25,11 +25,19 @@ class IntegerConfig:
     weight_bits: int = 8
     act_bits: int = 8
     residual_bits: int = 16  # the residual stream never enters a matmul; 16 bits keep it from clipping
+    act_input_bits: int = 16  # the MLP activation's input only indexes its table (2**bits entries), never a matmul
+    ln_reparam: bool = True  # RepQ-ViT: equalise the channels of LayerNorm outputs before calibration
+    # attention probabilities' grid: at 257 tokens most probabilities are near 1/257, below one step
+    # of a uint8 grid (on zoo:dinov2s-c10 the 1/255 grid alone moved the logits by 16% of their norm);
+    # above 8 bits probs x V runs as two uint8 MatMulIntegers (high and low digit), the same integers
+    prob_bits: int = 14
     calibration: str = "percentile"  # minmax | percentile | mse | entropy (int8 taps; input and residual: minmax)
     percentile: float = 99.99
     calib_size: int = 256
     seed: int = 0
-    gelu: str = "lambda"  # "lambda" (lambda-ShiftGELU, slope fitted per layer) | "shift" (ShiftGELU, 1.702)
+    # the MLP activation's table: "exact" (the model's own function, rounded offline), "lambda"
+    # (lambda-ShiftGELU, slope fitted per layer) or "shift" (ShiftGELU, 1.702); all run as one Gather
+    gelu: str = "exact"
     batch_size: int = 64
     recover_steps: int = 0  # > 0: fine-tune with the integer rounding simulated (distillation from FP32)
     recover_size: int = 1024  # images the recovery draws its batches from
@@ -42,10 +50,16 @@ class IntegerConfig:
                 flag = "--wbits" if name == "weight_bits" else "--abits"
                 raise VitcError(f"--integer-only needs {flag} between 2 and 8, got {bits} (int8 MatMulInteger "
                                 "operands)", f"pass {flag} 8 or lower")
+        if not 8 <= self.prob_bits <= 14:
+            raise VitcError(f"attention probability width {self.prob_bits} is outside 8..14 bits (the int32 "
+                            "Shiftmax of the ONNX graph)", "use 14")
+        if not 8 <= self.act_input_bits <= 16:
+            raise VitcError(f"activation input width {self.act_input_bits} is outside 8..16 bits (its table has "
+                            "2**bits entries)", "use 16")
         if not 8 <= self.residual_bits <= 24:
             raise VitcError(f"residual width {self.residual_bits} is outside 8..24 bits", "use 16")
-        if self.gelu not in ("lambda", "shift"):
-            raise VitcError(f"gelu approximation '{self.gelu}' is not known", "use lambda or shift")
+        if self.gelu not in ("exact", "lambda", "shift"):
+            raise VitcError(f"gelu approximation '{self.gelu}' is not known", "use exact, lambda or shift")
         from vitc.calibration.observers import CALIBRATORS
 
         if self.calibration not in CALIBRATORS:
@@ -93,24 +107,32 @@ def apply(backbone, config: IntegerConfig | None = None, data=None, ranges: dict
     preprocessed images) is observed by ``config.calibration``. ``config.recover_steps > 0``
     fine-tunes the weights with the integer rounding simulated before the conversion.
     """
-    from .convert import build, calibrate
+    from .convert import build, calibrate, equalize_norms
     from .hf_vit import read_vit
     from .program import IntegerViT
 
     config = config or IntegerConfig()
     config.validate()
     float_vit = read_vit(backbone)
+    equalized: list[str] = []
     if ranges is None:
         batches = calibration_batches(backbone, data, config)
         check_reference(backbone, float_vit, batches[0][:16])
-        ranges = calibrate(float_vit, batches, config.calibration, config.percentile, config.act_bits)
-    record = {"pass": "integer", "config": asdict(config), "calibrated_taps": len(ranges)}
+        if config.ln_reparam:
+            float_vit, equalized = equalize_norms(float_vit, batches)
+        ranges = calibrate(float_vit, batches, config.calibration, config.percentile, config.act_bits,
+                           config.act_input_bits)
+    # ranges given from outside were observed on the model as it is: its norms are not rewritten
+    record = {"pass": "integer", "config": asdict(config), "calibrated_taps": len(ranges),
+              "equalized_norms": len(equalized)}
     if config.recover_steps:
         from .recover import recover
 
         images = torch.cat(calibration_batches(backbone, data, config, config.recover_size))
         float_vit = recover(float_vit, ranges, images, config.recover_steps, config.weight_bits, config.act_bits,
-                            config.residual_bits, config.gelu, config.recover_lr, seed=config.seed, progress=progress)
+                            config.residual_bits, config.gelu, config.recover_lr, seed=config.seed, progress=progress,
+                            act_input_bits=config.act_input_bits, prob_bits=config.prob_bits)
         record["recovery_images"] = int(images.shape[0])
-    program = build(float_vit, ranges, config.weight_bits, config.act_bits, config.residual_bits, config.gelu)
+    program = build(float_vit, ranges, config.weight_bits, config.act_bits, config.residual_bits, config.gelu,
+                    config.act_input_bits, config.prob_bits)
     return backbone.copy().with_module(IntegerViT(program), record)

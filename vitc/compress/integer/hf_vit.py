@@ -2,7 +2,12 @@
 
 Everything family-specific lives here: where the CLS token and the position embedding are,
 and which structures have no integer version yet. The structure (``backbone.structure``)
-gives the paths of the patch embedding, blocks, norms and classifier.
+gives the paths of the patch embedding, blocks, norms, LayerScale and classifier.
+
+Two things are folded away rather than given integer kernels of their own: LayerScale (a
+per-channel scale on a residual branch, DINOv2/CaiT) goes into the rows of the branch's last
+projection, and a linear probe's feature standardisation goes into the affine of the
+LayerNorm each probe part is read through (``reference.FloatHeadPart``).
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import torch.nn as nn
 from vitc.errors import VitcError
 
 from . import kernels as K
-from .reference import FloatBlock, FloatConv, FloatViT
+from .reference import FloatBlock, FloatConv, FloatHeadPart, FloatViT
 
 SUPPORTED_ACTIVATIONS = ("gelu", "silu", "relu")
 NO_INTEGER = "quantize without --integer-only (W8A8 keeps float non-linearities)"
@@ -61,8 +66,12 @@ def read_vit(backbone) -> FloatViT:
     conv = None
     if s.conv_stages:
         stem, conv, conv_path = _conv_stem(module, s)
-    if s.kind not in ("vit", "hybrid") or not s.blocks or s.patch_embed is None or s.classifier is None:
+    if s.kind not in ("vit", "hybrid") or not s.blocks or s.patch_embed is None:
         raise VitcError(f"integer-only: {backbone.source} is not a ViT (kind {s.kind}, family {s.family})",
+                        NO_INTEGER)
+    if s.classifier is None:
+        raise VitcError(f"integer-only: {backbone.source} has no classifier head (the integer ViT ends in a Linear on "
+                        "the CLS token or a linear probe; a dense head such as a conv decoder has no integer version)",
                         NO_INTEGER)
     tokens = s.transformer_stages[0].tokens
     if tokens.dist_index is not None or tokens.cls_index != 0:
@@ -88,19 +97,76 @@ def read_vit(backbone) -> FloatViT:
         blocks.append(FloatBlock(
             name=blk.path, heads=a.num_heads, head_dim=a.head_dim,
             norm1=_norm(module, blk.norm1, f"norm before {a.path}"),
-            q=_linear(module, a.q), k=_linear(module, a.k), v=_linear(module, a.v), o=_linear(module, a.out_proj),
+            q=_linear(module, a.q), k=_linear(module, a.k), v=_linear(module, a.v),
+            o=_scaled(_linear(module, a.out_proj), _layer_scale(module, blk.ls1, conv.out_channels)),
             norm2=_norm(module, blk.norm2, f"norm before {m.fc1}"),
-            fc1=_linear(module, m.fc1), fc2=_linear(module, m.fc2), activation=m.activation, act_fn=act,
+            fc1=_linear(module, m.fc1),
+            fc2=_scaled(_linear(module, m.fc2), _layer_scale(module, blk.ls2, conv.out_channels)),
+            activation=m.activation, act_fn=act,
             paths={"q": a.q, "k": a.k, "v": a.v, "o": a.out_proj, "fc1": m.fc1, "fc2": m.fc2,
                    "norm1": blk.norm1, "norm2": blk.norm2}))
     bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
+    final_norm = _norm(module, s.final_norm, "final norm")
+    head = _probe_head(module, s.classifier, final_norm, conv.out_channels, len(blocks))
     return FloatViT(
         patch_size=conv.kernel_size[0], patch_weight=conv.weight.detach().float().clone(),
         patch_bias=bias.detach().float().clone(),
         cls=emb.cls_token.detach().float().reshape(1, -1).clone(),
         pos=emb.position_embeddings.detach().float().reshape(-1, conv.out_channels).clone(),
-        blocks=blocks, final_norm=_norm(module, s.final_norm, "final norm"), classifier=_linear(module, s.classifier),
-        paths={"patch": conv_path, "final_norm": s.final_norm, "classifier": s.classifier}, stem=stem)
+        blocks=blocks, final_norm=final_norm, classifier=_linear(module, s.classifier),
+        paths={"patch": conv_path, "final_norm": s.final_norm, "classifier": s.classifier}, stem=stem, head=head)
+
+
+def _layer_scale(module: nn.Module, path: str | None, dim: int) -> torch.Tensor | None:
+    """A LayerScale's per-channel vector (its one 1-D parameter of the residual width), or None where the
+    block has none. ``check_reference`` then confirms that the module does compute ``x * vector``."""
+    if path is None:
+        return None
+    try:
+        m = _get(module, path)
+    except AttributeError:
+        return None
+    if isinstance(m, (nn.Identity, nn.Dropout)):
+        return None
+    vectors = [t for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)) if t.ndim == 1]
+    if len(vectors) != 1 or vectors[0].numel() != dim or any(True for _ in m.children()):
+        raise VitcError(f"integer-only: LayerScale {path} ({type(m).__name__}) is not a per-channel scale of "
+                        f"width {dim}", NO_INTEGER)
+    return vectors[0].detach().float().clone()
+
+
+def _scaled(lin: tuple[torch.Tensor, torch.Tensor], scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold a LayerScale into the projection before it: ``(x W^T + b) * g = x (gW)^T + g b``."""
+    if scale is None:
+        return lin
+    return lin[0] * scale[:, None], lin[1] * scale
+
+
+def _probe_head(module: nn.Module, classifier: str, final_norm, dim: int, depth: int) -> list[FloatHeadPart]:
+    """The parts of a multi-block linear probe (``vitc.models.real.Dinov2Probe``: a ``layout`` of CLS and
+    patch-mean reads, 1-based blocks, each through the final norm, and a ``feature_norm`` standardisation),
+    found on the classifier's owner; [] for the usual final-norm-on-CLS head."""
+    owner_path = classifier.rsplit(".", 1)[0] if "." in classifier else ""
+    owner = _get(module, owner_path) if owner_path else module
+    layout = getattr(owner, "layout", None)
+    if layout is None or not hasattr(layout, "cls_blocks") or not hasattr(layout, "mean_blocks"):
+        return []
+    reads = [("cls", b) for b in layout.cls_blocks] + [("mean", b) for b in layout.mean_blocks]
+    width = len(reads) * dim
+    standardise = getattr(owner, "feature_norm", None)
+    mean = getattr(standardise, "mean", torch.zeros(width)).detach().double()
+    std = getattr(standardise, "std", torch.ones(width)).detach().double()
+    if mean.numel() != width or std.numel() != width or not bool((std > 0).all()):
+        raise VitcError(f"integer-only: the probe head of {owner_path or 'the model'} has a standardisation that does "
+                        f"not match its {len(reads)} reads of width {dim}", NO_INTEGER)
+    g, b, eps = final_norm
+    parts = []
+    for j, (pool, block) in enumerate(reads):
+        if not 1 <= block <= depth:
+            raise VitcError(f"integer-only: the probe head reads block {block}, but the model has {depth}", NO_INTEGER)
+        m, sd = mean[j * dim:(j + 1) * dim], std[j * dim:(j + 1) * dim]
+        parts.append(FloatHeadPart(block - 1, pool, ((g.double() / sd).float(), ((b.double() - m) / sd).float(), eps)))
+    return parts
 
 
 STEM_OPS = "Conv2d, BatchNorm2d, ReLU"

@@ -93,34 +93,67 @@ class IntNorm:
 
 
 @dataclass
+class IntHeadPart:
+    """One read of a multi-block probe head (``reference.FloatHeadPart``), ending on the int8 feature grid.
+
+    ``"cls"``: the integer LayerNorm of the CLS token, requantized. ``"mean"``: the integer
+    LayerNorm of every patch token *before* requantization (int64 at ``2**-(12 + k)``), summed
+    over the tokens, shifted down by ``sum_shift`` bits (so the product with the multiplier
+    stays inside int64), then requantized once; the 1/tokens of the mean is in the multiplier.
+    """
+
+    block: int  # index into IntViT.blocks: the part reads that block's output
+    pool: str  # "cls" | "mean"
+    norm: IntNorm
+    sum_shift: int = 0
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        if self.pool == "cls":
+            return self.norm(h[:, 0])
+        n = self.norm
+        total = K.int_layernorm(h[:, 1:], n.gamma, n.beta, n.pre_shift).sum(dim=1)
+        return n.out(K.rshift_round(total, self.sum_shift)).to(torch.int8)
+
+
+@dataclass
 class IntActivation:
-    kind: str  # "gelu" (ShiftGELU / lambda-ShiftGELU), "silu", "relu"
+    """The MLP activation: a table over its ``in_bits``-bit input (fc1's requantized output), giving
+    unsigned codes ``u = c + zero_point`` on the output grid (``convert.activation_grid``)."""
+
+    kind: str  # "gelu" (ShiftGELU / lambda-ShiftGELU), "silu", "relu", or "exact" (``values``)
     multiplier: torch.Tensor
     shift: int
-    out: Requant
+    out: Requant | None
+    in_bits: int = 8
+    zero_point: int = 0
+    values: torch.Tensor | None = None  # "exact": the stored codes, the model's own function rounded offline
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The kernel itself: ShiftGELU / SiLU / ReLU, then requantization to int8."""
+        """The kernel itself: ShiftGELU / SiLU / ReLU, then requantization to the output codes ``c``."""
+        if self.values is not None:
+            return self.values[x.to(torch.int64) + (1 << (self.in_bits - 1))] - self.zero_point
         if self.kind == "relu":
             y = x.to(torch.int64).clamp_min(0)
         elif self.kind == "silu":
             y = K.int_silu(x, self.multiplier, self.shift)
         else:
             y = K.shift_gelu(x, self.multiplier, self.shift)
-        return self.out(y).to(torch.int8)
+        return self.out(y)
 
     def table(self) -> torch.Tensor:
-        """The kernel's int8 output for every int8 input -128..127 (int64, 256 entries).
+        """The stored output ``c + zero_point`` (0..255) for every input -2**(in_bits-1)..2**(in_bits-1)-1 (int64).
 
-        The activation's input is int8, so these 256 integers are the whole function: the
-        executor and the ONNX graph look them up instead of running ~40 int64 ops per element.
+        The activation's input is an integer of ``in_bits`` bits, so these integers are the whole
+        function: the executor and the ONNX graph look them up instead of running ~40 int64 ops
+        per element (65,536 entries at 16 bits).
         """
-        return self(torch.arange(-128, 128, dtype=torch.int64)).to(torch.int64)
+        half = 1 << (self.in_bits - 1)
+        return self(torch.arange(-half, half, dtype=torch.int64)).to(torch.int64) + self.zero_point
 
     def lookup(self, x: torch.Tensor) -> torch.Tensor:
         if not hasattr(self, "_table"):
-            self._table = self.table().to(torch.int8)
-        return self._table[x.to(torch.int64) + 128]
+            self._table = self.table().to(torch.uint8)
+        return self._table[x.to(torch.int64) + (1 << (self.in_bits - 1))]
 
 
 def im2col_nhwc(x: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
@@ -184,11 +217,12 @@ class IntBlock:
     fc2: IntLinear
     add2: ResidualAdd
     softmax_table: torch.Tensor | None = None  # K.shiftmax_table: the exponential for every logit gap
+    prob_levels: int = 255  # attention probabilities on the grid 1/prob_levels (above 255: two uint8 digits)
 
     def shiftmax(self, scores: torch.Tensor) -> torch.Tensor:
         if self.softmax_table is not None:
-            return K.shiftmax_lut(scores, self.softmax_table)
-        return K.shiftmax(scores, self.softmax_multiplier, self.softmax_shift)
+            return K.shiftmax_lut(scores, self.softmax_table, self.prob_levels)
+        return K.shiftmax(scores, self.softmax_multiplier, self.softmax_shift, self.prob_levels)
 
 
 @dataclass
@@ -200,7 +234,7 @@ class IntViT:
     pos: torch.Tensor  # int64 (num_patches, dim), position embedding in residual units
     prefix: torch.Tensor  # int64 (num_prefix, dim), CLS (+ position) in residual units
     blocks: list[IntBlock]
-    final_norm: IntNorm
+    final_norm: IntNorm | None  # None where ``head`` replaces it
     classifier: IntLinear
     logit_scale: torch.Tensor  # float (classes,): int32 accumulator -> logits (the output dequantizer)
     residual_bits: int = 16
@@ -208,6 +242,7 @@ class IntViT:
     stem: list[IntConv] = field(default_factory=list)  # a hybrid's conv stem (NHWC), before ``patch``
     image_size: int = 0  # input side in pixels
     in_channels: int = 3
+    head: list[IntHeadPart] = field(default_factory=list)  # a multi-block probe head in place of final_norm on CLS
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return torch.round(x / self.input_scale).clamp(-128, 127).to(torch.int8)
@@ -250,8 +285,16 @@ def execute(model: IntViT, x: torch.Tensor) -> torch.Tensor:
     acc = _int(model.patch(patches), model.patch.name)
     h = _int(model.embed_add(model.pos.unsqueeze(0), acc), "embeddings")
     h = torch.cat([model.prefix.unsqueeze(0).expand(n, -1, -1), h], dim=1)
-    for b in model.blocks:
+    read = {part.block for part in model.head}
+    outputs = {}
+    for i, b in enumerate(model.blocks):
         h = _block(b, h)
+        if i in read:
+            outputs[i] = h
+    if model.head:
+        parts = [_int(part(outputs[part.block]), f"{part.norm.name} ({part.pool} of block {part.block + 1})")
+                 for part in model.head]
+        return _int(model.classifier(torch.cat(parts, dim=-1)), model.classifier.name)
     cls = _int(model.final_norm(h[:, 0]), model.final_norm.name)
     return _int(model.classifier(cls), model.classifier.name)
 
@@ -266,7 +309,7 @@ def _block(b: IntBlock, h: torch.Tensor) -> torch.Tensor:
 
     q, k, v = heads(b.q, b.q_out), heads(b.k, b.k_out), heads(b.v, b.v_out)
     scores = _int(torch.matmul(q.to(torch.int32), k.to(torch.int32).transpose(-1, -2)), f"{b.name} scores")
-    probs = _int(b.shiftmax(scores).to(torch.uint8), f"{b.name} shiftmax")
+    probs = _int(b.shiftmax(scores).to(torch.uint8 if b.prob_levels <= 255 else torch.int32), f"{b.name} shiftmax")
     ctx = _int(torch.matmul(probs.to(torch.int32), v.to(torch.int32)), f"{b.name} context")
     ctx = b.context_out(ctx).to(torch.int8).transpose(1, 2).reshape(n, t, d)
     h = _int(b.add1(h, b.o(ctx)), f"{b.name} residual 1")

@@ -14,8 +14,8 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from . import kernels as K
-from .convert import PROB_LEVELS, is_residual, is_unsigned
+from .convert import activation_floor, activation_grid, activation_slope, is_act_input, is_residual, \
+    is_unsigned
 from .reference import FloatViT
 
 
@@ -30,15 +30,19 @@ def fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     return _ste(w, torch.round(w / s).clamp(-qmax - 1, qmax) * s)
 
 
-def _tap(ranges: dict[str, float], act_bits: int, residual_bits: int):
+def _tap(ranges: dict[str, float], act_bits: int, residual_bits: int, act_grids: dict[str, tuple[float, int]],
+         act_input_bits: int, prob_levels: int):
     def tap(name: str, t: torch.Tensor) -> torch.Tensor:
         if name.endswith(".probs"):
-            return _ste(t, torch.round(t * PROB_LEVELS) / PROB_LEVELS)
+            return _ste(t, torch.round(t * prob_levels) / prob_levels)
+        if name in act_grids:  # the MLP activation's unsigned grid with a zero point
+            s, z = act_grids[name]
+            return _ste(t, torch.round(t / s).clamp(-z, 2 ** act_bits - 1 - z) * s)
         if is_unsigned(name):
             qmax = 2 ** act_bits - 1
             s = ranges[name] / qmax
             return _ste(t, torch.round(t / s).clamp(0, qmax) * s)
-        bits = residual_bits if is_residual(name) else act_bits
+        bits = residual_bits if is_residual(name) else act_input_bits if is_act_input(name) else act_bits
         qmax = 2 ** (bits - 1) - 1
         s = ranges[name] / qmax
         return _ste(t, torch.round(t / s).clamp(-qmax - 1, qmax) * s)
@@ -47,11 +51,15 @@ def _tap(ranges: dict[str, float], act_bits: int, residual_bits: int):
 
 def _slopes(model: FloatViT, ranges: dict[str, float], gelu: str) -> list[float | None]:
     """The sigmoid slope of each block's integer GELU, as ``build`` picks it (None: not a GELU)."""
-    out: list[float | None] = []
-    for i, b in enumerate(model.blocks):
-        r = ranges[f"{i}.fc1"]
-        out.append(None if b.activation != "gelu" else K.lambda_for_range(-r, r) if gelu == "lambda" else 1.702)
-    return out
+    return [activation_slope(b.activation, gelu, ranges[f"{i}.fc1"]) if b.activation == "gelu" else None
+            for i, b in enumerate(model.blocks)]
+
+
+def _act_grids(model: FloatViT, ranges: dict[str, float], gelu: str, act_bits: int) -> dict[str, tuple[float, int]]:
+    """Each block's MLP activation output grid, as ``build`` makes it."""
+    return {f"{i}.act": activation_grid(ranges[f"{i}.act"], activation_floor(
+        b.activation, activation_slope(b.activation, gelu, ranges[f"{i}.fc1"])), act_bits)
+            for i, b in enumerate(model.blocks)}
 
 
 def _simulated(model: FloatViT, slopes: list[float | None], weight_bits: int) -> FloatViT:
@@ -93,7 +101,7 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def recover(model: FloatViT, ranges: dict[str, float], images: torch.Tensor, steps: int, weight_bits: int = 8,
             act_bits: int = 8, residual_bits: int = 16, gelu: str = "lambda", lr: float = 1e-5, batch_size: int = 32,
-            seed: int = 0, progress=None) -> FloatViT:
+            seed: int = 0, progress=None, act_input_bits: int = 8, prob_bits: int = 8) -> FloatViT:
     """Fine-tune a copy of ``model`` for ``steps`` steps; return the copy (``model`` is untouched)."""
     student = replace(model, blocks=[replace(b) for b in model.blocks], stem=[replace(c) for c in model.stem])
     params = [p.detach().clone().requires_grad_(True) for p in _params(model)]
@@ -101,7 +109,8 @@ def recover(model: FloatViT, ranges: dict[str, float], images: torch.Tensor, ste
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     g = torch.Generator().manual_seed(seed)
-    tap = _tap(ranges, act_bits, residual_bits)
+    tap = _tap(ranges, act_bits, residual_bits, _act_grids(model, ranges, gelu, act_bits), act_input_bits,
+               2 ** prob_bits - 1)
     slopes = _slopes(model, ranges, gelu)
     task = progress.add_task("recovering", total=steps) if progress is not None else None
     for _ in range(steps):

@@ -9,7 +9,8 @@ in by name).
 Tap names: ``input``; ``stem.j`` after each conv of a hybrid's conv stem (after its ReLU: unsigned);
 ``embed``; per block ``i``: ``i.norm1``, ``i.q``, ``i.k``, ``i.v``,
 ``i.probs`` (fixed grid 1/255, not calibrated), ``i.context``, ``i.residual1``, ``i.norm2``, ``i.fc1``, ``i.act``, ``i.residual2``; then
-``final_norm`` (CLS token only).
+``final_norm`` (CLS token only); or, for a model with a multi-block probe head (``FloatViT.head``),
+``features`` (the concatenated, standardised probe input) in its place.
 """
 from __future__ import annotations
 
@@ -59,6 +60,25 @@ class FloatConv:
 
 
 @dataclass
+class FloatHeadPart:
+    """One part of a linear-probe head that reads several blocks (DINOv2 linear evaluation): the CLS
+    token (``pool="cls"``) or the mean of the patch tokens (``"mean"``) of block ``block``'s output
+    (0-based), through a LayerNorm whose affine already carries the probe's per-feature
+    standardisation (``(LN(x) - mean) / std`` is again a LayerNorm, with ``g / std`` and
+    ``(b - mean) / std``), so the integer model needs no float op for it."""
+
+    block: int
+    pool: str  # "cls" | "mean"
+    norm: Norm
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        w, bias, eps = self.norm
+        if self.pool == "cls":
+            return F.layer_norm(h[:, 0], w.shape, w, bias, eps)
+        return F.layer_norm(h[:, 1:], w.shape, w, bias, eps).mean(dim=1)
+
+
+@dataclass
 class FloatViT:
     patch_size: int
     patch_weight: torch.Tensor  # (dim, C, p, p)
@@ -70,6 +90,7 @@ class FloatViT:
     classifier: Linear
     paths: dict = field(default_factory=dict)
     stem: list[FloatConv] = field(default_factory=list)  # a hybrid's convs before the patch projection
+    head: list[FloatHeadPart] = field(default_factory=list)  # a multi-block probe head; empty: final norm on CLS
 
     def linears(self) -> dict[str, Linear]:
         """Every weight matrix, keyed by its layer path."""
@@ -88,8 +109,15 @@ class FloatViT:
         h = F.conv2d(x, self.patch_weight, self.patch_bias, stride=self.patch_size).flatten(2).transpose(1, 2)
         h = tap("embed", h + self.pos[1:])
         h = torch.cat([(self.cls + self.pos[:1]).expand(x.shape[0], 1, -1), h], dim=1)
+        read = {part.block for part in self.head}
+        outputs = {}
         for i, b in enumerate(self.blocks):
             h = block_forward(b, h, lambda name, t, i=i: tap(f"{i}.{name}", t))
+            if i in read:
+                outputs[i] = h
+        if self.head:
+            features = tap("features", torch.cat([part(outputs[part.block]) for part in self.head], dim=-1))
+            return F.linear(features, *self.classifier)
         w, bias, eps = self.final_norm
         cls = tap("final_norm", F.layer_norm(h[:, 0], w.shape, w, bias, eps))
         return F.linear(cls, *self.classifier)

@@ -6,7 +6,8 @@
   function is unchanged. Two choices of ``(r, t)``:
 
   - ``repq_factors`` (RepQ-ViT): ``r`` and ``t`` turn per-channel asymmetric quantization
-    parameters into one per-tensor scale and zero point;
+    parameters into one per-tensor scale and zero point (``centred_factors``: the same for a
+    symmetric per-tensor grid);
   - ``smooth_factors`` (SmoothQuant with MPTQ-ViT's bias term): centre each channel, then move
     part of its range into the weights (``alpha`` of the difficulty).
 * ``corrected_bias``: bias correction, the expected output shift of quantized weights
@@ -42,6 +43,15 @@ def repq_factors(ch_lo: torch.Tensor, ch_hi: torch.Tensor, bits: int) -> tuple[t
     r = s / s.mean()
     t = s * (z - torch.round(z.mean()))
     return r.float(), t.float()
+
+
+def centred_factors(ch_lo: torch.Tensor, ch_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RepQ-ViT for a symmetric grid (the integer-only model's): centre each channel (``t = -centre``)
+    and bring its half-range to the mean half-range (``r = half / mean(half)``), so one symmetric
+    per-tensor grid fits every channel."""
+    centre = (ch_lo + ch_hi) / 2
+    half = ((ch_hi - ch_lo) / 2).clamp_min(1e-5)
+    return half / half.mean(), -centre
 
 
 def smooth_factors(ch_lo: torch.Tensor, ch_hi: torch.Tensor, weight_absmax: torch.Tensor,
