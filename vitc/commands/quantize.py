@@ -104,8 +104,8 @@ def quantize_cmd(
         from vitc.compress.integer.command import run_integer_only
 
         # a real ViT's rare large activations (the CLS token's GELU outputs reach 14 where patches stay
-        # under 3.5) carry the prediction: a clipping calibrator on the integer model's int8 taps lost
-        # 8-30 points on zoo:dinov2s-c10, min-max none (benchmarks/results_integer_ablation_*)
+        # under 3.5) carry the prediction: percentile clipping of the integer model's int8 taps lost
+        # 12-17 points on zoo:dinov2s-c10, min-max none (benchmarks/results_integer_ablation_*)
         calib = calib or "minmax"
 
         return run_integer_only(model=model, weights=weights, input_size=input_size, resize=resize, mean=mean, std=std,
