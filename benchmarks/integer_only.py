@@ -259,7 +259,7 @@ def main() -> None:
     ap.add_argument("--eval-data", default=str(CIFAR / "test.tar.gz"))
     ap.add_argument("--eval-size", type=int, default=None, help="test images (default: all)")
     ap.add_argument("--calib-size", type=int, default=512)
-    ap.add_argument("--calibration", default="percentile")
+    ap.add_argument("--calibration", default="minmax", help="the 2026-11-21 results used percentile")
     ap.add_argument("--recover-steps", type=int, default=1000)
     ap.add_argument("--recover-size", type=int, default=4096)
     ap.add_argument("--recover-lr", type=float, default=1e-5)

@@ -166,6 +166,8 @@ def finish(dense, compressed, verb: str, recover_steps: int, train_data: str, tr
         r = compressed.transforms[-1]
         console.print(f"recovery: {r['config']['steps']} steps, distillation loss {r['loss_first']:.4f} -> {r['loss_last']:.4f}, "
                       f"{r['seconds_per_step']:.3f} s/step")
+        if r.get("feature_blocks"):  # blocks whose outputs changed shape are left out: say so
+            console.print(f"feature distillation on {r['feature_blocks']} of {r['feature_blocks_of']} blocks' outputs")
     result = {"model": dense.source, "stages": rows, **extra, "transforms": compressed.transforms}
     if output is not None:
         with atomic_path(output, force, is_dir=True) as tmp:

@@ -101,12 +101,10 @@ def quantize_cmd(
     if act_budget is not None and max_drop is not None:
         raise VitcError("--act-budget goes with --size-budget, not --max-drop", "pass --size-budget with --act-budget")
     if integer_only:
+        from vitc.compress.integer import IntegerConfig
         from vitc.compress.integer.command import run_integer_only
 
-        # a real ViT's rare large activations (the CLS token's GELU outputs reach 14 where patches stay
-        # under 3.5) carry the prediction: percentile clipping of the integer model's int8 taps lost
-        # 12-17 points on zoo:dinov2s-c10, min-max none (benchmarks/results_integer_ablation_*)
-        calib = calib or "minmax"
+        calib = calib or IntegerConfig.calibration  # the integer model's own default (min-max: see there)
 
         return run_integer_only(model=model, weights=weights, input_size=input_size, resize=resize, mean=mean, std=std,
                                 interpolation=interpolation, wbits=wbits or bits, abits=abits or bits, calib=calib,

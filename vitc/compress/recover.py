@@ -215,7 +215,8 @@ def recover(student, teacher, images: torch.Tensor, config: RecoverConfig, masks
     record = {"pass": "recover", "config": asdict(config), "masked_layers": sorted(masks),
               "loss_first": losses[0], "loss_last": sum(tail) / len(tail), "seconds": seconds,
               "seconds_per_step": seconds / config.steps, "teacher_cache_seconds": t_teacher, "images": len(images),
-              "augment": mode, "feature_blocks": len(pairs)}
+              "augment": mode, "feature_blocks": len(pairs),
+              "feature_blocks_of": len(block_paths(student)) if pairs else 0}
     return out.with_module(model, record)
 
 

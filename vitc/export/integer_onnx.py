@@ -372,7 +372,7 @@ def _block(g: _Graph, b, h: str, n_tok: int, dim: int) -> str:
 
     q, k, v = heads(b.q, b.q_out, left=True), heads(b.k, b.k_out, transpose_k=True), heads(b.v, b.v_out)
     scores = g.matmul_u8(q, k)
-    levels = getattr(b, "prob_levels", 255)
+    levels = b.prob_levels
     if getattr(b, "softmax_table", None) is not None:
         probs = g.shiftmax_lut(scores, b.softmax_table, levels)
     else:

@@ -8,7 +8,7 @@ in by name).
 
 Tap names: ``input``; ``stem.j`` after each conv of a hybrid's conv stem (after its ReLU: unsigned);
 ``embed``; per block ``i``: ``i.norm1``, ``i.q``, ``i.k``, ``i.v``,
-``i.probs`` (fixed grid 1/255, not calibrated), ``i.context``, ``i.residual1``, ``i.norm2``, ``i.fc1``, ``i.act``, ``i.residual2``; then
+``i.probs`` (fixed grid 1/(2**prob_bits - 1), not calibrated), ``i.context``, ``i.residual1``, ``i.norm2``, ``i.fc1``, ``i.act``, ``i.residual2``; then
 ``final_norm`` (CLS token only); or, for a model with a multi-block probe head (``FloatViT.head``),
 ``features`` (the concatenated, standardised probe input) in its place.
 """
