@@ -5,7 +5,12 @@ drop with its paired standard error, top-1 agreement, and the mean KL(FP32 || qu
     python benchmarks/saved_vs_fp32.py --model quantized/dinov2s-c10-mixed5-recon --test-size 2000 --threads 2 \
         --out benchmarks/results_saved_vs_fp32_2026-12-06_dinov2s_c10_mixed5_recon.json
 
-The quantized model runs as its PyTorch simulation (what its exports are held to by ``vitc export``'s parity).
+The quantized model runs as its PyTorch simulation (what its exports are held to by ``vitc export``'s parity),
+or with ``--runtime onnxruntime|openvino`` as its int8 export against the FP32 export in the same runtime
+(OpenVINO's FP32 with ``INFERENCE_PRECISION_HINT=f32``), both written to a temporary folder first:
+
+    python benchmarks/saved_vs_fp32.py --model quantized/dinov2s-c10-w8a8 --runtime onnxruntime --test-size 5000 \
+        --out benchmarks/results_saved_vs_fp32_2026-12-06_dinov2s_c10_w8a8_ort.json
 """
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ def main() -> None:
     ap.add_argument("--test-size", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime", "openvino"),
+                    help="torch: the simulation against the float model; onnxruntime/openvino: both exported and run there")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -49,6 +56,24 @@ def main() -> None:
     quantized = load_quantized(args.model)
     meta = json.loads((Path(args.model) / "vitc_quant.json").read_text())
     base = load_base(meta)
+    run_ref, run_q = base, quantized
+    if args.runtime != "torch":
+        import tempfile
+        import warnings
+
+        from vitc.export import export_artifact
+        from vitc.runtimes import open_session
+
+        folder = Path(tempfile.mkdtemp(prefix="vitc-saved-vs-fp32-"))
+        sessions = []
+        for name, model in (("fp32", base), ("quantized", quantized)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                path = export_artifact(model, "onnx" if args.runtime == "onnxruntime" else "openvino", folder / name,
+                                       check=False, force=True).path
+            session = open_session(path, runtime=args.runtime, threads=args.threads)
+            sessions.append(lambda x, s=session: torch.from_numpy(s.run(x.numpy())).float())
+        run_ref, run_q = sessions
     test = open_source(args.data).select(args.test_size, seed=0)
     mapping = label_map(test, base.labels)
     ref_ok, q_ok, agree, kl = [], [], [], []
@@ -57,7 +82,7 @@ def main() -> None:
         if mapping is not None:
             y = torch.from_numpy(mapping[y.numpy()])
         with torch.no_grad():
-            r, q = base(x), quantized(x)
+            r, q = run_ref(x), run_q(x)
         ref_ok.append(r.argmax(1) == y)
         q_ok.append(q.argmax(1) == y)
         agree.append(r.argmax(1) == q.argmax(1))
@@ -72,8 +97,8 @@ def main() -> None:
               "fp32_top1": float(ref_ok.double().mean()), "quantized_top1": float(q_ok.double().mean()),
               "drop_pt": drop, "drop_se_pt": se, "top1_agreement": float(agree.double().mean()),
               "changed_predictions": int((~agree).sum()), "mean_kl": float(kl.mean()),
-              "wall_s": time.perf_counter() - start, "threads": args.threads}
-    print(f"{args.model} vs {result['base']} on {result['images']} class-stratified images of {args.data}: "
+              "wall_s": time.perf_counter() - start, "threads": args.threads, "runtime": args.runtime}
+    print(f"{args.model} vs {result['base']} ({args.runtime}) on {result['images']} class-stratified images of {args.data}: "
           f"FP32 {100 * result['fp32_top1']:.2f}%, quantized {100 * result['quantized_top1']:.2f}%, "
           f"drop {drop:.2f} +- {se:.2f} pt (paired SE), agreement {100 * result['top1_agreement']:.2f}% "
           f"({result['changed_predictions']} predictions changed), KL {result['mean_kl']:.4f}")

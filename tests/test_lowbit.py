@@ -549,8 +549,9 @@ def test_prefix_grid_fits_a_loud_cls_token_without_coarsening_the_patches():
     x[:, 0] *= 10
     config = QuantConfig(wbits=6, abits=6, calibrator="mse")
 
-    def calibrated(split: bool) -> ActQuant:
+    def calibrated(split: bool, prefix_bits: int = 0) -> ActQuant:
         q = ActQuant("x", bits=6)
+        q.prefix_bits = prefix_bits
         q.observer = obs.Observer("x", channel_axis=-1)
         q.mode = "observe"
         q(x)
@@ -576,6 +577,13 @@ def test_prefix_grid_fits_a_loud_cls_token_without_coarsening_the_patches():
     assert err(split, slice(1, None)) < 0.2 * err(one, slice(1, None))  # the patches' grid no longer spans the CLS range
     assert err(split, slice(0, 1)) < 1.5 * err(one, slice(0, 1))
     assert split.scale[0] > 5 * split.scale[1]
+    # the prefix grid at 8 bits (QuantConfig.prefix_bits): 4x finer steps for the CLS token, the patches' grid unchanged
+    wide = calibrated(True, prefix_bits=8)
+    assert err(wide, slice(0, 1)) < 0.15 * err(split, slice(0, 1))
+    assert torch.equal(wide(x)[:, 1:], split(x)[:, 1:])
+    codes = wide(x)[:, 0] / wide.scale[0] + wide.zero_point[0]
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.round().unique().numel() > 64
+    assert wide.spec()["prefix_bits"] == 8 and "prefix_bits" not in split.spec()
 
 
 def test_graph_path_splits_token_inputs_below_8_bits_and_reloads(tiny_vit, calib64, tmp_path):
@@ -587,6 +595,12 @@ def test_graph_path_splits_token_inputs_below_8_bits_and_reloads(tiny_vit, calib
     assert len(rec["plan"]["prefix_grids"]) == 4 * blocks and rec["vit_quantizers"]["prefix_token_grids"] == 4 * blocks
     split = [i for s in rec["quant_plan"]["sites"] for i in s["inputs"] if i["prefix_tokens"]]
     assert split and all(i["prefix_tokens"] == 1 and i["kind"] == "uniform" for i in split)
+    # one width by default; QuantConfig.prefix_bits=8 gives the CLS grids 8 bits, the patches' stay at 6
+    assert all(i["prefix_bits"] == 6 and i["bits"] == 6 for i in split) and rec["vit_quantizers"]["prefix_token_bits"] == "6"
+    wide = apply(tiny_vit, QuantConfig(wbits=6, abits=6, sites="graph", calibrator="minmax", prefix_bits=8), x)
+    wide_rec = quant_record(wide)
+    assert all(i["prefix_bits"] == 8 for s in wide_rec["quant_plan"]["sites"] for i in s["inputs"] if i["prefix_tokens"])
+    assert wide_rec["vit_quantizers"]["prefix_token_bits"] == "8"
     assert not quant_record(apply(tiny_vit, QuantConfig(sites="graph", calibrator="minmax"), x))["plan"]["prefix_grids"]
     off = apply(tiny_vit, QuantConfig(wbits=6, abits=6, sites="graph", calibrator="minmax", prefix_grid="off"), x)
     assert not quant_record(off)["plan"]["prefix_grids"]
@@ -597,11 +611,12 @@ def test_graph_path_splits_token_inputs_below_8_bits_and_reloads(tiny_vit, calib
     with pytest.raises(VitcError, match="prefix\\+patches activation grid, which has no Q/DQ form"):
         export_qdq_onnx(on8, tmp_path / "on8.onnx")
     assert not (tmp_path / "on8.onnx").exists()
-    save_quantized(q6, tmp_path / "q6")
-    back = load_quantized(tmp_path / "q6")
     xe = _x(tiny_vit, calib64)[32:48]
-    with torch.no_grad():
-        assert torch.equal(back(xe), q6(xe))
+    for name, model in (("q6", q6), ("wide", wide)):
+        save_quantized(model, tmp_path / name)
+        back = load_quantized(tmp_path / name)
+        with torch.no_grad():
+            assert torch.equal(back(xe), model(xe))
 
 
 def test_gptq_waves_follow_the_blocks():

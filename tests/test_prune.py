@@ -283,3 +283,14 @@ def test_image_source_and_tensor_give_the_same_model(tiny_vit, calib_images):
     b = apply(tiny_vit, PruneConfig(importance="taylor", heads=0.5), tensor)
     x = tensor[:8]
     assert torch.equal(a(x), b(x))
+
+
+def test_units_left_out_of_the_plan_are_named_as_such(tiny_vit, calib):
+    """An MLP-only prune leaves the attention projections whole; coverage says why (the --units choice),
+    not that they lie outside the adapter's blocks."""
+    pruned = apply(tiny_vit, PruneConfig(importance="magnitude", flops=0.8, units=["mlp"]), calib)
+    left = {d["name"]: d["reason"] for d in pruned.transforms[-1]["coverage"]["left_alone"]}
+    q = [n for n in left if n.endswith("attention.q_proj")]
+    assert q, sorted(left)
+    assert all("heads units were not in the pruning plan" in left[n] for n in q)
+    assert any("outside the blocks" in r for r in left.values())  # the patch embedding / classifier

@@ -75,6 +75,7 @@ def quantize_cmd(
     alloc: str = typer.Option("ilp", "--alloc", help="with --bits auto: ilp (exact) or greedy (MPTQ-ViT)"),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="weight-only (--abits 16): input channels per weight scale, 32, 64 or 128 (default 64)"),
     rounding: Optional[str] = typer.Option(None, "--rounding", help="weight-only (--abits 16) and graph-path weights below 8 bits: gptq (default; error compensation from the calibration images) or nearest"),
+    prefix_bits: int = typer.Option(0, "--prefix-bits", help="below 8-bit activations (graph path): the width of the CLS/prefix tokens' own grids (0: the activation bits)"),
     sites: str = typer.Option("auto", "--sites", help="auto, graph (every matmul-like op in the captured graph) or modules (Linear/Conv2d swaps + family adapters)"),
     task: str = typer.Option("auto", "--task", help="auto, classify (top-1 with labels), dense (maps) or embed (vectors): how the output is compared with FP32"),
     strict_coverage: bool = typer.Option(False, "--strict-coverage", help="fail (exit 2, nothing saved) below 90% of matmul/conv FLOPs quantized"),
@@ -137,7 +138,7 @@ def quantize_cmd(
     config = QuantConfig(wbits=wbits or bits, abits=abits or bits, calibrator=calib, percentile=percentile, softmax=softmax,
                          gelu=gelu, scheme=scheme, granularity=granularity, ln_reparam=repq, smooth_alpha=smooth,
                          bias_correction=bias_correction, group_size=group_size, range_search=range_search,
-                         reconstruct_iters=iters if reconstruct else 0, sites=sites,
+                         reconstruct_iters=iters if reconstruct else 0, sites=sites, prefix_bits=prefix_bits,
                          weight_rounding=rounding or "gptq").validate()
     weight_only = config.abits == 16
     if rounding is not None and not weight_only and config.wbits >= 8:

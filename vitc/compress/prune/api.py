@@ -251,14 +251,25 @@ def _adapter_coverage(backbone, root: nn.Module, groups: list, counts: dict) -> 
     """Coverage of a family-adapter prune, counted on the layers the groups name (per-op FLOPs by hooks)."""
     from .surgery import get_module
 
-    touched = {p for g in groups if g.name in counts for p in list(g.producers) + list(g.consumers) + list(g.depthwise)}
+    def layers(g):
+        return list(g.producers) + list(g.consumers) + list(g.depthwise)
+
+    touched = {p for g in groups if g.name in counts for p in layers(g)}
+    # a layer of a group that was not pruned: its unit kind was left out of the plan (--units, or no ratio for it)
+    kind_of = {p: g.kind for g in groups if g.name not in counts for p in layers(g)}
     flops = layer_flops(backbone)
+
+    def reason(name: str) -> str:
+        if name in kind_of:
+            return f"its {kind_of[name]} units were not in the pruning plan (--units / --{kind_of[name]})"
+        return "outside the blocks the family adapter prunes"
+
     done = {k: v for k, v in flops.items() if k in touched}
     total = sum(flops.values())
     return {"ops_pruned": len(done), "ops_total": len(flops), "flops_pruned": sum(done.values()), "flops_total": total,
             "flops_share": sum(done.values()) / total if total else 0.0, "capture": "family adapter",
             "left_alone": sorted(({"name": k, "op": "linear" if isinstance(get_module(backbone.module, k), nn.Linear) else "conv",
-                                   "flops": v, "reason": "outside the blocks the family adapter prunes"}
+                                   "flops": v, "reason": reason(k)}
                                   for k, v in flops.items() if k not in touched), key=lambda d: -d["flops"])}
 
 

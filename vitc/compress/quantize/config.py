@@ -63,6 +63,11 @@ class QuantConfig:
     weight_rounding: str = "gptq"  # weight-only, and graph-path Linears below 8 bits: "gptq" (error compensation) | "nearest"
     sites: str = "auto"  # auto | graph | modules: how quantization sites are found (see ptq.choose_sites)
     prefix_grid: str = "auto"  # auto | on | off: prefix tokens (CLS) get their own activation grid (prefix_split_in_use)
+    # the width of that grid; 0: the activation width. Opt-in: on zoo:dinov2s-c10 at W6A6 the CLS token's 6-bit
+    # post-GELU grid alone costs 0.034 of output KL against FP32 (the 256 patch tokens' 0.022), and leaving every
+    # CLS grid float halves W6A6's KL (0.097 -> 0.048), yet calibrated 8-bit CLS grids measured 0.109
+    # (benchmarks/results_prefix_bits_2026-12-06_dinov2s_c10.txt, 300 test images): not understood yet
+    prefix_bits: int = 0
 
     def validate(self) -> "QuantConfig":
         if self.abits == WEIGHT_ONLY_ABITS:
@@ -77,6 +82,8 @@ class QuantConfig:
         for name, bits in (self.layer_bits or {}).items():
             if len(bits) != 2 or bits[0] not in SUPPORTED_BITS or bits[1] not in SUPPORTED_BITS:
                 raise VitcError(f"layer '{name}' has bit widths {bits}", f"use [wbits, abits] from {', '.join(map(str, SUPPORTED_BITS))}")
+        if self.prefix_bits and self.prefix_bits not in SUPPORTED_BITS:
+            raise VitcError(f"--prefix-bits {self.prefix_bits} is not supported", f"use one of {', '.join(map(str, SUPPORTED_BITS))}")
         for name in ("wbits", "abits"):
             v = getattr(self, name)
             if v not in SUPPORTED_BITS:

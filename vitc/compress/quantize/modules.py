@@ -37,7 +37,8 @@ class ActQuant(nn.Module):
     CLS token carries values several times the patch tokens' range in some blocks' MLP inputs
     (zoo:dinov2s-c10: 13.8 against 3.5 after block 2's GELU), and the head reads exactly that
     token: one 6-bit grid must either clip it or spend its levels on it. While calibrating,
-    ``prefix_observer`` sees the prefix tokens and ``observer`` the rest.
+    ``prefix_observer`` sees the prefix tokens and ``observer`` the rest. ``prefix_bits`` (0: ``bits``)
+    is the prefix grid's width (``QuantConfig.prefix_bits``).
     """
 
     def __init__(self, name: str, bits: int = 8, kind: str = "uniform", channel_axis: int = -1, channels: int = 1):
@@ -55,11 +56,16 @@ class ActQuant(nn.Module):
         self.register_buffer("twin", torch.ones(2))  # negative and positive scales of the twin grid
         self.frozen_qparams: tuple | None = None  # set by set_decomposed_export
         self.prefix_tokens = 0
+        self.prefix_bits = 0
         self.prefix_observer: Observer | None = None
 
     @property
     def qrange(self) -> tuple[int, int]:
         return Q.int_range(self.bits, self.symmetric)
+
+    @property
+    def prefix_qrange(self) -> tuple[int, int]:
+        return Q.int_range(self.prefix_bits or self.bits, self.symmetric)
 
     def set_uniform(self, scale: torch.Tensor, zero: torch.Tensor, symmetric: bool, per_channel: bool) -> None:
         self.kind, self.symmetric, self.per_channel = "uniform", symmetric, per_channel
@@ -83,7 +89,7 @@ class ActQuant(nn.Module):
             qmin, qmax = self.qrange
             if self.prefix_tokens:
                 p = self.prefix_tokens
-                return torch.cat([Q.fake_quant(x[:, :p], self.scale[0], self.zero_point[0], qmin, qmax),
+                return torch.cat([Q.fake_quant(x[:, :p], self.scale[0], self.zero_point[0], *self.prefix_qrange),
                                   Q.fake_quant(x[:, p:], self.scale[1], self.zero_point[1], qmin, qmax)], 1)
             if self.per_channel:
                 return Q.fake_quant(x, self.scale, self.zero_point, qmin, qmax, self.channel_axis)
@@ -99,6 +105,8 @@ class ActQuant(nn.Module):
                      ("prefix+patches" if self.prefix_tokens else "tensor"))
             if self.prefix_tokens:
                 d["prefix_tokens"] = self.prefix_tokens
+                if self.prefix_bits and self.prefix_bits != self.bits:
+                    d["prefix_bits"] = self.prefix_bits
         return d
 
     def load_spec(self, spec: dict) -> None:
@@ -107,6 +115,7 @@ class ActQuant(nn.Module):
         self.symmetric = spec.get("symmetric", False)
         self.per_channel = spec.get("granularity") == "channel"
         self.prefix_tokens = spec.get("prefix_tokens", 0)
+        self.prefix_bits = spec.get("prefix_bits", 0)
         n = spec.get("channels", 1) if self.per_channel else (2 if self.prefix_tokens else 1)
         self.scale = torch.ones(n)
         self.zero_point = torch.zeros(n, dtype=torch.int32)

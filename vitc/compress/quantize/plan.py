@@ -48,6 +48,7 @@ class TensorQuant:
     symmetric: bool = True
     per_channel: bool = False
     prefix_tokens: int = 0  # > 0: the first tokens (CLS, registers) have a grid of their own (ActQuant)
+    prefix_bits: int = 0  # > 0: that grid's width, when it differs from ``bits`` (QuantConfig.prefix_bits)
     pattern: str = "plain"  # which pattern chose this quantizer (PATTERNS)
     operand: int = 0  # which input of the op it quantizes
 

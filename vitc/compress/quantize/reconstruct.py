@@ -361,7 +361,8 @@ def _learnable_act(q: ActQuant, drop_prob: float, learn: bool, gen: torch.Genera
             grad_factor = 1.0 / math.sqrt(max(1, x.numel() // max(1, scale.numel())) * qmax)
             if self.prefix_tokens:  # the graph path's split grid: the prefix tokens' step, then the patches'
                 p = self.prefix_tokens
-                xq = torch.cat([torch._fake_quantize_learnable_per_tensor_affine(x[:, :p], scale[:1], zero[:1], qmin, qmax, grad_factor),
+                pmin, pmax = self.prefix_qrange
+                xq = torch.cat([torch._fake_quantize_learnable_per_tensor_affine(x[:, :p], scale[:1], zero[:1], pmin, pmax, grad_factor),
                                 torch._fake_quantize_learnable_per_tensor_affine(x[:, p:], scale[1:], zero[1:], qmin, qmax, grad_factor)], 1)
             elif self.per_channel:
                 xq = torch._fake_quantize_learnable_per_channel_affine(x, scale, zero, axis % x.dim(), qmin, qmax, grad_factor)

@@ -864,8 +864,9 @@ def _calibrate_prefix_split(q: ActQuant, config: QuantConfig) -> None:
     from .ptq import _calibrate_uniform
 
     _, symmetric, scale, zero = _calibrate_uniform(q, config.calibrator, config, config.graph_scheme)[0]
-    lo, hi = obs.calibrate(q.prefix_observer.histogram(), config.calibrator, q.bits, symmetric, config.percentile)
-    p_scale, p_zero = Q.uniform_qparams(lo, hi, q.bits, symmetric)
+    bits = q.prefix_bits or q.bits
+    lo, hi = obs.calibrate(q.prefix_observer.histogram(), config.calibrator, bits, symmetric, config.percentile)
+    p_scale, p_zero = Q.uniform_qparams(lo, hi, bits, symmetric)
     q.set_uniform(torch.stack([p_scale.reshape(()), scale.reshape(())]), torch.stack([p_zero.reshape(()), zero.reshape(())]),
                   symmetric, False)
     q.prefix_observer = None
@@ -998,7 +999,7 @@ def finalize_plan(plan: QuantPlan, installed: dict) -> None:
     for site in plan.sites:
         for q, key in zip(site.inputs, _site_operand_keys(installed, site)):
             aq = installed["act"][key]
-            q.kind, q.symmetric, q.bits, q.prefix_tokens = aq.kind, aq.symmetric, aq.bits, aq.prefix_tokens
+            q.kind, q.symmetric, q.bits, q.prefix_tokens, q.prefix_bits = aq.kind, aq.symmetric, aq.bits, aq.prefix_tokens, aq.prefix_bits
 
 
 def site_specs(plan: QuantPlan) -> dict[str, dict]:
@@ -1006,7 +1007,8 @@ def site_specs(plan: QuantPlan) -> dict[str, dict]:
     specs = {}
     for s in plan.sites:
         grids = [{"kind": q.kind, "bits": q.bits, "symmetric": q.symmetric,
-                  "granularity": "prefix+patches" if q.prefix_tokens else "tensor", "pattern": q.pattern} for q in s.inputs]
+                  "granularity": "prefix+patches" if q.prefix_tokens else "tensor", "pattern": q.pattern,
+                  **({"prefix_bits": q.prefix_bits} if q.prefix_tokens and q.prefix_bits != q.bits else {})} for q in s.inputs]
         low = min(grids, key=lambda g: g["bits"]) if grids else {"kind": "uniform", "bits": 8}
         specs[s.name] = {"type": s.op, "module": s.module, "wbits": s.weight.bits if s.weight else 8,
                          "input": low, "operands": grids}
@@ -1065,6 +1067,7 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
     for key, prefix in split.items():
         q = installed["act"][key]
         q.prefix_tokens = prefix
+        q.prefix_bits = max(q.bits, config.prefix_bits or q.bits)  # never narrower than the patches' grid
         q.prefix_observer = obs.Observer(f"{key} (prefix tokens)")
         q.prefix_observer.min, q.prefix_observer.max = q.observer.min, q.observer.max  # the histograms share one range
         q.prefix_observer.start_histogram()
@@ -1175,6 +1178,8 @@ def pattern_summary(plan: QuantPlan, norms: list[str], config: QuantConfig, pref
         out["post-layernorm"] += f"; {how} on {len(norms)} norms"
     if prefix_grids:
         out["prefix_token_grids"] = prefix_grids
+        widths = sorted({q.prefix_bits or q.bits for s in plan.sites for q in s.inputs if q.prefix_tokens})
+        out["prefix_token_bits"] = "/".join(map(str, widths))
     if gptq_weights:
         out["gptq_rounded_weights"] = gptq_weights
     out["bias_correction"] = config.bias_correction
@@ -1211,7 +1216,7 @@ def finalize_plan_into(installed: dict, plan: QuantPlan) -> None:
             aq = installed["act"][key]
             aq.kind, aq.bits, aq.symmetric = q.kind, q.bits, q.symmetric
             if q.prefix_tokens:  # two grids: size the buffers so the saved state loads
-                aq.prefix_tokens = q.prefix_tokens
+                aq.prefix_tokens, aq.prefix_bits = q.prefix_tokens, q.prefix_bits
                 aq.scale, aq.zero_point = torch.ones(2), torch.zeros(2, dtype=torch.int32)
 
 
