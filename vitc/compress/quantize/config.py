@@ -66,7 +66,9 @@ class QuantConfig:
     # the width of that grid; 0: the activation width. Opt-in: on zoo:dinov2s-c10 at W6A6 the CLS token's 6-bit
     # post-GELU grid alone costs 0.034 of output KL against FP32 (the 256 patch tokens' 0.022), and leaving every
     # CLS grid float halves W6A6's KL (0.097 -> 0.048), yet calibrated 8-bit CLS grids measured 0.109
-    # (benchmarks/results_prefix_bits_2026-12-06_dinov2s_c10.txt, 300 test images): not understood yet
+    # (benchmarks/results_prefix_bits_2026-12-06_dinov2s_c10.txt, 300 test images). Why: they help the calibrated
+    # grids (0.193 -> 0.140 without the range search), but the range search (worst of 16 images) then picks
+    # widenings the test images do not confirm (benchmarks/range_search_prefix.py, docs/quantize.md)
     prefix_bits: int = 0
 
     def validate(self) -> "QuantConfig":

