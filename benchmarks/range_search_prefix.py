@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from lowbit import output_kl, predict  # the other low-bit benchmarks' helpers
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 
 
@@ -63,13 +66,8 @@ def main(argv=None) -> int:
     x, y = load_tensors(open_source(CIFAR / "test.tar.gz").select(args.test_size, seed=0), backbone.preprocess)
     y = y.numpy()
 
-    def predict(model) -> np.ndarray:
-        with torch.no_grad():
-            return torch.cat([torch.as_tensor(np.asarray(model(x[i:i + 100]))) for i in range(0, len(x), 100)]).numpy()
-
-    fp = predict(backbone)
+    fp = predict(backbone, x)
     fp_top1 = float((fp.argmax(-1) == y).mean())
-    log_p = torch.log_softmax(torch.from_numpy(fp).double(), -1)
     print(f"{args.model}: FP32 top-1 {100 * fp_top1:.2f}% on {len(x)} images; W{wbits}A{abits}", flush=True)
     shipped = (RS.scale_setter, RS.WIDENINGS, RS.SEARCH_IMAGES)
     rows = []
@@ -84,12 +82,11 @@ def main(argv=None) -> int:
                               range_search="off" if search == "off" else "on")
         finally:
             RS.scale_setter, RS.WIDENINGS, RS.SEARCH_IMAGES = shipped
-        lo = predict(q)
-        log_q = torch.log_softmax(torch.from_numpy(lo).double(), -1)
+        lo = predict(q, x)
         top1 = float((lo.argmax(-1) == y).mean())
         r = {"run": run, "top1": top1, "drop_pt": 100 * (fp_top1 - top1),
              "agreement_with_fp32": float((lo.argmax(-1) == fp.argmax(-1)).mean()),
-             "kl_vs_fp32": float((log_p.exp() * (log_p - log_q)).sum(-1).mean()),
+             "kl_vs_fp32": output_kl(fp, lo),
              "seconds": round(time.perf_counter() - t, 1), "range_widening": q.transforms[-1].get("range_widening")}
         rows.append(r)
         print(f"  {run:16s} drop {r['drop_pt']:+.2f} pt  agree {100 * r['agreement_with_fp32']:.2f}%  KL {r['kl_vs_fp32']:.5f}"
