@@ -3,11 +3,13 @@
     python benchmarks/range_search_prefix.py --model zoo:dinov2s-c10 --test-size 300 --threads 1 \
         --runs 0:off:std:16,8:off:std:16,0:on:std:16,8:on:std:16,8:keep:std:16,0:on:ext:16,8:keep:ext:16,8:keep:ext:32
 
-Each run is ``prefix_bits:search:widenings:images``: search ``off`` (calibrated grids as they are),
+Each run is ``prefix_bits:search:widenings:images[:objective]``: search ``off`` (calibrated grids as they are),
 ``on`` (``range_search.widen`` as shipped: every grid of a group scaled by the group's factor) or
 ``keep`` (on, but an 8-bit prefix grid keeps its calibrated scale and only the patch grid is
 widened); widenings ``std`` (``range_search.WIDENINGS``) or ``ext`` (those plus 2.0 and 2.5);
-``images``: the search's calibration images (``range_search.SEARCH_IMAGES``, 16 as shipped).
+``images``: the search's calibration images (``range_search.SEARCH_IMAGES``, 16 as shipped);
+``objective``: ``worst`` (``--range-search on``: the worst image's output error) or ``mean``
+(``--range-search mean``: the mean over the search images).
 Printed per run: top-1 drop, agreement with FP32 and output KL against FP32 on the same
 class-stratified CIFAR-10 test images, and the factors the search chose.
 """
@@ -69,19 +71,20 @@ def main(argv=None) -> int:
     fp = predict(backbone, x)
     fp_top1 = float((fp.argmax(-1) == y).mean())
     print(f"{args.model}: FP32 top-1 {100 * fp_top1:.2f}% on {len(x)} images; W{wbits}A{abits}", flush=True)
-    shipped = (RS.scale_setter, RS.WIDENINGS, RS.SEARCH_IMAGES)
+    shipped = (RS.scale_setter, RS.WIDENINGS, RS.SEARCH_IMAGES, RS.MEAN_SEARCH_IMAGES)
     rows = []
     for run in args.runs.split(","):
-        prefix_bits, search, widenings, images = run.split(":")
+        prefix_bits, search, widenings, images, *objective = run.split(":")
+        mean = objective == ["mean"]
         RS.scale_setter = keep_prefix_setter if search == "keep" else shipped[0]
         RS.WIDENINGS = shipped[1] + ((2.0, 2.5) if widenings == "ext" else ())
-        RS.SEARCH_IMAGES = int(images)
+        RS.SEARCH_IMAGES = RS.MEAN_SEARCH_IMAGES = int(images)
         t = time.perf_counter()
         try:
             q = vitc.quantize(backbone, calib, wbits=wbits, abits=abits, prefix_bits=int(prefix_bits),
-                              range_search="off" if search == "off" else "on")
+                              range_search="off" if search == "off" else "mean" if mean else "on")
         finally:
-            RS.scale_setter, RS.WIDENINGS, RS.SEARCH_IMAGES = shipped
+            RS.scale_setter, RS.WIDENINGS, RS.SEARCH_IMAGES, RS.MEAN_SEARCH_IMAGES = shipped
         lo = predict(q, x)
         top1 = float((lo.argmax(-1) == y).mean())
         r = {"run": run, "top1": top1, "drop_pt": 100 * (fp_top1 - top1),

@@ -11,6 +11,7 @@ import torch.nn as nn
 from vitc.calibration.data import load_tensors
 from vitc.compress.quantize import QuantConfig, apply
 from vitc.compress.quantize import mixed
+from vitc.compress.quantize import quantizers as Q
 from vitc.compress.quantize import reconstruct as R
 from vitc.compress.quantize import weight_only as WO
 from vitc.compress.quantize.modules import weighted_layers
@@ -222,7 +223,7 @@ def test_group_quantization_roundtrip():
     s = WO.group_scales(w, 4, 32)
     assert s.shape == (8, 4)
     codes = WO.group_codes(w, s, 4)
-    assert codes.abs().max() <= 7
+    assert codes.min() >= -8 and codes.max() <= 7
     # every group's error is at most half a step of its own scale where nothing clipped
     err = (WO.dequantize_groups(codes, s) - w).abs().reshape(8, 4, 32)
     unclipped = (w.abs().reshape(8, 4, 32) <= 7 * s[..., None])
@@ -300,7 +301,8 @@ def test_weight_only_mixed_precision_keeps_the_sensitive_layers_at_int8(tiny_vit
 
 def test_weight_only_mixed_precision_beats_uniform_int4_on_a_trained_vit(calib64):
     """On a trained model (the random tiny ViT's errors are too small and too entangled to rank), 4.9
-    average bits of int4/int8 leave about half of uniform int4's logit error (measured 0.55x)."""
+    average bits of int4/int8 leave less logit error than uniform int4 (measured 0.72x since int4
+    groups use all 16 levels, which lowered uniform int4's error by 36%; 0.48x before)."""
     from vitc.calibration.sources import open_source
     from vitc.models.intake import load_model
 
@@ -312,7 +314,22 @@ def test_weight_only_mixed_precision_beats_uniform_int4_on_a_trained_vit(calib64
     with torch.no_grad():
         ref = vit(xe)
         err_mixed, err_uniform = (mixed_q(xe) - ref).pow(2).mean(), (uniform(xe) - ref).pow(2).mean()
-    assert err_mixed < 0.7 * err_uniform, (err_mixed, err_uniform)
+    assert err_mixed < 0.8 * err_uniform, (err_mixed, err_uniform)
+
+
+def test_int4_group_codes_use_all_sixteen_levels():
+    """Group grids at 4 bits use -8..7, as ONNX INT4, OpenVINO i4 and NNCF's INT4_SYM do: on a group
+    spread evenly over [-1, 7/8] the searched scale lands near 1/8, the codes reach -8, and the error
+    is below the best restricted (-7..7) grid's; 8-bit groups keep the restricted grid."""
+    w = (torch.arange(-8, 8).float() / 8).repeat(4).reshape(1, 64)
+    s = WO.group_scales(w, 4, 64)
+    codes = WO.group_codes(w, s, 4)
+    assert codes.min().item() == -8 and codes.max().item() == 7
+    restricted = Q.weight_qparams(w, 4)
+    err_full = (WO.dequantize_groups(codes, s) - w).pow(2).sum()
+    err_restricted = (Q.fake_quant_weight(w, restricted, 4) - w).pow(2).sum()
+    assert err_full < 0.5 * err_restricted, (err_full, err_restricted)
+    assert WO.group_range(4) == (-8, 7) and WO.group_range(8) == (-127, 127)
 
 
 def test_weight_only_saves_reloads_and_shrinks(tiny_vit, calib64, tmp_path):
@@ -521,7 +538,7 @@ def test_gptq_rounding_lowers_each_layers_output_error_on_the_same_grid(tiny_vit
     for n in grouped:
         g, ref = layers_g[n], float_weights[n]
         codes = g.codes()
-        assert codes.abs().max() <= 7
+        assert codes.min() >= -8 and codes.max() <= 7
         assert torch.allclose(WO.dequantize_groups(codes, g.weight_scale), g.weight, atol=1e-6)
         h = moments[n].float()
         err = lambda w: torch.einsum("oi,ij,oj->", w - ref, h, w - ref).item()

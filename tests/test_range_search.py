@@ -17,6 +17,8 @@ def test_output_error_is_the_per_sample_normalised_squared_error():
     err = rs.output_error([ref], [q])
     assert err == pytest.approx([0.01 / 5.0, 1.0 / 12.0])
     assert rs.search_error([ref], [q]) == pytest.approx(1.0 / 12.0)  # the worst sample
+    assert rs.search_error([ref], [q], "mean") == pytest.approx((0.01 / 5.0 + 1.0 / 12.0) / 2)
+    assert (rs.search_images("worst"), rs.search_images("mean")) == (rs.SEARCH_IMAGES, rs.MEAN_SEARCH_IMAGES) == (16, 64)
 
 
 def test_search_keeps_the_best_factor_per_group_in_order():
@@ -68,6 +70,27 @@ def test_graph_path_leaves_the_chosen_grids_in_the_model(calib_images):
     assert measured == pytest.approx(w["output_error_after"], rel=1e-3, abs=1e-7)
     off = apply_graph(base, QuantConfig(sites="graph", range_search="off"), x).transforms[-1]
     assert off["range_widening"] is None
+
+
+def test_mean_objective_searches_more_images_and_records_it(calib_images):
+    """``--range-search mean``: the search minimises the mean output error over up to 64 images (the
+    model returned computes it), the config turns it on for the module path too, and the record says
+    which objective ran."""
+    from vitc.compress.quantize.torch_graph import apply_graph
+    from vitc.models.intake import load_model
+
+    base = load_model("tests.generality_models:functional_vit")
+    x = _images(base, calib_images, 40)
+    config = QuantConfig(sites="graph", range_search="mean").validate()
+    assert config.range_objective == "mean" and config.range_search_in("modules")
+    w = apply_graph(base, config, x).transforms[-1]["range_widening"]
+    assert w["objective"] == "mean" and w["images"] == 40  # all 40: fewer than MEAN_SEARCH_IMAGES
+    assert w["output_error_after"] <= w["output_error_before"]
+    q = apply_graph(base, config, x)
+    measured = rs.search_error(rs.model_outputs(base.module, x), rs.model_outputs(q.module, x), "mean")
+    assert measured == pytest.approx(w["output_error_after"], rel=1e-3, abs=1e-7)
+    worst = apply_graph(base, QuantConfig(sites="graph"), x).transforms[-1]["range_widening"]
+    assert worst["objective"] == "worst" and worst["images"] == rs.SEARCH_IMAGES
 
 
 def test_onnx_backend_leaves_the_chosen_scales_in_the_graph(calib_images, tmp_path):

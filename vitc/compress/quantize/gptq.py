@@ -18,13 +18,15 @@ from . import quantizers as Q
 
 
 def gptq_groups(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, bits: int,
-                damp: float = 0.01, block: int = 128, act_order: bool = True) -> torch.Tensor:
+                damp: float = 0.01, block: int = 128, act_order: bool = True,
+                qrange: tuple[int, int] | None = None) -> torch.Tensor:
     """GPTQ rounding of ``w`` (out, in) onto the fixed group grid ``scale`` (out, in/group): the
     dequantized weights, every one on its grid. ``hessian`` is X^T X (in x in) of the layer's
     calibration inputs. ``act_order`` visits the inputs by decreasing Hessian diagonal, so the
     loudest inputs are rounded while the most columns remain to absorb their error; the grid is
-    static, so the order changes no scale."""
-    qmin, qmax = Q.int_range(bits, True, restricted=True)
+    static, so the order changes no scale. ``qrange``: the integer limits (default: the restricted
+    symmetric grid of per-channel weights; weight-only groups use every level, ``group_range``)."""
+    qmin, qmax = qrange or Q.int_range(bits, True, restricted=True)
     cols = w.shape[1]
     s_full = scale.float().repeat_interleave(cols // scale.shape[1], dim=1)
     perm = torch.argsort(torch.diag(hessian), descending=True) if act_order else torch.arange(cols)

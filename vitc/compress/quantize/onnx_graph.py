@@ -236,10 +236,10 @@ def _run(model, input_name: str, images: torch.Tensor, batch: int | None, thread
 
 
 def widen_ranges(model, src, specs: list[SiteSpec], grids: dict, images: torch.Tensor, threads: int | None,
-                 progress=None) -> dict:
+                 progress=None, objective: str = "worst") -> dict:
     """``range_search``: each group's activation scales (the ``{tensor}/vitc/scale`` initializers
     ``write_qdq`` wrote) widened by the factor that lowers the quantized graph's output error on
-    ``range_search.SEARCH_IMAGES`` calibration images; the chosen scales are left in ``model``
+    ``range_search.search_images(objective)`` calibration images; the chosen scales are left in ``model``
     (``grids`` keeps the calibrated ones the factors apply to)."""
     from onnx import numpy_helper
 
@@ -255,7 +255,7 @@ def widen_ranges(model, src, specs: list[SiteSpec], grids: dict, images: torch.T
                 groups.setdefault(g, []).append(t)
     if not groups:
         return {"groups": {}}
-    x = images[:rs.SEARCH_IMAGES]
+    x = images[:rs.search_images(objective)]
     reference = _run(src.model, src.input_name, x, src.fixed_batch, threads)
     inits = {i.name: i for i in model.graph.initializer}
 
@@ -265,7 +265,7 @@ def widen_ranges(model, src, specs: list[SiteSpec], grids: dict, images: torch.T
             inits[name].CopyFrom(numpy_helper.from_array(np.array(grids[t][0] * factors.get(t, 1.0), np.float32), name))
 
     return rs.widen(groups, set_scales, lambda: _run(model, src.input_name, x, src.fixed_batch, threads), reference,
-                    int(x.shape[0]), progress)
+                    int(x.shape[0]), progress, objective)
 
 
 def _channel_axis(spec: SiteSpec) -> int:
@@ -686,7 +686,8 @@ def _quantize_model(src, config: QuantConfig, images: torch.Tensor, threads: int
     except onnx.checker.ValidationError as exc:
         raise VitcError(f"the quantized graph of {src.path} does not pass onnx.checker ({_first_line(exc)})",
                         "report it with the model") from exc
-    widening = widen_ranges(model, src, specs, grids, images, threads, progress) if config.range_search_in("onnx") else None
+    widening = (widen_ranges(model, src, specs, grids, images, threads, progress, config.range_objective)
+                if config.range_search_in("onnx") else None)
     seconds = time.perf_counter() - start
     coverage = found.plan.coverage()
     record = {

@@ -556,7 +556,8 @@ def _apply_modules(backbone: Backbone, config: QuantConfig, x: torch.Tensor, pro
     for q in quantizers.values():
         q.observer = None
     set_mode(module, "quant")
-    widening = (widen_module_ranges(module, structure, reference, x[:range_search.SEARCH_IMAGES], progress)
+    widening = (widen_module_ranges(module, structure, reference, x[:range_search.search_images(config.range_objective)],
+                                    progress, config.range_objective)
                 if config.range_search_in("modules") else None)
     reconstruction = None
     if config.reconstruct_iters:  # BRECQ/QDrop block reconstruction (reconstruct.py)
@@ -607,7 +608,8 @@ def module_range_groups(module: nn.Module, structure) -> dict[str, list[ActQuant
     return {g: [q for q in qs if q.kind == "uniform"] for g, qs in groups.items() if any(q.kind == "uniform" for q in qs)}
 
 
-def widen_module_ranges(module: nn.Module, structure, reference: nn.Module, x: torch.Tensor, progress=None) -> dict:
+def widen_module_ranges(module: nn.Module, structure, reference: nn.Module, x: torch.Tensor, progress=None,
+                        objective: str = "worst") -> dict:
     """``range_search`` on the module path (as ``torch_graph.widen_ranges``): each group's activation
     scales widened by the factor that lowers the model's worst output error on ``x``."""
     groups = module_range_groups(module, structure)
@@ -616,7 +618,7 @@ def widen_module_ranges(module: nn.Module, structure, reference: nn.Module, x: t
     keys = {g: [id(q) for q in qs] for g, qs in groups.items()}
     quant = {id(q): q for qs in groups.values() for q in qs}
     return range_search.widen(keys, range_search.scale_setter(quant), lambda: range_search.model_outputs(module, x),
-                              range_search.model_outputs(reference, x), int(x.shape[0]), progress)
+                              range_search.model_outputs(reference, x), int(x.shape[0]), progress, objective)
 
 
 def layer_specs(module: nn.Module) -> dict[str, dict]:

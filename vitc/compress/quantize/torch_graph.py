@@ -1080,7 +1080,7 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
         taps.remove()
     set_mode(captured, "off")
     reference = site_outputs(gm, plan, x[:SQNR_IMAGES])  # the float function (the reparameterisations are exact)
-    search_x = x[:range_search.SEARCH_IMAGES]
+    search_x = x[:range_search.search_images(config.range_objective)]
     float_outputs = range_search.model_outputs(captured, search_x) if config.range_search_in("graph") else None
     _calibrate(installed, plan, config)
     drop_lossy_probs_v(gm, installed, plan, config)
@@ -1098,7 +1098,8 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
     for q in installed["act"].values():
         q.observer = None
     set_mode(captured, "quant")
-    widening = widen_ranges(captured, installed, plan, search_x, float_outputs, progress) if float_outputs is not None else None
+    widening = (widen_ranges(captured, installed, plan, search_x, float_outputs, progress, config.range_objective)
+                if float_outputs is not None else None)
     reconstruction = None
     if units:
         from . import reconstruct as R
@@ -1139,7 +1140,7 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
 
 
 def widen_ranges(captured: nn.Module, installed: dict, plan: QuantPlan, x: torch.Tensor, reference: list,
-                 progress=None) -> dict:
+                 progress=None, objective: str = "worst") -> dict:
     """``range_search`` on the quantized graph (quantizers on): each group's uniform activation scales
     widened by the factor that lowers the model's output error on ``x``; the chosen scales stay set."""
     groups: dict[str, list[str]] = {}
@@ -1153,7 +1154,7 @@ def widen_ranges(captured: nn.Module, installed: dict, plan: QuantPlan, x: torch
         return {"groups": {}}
     quant = {k: installed["act"][k] for ks in groups.values() for k in ks}
     return range_search.widen(groups, range_search.scale_setter(quant), lambda: range_search.model_outputs(captured, x),
-                              reference, int(x.shape[0]), progress)
+                              reference, int(x.shape[0]), progress, objective)
 
 
 def _norm_biases(gm: fx.GraphModule) -> list[str]:
