@@ -611,7 +611,7 @@ def module_range_groups(module: nn.Module, structure) -> dict[str, list[ActQuant
 def widen_module_ranges(module: nn.Module, structure, reference: nn.Module, x: torch.Tensor, progress=None,
                         objective: str = "worst") -> dict:
     """``range_search`` on the module path (as ``torch_graph.widen_ranges``): each group's activation
-    scales widened by the factor that lowers the model's worst output error on ``x``."""
+    scales widened by the factor that lowers the model's output error on ``x`` (``objective``: worst image or mean)."""
     groups = module_range_groups(module, structure)
     if not groups:
         return {"groups": {}}
