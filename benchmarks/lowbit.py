@@ -241,6 +241,10 @@ def _weight_only_section(backbone, x, y, calib, tmp, args, rows, row, quantize, 
     quantize(QuantConfig(wbits=4, abits=16, group_size=64, weight_rounding="nearest"), "W4A16 g64, nearest rounding")
     qwo, wo = quantize(QuantConfig(wbits=4, abits=16, group_size=64), "W4A16 g64 (weight-only, GPTQ)")
     wo_xml = exported(qwo, wo, "W4A16g64")
+    if not args.no_asymmetric:  # uint4 with a zero point per group (--weight-scheme asymmetric)
+        qwa, woa = quantize(QuantConfig(wbits=4, abits=16, group_size=64, weight_scheme="asymmetric"),
+                            "W4A16 g64 asymmetric (weight-only, GPTQ)")
+        exported(qwa, woa, "W4A16g64asym")
     # weight-only mixed precision: each layer int4 g64 or int8 per channel by output-KL sensitivity
     # under an average-weight-bits budget (vitc quantize --bits auto --size-budget B --abits 16)
     from vitc.compress.quantize import mixed
@@ -268,40 +272,32 @@ def _weight_only_section(backbone, x, y, calib, tmp, args, rows, row, quantize, 
         file_bytes=os.path.getsize(fp_xml.with_suffix(".bin")), onnx_bytes=os.path.getsize(fp_onnx))
     import nncf
 
-    t = time.perf_counter()
-    nncf_model = nncf.compress_weights(ov.convert_model(str(fp_onnx)), mode=nncf.CompressWeightsMode.INT4_SYM,
-                                       group_size=64, ratio=1.0)
-    nncf_s = time.perf_counter() - t
-    nncf_xml = tmp / "nncf_int4.xml"
-    ov.save_model(nncf_model, str(nncf_xml), compress_to_fp16=False)
-    row("nncf.compress_weights INT4_SYM g64", "openvino",
-        predict(open_session(nncf_xml, runtime="openvino", threads=args.threads), x), seconds=round(nncf_s, 2),
-        file_bytes=os.path.getsize(nncf_xml.with_suffix(".bin")), ir_weight_constants=ir_weight_types(nncf_model))
+    def nncf_row(label: str, stem: str, mode, ratio: float = 1.0, dataset=None) -> Path:
+        """``nncf.compress_weights`` on the FP32 IR (g64; with ``dataset``: GPTQ + scale estimation), timed, saved, evaluated."""
+        t = time.perf_counter()
+        extra = {"dataset": dataset, "scale_estimation": True, "gptq": True} if dataset is not None else {}
+        model = nncf.compress_weights(ov.convert_model(str(fp_onnx)), mode=mode, group_size=64, ratio=ratio, **extra)
+        seconds = time.perf_counter() - t
+        xml = tmp / f"{stem}.xml"
+        ov.save_model(model, str(xml), compress_to_fp16=False)
+        row(label, "openvino", predict(open_session(xml, runtime="openvino", threads=args.threads), x), seconds=round(seconds, 2),
+            file_bytes=os.path.getsize(xml.with_suffix(".bin")), ir_weight_constants=ir_weight_types(model))
+        return xml
 
+    nncf_xml = nncf_row("nncf.compress_weights INT4_SYM g64", "nncf_int4", nncf.CompressWeightsMode.INT4_SYM)
     # NNCF with its data-aware options, on the same calibration images as vitc (GPTQ with scale
     # estimation: NNCF's strongest INT4 setting for a model without AWQ's MatMul->MatMul patterns)
-    t = time.perf_counter()
     dataset = nncf.Dataset([calib[i:i + 1].numpy() for i in range(min(len(calib), 128))])
-    nncf_data = nncf.compress_weights(ov.convert_model(str(fp_onnx)), mode=nncf.CompressWeightsMode.INT4_SYM,
-                                      group_size=64, ratio=1.0, dataset=dataset, scale_estimation=True, gptq=True)
-    nncf_data_s = time.perf_counter() - t
-    nncf_data_xml = tmp / "nncf_int4_data.xml"
-    ov.save_model(nncf_data, str(nncf_data_xml), compress_to_fp16=False)
-    row("nncf.compress_weights INT4_SYM g64 +data (GPTQ, scale estimation)", "openvino",
-        predict(open_session(nncf_data_xml, runtime="openvino", threads=args.threads), x), seconds=round(nncf_data_s, 2),
-        file_bytes=os.path.getsize(nncf_data_xml.with_suffix(".bin")))
+    nncf_row("nncf.compress_weights INT4_SYM g64 +data (GPTQ, scale estimation)", "nncf_int4_data",
+             nncf.CompressWeightsMode.INT4_SYM, dataset=dataset)
+    if not args.no_asymmetric:  # NNCF's asymmetric int4 with the same data-aware options
+        nncf_row("nncf.compress_weights INT4_ASYM g64 +data (GPTQ, scale estimation)", "nncf_int4_asym_data",
+                 nncf.CompressWeightsMode.INT4_ASYM, dataset=dataset)
     # NNCF's own int4/int8 mix at the same int4 share of the weights as vitc's allocation
     # (``ratio``; with a dataset NNCF ranks layers by its Hessian-input-activation metric)
     for budget, ratio in int4_ratios.items():
-        t = time.perf_counter()
-        nncf_mix = nncf.compress_weights(ov.convert_model(str(fp_onnx)), mode=nncf.CompressWeightsMode.INT4_SYM,
-                                         group_size=64, ratio=round(ratio, 4), dataset=dataset, scale_estimation=True, gptq=True)
-        mix_s = time.perf_counter() - t
-        mix_xml = tmp / f"nncf_int4_mix{budget:g}.xml"
-        ov.save_model(nncf_mix, str(mix_xml), compress_to_fp16=False)
-        row(f"nncf.compress_weights INT4_SYM g64 ratio {ratio:.2f} +data (GPTQ, scale estimation)", "openvino",
-            predict(open_session(mix_xml, runtime="openvino", threads=args.threads), x), seconds=round(mix_s, 2),
-            file_bytes=os.path.getsize(mix_xml.with_suffix(".bin")), ir_weight_constants=ir_weight_types(nncf_mix))
+        nncf_row(f"nncf.compress_weights INT4_SYM g64 ratio {ratio:.2f} +data (GPTQ, scale estimation)",
+                 f"nncf_int4_mix{budget:g}", nncf.CompressWeightsMode.INT4_SYM, round(ratio, 4), dataset)
 
     if not args.no_latency:
         from vitc.bench.harness import HarnessConfig, build_pool, measure
@@ -368,6 +364,7 @@ def main(argv=None) -> int:
                    help="uniform W4A8/W6A8/W8A8 and mixed precision at the curve's budgets (5.0 exported), with the plot")
     p.add_argument("--widths", default="4x8,6x6,4x4", help="with --reconstruction-only: WxA pairs")
     p.add_argument("--no-w6a6-reconstruct", action="store_true", help="W6A6 calibration only (saves one reconstruction)")
+    p.add_argument("--no-asymmetric", action="store_true", help="skip the asymmetric int4 weight-only rows (vitc's and NNCF's)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
     args = p.parse_args(argv)

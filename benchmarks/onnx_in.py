@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument("--min-time", type=float, default=3.0, help="seconds of timing per session and batch, over all rounds")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--smooth", type=float, default=None, help="vitc --smooth alpha")
+    ap.add_argument("--range-search", default=None, help="vitc --range-search (auto, on, off, mean; default: vitc's)")
     ap.add_argument("--skip", default="", help="comma list of methods to leave out: nncf-onnx,nncf-ov,ort-int8,ort-uint8")
     ap.add_argument("--artifacts", type=Path, default=None,
                     help="keep the quantized files here and reuse the ones a previous run left (its artifacts.json), "
@@ -179,12 +180,15 @@ def main() -> None:
             art[method] = {rt: tmp / f for rt, f in paths.items()}
 
         settings = {"smooth_alpha": args.smooth} if args.smooth else {}
+        if args.range_search:
+            settings["range_search"] = args.range_search
 
         def run_vitc() -> float:
             seconds, record = vitc_quantize(fp32, tmp / "vitc_ov.onnx", tmp / "vitc_ort.onnx", calib, args.threads, settings)
             kept["vitc_record"] = {k: record[k] for k in ("coverage", "config", "reparameterised_norms", "smoothed_inputs",
                                                          "folded_batchnorms", "folded_constants", "bias_corrected", "activation_grids",
                                                          "calibration_s")}
+            kept["vitc_record"]["range_widening"] = record.get("range_widening")
             return seconds
 
         def run_fold() -> float:

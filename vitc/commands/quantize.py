@@ -75,6 +75,7 @@ def quantize_cmd(
     alloc: str = typer.Option("ilp", "--alloc", help="with --bits auto: ilp (exact) or greedy (MPTQ-ViT)"),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="weight-only (--abits 16): input channels per weight scale, 32, 64 or 128 (default 64)"),
     rounding: Optional[str] = typer.Option(None, "--rounding", help="weight-only (--abits 16) and graph-path weights below 8 bits: gptq (default; error compensation from the calibration images) or nearest"),
+    weight_scheme: str = typer.Option("symmetric", "--weight-scheme", help="weight-only (--abits 16): symmetric int4 groups, or asymmetric (uint4 with a zero point per group)"),
     prefix_bits: int = typer.Option(0, "--prefix-bits", help="below 8-bit activations (graph path): the width of the CLS/prefix tokens' own grids (0: the activation bits)"),
     sites: str = typer.Option("auto", "--sites", help="auto, graph (every matmul-like op in the captured graph) or modules (Linear/Conv2d swaps + family adapters)"),
     task: str = typer.Option("auto", "--task", help="auto, classify (top-1 with labels), dense (maps) or embed (vectors): how the output is compared with FP32"),
@@ -121,7 +122,7 @@ def quantize_cmd(
 
         cfg = _Config(wbits=wbits or bits, abits=abits or bits, calibrator=calib, percentile=percentile, softmax=softmax,
                       gelu=gelu, scheme=scheme, granularity=granularity, ln_reparam=repq, smooth_alpha=smooth,
-                      bias_correction=bias_correction, range_search=range_search).validate()
+                      bias_correction=bias_correction, range_search=range_search, weight_scheme=weight_scheme).validate()
         run_onnx_quantize(model=model, config=cfg, calib_data=calib_data, calib_size=calib_size or DEFAULT_CALIB_SIZE, data=data, labels=labels,
                           eval_size=eval_size, seed=seed, batch_size=batch_size, output=output, force=force, threads=threads,
                           convert_rgb=convert_rgb, out=out, input_size=input_size, resize=resize, mean=mean, std=std,
@@ -139,8 +140,11 @@ def quantize_cmd(
                          gelu=gelu, scheme=scheme, granularity=granularity, ln_reparam=repq, smooth_alpha=smooth,
                          bias_correction=bias_correction, group_size=group_size, range_search=range_search,
                          reconstruct_iters=iters if reconstruct else 0, sites=sites, prefix_bits=prefix_bits,
-                         weight_rounding=rounding or "gptq").validate()
+                         weight_rounding=rounding or "gptq", weight_scheme=weight_scheme).validate()
     weight_only = config.abits == 16
+    if weight_only and config.weight_scheme == "asymmetric" and config.wbits == 8 and not auto:
+        raise VitcError("--weight-scheme asymmetric gives int4 groups zero points; int8 weights stay symmetric",
+                        "pass --wbits 4 (or --bits auto --size-budget B), or drop --weight-scheme")
     if rounding is not None and not weight_only and config.wbits >= 8:
         raise VitcError(f"--rounding {rounding} applies to weight-only quantization and to weights below 8 bits",
                         "pass --abits 16 or --wbits 4/6, or drop --rounding")
@@ -160,7 +164,7 @@ def quantize_cmd(
 
     check_weights(backbone)  # name the NaN/Inf weight itself, not the activation it poisons downstream
     tag = (f"mixed{size_budget:g}" if size_budget is not None else f"maxdrop{max_drop:g}") if auto else f"w{config.wbits}a{config.abits}"
-    tag += f"g{config.group_size}" if weight_only else ""
+    tag += f"g{config.group_size}" + ("asym" if config.weight_scheme == "asymmetric" else "") if weight_only else ""
     tag += "-rec" if reconstruct else ""
     output = output or Path("quantized") / f"{_model_name(backbone.source)}-{tag}"
     hold(output, force)  # a second run on this -o fails now, before calibration; held until the command ends
@@ -184,7 +188,7 @@ def quantize_cmd(
 
             if size_budget is not None:
                 mixed_info = mixed.plan_mixed(backbone, x, size_budget, act_budget, config.abits, alloc, progress=prog,
-                                              group_size=config.group_size)
+                                              group_size=config.group_size, asymmetric=config.weight_scheme == "asymmetric")
                 quantized = run(replace(config, layer_bits=mixed_info["layer_bits"]))
             else:
                 mixed_info, quantized = mixed.search_max_drop(
@@ -411,7 +415,7 @@ def _print(r: dict) -> None:
         _print_mixed(r["mixed_precision"])
     label = f"mixed W{r['mixed_precision']['average_wbits']:.2f}A{r['abits']}" if r.get("mixed_precision") else f"W{r['wbits']}A{r['abits']}"
     if r.get("weight_only"):
-        label += f" g{r['weight_only']['group_size']}"
+        label += f" g{r['weight_only']['group_size']}" + (" asymmetric" if r["weight_only"].get("asymmetric") else "")
     if r.get("reconstruction"):
         label += " +reconstruction"
     table = Table(title=f"quantize: {r['model']} {label} ({r['calibrator']}, {r['calibration_images']} images)")

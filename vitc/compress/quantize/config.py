@@ -63,6 +63,9 @@ class QuantConfig:
     layer_bits: dict | None = None  # {layer: [wbits, abits]} from a mixed-precision allocation
     group_size: int | None = None  # weight-only (abits 16): per-group weight scales along the input
     weight_rounding: str = "gptq"  # weight-only, and graph-path Linears below 8 bits: "gptq" (error compensation) | "nearest"
+    # weight-only groups below 8 bits: "symmetric" (int4 -8..7, zero point 0) | "asymmetric" (uint4 0..15 with a zero
+    # point per group: ORT's MatMulNBits and OpenVINO's u4 weights run it; weight_only.group_qparams_asymmetric)
+    weight_scheme: str = "symmetric"
     sites: str = "auto"  # auto | graph | modules: how quantization sites are found (see ptq.choose_sites)
     prefix_grid: str = "auto"  # auto | on | off: prefix tokens (CLS) get their own activation grid (prefix_split_in_use)
     # the width of that grid; 0: the activation width. Opt-in: on zoo:dinov2s-c10 at W6A6 the CLS token's 6-bit
@@ -81,6 +84,9 @@ class QuantConfig:
         if self.group_size is not None:
             raise VitcError(f"--group-size {self.group_size} applies to weight-only quantization",
                             "pass --abits 16 with --wbits 4 or 8, or drop --group-size")
+        if self.weight_scheme != "symmetric":
+            raise VitcError(f"--weight-scheme {self.weight_scheme} applies to weight-only quantization (--abits 16)",
+                            "pass --abits 16 with --wbits 4, or drop --weight-scheme (weights with quantized activations are symmetric)")
         if self.reconstruct_iters < 0:
             raise VitcError(f"--iters {self.reconstruct_iters} is negative", "pass a positive number of steps, e.g. --iters 400")
         for name, bits in (self.layer_bits or {}).items():

@@ -19,27 +19,29 @@ from . import quantizers as Q
 
 def gptq_groups(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, bits: int,
                 damp: float = 0.01, block: int = 128, act_order: bool = True,
-                qrange: tuple[int, int] | None = None) -> torch.Tensor:
+                qrange: tuple[int, int] | None = None, zero: torch.Tensor | None = None) -> torch.Tensor:
     """GPTQ rounding of ``w`` (out, in) onto the fixed group grid ``scale`` (out, in/group): the
     dequantized weights, every one on its grid. ``hessian`` is X^T X (in x in) of the layer's
     calibration inputs. ``act_order`` visits the inputs by decreasing Hessian diagonal, so the
     loudest inputs are rounded while the most columns remain to absorb their error; the grid is
     static, so the order changes no scale. ``qrange``: the integer limits (default: the restricted
-    symmetric grid of per-channel weights; weight-only groups use every level, ``group_range``)."""
+    symmetric grid of per-channel weights; weight-only groups use every level, ``group_range``).
+    ``zero`` (out, in/group): integer zero points of an asymmetric grid, whose ``qrange`` is unsigned."""
     qmin, qmax = qrange or Q.int_range(bits, True, restricted=True)
     cols = w.shape[1]
     s_full = scale.float().repeat_interleave(cols // scale.shape[1], dim=1)
+    z_full = zero.float().repeat_interleave(cols // zero.shape[1], dim=1) if zero is not None else torch.zeros_like(s_full)
     perm = torch.argsort(torch.diag(hessian), descending=True) if act_order else torch.arange(cols)
     w, hinv = inverse_cholesky(w[:, perm], hessian[perm][:, perm], damp)
-    s_full = s_full[:, perm]
+    s_full, z_full = s_full[:, perm], z_full[:, perm]
     q = torch.zeros_like(w)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
         err1 = torch.zeros_like(w1)
         for i in range(i2 - i1):
-            col, s = w1[:, i], s_full[:, i1 + i]
-            qc = torch.clamp(torch.round(col / s), qmin, qmax) * s
+            col, s, z = w1[:, i], s_full[:, i1 + i], z_full[:, i1 + i]
+            qc = (torch.clamp(torch.round(col / s) + z, qmin, qmax) - z) * s
             q[:, i1 + i] = qc
             e = (col - qc) / hinv1[i, i]
             w1[:, i:] -= e[:, None] @ hinv1[i, i:][None, :]

@@ -238,13 +238,14 @@ def table_rows(layer_bits: dict[str, list[int]], sens: dict, costs: dict[str, in
 
 def plan_mixed(backbone, x: torch.Tensor, size_budget: float | None = None, act_budget: float | None = None,
                abits: int = 8, method: str = "ilp", keep_ends_8bit: bool = True, progress=None,
-               group_size: int | None = None, sensitivity_table: dict | None = None) -> dict:
+               group_size: int | None = None, sensitivity_table: dict | None = None, asymmetric: bool = False) -> dict:
     """Sensitivity and allocation for ``backbone`` on calibration images ``x``: returns
     ``{"layer_bits": {layer: [w, a]}, "sensitivity": ..., "average_wbits", "average_abits", ...}``.
 
     Weight-only (``abits`` 16, ``group_size``): each layer int4 with group scales or int8 per
     channel (``WEIGHT_ONLY_WIDTHS``), measured on those grids (``weight_only.fake_quant``); layers
-    that cannot take group scales stay at 8 (``weight_only.groupable``).
+    that cannot take group scales stay at 8 (``weight_only.groupable``); ``asymmetric``: the int4
+    groups measured on the zero-point grids ``--weight-scheme asymmetric`` installs.
 
     ``sensitivity_table``: a previous plan's ``"sensitivity"`` for the same model, images and grids
     (another budget without measuring again)."""
@@ -258,7 +259,7 @@ def plan_mixed(backbone, x: torch.Tensor, size_budget: float | None = None, act_
             raise VitcError("--act-budget allocates activation widths; weight-only (--abits 16) has none",
                             "drop --act-budget, or quantize activations (--abits 8)")
         group = group_size or WO.DEFAULT_GROUP
-        widths, weight_quant = WEIGHT_ONLY_WIDTHS, (lambda w, bits: WO.fake_quant(w, bits, group))
+        widths, weight_quant = WEIGHT_ONLY_WIDTHS, (lambda w, bits: WO.fake_quant(w, bits, group, asymmetric))
         for l in layers:
             l.fixed = l.fixed or not WO.groupable(l.name, module.get_submodule(l.name), backbone.structure, group)
     costs = {l.name: l.params for l in layers}

@@ -2,7 +2,9 @@
 
 Activations stay float; each Linear's weight is stored as int4 or int8 codes with one
 symmetric scale per group of ``group_size`` consecutive input channels (per output channel),
-the clipping of each group searched for the least squared error. Convolutions (the patch
+the clipping of each group searched for the least squared error. ``--weight-scheme asymmetric``
+gives the int4 groups a zero point each (uint4 codes 0..15, ``group_qparams_asymmetric``): a
+group whose weights lean to one side uses all 16 levels on its own range. Convolutions (the patch
 embedding, conv stems) and the classifier get int8 per-output-channel weights, as NNCF's
 ``compress_weights`` keeps its "backup" layers in 8 bits: they are small and sensitive.
 
@@ -26,6 +28,8 @@ blocked scales (``block_size``), with each MatMul weight replaced by
 ``DQMatMulToMatMulNBits`` fusion turns the int4 ones into ``MatMulNBits`` kernels; OpenVINO's
 ONNX frontend keeps them as i4/i8 constants with a decompression subgraph, which its CPU
 plugin runs as compressed-weight FullyConnected layers (``ir_weight_types`` reads the IR).
+Asymmetric groups go out as ``DequantizeLinear(uint4 codes, scales, uint4 zero points, ...)``:
+ORT fuses them into ``MatMulNBits`` with zero points, OpenVINO keeps u4 constants.
 """
 from __future__ import annotations
 
@@ -61,6 +65,8 @@ def validate_config(config):
     if config.group_size not in GROUP_SIZES:
         raise VitcError(f"--group-size {config.group_size} is not supported",
                         f"use one of {', '.join(map(str, GROUP_SIZES))}")
+    if config.weight_scheme not in ("symmetric", "asymmetric"):
+        raise VitcError(f"--weight-scheme {config.weight_scheme} is not supported", "use symmetric or asymmetric")
     if config.weight_rounding not in ("gptq", "nearest"):
         raise VitcError(f"weight rounding '{config.weight_rounding}' is not supported", "use gptq or nearest")
     if config.reconstruct_iters:
@@ -102,12 +108,7 @@ def group_scales(w: torch.Tensor, bits: int, group: int, search: bool = True,
     best = amax / qmax
     if not search:
         return best
-    if importance is None:
-        weight = torch.ones(1, inp // group, group)
-    else:
-        weight = importance.float().clamp_min(0).reshape(1, inp // group, group)
-        weight = weight / weight.mean(-1, keepdim=True).clamp_min(1e-12)  # per group: a silent group falls back to plain MSE
-        weight = torch.where(torch.isfinite(weight), weight, torch.ones_like(weight))
+    weight = _group_weights(importance, inp, group)
     best_err = torch.full_like(amax, math.inf)
     for ratio in torch.linspace(0.5, 1.0, candidates):
         s = amax * ratio / qmax
@@ -119,21 +120,80 @@ def group_scales(w: torch.Tensor, bits: int, group: int, search: bool = True,
     return best
 
 
-def group_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    qmin, qmax = group_range(bits)
+def asymmetric_range(bits: int) -> tuple[int, int]:
+    """Integer limits of asymmetric group codes: the unsigned type (0..15 at 4 bits, ONNX's UINT4,
+    OpenVINO's u4, MatMulNBits' codes with a zero point per block)."""
+    return 0, 2 ** bits - 1
+
+
+def group_qparams_asymmetric(w: torch.Tensor, bits: int, group: int, search: bool = True,
+                             importance: torch.Tensor | None = None, candidates: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric group grids of ``w`` (out, in): scales and zero points, each (out, in/group), the
+    zero points integers in ``asymmetric_range``. Each group's [min, max], widened to hold 0 (the
+    formats' zero points lie in 0..15, so 0 is always on the grid), shrinks toward 0 by the ratio
+    with the least (``importance``-weighted, as in ``group_scales``) squared error. The int4 grid
+    then spends its 16 levels on the group's own range, where the symmetric grid leaves the side a
+    group does not reach unused."""
+    out, inp = w.shape
+    if inp % group:
+        raise ValueError(f"{inp} input channels do not split into groups of {group}")
+    qmin, qmax = asymmetric_range(bits)
+    g = w.detach().float().reshape(out, inp // group, group)
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    weight = _group_weights(importance, inp, group)
+
+    def grid(ratio):
+        s = ((hi - lo) * ratio / qmax).clamp_min(1e-8)
+        return s, torch.clamp(torch.round(-lo * ratio / s), qmin, qmax)
+
+    best_s, best_z = grid(1.0)
+    if not search:
+        return best_s, best_z
+    best_err = torch.full_like(lo, math.inf)
+    for ratio in torch.linspace(0.5, 1.0, candidates):
+        s, z = grid(ratio)
+        q = (torch.clamp(torch.round(g / s[..., None]) + z[..., None], qmin, qmax) - z[..., None]) * s[..., None]
+        err = ((q - g) ** 2 * weight).sum(-1)
+        better = err < best_err
+        best_err, best_s, best_z = torch.where(better, err, best_err), torch.where(better, s, best_s), torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+def _group_weights(importance: torch.Tensor | None, inp: int, group: int) -> torch.Tensor:
+    """Per-weight error weights of the scale searches: each group's input mean squares over their mean."""
+    if importance is None:
+        return torch.ones(1, inp // group, group)
+    weight = importance.float().clamp_min(0).reshape(1, inp // group, group)
+    weight = weight / weight.mean(-1, keepdim=True).clamp_min(1e-12)  # per group: a silent group falls back to plain MSE
+    return torch.where(torch.isfinite(weight), weight, torch.ones_like(weight))
+
+
+def group_codes(w: torch.Tensor, scale: torch.Tensor, bits: int, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 codes in ``group_range`` (symmetric), or uint8 codes in ``asymmetric_range`` with ``zero``."""
     s = scale.repeat_interleave(w.shape[1] // scale.shape[1], dim=1)
-    return torch.clamp(torch.round(w / s), qmin, qmax).to(torch.int8)
+    if zero is None:
+        qmin, qmax = group_range(bits)
+        return torch.clamp(torch.round(w / s), qmin, qmax).to(torch.int8)
+    qmin, qmax = asymmetric_range(bits)
+    z = zero.float().repeat_interleave(w.shape[1] // zero.shape[1], dim=1)
+    return torch.clamp(torch.round(w / s) + z, qmin, qmax).to(torch.uint8)
 
 
-def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return codes.float() * scale.repeat_interleave(codes.shape[1] // scale.shape[1], dim=1)
+def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> torch.Tensor:
+    rep = codes.shape[1] // scale.shape[1]
+    q = codes.float() if zero is None else codes.float() - zero.float().repeat_interleave(rep, dim=1)
+    return q * scale.repeat_interleave(rep, dim=1)
 
 
-def fake_quant(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+def fake_quant(w: torch.Tensor, bits: int, group: int, asymmetric: bool = False) -> torch.Tensor:
     """``w`` on the grid ``layer_plan`` gives a Linear of ``bits``: groups of ``group`` inputs below
-    8 bits (nearest rounding, searched scales), per output channel at 8 bits or where the inputs do
-    not split into groups. Mixed precision's sensitivity measures each layer on it."""
+    8 bits (nearest rounding, searched scales; zero points with ``asymmetric``), per output channel
+    at 8 bits or where the inputs do not split into groups. Mixed precision's sensitivity measures
+    each layer on it."""
     if bits < 8 and w.dim() == 2 and w.shape[1] % group == 0:
+        if asymmetric:
+            scale, zero = group_qparams_asymmetric(w, bits, group)
+            return dequantize_groups(group_codes(w, scale, bits, zero), scale, zero)
         scale = group_scales(w, bits, group)
         return dequantize_groups(group_codes(w, scale, bits), scale)
     return Q.fake_quant_weight(w, Q.weight_qparams(w, 8, True), 8)
@@ -192,10 +252,17 @@ def coverage(module: nn.Module) -> dict:
 class _WeightOnly:
     wbits: int
     group_size: int | None  # None: per output channel
+    asymmetric: bool  # group zero points (``weight_zero_point``, uint codes)
 
-    def _init_wo(self, wbits: int, group_size: int | None, scale_shape) -> None:
-        self.wbits, self.group_size = wbits, group_size
+    def _init_wo(self, wbits: int, group_size: int | None, scale_shape, asymmetric: bool = False) -> None:
+        self.wbits, self.group_size, self.asymmetric = wbits, group_size, bool(asymmetric and group_size)
         self.register_buffer("weight_scale", torch.ones(scale_shape))
+        if self.asymmetric:
+            self.register_buffer("weight_zero_point", torch.zeros(scale_shape, dtype=torch.uint8))
+
+    @property
+    def zero(self) -> torch.Tensor | None:
+        return self.weight_zero_point if self.asymmetric else None
 
     def quantize(self, search: bool = True, importance: torch.Tensor | None = None,
                  hessian: torch.Tensor | None = None) -> None:
@@ -204,34 +271,41 @@ class _WeightOnly:
         w = self.weight.detach().float()
         with torch.no_grad():
             if self.group_size:
-                self.weight_scale = group_scales(w, self.wbits, self.group_size, search, importance)
-                if hessian is not None:
-                    self.weight.copy_(gptq_groups(w, hessian, self.weight_scale, self.wbits, qrange=group_range(self.wbits)))
+                if self.asymmetric:
+                    self.weight_scale, zero = group_qparams_asymmetric(w, self.wbits, self.group_size, search, importance)
+                    self.weight_zero_point = zero.to(torch.uint8)
+                    qrange = asymmetric_range(self.wbits)
                 else:
-                    self.weight.copy_(dequantize_groups(group_codes(w, self.weight_scale, self.wbits), self.weight_scale))
+                    self.weight_scale, zero = group_scales(w, self.wbits, self.group_size, search, importance), None
+                    qrange = group_range(self.wbits)
+                if hessian is not None:
+                    self.weight.copy_(gptq_groups(w, hessian, self.weight_scale, self.wbits, qrange=qrange, zero=zero))
+                else:
+                    self.weight.copy_(dequantize_groups(group_codes(w, self.weight_scale, self.wbits, zero), self.weight_scale, zero))
             else:
                 self.weight_scale = Q.weight_qparams(w, self.wbits, search)
                 self.weight.copy_(Q.fake_quant_weight(w, self.weight_scale, self.wbits))
 
     def codes(self) -> torch.Tensor:
         if self.group_size:
-            return group_codes(self.weight.detach(), self.weight_scale, self.wbits)
+            return group_codes(self.weight.detach(), self.weight_scale, self.wbits, self.zero)
         qmin, qmax = Q.int_range(self.wbits, True, restricted=True)
         s = self.weight_scale.reshape(-1, *[1] * (self.weight.dim() - 1))
         return torch.clamp(torch.round(self.weight.detach() / s), qmin, qmax).to(torch.int8)
 
     def spec(self) -> dict:
-        return {"wbits": self.wbits, "group_size": self.group_size}
+        return {"wbits": self.wbits, "group_size": self.group_size, **({"asymmetric": True} if self.asymmetric else {})}
 
 
 class WeightOnlyLinear(nn.Linear, _WeightOnly):
     @classmethod
-    def from_float(cls, m: nn.Linear, wbits: int, group_size: int | None) -> "WeightOnlyLinear":
+    def from_float(cls, m: nn.Linear, wbits: int, group_size: int | None, asymmetric: bool = False) -> "WeightOnlyLinear":
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = m.in_features, m.out_features
         new.weight, new.bias = m.weight, m.bias
-        new._init_wo(wbits, group_size, (m.out_features, m.in_features // group_size) if group_size else (m.out_features,))
+        new._init_wo(wbits, group_size, (m.out_features, m.in_features // group_size) if group_size else (m.out_features,),
+                     asymmetric)
         return new
 
 
@@ -252,18 +326,21 @@ def weight_only_layers(module: nn.Module) -> dict[str, _WeightOnly]:
     return {n: m for n, m in module.named_modules() if isinstance(m, (WeightOnlyLinear, WeightOnlyConv2d))}
 
 
-def layer_plan(module: nn.Module, structure, wbits: int, group: int, layer_bits: dict | None = None) -> dict[str, dict]:
-    """{layer: {"wbits", "group_size"}}: Linears whose input splits into groups at ``wbits``; the
-    classifier, convolutions and Linears that do not split at int8 per channel."""
+def layer_plan(module: nn.Module, structure, wbits: int, group: int, layer_bits: dict | None = None,
+               asymmetric: bool = False) -> dict[str, dict]:
+    """{layer: {"wbits", "group_size"[, "asymmetric"]}}: Linears whose input splits into groups at
+    ``wbits`` (with zero points where ``asymmetric`` and below 8 bits); the classifier, convolutions
+    and Linears that do not split at int8 per channel (symmetric: what every int8 path runs)."""
     plan = {}
+    grid = lambda bits: {"wbits": bits, "group_size": group, **({"asymmetric": True} if asymmetric and bits < 8 else {})}
     for name, m in module.named_modules():
         if isinstance(m, nn.Linear) and swappable(m):
             grouped = groupable(name, m, structure, group)
             if layer_bits and name in layer_bits:  # mixed precision: 4-bit layers grouped, 8-bit ones per channel
                 grouped = grouped and layer_bits[name][0] < 8
-                plan[name] = {"wbits": layer_bits[name][0], "group_size": group} if grouped else {"wbits": 8, "group_size": None}
+                plan[name] = grid(layer_bits[name][0]) if grouped else {"wbits": 8, "group_size": None}
                 continue
-            plan[name] = {"wbits": wbits, "group_size": group} if grouped else {"wbits": 8, "group_size": None}
+            plan[name] = grid(wbits) if grouped else {"wbits": 8, "group_size": None}
         elif isinstance(m, nn.Conv2d) and swappable(m):
             plan[name] = {"wbits": 8, "group_size": None}
     return plan
@@ -274,7 +351,8 @@ def install(module: nn.Module, plan: dict[str, dict]) -> None:
         parent, _, attr = name.rpartition(".")
         m = module.get_submodule(name)
         owner = module.get_submodule(parent) if parent else module
-        new = WeightOnlyLinear.from_float(m, spec["wbits"], spec["group_size"]) if isinstance(m, nn.Linear) \
+        new = WeightOnlyLinear.from_float(m, spec["wbits"], spec["group_size"], spec.get("asymmetric", False)) \
+            if isinstance(m, nn.Linear) \
             else WeightOnlyConv2d.from_float(m, spec["wbits"])
         setattr(owner, attr, new)
 
@@ -329,7 +407,8 @@ def apply_weight_only(backbone: Backbone, config, x: torch.Tensor | None = None)
     # fold BatchNorms first: the ONNX exporter folds them into the conv weights itself, which
     # would leave the exported weights off their grid (and unmatched by store_compressed_weights)
     folded = fold_batchnorms(module, backbone.structure) if config.fold_bn else []
-    plan = layer_plan(module, backbone.structure, config.wbits, config.group_size, config.layer_bits)
+    asymmetric = config.weight_scheme == "asymmetric"
+    plan = layer_plan(module, backbone.structure, config.wbits, config.group_size, config.layer_bits, asymmetric)
     if not plan:
         raise VitcError("the model has no Linear or Conv2d layer to quantize", "quantize a model built from Linear/Conv2d layers")
     grouped = [n for n, spec in plan.items() if spec["group_size"]]
@@ -356,6 +435,7 @@ def apply_weight_only(backbone: Backbone, config, x: torch.Tensor | None = None)
     record = {"pass": "quantize", "config": config.to_dict(), "calibration_images": 0 if images is None else int(images.shape[0]),
               "calibration_s": round(time.perf_counter() - start, 3),
               "weight_only": {"layers": plan, "wbits": config.wbits, "group_size": config.group_size, "folded_bn": folded,
+                              "asymmetric": any(spec.get("asymmetric") for spec in plan.values()),
                               "scale_search": "activation-weighted MSE" if images is not None and grouped else ("MSE" if config.weight_search else "max"),
                               "rounding": (f"GPTQ, sequential in {len(waves)} steps" if len(waves) > 1 else "GPTQ") if gptq else "nearest",
                               "hessian_prefix_weight": PREFIX_WEIGHT if layouts else 0.0},
@@ -378,11 +458,14 @@ def model_size(backbone: Backbone) -> int:
     module = backbone.require_module("measuring size")
     layers = weight_only_layers(module)
     quantized = {id(l.weight): l for l in layers.values()}
+    zero_points = {id(l.weight_zero_point): l for l in layers.values() if l.asymmetric}  # stored at the codes' width
     total = 0.0
     for p in module.parameters():
         l = quantized.get(id(p))
         total += p.numel() * l.wbits / 8 if l else p.numel() * 4
-    total += sum(b.numel() * 4 for b in module.buffers())
+    for b in module.buffers():
+        l = zero_points.get(id(b))
+        total += b.numel() * l.wbits / 8 if l else b.numel() * 4
     return int(total)
 
 
@@ -441,7 +524,10 @@ def load(folder: Path, meta: dict) -> Backbone:
         if codes is None or scale is None:
             raise VitcError(f"{folder / WEIGHTS_FILE} has no weights for {name}", "save the quantized model again")
         layer.weight_scale = scale
-        state[f"{name}.weight"] = dequantize_groups(codes, scale) if layer.group_size else \
+        zero = state.get(f"{name}.weight_zero_point") if layer.asymmetric else None
+        if layer.asymmetric and zero is None:
+            raise VitcError(f"{folder / WEIGHTS_FILE} has no zero points for {name}", "save the quantized model again")
+        state[f"{name}.weight"] = dequantize_groups(codes, scale, zero) if layer.group_size else \
             codes.float() * scale.reshape(-1, *[1] * (codes.dim() - 1))
     try:
         module.load_state_dict(state, strict=True)
@@ -508,12 +594,14 @@ def store_compressed_weights(model, module: nn.Module) -> int:
             continue
         name, transposed = hit
         layer = layers[name]
-        codes = layer.codes().numpy().astype(np.int8)
+        codes = layer.codes().numpy().astype(np.uint8 if layer.asymmetric else np.int8)
         scale = layer.weight_scale.detach().float().numpy()
+        zero = layer.zero.numpy() if layer.asymmetric else None
         attrs = {}
         if layer.group_size:  # (out, in) codes, (out, in/g) scales: blocked along the input axis
             if transposed:  # MatMul B is (in, out): block along axis 0
                 codes, scale = codes.T, scale.T
+                zero = zero.T if zero is not None else None
                 attrs = {"axis": 0, "block_size": layer.group_size}
             else:  # Gemm transB / as stored: block along axis 1
                 attrs = {"axis": 1, "block_size": layer.group_size}
@@ -521,11 +609,18 @@ def store_compressed_weights(model, module: nn.Module) -> int:
             if transposed:
                 codes = codes.T
             attrs = {"axis": 1 if transposed else 0}
-        dtype = TensorProto.INT4 if layer.wbits == 4 else TensorProto.INT8
+        # asymmetric groups: uint4 codes and a uint4 zero point per block (ORT fuses them into MatMulNBits
+        # with zero points, OpenVINO keeps u4 constants with a Subtract in its decompression)
+        dtype = {(4, False): TensorProto.INT4, (8, False): TensorProto.INT8,
+                 (4, True): TensorProto.UINT4, (8, True): TensorProto.UINT8}[(layer.wbits, layer.asymmetric)]
         q_name, s_name = f"{init_name}_q{layer.wbits}", f"{init_name}_scale"
         new_inits.append(helper.make_tensor(q_name, dtype, list(codes.shape), pack_codes(codes, layer.wbits), raw=True))
         new_inits.append(numpy_helper.from_array(np.ascontiguousarray(scale.astype(np.float32)), s_name))
-        new_nodes.append(helper.make_node("DequantizeLinear", [q_name, s_name], [init_name], name=f"{name}/DequantizeLinear", **attrs))
+        inputs = [q_name, s_name]
+        if zero is not None:
+            inputs.append(f"{init_name}_zero_point")
+            new_inits.append(helper.make_tensor(inputs[-1], dtype, list(zero.shape), pack_codes(zero, layer.wbits), raw=True))
+        new_nodes.append(helper.make_node("DequantizeLinear", inputs, [init_name], name=f"{name}/DequantizeLinear", **attrs))
         removed.add(init_name)
         count += 1
     keep = [i for i in graph.initializer if i.name not in removed]
@@ -538,8 +633,9 @@ def store_compressed_weights(model, module: nn.Module) -> int:
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> bytes:
-    """Raw bytes of an ONNX INT4 (two codes a byte, the first in the low nibble) or INT8 tensor."""
-    flat = np.ascontiguousarray(codes).reshape(-1).astype(np.int8)
+    """Raw bytes of an ONNX INT4/UINT4 (two codes a byte, the first in the low nibble) or INT8/UINT8 tensor."""
+    flat = np.ascontiguousarray(codes).reshape(-1)
+    flat = flat.astype(np.uint8 if flat.dtype == np.uint8 else np.int8)
     if bits == 8:
         return flat.tobytes()
     nib = (flat.astype(np.uint8) & 0x0F)
@@ -564,7 +660,7 @@ def ir_weight_types(model) -> dict[str, int]:
 def openvino_checks(record: dict):
     """Runtime check for an OpenVINO session of a weight-only model: the IR it compiled keeps
     int4/int8 weight constants (not decompressed to f32 at conversion)."""
-    wanted = "i4" if record["weight_only"]["wbits"] == 4 else "i8"
+    wanted = ("u" if record["weight_only"].get("asymmetric") else "i") + ("4" if record["weight_only"]["wbits"] == 4 else "8")
 
     def check(session) -> dict:
         import openvino as ov
