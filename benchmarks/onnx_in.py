@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import json
 import sys
 import tempfile
@@ -159,7 +160,12 @@ def main() -> None:
 
     name = onnx.load(str(fp32), load_external_data=False).graph.input[0].name
     result = {"model": str(fp32), "calibration_images": len(calib), "eval_images": len(x), "threads": args.threads,
-              "load_average_start": load_average(), "methods": {}}
+              "load_average_start": load_average(), "methods": {},
+              # the 2026-12-05 figures stopped reproducing with the same code by 2026-12-06 (docs/quantize.md):
+              # the versions the numbers came from are part of the result
+              "versions": {d: importlib.metadata.version(d) for d in
+                           ("onnxruntime", "openvino", "onnx", "numpy", "torch", "pillow", "nncf")
+                           if importlib.util.find_spec(d.replace("pillow", "PIL")) is not None}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = args.artifacts or Path(tmp)
         tmp.mkdir(parents=True, exist_ok=True)
