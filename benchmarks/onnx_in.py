@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import importlib.util
 import json
 import sys
 import tempfile
@@ -117,6 +116,17 @@ def ort_static(fp32: Path, out: Path, calib: torch.Tensor, name: str, activation
     return time.perf_counter() - t
 
 
+def versions(*dists: str) -> dict[str, str]:
+    """The installed versions of ``dists`` (those installed)."""
+    out = {}
+    for d in dists:
+        try:
+            out[d] = importlib.metadata.version(d)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
 def load_average() -> str:
     """The 1/5/15-minute load averages, recorded with every run (timings on a busy machine are noise)."""
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -163,9 +173,7 @@ def main() -> None:
               "load_average_start": load_average(), "methods": {},
               # the 2026-12-05 figures stopped reproducing with the same code by 2026-12-06 (docs/quantize.md):
               # the versions the numbers came from are part of the result
-              "versions": {d: importlib.metadata.version(d) for d in
-                           ("onnxruntime", "openvino", "onnx", "numpy", "torch", "pillow", "nncf")
-                           if importlib.util.find_spec(d.replace("pillow", "PIL")) is not None}}
+              "versions": versions("onnxruntime", "openvino", "onnx", "numpy", "torch", "pillow", "nncf")}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = args.artifacts or Path(tmp)
         tmp.mkdir(parents=True, exist_ok=True)

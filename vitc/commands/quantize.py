@@ -142,9 +142,6 @@ def quantize_cmd(
                          reconstruct_iters=iters if reconstruct else 0, sites=sites, prefix_bits=prefix_bits,
                          weight_rounding=rounding or "gptq", weight_scheme=weight_scheme).validate()
     weight_only = config.abits == 16
-    if weight_only and config.weight_scheme == "asymmetric" and config.wbits == 8 and not auto:
-        raise VitcError("--weight-scheme asymmetric gives int4 groups zero points; int8 weights stay symmetric",
-                        "pass --wbits 4 (or --bits auto --size-budget B), or drop --weight-scheme")
     if rounding is not None and not weight_only and config.wbits >= 8:
         raise VitcError(f"--rounding {rounding} applies to weight-only quantization and to weights below 8 bits",
                         "pass --abits 16 or --wbits 4/6, or drop --rounding")

@@ -99,25 +99,11 @@ def group_scales(w: torch.Tensor, bits: int, group: int, search: bool = True,
     that error is weighted by it: ``sum_i E[x_i^2] (w_i - q_i)^2`` is the expected squared error
     of the layer's output that the group's rounding causes (the diagonal of GPTQ's Hessian), so a
     group clips the weights of quiet inputs rather than those of the loud ones, as AWQ argues."""
-    out, inp = w.shape
-    if inp % group:
-        raise ValueError(f"{inp} input channels do not split into groups of {group}")
     qmin, qmax = group_range(bits)
-    g = w.detach().float().reshape(out, inp // group, group)
+    g = _groups(w, group)
     amax = g.abs().amax(-1).clamp_min(1e-8)  # (out, groups)
-    best = amax / qmax
-    if not search:
-        return best
-    weight = _group_weights(importance, inp, group)
-    best_err = torch.full_like(amax, math.inf)
-    for ratio in torch.linspace(0.5, 1.0, candidates):
-        s = amax * ratio / qmax
-        q = torch.clamp(torch.round(g / s[..., None]), qmin, qmax) * s[..., None]
-        err = ((q - g) ** 2 * weight).sum(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, s, best)
-    return best
+    return _search_grid(g, lambda ratio: (amax * ratio / qmax, torch.zeros_like(amax)), qmin, qmax,
+                        search, importance, candidates)[0]
 
 
 def asymmetric_range(bits: int) -> tuple[int, int]:
@@ -134,22 +120,35 @@ def group_qparams_asymmetric(w: torch.Tensor, bits: int, group: int, search: boo
     with the least (``importance``-weighted, as in ``group_scales``) squared error. The int4 grid
     then spends its 16 levels on the group's own range, where the symmetric grid leaves the side a
     group does not reach unused."""
-    out, inp = w.shape
-    if inp % group:
-        raise ValueError(f"{inp} input channels do not split into groups of {group}")
     qmin, qmax = asymmetric_range(bits)
-    g = w.detach().float().reshape(out, inp // group, group)
+    g = _groups(w, group)
     lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
-    weight = _group_weights(importance, inp, group)
 
     def grid(ratio):
         s = ((hi - lo) * ratio / qmax).clamp_min(1e-8)
         return s, torch.clamp(torch.round(-lo * ratio / s), qmin, qmax)
 
+    return _search_grid(g, grid, qmin, qmax, search, importance, candidates)
+
+
+def _groups(w: torch.Tensor, group: int) -> torch.Tensor:
+    """``w`` (out, in) as (out, in/group, group)."""
+    out, inp = w.shape
+    if inp % group:
+        raise ValueError(f"{inp} input channels do not split into groups of {group}")
+    return w.detach().float().reshape(out, inp // group, group)
+
+
+def _search_grid(g: torch.Tensor, grid, qmin: int, qmax: int, search: bool, importance: torch.Tensor | None,
+                 candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipping search both group grids share: ``grid(ratio)`` gives (scales, zero points) of the
+    groups ``g`` (out, groups, group) shrunk by ``ratio``; each group keeps the ratio in [0.5, 1] with
+    the least ``importance``-weighted squared error (ratio 1 without ``search``)."""
     best_s, best_z = grid(1.0)
     if not search:
         return best_s, best_z
-    best_err = torch.full_like(lo, math.inf)
+    weight = _group_weights(importance, g.shape[1] * g.shape[2], g.shape[2])
+    best_err = torch.full_like(best_s, math.inf)
     for ratio in torch.linspace(0.5, 1.0, candidates):
         s, z = grid(ratio)
         q = (torch.clamp(torch.round(g / s[..., None]) + z[..., None], qmin, qmax) - z[..., None]) * s[..., None]
@@ -411,6 +410,9 @@ def apply_weight_only(backbone: Backbone, config, x: torch.Tensor | None = None)
     plan = layer_plan(module, backbone.structure, config.wbits, config.group_size, config.layer_bits, asymmetric)
     if not plan:
         raise VitcError("the model has no Linear or Conv2d layer to quantize", "quantize a model built from Linear/Conv2d layers")
+    if asymmetric and not any(spec.get("asymmetric") for spec in plan.values()):  # e.g. --wbits 8: nothing is int4
+        raise VitcError("--weight-scheme asymmetric gives int4 groups zero points; int8 weights stay symmetric",
+                        "pass --wbits 4 (or --bits auto --size-budget B), or drop --weight-scheme")
     grouped = [n for n, spec in plan.items() if spec["group_size"]]
     images = x[:ACTIVATION_IMAGES] if x is not None else None
     gptq = config.weight_rounding == "gptq" and images is not None and bool(grouped)
