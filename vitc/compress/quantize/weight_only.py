@@ -47,7 +47,7 @@ from vitc.backbone import Backbone
 from vitc.errors import VitcError
 
 from . import quantizers as Q
-from .gptq import HessianTaps, gptq_groups, prefix_token_layouts
+from .gptq import HessianTaps, gptq_groups, prefix_token_layouts, refit_group_scales
 
 FORMAT = "vitc-woq/1"
 WBITS = (4, 8)
@@ -248,6 +248,13 @@ def coverage(module: nn.Module) -> dict:
     return {"params_quantized": held, "params_total": total, "share": held / total if total else 1.0, "left_float": left}
 
 
+# GPTQ rounds on the searched grid, the scales are refit to its codes (``refit_group_scales``), and
+# GPTQ rounds again on the refit grid, whose scales are refit once more: GPTQ_REFITS refits in all.
+# zoo:dinov2s-c10 int4 g64, 128 calibration / 2,000 test images, output KL against FP32: no refit
+# 0.0175, one 0.0162, two 0.0152 (agreement 93.9 -> 94.2 -> 94.8%); each GPTQ pass costs ~20 s more there.
+GPTQ_REFITS = 2
+
+
 class _WeightOnly:
     wbits: int
     group_size: int | None  # None: per output channel
@@ -265,8 +272,9 @@ class _WeightOnly:
 
     def quantize(self, search: bool = True, importance: torch.Tensor | None = None,
                  hessian: torch.Tensor | None = None) -> None:
-        """Scales by the (activation-weighted) search; the weights rounded to nearest, or by GPTQ
-        when the input ``hessian`` (X^T X) is given (grouped Linears)."""
+        """Scales by the (activation-weighted) search; the weights rounded to nearest, or, when the
+        input ``hessian`` (X^T X) is given (grouped Linears), by GPTQ, alternating with refits of
+        the scales to its codes (``GPTQ_REFITS``)."""
         w = self.weight.detach().float()
         with torch.no_grad():
             if self.group_size:
@@ -278,7 +286,15 @@ class _WeightOnly:
                     self.weight_scale, zero = group_scales(w, self.wbits, self.group_size, search, importance), None
                     qrange = group_range(self.wbits)
                 if hessian is not None:
-                    self.weight.copy_(gptq_groups(w, hessian, self.weight_scale, self.wbits, qrange=qrange, zero=zero))
+                    scale = self.weight_scale
+                    q = gptq_groups(w, hessian, scale, self.wbits, qrange=qrange, zero=zero)
+                    for step in range(GPTQ_REFITS):
+                        codes = group_codes(q, scale, self.wbits, zero)
+                        scale = refit_group_scales(w, q, hessian, scale)
+                        last = step == GPTQ_REFITS - 1
+                        q = dequantize_groups(codes, scale, zero) if last else gptq_groups(w, hessian, scale, self.wbits, qrange=qrange, zero=zero)
+                    self.weight_scale = scale
+                    self.weight.copy_(q)
                 else:
                     self.weight.copy_(dequantize_groups(group_codes(w, self.weight_scale, self.wbits, zero), self.weight_scale, zero))
             else:
@@ -439,7 +455,7 @@ def apply_weight_only(backbone: Backbone, config, x: torch.Tensor | None = None)
               "weight_only": {"layers": plan, "wbits": config.wbits, "group_size": config.group_size, "folded_bn": folded,
                               "asymmetric": any(spec.get("asymmetric") for spec in plan.values()),
                               "scale_search": "activation-weighted MSE" if images is not None and grouped else ("MSE" if config.weight_search else "max"),
-                              "rounding": (f"GPTQ, sequential in {len(waves)} steps" if len(waves) > 1 else "GPTQ") if gptq else "nearest",
+                              "rounding": ((f"GPTQ, sequential in {len(waves)} steps" if len(waves) > 1 else "GPTQ") + f", scales refit {GPTQ_REFITS} times") if gptq else "nearest",
                               "hessian_prefix_weight": PREFIX_WEIGHT if layouts else 0.0},
               "plan": {"folded_bn": folded, "attention": [], "ends_8bit": [n for n, s in plan.items() if s["group_size"] is None]},
               "layers": {}, "scheme_choice": {}, "vit_quantizers": {}, "sqnr_db": {}}
