@@ -290,10 +290,12 @@ class _WeightOnly:
                     scale = self.weight_scale
                     q = gptq_groups(w, hessian, scale, self.wbits, qrange=qrange, zero=zero)
                     for step in range(GPTQ_REFITS):
-                        codes = group_codes(q, scale, self.wbits, zero)
-                        scale = refit_group_scales(w, q, hessian, scale)
-                        last = step == GPTQ_REFITS - 1
-                        q = dequantize_groups(codes, scale, zero) if last else gptq_groups(w, hessian, scale, self.wbits, qrange=qrange, zero=zero)
+                        refit = refit_group_scales(w, q, hessian, scale)
+                        if step < GPTQ_REFITS - 1:  # round again on the refit grid
+                            q = gptq_groups(w, hessian, refit, self.wbits, qrange=qrange, zero=zero)
+                        else:  # the last refit keeps GPTQ's codes
+                            q = dequantize_groups(group_codes(q, scale, self.wbits, zero), refit, zero)
+                        scale = refit
                     self.weight_scale = scale
                     self.weight.copy_(q)
                 else:
