@@ -275,7 +275,7 @@ def _weight_only_section(backbone, x, y, calib, tmp, args, rows, row, quantize, 
     def nncf_row(label: str, stem: str, mode, ratio: float = 1.0, dataset=None) -> Path:
         """``nncf.compress_weights`` on the FP32 IR (g64; with ``dataset``: GPTQ + scale estimation), timed, saved, evaluated."""
         t = time.perf_counter()
-        extra = {"dataset": dataset, "scale_estimation": True, "gptq": True} if dataset is not None else {}
+        extra = {"dataset": dataset, "subset_size": len(calib), "scale_estimation": True, "gptq": True} if dataset is not None else {}
         model = nncf.compress_weights(ov.convert_model(str(fp_onnx)), mode=mode, group_size=64, ratio=ratio, **extra)
         seconds = time.perf_counter() - t
         xml = tmp / f"{stem}.xml"
@@ -285,9 +285,10 @@ def _weight_only_section(backbone, x, y, calib, tmp, args, rows, row, quantize, 
         return xml
 
     nncf_xml = nncf_row("nncf.compress_weights INT4_SYM g64", "nncf_int4", nncf.CompressWeightsMode.INT4_SYM)
-    # NNCF with its data-aware options, on the same calibration images as vitc (GPTQ with scale
-    # estimation: NNCF's strongest INT4 setting for a model without AWQ's MatMul->MatMul patterns)
-    dataset = nncf.Dataset([calib[i:i + 1].numpy() for i in range(min(len(calib), 128))])
+    # NNCF with its data-aware options, on the same calibration images as vitc, all of them (its
+    # subset_size, default 128, raised to match; GPTQ with scale estimation: NNCF's strongest INT4
+    # setting for a model without AWQ's MatMul->MatMul patterns)
+    dataset = nncf.Dataset([calib[i:i + 1].numpy() for i in range(len(calib))])
     nncf_row("nncf.compress_weights INT4_SYM g64 +data (GPTQ, scale estimation)", "nncf_int4_data",
              nncf.CompressWeightsMode.INT4_SYM, dataset=dataset)
     if not args.no_asymmetric:  # NNCF's asymmetric int4 with the same data-aware options

@@ -767,6 +767,38 @@ def test_hessian_taps_weight_the_prefix_tokens():
     assert "a" not in HessianTaps(True, {5: 1}, 0.0).prefix_layouts  # weight 0: plain moments
 
 
+def test_block_moments_cut_the_forward_short_and_match_the_full_forward(tiny_vit, calib64):
+    """GPTQ's per-block input moments stop each batch's forward once the block's layers have run,
+    with the same moments as the whole forward; the last layers' moments (nothing to cut) too."""
+    from vitc.compress.quantize.gptq import HessianTaps
+
+    module = tiny_vit.copy().require_module("test").eval()
+    x = _x(tiny_vit, calib64)[:24]
+    block = tiny_vit.structure.blocks[0].path
+    first = [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and n.startswith(block + ".")]
+    last = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)][-1:]
+    calls = []
+    tail = module.get_submodule(tiny_vit.structure.blocks[-1].path)
+    handle = tail.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        for names in (first, last):
+            calls.clear()
+            got = WO.input_mean_squares(module, names, x, batch=8, full=True)
+            taps = HessianTaps(True)
+            for n in names:
+                taps.hook(module.get_submodule(n), n, on="input")
+            with torch.no_grad():
+                for i in range(0, 24, 8):
+                    module(x[i:i + 8])
+            taps.remove()
+            want = taps.means()
+            assert set(got) == set(names) and all(torch.allclose(got[n], want[n], rtol=1e-5, atol=1e-7) for n in names)
+            if names is first:  # the first batch runs whole (to count each layer's calls), the next two stop early
+                assert len(calls) == 1 + 3
+    finally:
+        handle.remove()
+
+
 def test_gptq_token_weighting_lowers_the_cls_rows_error(tiny_vit, calib64, monkeypatch):
     """With the CLS token weighted (WO.PREFIX_WEIGHT, recorded), GPTQ's rounding error on the CLS rows
     of the grouped layers' outputs, tr((W - Q) E_cls[x x^T] (W - Q)^T) on the calibration images,
