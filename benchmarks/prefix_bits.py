@@ -41,20 +41,22 @@ def group_of(name: str) -> str | None:
 
 class PrefixOnly:
     """Within a context, split activation grids quantize only the prefix tokens ("prefix") or only
-    the patch tokens ("patches"); the other part passes through in float."""
+    the patch tokens ("patches"); the other part passes through in float. ``only``: restrict this to
+    these quantizers (the others quantize both parts as usual)."""
 
-    def __init__(self, part: str):
+    def __init__(self, part: str, only=None):
         self.part = part
+        self.only = None if only is None else {id(q) for q in only}
 
     def __enter__(self):
         from vitc.compress.quantize.modules import ActQuant
 
         self.original = ActQuant.forward
-        part, original = self.part, self.original
+        part, original, only = self.part, self.original, self.only
 
         def forward(q, x):
             y = original(q, x)
-            if q.mode != "quant" or not q.prefix_tokens:
+            if q.mode != "quant" or not q.prefix_tokens or (only is not None and id(q) not in only):
                 return y
             p = q.prefix_tokens
             return torch.cat([y[:, :p], x[:, p:]], 1) if part == "prefix" else torch.cat([x[:, :p], y[:, p:]], 1)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 
-from prefix_bits import GROUPS, group_of  # noqa: E402  (the graph path's activation groups, one definition)
+from prefix_bits import GROUPS, PrefixOnly, group_of  # noqa: E402  (the graph path's activation groups, one definition)
 
 
 def main() -> None:
@@ -86,22 +86,10 @@ def main() -> None:
         for m in group:
             m.mode = "quant"
 
-    gelu = {id(m) for m in members["post-GELU (fc2 input)"]}
-    original = ActQuant.forward
     for part in ("prefix", "patches"):
-        def forward(q, t, part=part):
-            out = original(q, t)
-            if id(q) not in gelu or q.mode != "quant" or not q.prefix_tokens:
-                return out
-            p = q.prefix_tokens
-            return torch.cat([out[:, :p], t[:, p:]], 1) if part == "prefix" else torch.cat([t[:, :p], out[:, p:]], 1)
-
-        ActQuant.forward = forward
-        try:
+        with PrefixOnly(part, only=members["post-GELU (fc2 input)"]):
             row("post-GELU: " + ("patch tokens float (CLS quantized)" if part == "prefix" else "CLS float (patch tokens quantized)"),
                 predict(quantized))
-        finally:
-            ActQuant.forward = original
     if args.out:
         args.out.write_text(json.dumps({"model": args.model, "started": started, "test_images": len(x),
                                         "threads": args.threads, "rows": rows}, indent=1))
