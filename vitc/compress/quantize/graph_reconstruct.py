@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -232,7 +232,7 @@ def _attr(gm: nn.Module, target: str) -> torch.Tensor:
 
 
 def _loss(outs: list, targets: list) -> torch.Tensor:
-    return sum(R._unit_loss(o, t) for o, t in zip(outs, targets) if isinstance(o, torch.Tensor) and o.is_floating_point())
+    return R._loss_sum(outs, targets)
 
 
 @torch.no_grad()
@@ -297,7 +297,7 @@ def learn_graph_unit(gm: fx.GraphModule, unit: GraphUnit, sub: fx.GraphModule, i
     changed = sum(int((_codes(_attr(gm, t), wq) != calibrated_codes[t]).sum()) for t, wq in weights.items())
     record = {"unit": unit.path, "kind": unit.kind, "weights": len(weights), "activation_grids": len(acts),
               "mse_before": before, "mse_after": min(after, before), "learned_mse": after, "kept_calibration": kept,
-              "codes_changed": changed}
+              "codes_changed": changed, "steps": options.iters}
     return record, outs
 
 
@@ -331,12 +331,13 @@ def _reconstruct_graph(gm, units, x, float_values, originals, options, key, stag
         staging = Path(staging) / key
         done = R.load_checkpoint(staging, owner)
     estimate = _estimate(subs, units, learnable, x, float_values, options) * max(0.0, 1 - len(done) / max(1, len(units)))
+    steps = {k: R.unit_steps(options, j, len(learnable)) for j, k in enumerate(learnable)}
     say(f"reconstruction (graph): {len(units)} units ({R._kinds([R.Unit(u.path, u.kind) for u in units])}), "
-        f"{len(learnable)} with quantizers, x {options.iters} steps on {n} images, about {R._fmt_s(estimate)}"
+        f"{len(learnable)} with quantizers, x {R._steps_text(list(steps.values()))} on {n} images, about {R._fmt_s(estimate)}"
         + (f" (resuming after {len(done)} finished units)" if done else ""))
     start = time.perf_counter()
-    task = progress.add_task("reconstructing", total=len(learnable) * options.iters,
-                             completed=sum(1 for k in learnable if k < len(done)) * options.iters) if progress is not None else None
+    task = progress.add_task("reconstructing", total=sum(steps.values()),
+                             completed=sum(s for k, s in steps.items() if k < len(done))) if progress is not None else None
     needed_later = {name: max(k for k, u in enumerate(units) if name in u.inputs) for u in units for name in u.inputs}
     if done:  # the resumed model's own values at the remaining units' inputs
         names = {nm for u in units[len(done):] for nm in u.inputs if nm != placeholder}
@@ -355,7 +356,8 @@ def _reconstruct_graph(gm, units, x, float_values, originals, options, key, stag
         inputs = [quant_values[nm] for nm in unit.inputs]
         targets = [float_values[nm] for nm in unit.outputs]
         if k in learnable:
-            result, outs = learn_graph_unit(gm, unit, sub, inputs, targets, n, originals, done_weights, options, progress, task)
+            result, outs = learn_graph_unit(gm, unit, sub, inputs, targets, n, originals, done_weights,
+                                            replace(options, iters=steps[k]), progress, task)
             done.append(result)
             done[-1]["seconds"] = round(time.perf_counter() - unit_start, 2)
         else:  # float ops between blocks: run, nothing to learn
@@ -369,11 +371,79 @@ def _reconstruct_graph(gm, units, x, float_values, originals, options, key, stag
             R.save_checkpoint(staging, owner, key, done)
     if progress is not None and task is not None:
         progress.remove_task(task)
+    output = None
+    if options.output_steps:
+        say(f"tuning every activation grid on the model's output: {options.output_steps} steps")
+        output = tune_output(owner, gm, x, [float_values[nm] for nm in output_names(gm)], options.output_steps, options,
+                             progress)
     if staging is not None:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"path": "graph", "options": asdict(options), "units": [u for u in done if not u.get("float")],
+    return {"path": "graph", "options": asdict(options), "output_tuning": output, "units": [u for u in done if not u.get("float")],
             "float_spans": [u["unit"] for u in done if u.get("float")], "estimate_s": round(estimate, 1),
             "seconds": round(time.perf_counter() - start, 2), "images": int(n)}
+
+
+def output_names(gm: fx.GraphModule) -> list[str]:
+    """The nodes whose values the graph returns (its output tensors, in order)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    names: list[str] = []
+    fx.node.map_arg(out.args, lambda a: names.append(a.name))
+    return names
+
+
+def tune_output(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor, targets: list[torch.Tensor], steps: int,
+                options: R.ReconstructOptions, progress=None) -> dict:
+    """After the units, learn every uniform activation step size of ``gm`` together against the float
+    model's outputs ``targets`` on ``x`` (BRECQ's loss on the output tensors, QDrop off), for ``steps``
+    steps; weights stay as reconstructed. Kept only where it lowers the output error on ``x``.
+
+    Why: each unit learned its grids against its own output, so a grid never sees what its error
+    costs downstream, and the per-unit losses weigh a late block's error no more than an early one's.
+    Only the step sizes move (about two per activation grid), so a few hundred images do not overfit."""
+    gen = torch.Generator().manual_seed(options.seed)
+    n = x.shape[0]
+    acts = _unit_quantizers(gm)[0]
+
+    def outputs(idx) -> list:
+        got = model(x[idx])
+        return [o for o in torch.utils._pytree.tree_leaves(got) if isinstance(o, torch.Tensor) and o.is_floating_point()]
+
+    @torch.no_grad()
+    def error() -> float:
+        total = count = 0.0
+        for i in range(0, n, CHUNK):
+            idx = torch.arange(i, min(i + CHUNK, n))
+            for o, t in zip(outputs(idx), targets):
+                total += (o - t[idx]).pow(2).sum().item()
+                count += o.numel()
+        return total / max(1.0, count)
+
+    start = time.perf_counter()
+    before = error()
+    snapshot = {t: q.scale.clone() for t, q in acts.items()}
+    scales = {t: R._learnable_act(q, 0.0, True, gen) for t, q in acts.items()}
+    params = [p for p in scales.values() if p is not None]
+    task = progress.add_task("tuning the activation grids on the output", total=steps) if progress is not None else None
+
+    def batch_loss():
+        idx = torch.randint(0, n, (min(options.batch, n),), generator=gen)
+        return R._loss_sum(outputs(idx), [t[idx] for t in targets])
+
+    try:
+        if params:
+            R.optimise(batch_loss, [], params, replace(options, iters=steps), progress, task)
+    finally:
+        for t, q in acts.items():
+            R._restore_act(q, scales[t])
+    after = error() if params else before
+    kept = after > before
+    if kept:
+        for t, q in acts.items():
+            q.scale = snapshot[t]
+    if progress is not None and task is not None:
+        progress.remove_task(task)
+    return {"steps": steps, "grids": len(params), "mse_before": before, "mse_after": min(after, before), "learned_mse": after,
+            "kept_calibration": kept, "seconds": round(time.perf_counter() - start, 2)}
 
 
 def _estimate(subs, units, learnable, x, float_values, options) -> float:

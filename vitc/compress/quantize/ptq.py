@@ -441,6 +441,9 @@ def apply(backbone: Backbone, config: QuantConfig | None = None, data=None, prog
         from .torch_graph import apply_graph
 
         return apply_graph(backbone, config, x, progress, reconstruct_staging, say)
+    if config.reconstruct_output_steps:
+        raise VitcError("--output-steps runs on the graph path, and this model was quantized on the module path",
+                        "pass --sites graph, or drop --output-steps")
     out = _apply_modules(backbone, config, x, progress, reconstruct_staging, say)
     record = out.transforms[-1]
     record["sites"] = "modules"
@@ -563,7 +566,7 @@ def _apply_modules(backbone: Backbone, config: QuantConfig, x: torch.Tensor, pro
     if config.reconstruct_iters:  # BRECQ/QDrop block reconstruction (reconstruct.py)
         from . import reconstruct as R
 
-        options = R.ReconstructOptions(iters=config.reconstruct_iters)
+        options = R.ReconstructOptions(iters=config.reconstruct_iters, iters_ramp=config.reconstruct_ramp)
         key = R.staging_key(backbone.source_hash or str(backbone.source), config.to_dict(), x, options)
         reconstruction = R.reconstruct(reference, module, structure, x, options, key, reconstruct_staging, progress, say)
     sqnr = layer_sqnr(reference, module, sample)
