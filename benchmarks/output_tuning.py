@@ -34,6 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="a graph-path folder written by vitc quantize -o")
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=None, help="Adam on the log step sizes (default: ReconstructOptions.output_lr)")
     ap.add_argument("--calib-data", default=str(CIFAR / "train.tar.gz"))
     ap.add_argument("--calib-size", type=int, default=512)
     ap.add_argument("--data", default=str(CIFAR / "test.tar.gz"))
@@ -62,7 +63,9 @@ def main() -> None:
     with torch.no_grad():
         targets = [torch.cat([base(x[i:i + 32]) for i in range(0, x.shape[0], 32)])]
     tuned = copy.deepcopy(saved)
-    record = GR.tune_output(tuned.module, tuned.module.graph_module, x, targets, args.steps, R.ReconstructOptions())
+    options = R.ReconstructOptions() if args.lr is None else R.ReconstructOptions(output_lr=args.lr)
+    record = GR.tune_output(tuned.module, tuned.module.graph_module, x, targets, args.steps, options)
+    record["lr"] = options.output_lr
     print(f"output tuning: {args.steps} steps, {record['grids']} grids, calibration-image output MSE "
           f"{record['mse_before']:.4g} -> {record['learned_mse']:.4g} ({record['seconds']:.0f} s)"
           + (" (kept the saved grids)" if record["kept_calibration"] else ""), flush=True)
@@ -80,7 +83,8 @@ def main() -> None:
         if mapping is not None:
             y = torch.from_numpy(mapping[y.numpy()])
         with torch.no_grad():
-            logits = {"fp32": base(xb), "saved": saved(xb), "tuned": tuned(xb)}
+            logits = {"fp32": base(xb), "saved": saved(xb)}
+            logits["tuned"] = logits["saved"] if record["kept_calibration"] else tuned(xb)  # kept: the same model
         lr = torch.log_softmax(logits["fp32"].double(), 1)
         for name, out in logits.items():
             ok[name].append(out.argmax(1) == y)

@@ -969,7 +969,7 @@ def test_output_tuning_learns_the_grids_against_the_output_and_leaves_the_weight
     tuned = quant_record(q)["reconstruction"]["output_tuning"]
     assert any("tuning every activation grid on the model's output: 60 steps" in line for line in said)
     assert tuned["grids"] > 0 and not tuned["kept_calibration"]
-    assert tuned["learned_mse"] < 0.95 * tuned["mse_before"], tuned
+    assert tuned["learned_mse"] < 0.97 * tuned["mse_before"], tuned  # measured 0.93 (0.76 at the units' 4e-3)
     with torch.no_grad():
         ref = tiny_vit(x)
         assert (blocks_only(x) - ref).pow(2).mean().item() == pytest.approx(tuned["mse_before"], rel=1e-4)

@@ -373,9 +373,8 @@ def _reconstruct_graph(gm, units, x, float_values, originals, options, key, stag
         progress.remove_task(task)
     output = None
     if options.output_steps:
-        say(f"tuning every activation grid on the model's output: {options.output_steps} steps")
         output = tune_output(owner, gm, x, [float_values[nm] for nm in output_names(gm)], options.output_steps, options,
-                             progress)
+                             progress, say)
     if staging is not None:
         shutil.rmtree(staging, ignore_errors=True)
     return {"path": "graph", "options": asdict(options), "output_tuning": output, "units": [u for u in done if not u.get("float")],
@@ -392,7 +391,7 @@ def output_names(gm: fx.GraphModule) -> list[str]:
 
 
 def tune_output(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor, targets: list[torch.Tensor], steps: int,
-                options: R.ReconstructOptions, progress=None) -> dict:
+                options: R.ReconstructOptions, progress=None, say=None) -> dict:
     """After the units, learn every uniform activation step size of ``gm`` together against the float
     model's outputs ``targets`` on ``x`` (BRECQ's loss on the output tensors, QDrop off), for ``steps``
     steps; weights stay as reconstructed. Kept only where it lowers the output error on ``x``.
@@ -420,6 +419,11 @@ def tune_output(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor, targets: 
 
     start = time.perf_counter()
     before = error()
+    if say is not None:
+        say(f"tuning every activation grid on the model's output: {steps} steps, about "
+            f"{R._fmt_s(_output_step_seconds(outputs, options.batch, n) * steps + time.perf_counter() - start)}")
+        for p in model.parameters():  # the timed backward's gradients
+            p.grad = None
     snapshot = {t: q.scale.clone() for t, q in acts.items()}
     scales = {t: R._learnable_act(q, 0.0, True, gen) for t, q in acts.items()}
     params = [p for p in scales.values() if p is not None]
@@ -431,7 +435,7 @@ def tune_output(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor, targets: 
 
     try:
         if params:
-            R.optimise(batch_loss, [], params, replace(options, iters=steps), progress, task)
+            R.optimise(batch_loss, [], params, replace(options, iters=steps, act_lr=options.output_lr), progress, task)
     finally:
         for t, q in acts.items():
             R._restore_act(q, scales[t])
@@ -444,6 +448,21 @@ def tune_output(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor, targets: 
         progress.remove_task(task)
     return {"steps": steps, "grids": len(params), "mse_before": before, "mse_after": min(after, before), "learned_mse": after,
             "kept_calibration": kept, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _output_step_seconds(outputs, batch: int, n: int) -> float:
+    """One forward+backward of the whole model on a learning batch (the faster of two), times 1.5 for
+    the learned step sizes' own work (LSQ's gradients)."""
+    step = float("inf")
+    idx = torch.arange(min(batch, n))
+    for _ in range(2):
+        with torch.enable_grad():
+            t = time.perf_counter()
+            outs = outputs(idx)
+            if any(o.requires_grad for o in outs):
+                sum(o.sum() for o in outs).backward()
+            step = min(step, time.perf_counter() - t)
+    return 1.5 * step
 
 
 def _estimate(subs, units, learnable, x, float_values, options) -> float:
