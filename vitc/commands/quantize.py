@@ -69,7 +69,6 @@ def quantize_cmd(
     allow_unlabelled: AllowUnlabelledOpt = False,
     reconstruct: bool = typer.Option(False, "--reconstruct", help="block reconstruction after calibration (learned rounding and step sizes, BRECQ/QDrop)"),
     iters: int = typer.Option(150, "--iters", help="with --reconstruct: learning steps per block"),
-    output_steps: int = typer.Option(0, "--output-steps", help="with --reconstruct (graph path): then N steps learning every activation step size together against the model's output"),
     iters_ramp: float = typer.Option(0.0, "--iters-ramp", help="with --reconstruct: steps growing with depth at the same total, from (1-R) to (1+R) x --iters (e.g. 0.5)"),
     size_budget: Optional[float] = typer.Option(None, "--size-budget", help="with --bits auto: average weight bits, e.g. 5.0"),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="with --bits auto: the smallest model whose top-1 drop on the calibration images is at most this many points"),
@@ -141,8 +140,7 @@ def quantize_cmd(
     config = QuantConfig(wbits=wbits or bits, abits=abits or bits, calibrator=calib, percentile=percentile, softmax=softmax,
                          gelu=gelu, scheme=scheme, granularity=granularity, ln_reparam=repq, smooth_alpha=smooth,
                          bias_correction=bias_correction, group_size=group_size, range_search=range_search,
-                         reconstruct_iters=iters if reconstruct else 0, reconstruct_ramp=iters_ramp,
-                         reconstruct_output_steps=output_steps, sites=sites, prefix_bits=prefix_bits,
+                         reconstruct_iters=iters if reconstruct else 0, reconstruct_ramp=iters_ramp, sites=sites, prefix_bits=prefix_bits,
                          weight_rounding=rounding or "gptq", weight_scheme=weight_scheme).validate()
     weight_only = config.abits == 16
     if rounding is not None and not weight_only and config.wbits >= 8:

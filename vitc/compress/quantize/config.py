@@ -61,7 +61,6 @@ class QuantConfig:
     # low-bit frontier (reconstruct.py, mixed.py, weight_only.py)
     reconstruct_iters: int = 0  # block reconstruction steps per unit after calibration (0: off)
     reconstruct_ramp: float = 0.0  # steps growing with depth at the same total (reconstruct.unit_steps)
-    reconstruct_output_steps: int = 0  # then every activation step size learned against the output (graph_reconstruct.tune_output)
     layer_bits: dict | None = None  # {layer: [wbits, abits]} from a mixed-precision allocation
     group_size: int | None = None  # weight-only (abits 16): per-group weight scales along the input
     weight_rounding: str = "gptq"  # weight-only, and graph-path Linears below 8 bits: "gptq" (error compensation) | "nearest"
@@ -91,9 +90,6 @@ class QuantConfig:
                             "pass --abits 16 with --wbits 4, or drop --weight-scheme (weights with quantized activations are symmetric)")
         if self.reconstruct_iters < 0:
             raise VitcError(f"--iters {self.reconstruct_iters} is negative", "pass a positive number of steps, e.g. --iters 400")
-        if self.reconstruct_output_steps < 0 or (self.reconstruct_output_steps and not self.reconstruct_iters):
-            raise VitcError(f"--output-steps {self.reconstruct_output_steps} needs block reconstruction and a positive count",
-                            "pass --reconstruct with --output-steps 100 or more, or drop --output-steps")
         if self.reconstruct_ramp:
             if not self.reconstruct_iters:
                 raise VitcError("--iters-ramp applies to block reconstruction", "pass --reconstruct, or drop --iters-ramp")

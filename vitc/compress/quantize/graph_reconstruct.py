@@ -232,7 +232,7 @@ def _attr(gm: nn.Module, target: str) -> torch.Tensor:
 
 
 def _loss(outs: list, targets: list) -> torch.Tensor:
-    return R._loss_sum(outs, targets)
+    return sum(R._unit_loss(o, t) for o, t in zip(outs, targets) if isinstance(o, torch.Tensor) and o.is_floating_point())
 
 
 @torch.no_grad()
@@ -371,98 +371,11 @@ def _reconstruct_graph(gm, units, x, float_values, originals, options, key, stag
             R.save_checkpoint(staging, owner, key, done)
     if progress is not None and task is not None:
         progress.remove_task(task)
-    output = None
-    if options.output_steps:
-        output = tune_output(owner, gm, x, [float_values[nm] for nm in output_names(gm)], options.output_steps, options,
-                             progress, say)
     if staging is not None:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"path": "graph", "options": asdict(options), "output_tuning": output, "units": [u for u in done if not u.get("float")],
+    return {"path": "graph", "options": asdict(options), "units": [u for u in done if not u.get("float")],
             "float_spans": [u["unit"] for u in done if u.get("float")], "estimate_s": round(estimate, 1),
             "seconds": round(time.perf_counter() - start, 2), "images": int(n)}
-
-
-def output_names(gm: fx.GraphModule) -> list[str]:
-    """The nodes whose values the graph returns (its output tensors, in order)."""
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    names: list[str] = []
-    fx.node.map_arg(out.args, lambda a: names.append(a.name))
-    return names
-
-
-def tune_output(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor, targets: list[torch.Tensor], steps: int,
-                options: R.ReconstructOptions, progress=None, say=None) -> dict:
-    """After the units, learn every uniform activation step size of ``gm`` together against the float
-    model's outputs ``targets`` on ``x`` (BRECQ's loss on the output tensors, QDrop off), for ``steps``
-    steps; weights stay as reconstructed. Kept only where it lowers the output error on ``x``.
-
-    Why: each unit learned its grids against its own output, so a grid never sees what its error
-    costs downstream, and the per-unit losses weigh a late block's error no more than an early one's.
-    Only the step sizes move (about two per activation grid), so a few hundred images do not overfit."""
-    gen = torch.Generator().manual_seed(options.seed)
-    n = x.shape[0]
-    acts = _unit_quantizers(gm)[0]
-
-    def outputs(idx) -> list:
-        got = model(x[idx])
-        return [o for o in torch.utils._pytree.tree_leaves(got) if isinstance(o, torch.Tensor) and o.is_floating_point()]
-
-    @torch.no_grad()
-    def error() -> float:
-        total = count = 0.0
-        for i in range(0, n, CHUNK):
-            idx = torch.arange(i, min(i + CHUNK, n))
-            for o, t in zip(outputs(idx), targets):
-                total += (o - t[idx]).pow(2).sum().item()
-                count += o.numel()
-        return total / max(1.0, count)
-
-    start = time.perf_counter()
-    before = error()
-    if say is not None:
-        say(f"tuning every activation grid on the model's output: {steps} steps, about "
-            f"{R._fmt_s(_output_step_seconds(outputs, options.batch, n) * steps + time.perf_counter() - start)}")
-        for p in model.parameters():  # the timed backward's gradients
-            p.grad = None
-    snapshot = {t: q.scale.clone() for t, q in acts.items()}
-    scales = {t: R._learnable_act(q, 0.0, True, gen) for t, q in acts.items()}
-    params = [p for p in scales.values() if p is not None]
-    task = progress.add_task("tuning the activation grids on the output", total=steps) if progress is not None else None
-
-    def batch_loss():
-        idx = torch.randint(0, n, (min(options.batch, n),), generator=gen)
-        return R._loss_sum(outputs(idx), [t[idx] for t in targets])
-
-    try:
-        if params:
-            R.optimise(batch_loss, [], params, replace(options, iters=steps, act_lr=options.output_lr), progress, task)
-    finally:
-        for t, q in acts.items():
-            R._restore_act(q, scales[t])
-    after = error() if params else before
-    kept = after > before
-    if kept:
-        for t, q in acts.items():
-            q.scale = snapshot[t]
-    if progress is not None and task is not None:
-        progress.remove_task(task)
-    return {"steps": steps, "grids": len(params), "mse_before": before, "mse_after": min(after, before), "learned_mse": after,
-            "kept_calibration": kept, "seconds": round(time.perf_counter() - start, 2)}
-
-
-def _output_step_seconds(outputs, batch: int, n: int) -> float:
-    """One forward+backward of the whole model on a learning batch (the faster of two), times 1.5 for
-    the learned step sizes' own work (LSQ's gradients)."""
-    step = float("inf")
-    idx = torch.arange(min(batch, n))
-    for _ in range(2):
-        with torch.enable_grad():
-            t = time.perf_counter()
-            outs = outputs(idx)
-            if any(o.requires_grad for o in outs):
-                sum(o.sum() for o in outs).backward()
-            step = min(step, time.perf_counter() - t)
-    return 1.5 * step
 
 
 def _estimate(subs, units, learnable, x, float_values, options) -> float:

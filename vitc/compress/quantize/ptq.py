@@ -441,9 +441,6 @@ def apply(backbone: Backbone, config: QuantConfig | None = None, data=None, prog
         from .torch_graph import apply_graph
 
         return apply_graph(backbone, config, x, progress, reconstruct_staging, say)
-    if config.reconstruct_output_steps:
-        raise VitcError("--output-steps runs on the graph path, and this model was quantized on the module path",
-                        "pass --sites graph, or drop --output-steps")
     out = _apply_modules(backbone, config, x, progress, reconstruct_staging, say)
     record = out.transforms[-1]
     record["sites"] = "modules"

@@ -59,11 +59,6 @@ class ReconstructOptions:
     # (W4A4: 56-77% in blocks 1-4, 19-44% in blocks 5-10), while more steps help late units most
     # (W6A6: the head unit's error -33% at 300 steps, -15% at 200)
     iters_ramp: float = 0.0
-    output_steps: int = 0  # graph path: then the activation step sizes together against the model's output
-    # Adam on the log step sizes there: at the units' 4e-3, 200 joint steps raised the output error on the
-    # calibration images of zoo:dinov2s-c10 (W6A6 0.093 -> 0.173, W4A4 0.88 -> 1.39): a grid early in the
-    # model moves every later one's input, so the joint steps must be smaller
-    output_lr: float = 5e-4
     batch: int = 16
     # Adam on the rounding variables V: AdaRound's 1e-3 is for 10-20k steps; at a few hundred
     # steps V would barely leave its start and the regulariser would settle on nearest rounding
@@ -410,11 +405,6 @@ def _restore_act(q: ActQuant, log_scale) -> None:
 def _unit_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     # summed over a sample's elements, averaged over samples (BRECQ's reconstruction loss)
     return (out - target).pow(2).flatten(1).sum(1).mean()
-
-
-def _loss_sum(outs: list, targets: list) -> torch.Tensor:
-    """The reconstruction loss summed over a unit's (or the model's) float output tensors."""
-    return sum(_unit_loss(o, t) for o, t in zip(outs, targets) if isinstance(o, torch.Tensor) and o.is_floating_point())
 
 
 def optimise(batch_loss, params_w: list, params_a: list, options: ReconstructOptions, progress=None, task=None) -> None:

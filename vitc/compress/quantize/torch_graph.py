@@ -1089,7 +1089,7 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
         from . import graph_reconstruct as GR
 
         units = GR.partition(gm, backbone.structure, f"{QUANT_ROOT}.")
-        float_values = GR.record_values(gm, {nm for u in units for nm in u.inputs + u.outputs} | set(GR.output_names(gm)), x)
+        float_values = GR.record_values(gm, {nm for u in units for nm in u.inputs + u.outputs}, x)
         GR.check_cut(gm, units, float_values, x)
     originals: dict[str, torch.Tensor] = {}
     biased = _quantize_weights(gm, installed, plan, config, {k: taps.sums[a] for k, a in gptq_targets.items() if a in taps.sums},
@@ -1107,7 +1107,7 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
         # the caller's threads, unlike the module path's one: a unit of zoo:dinov2s-c10 (257 tokens,
         # width 384) learned 30 steps in 13 s on both cores of this machine
         options = R.ReconstructOptions(iters=config.reconstruct_iters, iters_ramp=config.reconstruct_ramp,
-                                        output_steps=config.reconstruct_output_steps, threads=torch.get_num_threads())
+                                        threads=torch.get_num_threads())
         key = R.staging_key(backbone.source_hash or str(backbone.source), config.to_dict(), x, options)
         reconstruction = GR.reconstruct_graph(gm, units, x, float_values, originals, options, key, reconstruct_staging,
                                               progress, say, state_owner=captured)
