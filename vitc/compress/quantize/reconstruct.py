@@ -56,8 +56,8 @@ class ReconstructOptions:
     iters: int = 150  # learning steps per unit (the mean over units with iters_ramp)
     # steps growing with depth at the same total (unit_steps): on the real ViT-S the learned block errors
     # grow tenfold from the first blocks to the last and reconstruction removes less of them late
-    # (W4A4: 56-77% in blocks 1-4, 19-44% in blocks 5-10), while more steps help late units most
-    # (W6A6: the head unit's error -33% at 300 steps, -15% at 200)
+    # (W4A4: 56-77% in blocks 1-4, 19-44% in blocks 5-10). Measured at W6A6, 512 images, 0.5: the head
+    # unit's error -11%, blocks 1-5 +5-14%, output KL -7% (docs/quantize.md); opt-in, one run per width
     iters_ramp: float = 0.0
     batch: int = 16
     # Adam on the rounding variables V: AdaRound's 1e-3 is for 10-20k steps; at a few hundred
