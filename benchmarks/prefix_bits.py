@@ -70,6 +70,55 @@ class PrefixOnly:
         ActQuant.forward = self.original
 
 
+class Bench:
+    """One model's calibration and test images, its FP32 logits, and the table's rows against them:
+    ``row(label, logits)`` prints and keeps top-1, top-1 agreement with FP32 and the output KL."""
+
+    def __init__(self, x: torch.Tensor, y: np.ndarray, fp: np.ndarray, width: int = 62):
+        self.x, self.y, self.fp, self.width = x, y, fp, width
+        self.log_p = torch.log_softmax(torch.from_numpy(fp), -1)
+        self.rows: list[dict] = []
+
+    @classmethod
+    def load(cls, model: str, calib_data: str, test_data: str, calib_size: int, test_size: int, width: int = 62):
+        from vitc.calibration.data import load_tensors
+        from vitc.calibration.sources import open_source
+        from vitc.models.intake import load_model
+
+        backbone = load_model(model)
+        calib, _ = load_tensors(open_source(calib_data).select(calib_size, seed=0), backbone.preprocess)
+        x, y = load_tensors(open_source(test_data).select(test_size, seed=0), backbone.preprocess)
+        bench = cls(x, y.numpy(), np.zeros(0), width)
+        bench.fp = bench.predict(backbone)
+        bench.log_p = torch.log_softmax(torch.from_numpy(bench.fp), -1)
+        return backbone, calib, bench
+
+    @torch.no_grad()
+    def predict(self, model) -> np.ndarray:
+        return torch.cat([model(self.x[i:i + 50]) for i in range(0, len(self.x), 50)]).double().numpy()
+
+    def row(self, label: str, logits: np.ndarray, **extra) -> dict:
+        log_q = torch.log_softmax(torch.from_numpy(logits), -1)
+        rows = self.rows
+        r = {"setting": label, "top1": float((logits.argmax(-1) == self.y).mean()),
+             "agreement_with_fp32": float((logits.argmax(-1) == self.fp.argmax(-1)).mean()),
+             "kl_vs_fp32": float((self.log_p.exp() * (self.log_p - log_q)).sum(-1).mean()), **extra}
+        r["drop_pt"] = 100 * (rows[0]["top1"] - r["top1"]) if rows else 0.0
+        rows.append(r)
+        print(f"{label:{self.width}s} top-1 {100 * r['top1']:6.2f}%  drop {r['drop_pt']:+6.2f}  agree {100 * r['agreement_with_fp32']:6.2f}%"
+              f"  KL {r['kl_vs_fp32']:.4f}", flush=True)
+        return r
+
+    def finish(self, args, started: str) -> None:
+        """The test set's size in points, and the rows as JSON to ``args.out``."""
+        rows, n = self.rows, len(self.x)
+        se = float(np.sqrt(rows[0]["top1"] * (1 - rows[0]["top1"]) / n))
+        print(f"one image = {100 / n:.2f} point; FP32 top-1 standard error {100 * se:.2f} points")
+        if args.out:
+            args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "started": started,
+                                            "test_images": n, "rows": rows}, indent=1))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="zoo:dinov2s-c10")
@@ -85,38 +134,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     import vitc
-    from vitc.calibration.data import load_tensors
-    from vitc.calibration.sources import open_source
     from vitc.compress.quantize.modules import ActQuant
-    from vitc.models.intake import load_model
 
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    backbone = load_model(args.model)
-    calib, _ = load_tensors(open_source(args.calib).select(args.calib_size, seed=0), backbone.preprocess)
-    x, y = load_tensors(open_source(args.test).select(args.test_size, seed=0), backbone.preprocess)
-    y = y.numpy()
-
-    @torch.no_grad()
-    def predict(model) -> np.ndarray:
-        return torch.cat([model(x[i:i + 50]) for i in range(0, len(x), 50)]).double().numpy()
-
-    fp = predict(backbone)
-    log_p = torch.log_softmax(torch.from_numpy(fp), -1)
-    rows = []
-
-    def row(label: str, logits: np.ndarray, **extra) -> dict:
-        log_q = torch.log_softmax(torch.from_numpy(logits), -1)
-        r = {"setting": label, "top1": float((logits.argmax(-1) == y).mean()),
-             "agreement_with_fp32": float((logits.argmax(-1) == fp.argmax(-1)).mean()),
-             "kl_vs_fp32": float((log_p.exp() * (log_p - log_q)).sum(-1).mean()), **extra}
-        r["drop_pt"] = 100 * (rows[0]["top1"] - r["top1"]) if rows else 0.0
-        rows.append(r)
-        print(f"{label:62s} top-1 {100 * r['top1']:6.2f}%  drop {r['drop_pt']:+6.2f}  agree {100 * r['agreement_with_fp32']:6.2f}%"
-              f"  KL {r['kl_vs_fp32']:.4f}", flush=True)
-        return r
+    backbone, calib, bench = Bench.load(args.model, args.calib, args.test, args.calib_size, args.test_size)
+    x, predict, row, rows = bench.x, bench.predict, bench.row, bench.rows
 
     print(f"{args.model}: {len(calib)} calibration / {len(x)} test images (class-stratified), {args.threads} thread(s), {started}")
-    row("FP32", fp)
+    row("FP32", bench.fp)
     for spec in args.widths.split(","):
         w, a = (int(v) for v in spec.lower().split("x"))
         for prefix_bits in (a, 8) if a < 8 else (a,):
@@ -143,11 +168,7 @@ def main(argv=None) -> int:
                                 predict(q), wbits=w, abits=a, prefix_bits=prefix_bits, group=f"{label}, {part}")
                 for m in members:
                     m.mode = "off"
-    se = float(np.sqrt(rows[0]["top1"] * (1 - rows[0]["top1"]) / len(x)))
-    print(f"one image = {100 / len(x):.2f} point; FP32 top-1 standard error {100 * se:.2f} points")
-    if args.out:
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "started": started,
-                                        "test_images": len(x), "rows": rows}, indent=1))
+    bench.finish(args, started)
     return 0
 
 

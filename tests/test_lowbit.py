@@ -999,3 +999,146 @@ def test_graph_cut_refuses_a_block_run_twice():
         GR.partition(gm, NS(blocks=[NS(path="blk")], conv_stages=[]), f"{TG.QUANT_ROOT}.")
     units = GR.partition(gm, NS(blocks=[NS(path="mid")], conv_stages=[]), f"{TG.QUANT_ROOT}.")
     assert [u.kind for u in units] == ["span", "block", "span"]
+
+
+# ---------------------------------------------------------------- 4-bit attention: adaptive log grid, key centring
+
+def test_adaptive_log_grid_keeps_the_mass_of_a_long_attention():
+    """257-token attention rows sit near 1/257 = 2**-8, below log-sqrt(2)'s last 4-bit level (2**-7):
+    that grid zeroes most of them; the adaptive step keeps the mass."""
+    torch.manual_seed(0)
+    p = torch.softmax(1.5 * torch.randn(64, 257), -1)
+    step, errors = Q.adaptive_log_step(p, 4)
+    assert errors[step] == min(errors.values()) and step in Q.LOG_STEPS
+    sqrt2 = Q.fake_quant_log2(p, 4, sqrt2=True)
+    adaptive = Q.fake_quant_log2(p, 4, step=step)
+    assert torch.equal(Q.fake_quant_log2(p, 4, step=0.5), sqrt2) and torch.equal(Q.fake_quant_log2(p, 4, step=1.0),
+                                                                                Q.fake_quant_log2(p, 4))
+    lost_sqrt2 = (1 - sqrt2.sum(-1)).abs().mean()
+    lost_adaptive = (1 - adaptive.sum(-1)).abs().mean()
+    assert lost_sqrt2 > 0.3 and lost_adaptive < 0.1
+    assert (adaptive - p).abs().mean() < 0.5 * (sqrt2 - p).abs().mean()
+
+
+def test_auto_softmax_grid_keeps_log_sqrt2_where_it_keeps_the_mass():
+    """softmax "auto" below 8 bits: per attention, log-sqrt(2) unless it rounds more than 10% of the mass to 0."""
+    from vitc.compress.quantize.modules import ActQuant
+
+    torch.manual_seed(0)
+    long_rows = torch.softmax(1.5 * torch.randn(8, 4, 257, 257), -1)  # near 2**-8: below log-sqrt(2)'s 4-bit range
+    short_rows = torch.softmax(torch.randn(8, 4, 16, 16), -1)  # near 2**-4
+    chosen = {}
+    for name, p in (("long", long_rows), ("short", short_rows)):
+        q = ActQuant(name, bits=4, kind="adalog")
+        q.mode = "observe"
+        q.observer = __import__("vitc.calibration.observers", fromlist=["Observer"]).Observer(name)
+        q(p)
+        lost = q.set_adaptive_log(0.10)
+        chosen[name] = (q.kind, lost)
+    assert chosen["long"][0] == "adalog" and chosen["long"][1] > 0.3
+    assert chosen["short"][0] == "logsqrt2" and chosen["short"][1] <= 0.10
+
+
+def _key_offset_vit(tiny_vit, offset: float):
+    """tiny_vit with a large per-channel offset on every key (as pretrained ViTs' keys carry)."""
+    import copy
+
+    module = copy.deepcopy(tiny_vit.module).eval()
+    torch.manual_seed(1)
+    keys = [module.get_submodule(b.attention.k) for b in tiny_vit.structure.blocks]
+    assert keys
+    for m in keys:
+        m.bias.data += offset * torch.randn_like(m.bias)
+    return module
+
+
+def test_key_centring_is_exact_and_narrows_the_keys(tiny_vit, calib64):
+    from vitc.compress.quantize import torch_graph as TG
+
+    x = _x(tiny_vit, calib64)[:16]
+    module = _key_offset_vit(tiny_vit, 8.0)
+    with torch.no_grad():
+        want = module(x)
+    captured = TG.capture(module, x[:2])
+    gm = captured.graph_module
+    TG.decompose_sdpa(gm)
+    TG.shape_prop(gm, x[:1])
+    plan = TG.find_sites(gm, QuantConfig(wbits=4, abits=4))
+    installed = TG.install(gm, plan)
+    keys = TG.key_operands(gm, installed, plan)
+    blocks = len(tiny_vit.structure.stages[0].blocks)
+    assert len(keys) == blocks and all(len(shape) == 4 for shape in keys.values())  # (batch, heads, dim, tokens)
+    ranges = TG.KeyRanges(gm, keys)
+    with torch.no_grad():
+        captured(x)
+    ranges.remove()
+    spans = {k: (ranges.lo[k].abs().amax().item(), ranges.hi[k].abs().amax().item()) for k in keys}
+    done = TG.center_keys(gm, installed, ranges)
+    assert set(done) == set(keys)
+    kept = {}
+    hooks = [gm.get_submodule(f"{TG.QUANT_ROOT}.a_{TG._safe(k)}").register_forward_hook(
+        lambda m, inp, out, k=k: kept.__setitem__(k, inp[0].detach().abs().amax().item())) for k in keys]
+    with torch.no_grad():
+        got = captured(x)
+    for h in hooks:
+        h.remove()
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)  # the softmax removes the shift
+    for k in keys:  # the keys' one grid now spans their spread, not their offsets
+        assert kept[k] < 0.5 * max(spans[k])
+
+
+def test_keys_are_left_alone_where_the_logits_are_not_a_softmax():
+    from vitc.compress.quantize import torch_graph as TG
+
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.sigmoid(self.q(x) @ self.k(x).transpose(-2, -1)) @ x
+
+    x = torch.randn(4, 5, 8)
+    captured = TG.capture(Gate().eval(), x[:2])
+    gm = captured.graph_module
+    TG.shape_prop(gm, x[:1])
+    plan = TG.find_sites(gm, QuantConfig(wbits=4, abits=4))
+    assert TG.key_operands(gm, TG.install(gm, plan), plan) == {}
+
+
+def test_graph_path_at_4_bits_centres_keys_fits_the_log_grid_and_reloads(tiny_vit, calib64, tmp_path):
+    x = _x(tiny_vit, calib64)[:32]
+    xe = _x(tiny_vit, calib64)[32:48]
+    blocks = len(tiny_vit.structure.stages[0].blocks)
+    q4 = apply(tiny_vit, QuantConfig(wbits=4, abits=4, sites="graph", calibrator="minmax", range_search="off",
+                                     softmax="adalog"), x)
+    rec = quant_record(q4)
+    assert len(rec["plan"]["centered_keys"]) == blocks
+    probs = [i for s in rec["quant_plan"]["sites"] for i in s["inputs"] if i["pattern"] == "post-softmax"]
+    assert len(probs) == blocks and all(i["kind"] == "adalog" for i in probs)
+    from vitc.compress.quantize.modules import ActQuant
+
+    steps = [m.spec()["log_step"] for m in q4.module.modules() if isinstance(m, ActQuant) and m.kind == "adalog"]
+    assert len(steps) == blocks and all(min(abs(s - c) for c in Q.LOG_STEPS) < 1e-4 for s in steps)
+    save_quantized(q4, tmp_path / "q4")
+    back = load_quantized(tmp_path / "q4")
+    with torch.no_grad():
+        assert torch.equal(back(xe), q4(xe))
+    # 6-bit activations keep log-sqrt(2) (it keeps the mass there) and plain keys (auto); "off" and an explicit grid override
+    q6 = quant_record(apply(tiny_vit, QuantConfig(wbits=6, abits=6, sites="graph", calibrator="minmax", range_search="off"), x))
+    assert not q6["plan"]["centered_keys"]
+    assert {i["kind"] for s in q6["quant_plan"]["sites"] for i in s["inputs"] if i["pattern"] == "post-softmax"} == {"logsqrt2"}
+    off = quant_record(apply(tiny_vit, QuantConfig(wbits=4, abits=4, sites="graph", calibrator="minmax", range_search="off",
+                                                   key_centering="off", softmax="logsqrt2"), x))
+    assert not off["plan"]["centered_keys"]
+    assert {i["kind"] for s in off["quant_plan"]["sites"] for i in s["inputs"] if i["pattern"] == "post-softmax"} == {"logsqrt2"}
+
+
+def test_key_centring_on_the_module_path_is_said_not_done(tiny_vit, calib64):
+    said = []
+    q = apply(tiny_vit, QuantConfig(wbits=4, abits=4, sites="modules", key_centering="on", calibrator="minmax",
+                                    range_search="off"), _x(tiny_vit, calib64)[:16], say=said.append)
+    assert any("--key-centering on applies to the graph path" in line for line in said)
+    assert "centered_keys" not in quant_record(q)["plan"]
+    with pytest.raises(VitcError, match="key_centering 'sometimes' is not supported"):
+        QuantConfig(key_centering="sometimes").validate()

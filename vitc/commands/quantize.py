@@ -38,7 +38,7 @@ def quantize_cmd(
     percentile: float = typer.Option(99.99, "--percentile", help="percentile of the percentile calibrator"),
     calib_data: str = typer.Option("bundled:calib", "--calib-data", help="calibration images (same forms as --data)"),
     calib_size: Optional[int] = typer.Option(None, "--calib-size", help="calibration images drawn (class-stratified) from --calib-data (default 512, or all when fewer; more than the data holds is an error)"),
-    softmax: str = typer.Option("auto", "--softmax", help="post-softmax quantizer: auto, uniform, log2 or logsqrt2"),
+    softmax: str = typer.Option("auto", "--softmax", help="post-softmax quantizer: auto, uniform, log2, logsqrt2 or adalog (a log grid with a calibrated step; auto picks it at 4 bits)"),
     gelu: str = typer.Option("auto", "--gelu", help="post-GELU quantizer: auto, uniform or twin"),
     scheme: str = typer.Option("auto", "--scheme", help="activation grids: auto (symmetric int8 at 8 bits, which every target runs; per layer below), per-layer, symmetric or asymmetric"),
     granularity: str = typer.Option("auto", "--granularity", help="auto (per-channel conv inputs where it helps, below 8 bits) or tensor"),
@@ -78,6 +78,7 @@ def quantize_cmd(
     rounding: Optional[str] = typer.Option(None, "--rounding", help="weight-only (--abits 16) and graph-path weights below 8 bits: gptq (default; error compensation from the calibration images) or nearest"),
     weight_scheme: str = typer.Option("symmetric", "--weight-scheme", help="weight-only (--abits 16): symmetric int4 groups, or asymmetric (uint4 with a zero point per group)"),
     prefix_bits: int = typer.Option(0, "--prefix-bits", help="below 8-bit activations (graph path): the width of the CLS/prefix tokens' own grids (0: the activation bits)"),
+    key_centering: str = typer.Option("auto", "--key-centering", help="graph path: shift attention keys by their per-channel centre before their grid (exact under the softmax); auto: at 4-bit activations, on, off"),
     sites: str = typer.Option("auto", "--sites", help="auto, graph (every matmul-like op in the captured graph) or modules (Linear/Conv2d swaps + family adapters)"),
     task: str = typer.Option("auto", "--task", help="auto, classify (top-1 with labels), dense (maps) or embed (vectors): how the output is compared with FP32"),
     strict_coverage: bool = typer.Option(False, "--strict-coverage", help="fail (exit 2, nothing saved) below 90% of matmul/conv FLOPs quantized"),
@@ -141,7 +142,7 @@ def quantize_cmd(
                          gelu=gelu, scheme=scheme, granularity=granularity, ln_reparam=repq, smooth_alpha=smooth,
                          bias_correction=bias_correction, group_size=group_size, range_search=range_search,
                          reconstruct_iters=iters if reconstruct else 0, reconstruct_ramp=iters_ramp, sites=sites, prefix_bits=prefix_bits,
-                         weight_rounding=rounding or "gptq", weight_scheme=weight_scheme).validate()
+                         key_centering=key_centering, weight_rounding=rounding or "gptq", weight_scheme=weight_scheme).validate()
     weight_only = config.abits == 16
     if rounding is not None and not weight_only and config.wbits >= 8:
         raise VitcError(f"--rounding {rounding} applies to weight-only quantization and to weights below 8 bits",

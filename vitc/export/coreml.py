@@ -86,7 +86,7 @@ def check_w8a8(quant: dict) -> None:
             if g["kind"] != "uniform":
                 raise VitcError(f"layer '{name}' quantizes its {which} on a {g['kind']} grid, which CoreML's int8 "
                                 "quantize op cannot express",
-                                "quantize with --bits 8 and its default uniform grids (not --softmax log2/logsqrt2 or --gelu twin)")
+                                "quantize with --bits 8 and its default uniform grids (not --softmax log2/logsqrt2/adalog or --gelu twin)")
             if g["bits"] != 8 or g.get("granularity") == "channel":
                 raise VitcError(f"layer '{name}' quantizes its {which} to {g['bits']} bits"
                                 f"{' per channel' if g.get('granularity') == 'channel' else ''}; the coreml W8A8 export "

@@ -14,8 +14,12 @@ WEIGHT_ONLY_ABITS = 16  # --abits 16: weight-only quantization (weight_only.py),
 class QuantConfig:
     """Post-training quantization settings.
 
-    ``softmax``: "auto" (uniform at 8-bit activations, where it exports to int8 kernels;
-    log-sqrt(2) below), "uniform", "log2" or "logsqrt2". ``gelu``: "auto" (uniform at 8 bits;
+    ``softmax``: "auto" (uniform at 8-bit activations, where it exports to int8 kernels; below,
+    per layer, log-sqrt(2) where its grid rounds at most ``plan.LOG_MASS_LOSS_MAX`` (10%) of the
+    probability mass to 0, else the adaptive log grid: at 4 bits log-sqrt(2)'s 14 levels stop at
+    2**-7, and a 257-token attention's probabilities sit near 2**-8), "uniform", "log2",
+    "logsqrt2" or "adalog" (a log grid whose step is chosen per layer to lose the least
+    probability mass, ``quantizers.adaptive_log_step``). ``gelu``: "auto" (uniform at 8 bits;
     below, twin-uniform where it beats an asymmetric uniform grid), "uniform" or "twin". ``scheme``: "auto" is
     symmetric at 8-bit activations (signed int8, zero point 0: the one grid every target runs,
     TensorRT's explicit quantization taking nothing else) and, below 8 bits (where no
@@ -76,6 +80,10 @@ class QuantConfig:
     # grids (0.193 -> 0.140 without the range search), but the range search (worst of 16 images) then picks
     # widenings the test images do not confirm (benchmarks/range_search_prefix.py, docs/quantize.md)
     prefix_bits: int = 0
+    # auto | on | off: the keys of each q @ k^T shifted by their per-channel centre before their grid (graph path,
+    # torch_graph.center_keys): exact, since a vector added to every key adds one constant to each row of logits,
+    # which the softmax removes. "auto": at 4-bit activations, where it was measured
+    key_centering: str = "auto"
 
     def validate(self) -> "QuantConfig":
         if self.abits == WEIGHT_ONLY_ABITS:
@@ -105,11 +113,11 @@ class QuantConfig:
             v = getattr(self, name)
             if v not in SUPPORTED_BITS:
                 raise VitcError(f"--{name} {v} is not supported", f"use one of {', '.join(map(str, SUPPORTED_BITS))}")
-        choices = {"calibrator": CALIBRATORS, "softmax": ("auto", "uniform", "log2", "logsqrt2"),
+        choices = {"calibrator": CALIBRATORS, "softmax": ("auto", "uniform", "log2", "logsqrt2", "adalog"),
                    "gelu": ("auto", "uniform", "twin"), "scheme": ("auto", "per-layer", "symmetric", "asymmetric"),
                    "granularity": ("auto", "tensor"), "sites": ("auto", "graph", "modules"),
                    "range_search": ("auto", "on", "off", "mean"), "weight_rounding": ("gptq", "nearest"),
-                   "prefix_grid": ("auto", "on", "off")}
+                   "prefix_grid": ("auto", "on", "off"), "key_centering": ("auto", "on", "off")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise VitcError(f"{name} '{getattr(self, name)}' is not supported", f"use one of: {', '.join(allowed)}")
@@ -134,7 +142,7 @@ class QuantConfig:
     def probs_v_by_mass(self) -> bool:
         """Whether attention probabilities x V is quantized only where calibration shows its uint8 grid
         keeps the probabilities' mass (``plan.PROBS_MASS_LOSS_MAX``; both backends): at 8-bit
-        activations under ``softmax="auto"``. Below 8 bits the log-sqrt(2) grid keeps small
+        activations under ``softmax="auto"``. Below 8 bits a log grid (log-sqrt(2) or the adaptive one) keeps small
         probabilities and the matmul is always quantized; ``softmax="uniform"`` always quantizes it."""
         return self.softmax == "auto" and self.abits >= 8
 
@@ -148,8 +156,21 @@ class QuantConfig:
         return self.prefix_grid == "on" or (self.prefix_grid == "auto" and self.abits < 8)
 
     @property
+    def key_centering_in_use(self) -> bool:
+        """Whether the graph path centres attention keys (``torch_graph.center_keys``). "auto": at 4-bit
+        activations and below (zoo:dinov2s-c10, 16 images, 4-bit per-tensor grids on q and k: the
+        attention probabilities' mean L1 error per row fell from 0.24-1.00 to 0.13-0.22 per block; the
+        keys' largest magnitude from 6.1-38.5 to 3.6-8.0, block 3's from 38.5 to 6.8); at 8 bits the int8 export has no form
+        of the shift, and 5-7 bits were not measured ("on" asks for it)."""
+        return self.key_centering == "on" or (self.key_centering == "auto" and self.abits <= 4)
+
+    @property
     def softmax_kind(self) -> str:
-        return ("uniform" if self.abits >= 8 else "logsqrt2") if self.softmax == "auto" else self.softmax
+        """The grid installed on attention probabilities; under "auto" below 8 bits "adalog", which
+        calibration turns back into "logsqrt2" where that grid keeps the mass (``ActQuant.set_adaptive_log``)."""
+        if self.softmax != "auto":
+            return self.softmax
+        return "uniform" if self.abits >= 8 else "adalog"
 
     def scheme_for(self, zero_points: bool) -> str:
         """The activation grid rule, for both backends (one place, so they differ only by what their

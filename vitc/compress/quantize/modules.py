@@ -22,7 +22,9 @@ from vitc.calibration.observers import Observer
 
 from . import quantizers as Q
 
-ACT_KINDS = ("uniform", "log2", "logsqrt2", "twin")
+ACT_KINDS = ("uniform", "log2", "logsqrt2", "adalog", "twin")
+# values of an adaptive log grid's input kept while observing (strided), to choose its step
+LOG_SAMPLE_MAX = 1 << 21
 
 
 class ActQuant(nn.Module):
@@ -39,6 +41,9 @@ class ActQuant(nn.Module):
     token: one 6-bit grid must either clip it or spend its levels on it. While calibrating,
     ``prefix_observer`` sees the prefix tokens and ``observer`` the rest. ``prefix_bits`` (0: ``bits``)
     is the prefix grid's width (``QuantConfig.prefix_bits``).
+
+    ``kind`` "adalog" (attention probabilities): a log grid ``2**(-q * step)`` whose step is chosen
+    from the observed values (``set_adaptive_log``) and kept in ``scale[0]``.
     """
 
     def __init__(self, name: str, bits: int = 8, kind: str = "uniform", channel_axis: int = -1, channels: int = 1):
@@ -67,6 +72,28 @@ class ActQuant(nn.Module):
     def prefix_qrange(self) -> tuple[int, int]:
         return Q.int_range(self.prefix_bits or self.bits, self.symmetric)
 
+    def keep_log_sample(self, x: torch.Tensor) -> None:
+        """Keep every 61st value (a prime stride, across rows) of an adaptive log grid's input."""
+        kept = getattr(self, "log_samples", None)
+        if kept is None:
+            kept = self.log_samples = []
+        if sum(t.numel() for t in kept) < LOG_SAMPLE_MAX:
+            kept.append(x.detach().reshape(-1)[::61].float().clone())
+
+    def set_adaptive_log(self, keep_sqrt2_below: float | None = None) -> float:
+        """Choose the adaptive log grid's step from the kept values (``quantizers.adaptive_log_step``).
+        ``keep_sqrt2_below`` (``softmax="auto"``): keep log-sqrt(2) instead where its grid rounds at
+        most that share of the probability mass to 0. Returns the share log-sqrt(2) would round to 0."""
+        values = torch.cat(self.log_samples)
+        self.log_samples = None
+        lost = Q.log_mass_lost(values, self.bits, 0.5)
+        if keep_sqrt2_below is not None and lost <= keep_sqrt2_below:
+            self.kind = "logsqrt2"
+            return lost
+        step, _ = Q.adaptive_log_step(values, self.bits)
+        self.scale = torch.tensor([step])
+        return lost
+
     def set_uniform(self, scale: torch.Tensor, zero: torch.Tensor, symmetric: bool, per_channel: bool) -> None:
         self.kind, self.symmetric, self.per_channel = "uniform", symmetric, per_channel
         self.scale = scale.reshape(-1).float().clone()
@@ -82,6 +109,8 @@ class ActQuant(nn.Module):
                 self.observer.update(x[:, p:])
             else:
                 self.observer.update(x)
+            if self.kind == "adalog":
+                self.keep_log_sample(x)
             return x
         if self.kind == "uniform":
             if getattr(self, "frozen_qparams", None) is not None:
@@ -96,6 +125,8 @@ class ActQuant(nn.Module):
             return Q.fake_quant(x, self.scale[0], self.zero_point[0], qmin, qmax)
         if self.kind in ("log2", "logsqrt2"):
             return Q.fake_quant_log2(x, self.bits, sqrt2=self.kind == "logsqrt2")
+        if self.kind == "adalog":  # the step lives in ``scale``, so a saved state carries it
+            return Q.fake_quant_log2(x, self.bits, step=float(self.scale[0]))
         return Q.fake_quant_twin(x, float(self.twin[0]), float(self.twin[1]), self.bits)
 
     def spec(self) -> dict:
@@ -107,6 +138,8 @@ class ActQuant(nn.Module):
                 d["prefix_tokens"] = self.prefix_tokens
                 if self.prefix_bits and self.prefix_bits != self.bits:
                     d["prefix_bits"] = self.prefix_bits
+        elif self.kind == "adalog":
+            d["log_step"] = round(float(self.scale[0]), 4)
         return d
 
     def load_spec(self, spec: dict) -> None:

@@ -581,7 +581,7 @@ def _check_config(config: QuantConfig) -> None:
         raise VitcError(f"the ONNX backend writes int8 Q/DQ graphs; W{config.wbits}A{config.abits} has no ONNX integer type",
                         "use --bits 8 on an ONNX file, or quantize the PyTorch model for lower bit widths")
     if config.softmax_kind != "uniform" or config.gelu_kind != "uniform":
-        raise VitcError("log2/logsqrt2 softmax and twin GELU quantizers have no ONNX operator",
+        raise VitcError("log2/logsqrt2/adalog softmax and twin GELU quantizers have no ONNX operator",
                         "use --softmax uniform --gelu uniform (the defaults at 8 bits) on an ONNX file")
 
 

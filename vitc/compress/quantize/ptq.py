@@ -36,6 +36,7 @@ from .adapters import for_family
 from .config import QuantConfig
 from .modules import (ActQuant, AttentionCore, QuantConv2d, QuantLinear, act_quantizers, set_mode,
                       weighted_layers)
+from .plan import LOG_MASS_LOSS_MAX
 
 PASS_NAME = "quantize"
 CALIB_BATCH = 64
@@ -441,6 +442,9 @@ def apply(backbone: Backbone, config: QuantConfig | None = None, data=None, prog
         from .torch_graph import apply_graph
 
         return apply_graph(backbone, config, x, progress, reconstruct_staging, say)
+    if config.key_centering == "on":
+        say("note: --key-centering on applies to the graph path; the module path (the zoo families' adapters) leaves "
+            "the keys as they are (pass --sites graph to centre them)")
     out = _apply_modules(backbone, config, x, progress, reconstruct_staging, say)
     record = out.transforms[-1]
     record["sites"] = "modules"
@@ -510,6 +514,9 @@ def _apply_modules(backbone: Backbone, config: QuantConfig, x: torch.Tensor, pro
     candidates: dict[str, list] = {}
     for name, q in quantizers.items():
         if q.kind in ("log2", "logsqrt2"):
+            continue
+        if q.kind == "adalog":
+            q.set_adaptive_log(LOG_MASS_LOSS_MAX if config.softmax == "auto" else None)
             continue
         layer = input_of.get(id(q))
         if q.kind == "twin":
@@ -642,10 +649,12 @@ def vit_quantizer_summary(config: QuantConfig, plan: Plan, reparam_norms: list[s
     layers = weighted_layers(module)
     kinds = [layers[b.mlp.fc2].input_quant.kind for b in structure.blocks if b.mlp.fc2 in layers]
     post_gelu = ", ".join(f"{k} x{kinds.count(k)}" for k in sorted(set(kinds)))
+    # the grids calibration chose (softmax "auto" below 8 bits picks per attention)
+    probs = [m.probs_quant.kind for m in module.modules() if isinstance(m, AttentionCore)] if plan.attention else []
     return {
         "post_layernorm": ("smoothquant+" if config.smooth_alpha else "") + ("repq" if config.ln_reparam else "per-tensor")
         + f" ({len(reparam_norms)} norms)",
-        "post_softmax": config.softmax_kind if plan.attention else "not quantized (no adapter)",
+        "post_softmax": ", ".join(f"{k} x{probs.count(k)}" for k in sorted(set(probs))) if probs else "not quantized (no adapter)",
         "post_gelu": post_gelu,
         "bias_correction": config.bias_correction,
     }

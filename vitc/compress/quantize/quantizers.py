@@ -5,8 +5,10 @@ Uniform quantizers go through ``torch.fake_quantize_per_tensor_affine`` /
 DequantizeLinear pairs (real int8 kernels downstream). The ViT-specific quantizers are written
 in plain tensor ops, which export as the same arithmetic (exact parity, float kernels):
 
-* ``fake_quant_log2``: post-softmax values in (0, 1] on a power-of-two grid, ``2**-q``, or on a
-  power-of-sqrt(2) grid (RepQ-ViT's log-sqrt(2)), where most attention probabilities live;
+* ``fake_quant_log2``: post-softmax values in (0, 1] on a power-of-two grid, ``2**-q``, on a
+  power-of-sqrt(2) grid (RepQ-ViT's log-sqrt(2)), where most attention probabilities live, or on
+  a grid of any step in log2 units, ``2**(-q * step)`` (``adaptive_log_step`` picks it: AdaLog's
+  adaptive base);
 * ``fake_quant_twin``: PTQ4ViT's twin-uniform quantizer for post-GELU values: a fine grid for the
   small negative part and a coarse grid, a power-of-two multiple of it, for the long positive tail.
 """
@@ -63,21 +65,51 @@ def quantize_int(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin:
     return torch.clamp(torch.round(x / scale) + zero, qmin, qmax).to(torch.int32)
 
 
-def fake_quant_log2(x: torch.Tensor, bits: int, sqrt2: bool = False) -> torch.Tensor:
-    """Post-softmax log quantizer: ``q = round(-log2(x) * k)``, ``x' = 2**(-q/k)`` (k = 2 for sqrt(2)).
+def fake_quant_log2(x: torch.Tensor, bits: int, sqrt2: bool = False, step: float | None = None) -> torch.Tensor:
+    """Post-softmax log quantizer: ``q = round(-log2(x) / step)``, ``x' = 2**(-q * step)``; ``step`` is
+    1 (log2), 1/2 (``sqrt2``: log-sqrt(2)) or any positive value (the adaptive grid).
 
     Values whose code would exceed ``2**bits - 1`` become 0: the grid reserves its last
     level for "negligible", as PTQ4ViT and RepQ-ViT do.
     """
-    k = 2.0 if sqrt2 else 1.0
+    step = step if step is not None else (0.5 if sqrt2 else 1.0)
     levels = 2 ** bits - 1
-    q = torch.round(-torch.log2(x.clamp_min(1e-30)) * k).clamp_min(0)
-    out = torch.exp2(-q / k).masked_fill(q >= levels, 0.0)
+    q = torch.round(-torch.log2(x.clamp_min(1e-30)) / step).clamp_min(0)
+    out = torch.exp2(-q * step).masked_fill(q >= levels, 0.0)
     if x.requires_grad:
         # straight-through gradient, as the uniform fake-quant has: round() alone passes none, which
         # left block reconstruction no gradient into q/k projections behind a log-quantized softmax
         return x + (out - x).detach()
     return out
+
+
+# candidate steps (log2 units per code) of the adaptive log grid: from finer than log-sqrt(2) to
+# coarser than log2
+LOG_STEPS = tuple(round(0.25 + 0.05 * i, 2) for i in range(26))
+
+
+def log_mass_lost(values: torch.Tensor, bits: int, step: float) -> float:
+    """The share of the probability mass (the sum of ``values``) that a log grid of ``step`` rounds to 0."""
+    x = values.float().reshape(-1)
+    zeroed = torch.round(-torch.log2(x.clamp_min(1e-30)) / step) >= 2 ** bits - 1
+    return float(x[zeroed].sum() / x.sum().clamp_min(1e-30))
+
+
+def adaptive_log_step(values: torch.Tensor, bits: int, steps=LOG_STEPS) -> tuple[float, dict[float, float]]:
+    """The log grid's step that loses the least probability mass, ``mean |x - x'|`` over ``values``
+    (a sample of the attention probabilities), with the errors of every candidate.
+
+    Why mass (L1) and not squared error: probabilities multiply V, and a probability rounded to 0
+    or halved moves the output by its share of V however small it is; squared error weighs only the
+    few large probabilities. On zoo:dinov2s-c10 (257 tokens, 10 blocks, 4 bits, 8 images) the mass
+    error picked the step that minimised the relative error of ``P @ V`` itself in 6 of 10 blocks and
+    came within 10% of that error in the other 4, where squared error picked steps 4-28x worse. With 257 tokens the
+    probabilities sit near 1/257 = 2**-8, below log-sqrt(2)'s last 4-bit level (2**-7): that grid
+    zeroes most of them (relative ``P @ V`` error 0.06-0.19 per block against 0.002-0.010 here).
+    """
+    x = values.float().reshape(-1)
+    errors = {s: float((fake_quant_log2(x, bits, step=s) - x).abs().mean()) for s in steps}
+    return min(errors, key=errors.get), errors
 
 
 def twin_scales(neg_min: float, pos_max: float, bits: int) -> tuple[float, float]:

@@ -55,7 +55,7 @@ from . import range_search, reparam
 from .gptq import HessianTaps, gptq_groups, prefix_token_layouts
 from .config import QuantConfig
 from .modules import ActQuant, WeightFakeQuant, set_mode, weight_quantizers
-from .plan import QuantPlan, Site, Skipped, TensorQuant, WeightQuant
+from .plan import LOG_MASS_LOSS_MAX, QuantPlan, Site, Skipped, TensorQuant, WeightQuant
 
 CAPTURE = "torch.export(strict=False)"
 aten = torch.ops.aten
@@ -677,21 +677,117 @@ def _smoothable_inputs(gm: fx.GraphModule, installed: dict) -> dict[str, list[fx
     return by_key
 
 
-def insert_input_scale(gm: fx.GraphModule, installed: dict, key: str, inv_scale: torch.Tensor) -> str:
-    """Put ``x * inv_scale`` (per channel, last axis) between activation ``key`` and its quantizer;
-    the quantizer is re-keyed to the scaled tensor. Returns the new node's name."""
+def _insert_before_quantizer(gm: fx.GraphModule, installed: dict, key: str, op, buffer: str, value: torch.Tensor) -> str:
+    """Put ``op(x, value)`` between activation ``key`` and its quantizer, ``value`` a buffer of the quant
+    root named ``buffer``; the quantizer is re-keyed to the new node. Returns its name."""
     root = quant_root(gm)
-    buf = f"s_{_safe(key)}"
-    root.register_buffer(buf, inv_scale.detach().float().clone())
+    root.register_buffer(buffer, value.detach().float().clone())
     src = next(n for n in gm.graph.nodes if n.name == key)
     qnode = next(u for u in src.users if u.op == "call_module" and u.target == f"{QUANT_ROOT}.a_{_safe(key)}")
     with gm.graph.inserting_before(qnode):
-        scaled = gm.graph.call_function(aten.mul.Tensor, (src, gm.graph.get_attr(f"{QUANT_ROOT}.{buf}")))
-    scaled.meta["nn_module_stack"] = src.meta.get("nn_module_stack", {})
-    qnode.args = (scaled,)
-    installed["act"][scaled.name] = installed["act"].pop(key)
+        new = gm.graph.call_function(op, (src, gm.graph.get_attr(f"{QUANT_ROOT}.{buffer}")))
+    new.meta["nn_module_stack"] = src.meta.get("nn_module_stack", {})
+    new.meta["val"] = src.meta.get("val")
+    qnode.args = (new,)
+    installed["act"][new.name] = installed["act"].pop(key)
     gm.recompile()
-    return scaled.name
+    return new.name
+
+
+def insert_input_scale(gm: fx.GraphModule, installed: dict, key: str, inv_scale: torch.Tensor) -> str:
+    """Put ``x * inv_scale`` (per channel, last axis) between activation ``key`` and its quantizer."""
+    return _insert_before_quantizer(gm, installed, key, aten.mul.Tensor, f"s_{_safe(key)}", inv_scale)
+
+
+def insert_key_shift(gm: fx.GraphModule, installed: dict, key: str, centre: torch.Tensor) -> str:
+    """Put ``x - centre`` (broadcast) between activation ``key`` and its quantizer."""
+    return _insert_before_quantizer(gm, installed, key, aten.sub.Tensor, f"c_{_safe(key)}", centre)
+
+
+def _logits_reach_softmax(node: fx.Node) -> bool:
+    """Whether a matmul's output goes, alone, through scalar scales, additive biases/masks and mask
+    fills into a softmax over its last axis: then adding one vector to every key (a column of the
+    second operand) adds one constant to each softmax row, which the softmax removes."""
+    shape = _meta_shape(node)
+    cur = node
+    for _ in range(6):
+        if len(cur.users) != 1:
+            return False
+        user = next(iter(cur.users))
+        if user.op != "call_function":
+            return False
+        if user.target in SOFTMAX:
+            return user.args[0] is cur and shape is not None and user.args[1] in (-1, len(shape) - 1)
+        if user.target in (aten.mul.Tensor, aten.div.Tensor):
+            if user.args[0] is not cur or isinstance(user.args[1], fx.Node):  # a scalar scale only
+                return False
+        elif user.target is aten.masked_fill.Scalar:
+            if user.args[0] is not cur:
+                return False
+        elif user.target is not aten.add.Tensor:  # a mask or a position bias: independent of the keys
+            return False
+        cur = user
+    return False
+
+
+def key_operands(gm: fx.GraphModule, installed: dict, plan: QuantPlan) -> dict[str, tuple[int, ...]]:
+    """{quantizer key: shape} of the keys operand (``k^T``, keys on the last axis) of each quantized
+    q @ k^T whose logits only feed a softmax over the keys (``_logits_reach_softmax``)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out = {}
+    for site in plan.sites:
+        node = installed["sites"][site.name]
+        if site.weight is not None or node.target not in (aten.matmul.default, aten.bmm.default) or len(site.inputs) != 2:
+            continue
+        if any(q.pattern == "post-softmax" for q in site.inputs) or not _logits_reach_softmax(node):
+            continue
+        key = next(k for q, k in zip(site.inputs, _site_operand_keys(installed, site)) if q.operand == 1)
+        shape = _meta_shape(nodes[key]) if key in nodes else None
+        if shape is not None and len(shape) >= 3 and installed["act"][key].kind == "uniform":
+            out[key] = tuple(shape)
+    return out
+
+
+class KeyRanges:
+    """Per-channel min/max of keys operands (every axis but the first and the last, the keys axis),
+    kept by forward hooks on their quantizers while the first calibration pass runs."""
+
+    def __init__(self, gm: fx.GraphModule, keys: dict[str, tuple[int, ...]]):
+        self.lo: dict[str, torch.Tensor] = {}
+        self.hi: dict[str, torch.Tensor] = {}
+        self.handles = [gm.get_submodule(f"{QUANT_ROOT}.a_{_safe(k)}").register_forward_hook(self._hook(k)) for k in keys]
+
+    def _hook(self, key: str):
+        def hook(mod, inp, out):  # returns None: the output is unchanged
+            x = inp[0].detach()
+            dims = (0, x.dim() - 1)
+            lo, hi = x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
+            self.lo[key] = torch.minimum(self.lo[key], lo) if key in self.lo else lo
+            self.hi[key] = torch.maximum(self.hi[key], hi) if key in self.hi else hi
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def center_keys(gm: fx.GraphModule, installed: dict, ranges: KeyRanges) -> dict[str, list[int]]:
+    """Shift each keys operand by its per-channel centre, ``(min + max) / 2`` over images and keys, in
+    front of its quantizer (``insert_key_shift``), and narrow the observer's range to the shifted
+    values. The attention is unchanged (``_logits_reach_softmax``); the keys' one per-tensor grid then
+    spans the channels' spread instead of their offsets: pretrained ViTs' keys carry large per-channel
+    offsets shared by all tokens (the key projection's bias among them). Returns {key: centre shape}
+    (the operand's node name, which a rebuild finds again)."""
+    done = {}
+    for key in list(ranges.lo):
+        lo, hi = ranges.lo[key], ranges.hi[key]
+        centre = (lo + hi) / 2
+        q = installed["act"][key]
+        insert_key_shift(gm, installed, key, centre)
+        if q.observer is not None:
+            q.observer.min, q.observer.max = float((lo - centre).min()), float((hi - centre).max())
+        done[key] = list(centre.shape)
+    return done
 
 
 def smooth_linear_inputs(gm: fx.GraphModule, installed: dict, alpha: float, skip: set[str]) -> list[str]:
@@ -835,6 +931,9 @@ def _calibrate(installed: dict, plan: QuantPlan, config: QuantConfig) -> None:
                     for o in _site_operand_keys(installed, s)[:1]}
     for key, q in installed["act"].items():
         if q.kind in ("log2", "logsqrt2"):
+            continue
+        if q.kind == "adalog":
+            q.set_adaptive_log(LOG_MASS_LOSS_MAX if config.softmax == "auto" else None)
             continue
         if q.prefix_observer is not None:
             _calibrate_prefix_split(q, config)
@@ -1051,15 +1150,19 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
         return hook
 
     hooks = [gm.get_submodule(q.target).register_forward_hook(keep_rows(name)) for name, q in norm_candidates(gm).items()]
+    key_ranges = KeyRanges(gm, key_operands(gm, installed, plan) if config.key_centering_in_use else {})
     set_mode(captured, "observe")
     try:
         _run_all(captured, x, progress, task)
     finally:
         for h in hooks:
             h.remove()
+        key_ranges.remove()
     kept: list[str] = []
     norms = _reparam_norms(gm, installed, config, samples, kept) if (config.ln_reparam or config.smooth_alpha) else []
     smoothed = smooth_linear_inputs(gm, installed, config.smooth_alpha, set(norms)) if config.smooth_alpha else []
+    centered = center_keys(gm, installed, key_ranges)
+    del key_ranges
     for q in installed["act"].values():
         q.observer.start_histogram()
     split = prefix_split_quantizers(gm, installed, plan, backbone.structure, config)
@@ -1124,7 +1227,7 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
         "calibration_images": int(x.shape[0]),
         "calibration_s": round(time.perf_counter() - start, 3),
         "plan": {"capture": CAPTURE, "folded_bn": folded, "reparameterised_norms": norms, "norms_kept_plain": kept,
-                 "smooth_alpha": config.smooth_alpha, "smoothed_inputs": smoothed,
+                 "smooth_alpha": config.smooth_alpha, "smoothed_inputs": smoothed, "centered_keys": centered,
                  "bias_added": sorted(set(_norm_biases(gm)) | set(biased)), "attention": [], "ends_8bit": [],
                  "prefix_grids": sorted(split), "gptq_weights": sorted(gptq_targets)},
         "quant_plan": plan.to_dict(),
@@ -1198,6 +1301,8 @@ def rebuild(base_module: nn.Module, example: torch.Tensor, record: dict) -> Capt
     installed = install(gm, plan)
     for key in record["plan"].get("smoothed_inputs", []):  # the saved state holds the scales
         insert_input_scale(gm, installed, key, torch.ones(_input_channels(gm, installed, key)))
+    for key, shape in record["plan"].get("centered_keys", {}).items():  # the saved state holds the centres
+        insert_key_shift(gm, installed, key, torch.zeros(shape))
     finalize_plan_into(installed, plan)
     for wq in installed["weight"].values():
         wq.quantized = True
