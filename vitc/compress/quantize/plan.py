@@ -39,8 +39,9 @@ COVERAGE_WARN = 0.90  # below this share of matmul/conv FLOPs quantized, a pass 
 PROBS_MASS_LOSS_MAX = 0.01
 # Below 8 bits under softmax="auto": log-sqrt(2) on attention probabilities unless it rounds more than this
 # share of their mass to 0, then the adaptive log grid (quantizers.adaptive_log_step). Set between two
-# measurements at 4 bits: zoo:vit-c10 / convvit-c10 (65 / 65 tokens) lose 6-7% per block on log-sqrt(2), which
-# kept a lower output KL there than the adaptive grid (0.0411 vs 0.0442, 0.0214 vs 0.0227; 2,000 images);
+# measurements at 4 bits: zoo:vit-c10 / convvit-c10 (65 tokens each) lose 6-7% per block on log-sqrt(2), which
+# kept a lower output KL there than the adaptive grid (0.0411 vs 0.0442, 0.0214 vs 0.0227; 2,000 images;
+# benchmarks/softmax_grid_zoo.py);
 # zoo:dinov2s-c10 (257 tokens) loses 19-32%, where the adaptive grid took calibration-only W4A4's KL from
 # 2.20 to 0.43 together with key centring (benchmarks/attention_4bit.py).
 LOG_MASS_LOSS_MAX = 0.10
