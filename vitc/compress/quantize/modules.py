@@ -63,6 +63,7 @@ class ActQuant(nn.Module):
         self.prefix_tokens = 0
         self.prefix_bits = 0
         self.prefix_observer: Observer | None = None
+        self.log_samples: list[torch.Tensor] | None = None  # adaptive log grid: values seen while observing
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -74,11 +75,10 @@ class ActQuant(nn.Module):
 
     def keep_log_sample(self, x: torch.Tensor) -> None:
         """Keep every 61st value (a prime stride, across rows) of an adaptive log grid's input."""
-        kept = getattr(self, "log_samples", None)
-        if kept is None:
-            kept = self.log_samples = []
-        if sum(t.numel() for t in kept) < LOG_SAMPLE_MAX:
-            kept.append(x.detach().reshape(-1)[::61].float().clone())
+        if self.log_samples is None:
+            self.log_samples = []
+        if sum(t.numel() for t in self.log_samples) < LOG_SAMPLE_MAX:
+            self.log_samples.append(x.detach().reshape(-1)[::61].float().clone())
 
     def set_adaptive_log(self, keep_sqrt2_below: float | None = None) -> float:
         """Choose the adaptive log grid's step from the kept values (``quantizers.adaptive_log_step``).

@@ -730,21 +730,25 @@ def _logits_reach_softmax(node: fx.Node) -> bool:
     return False
 
 
-def key_operands(gm: fx.GraphModule, installed: dict, plan: QuantPlan) -> dict[str, tuple[int, ...]]:
-    """{quantizer key: shape} of the keys operand (``k^T``, keys on the last axis) of each quantized
-    q @ k^T whose logits only feed a softmax over the keys (``_logits_reach_softmax``)."""
+def key_operands(gm: fx.GraphModule, installed: dict, plan: QuantPlan) -> list[str]:
+    """The quantizer keys of the keys operand (``k^T``, keys on the last axis) of each quantized
+    q @ k^T whose logits only feed a softmax over the keys (``_logits_reach_softmax``) and whose
+    quantized keys no other op reads (a shift exact for this attention need not be for another reader)."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    out = {}
+    out = []
     for site in plan.sites:
         node = installed["sites"][site.name]
         if site.weight is not None or node.target not in (aten.matmul.default, aten.bmm.default) or len(site.inputs) != 2:
             continue
         if any(q.pattern == "post-softmax" for q in site.inputs) or not _logits_reach_softmax(node):
             continue
+        _, positions, _ = _operands(node)
+        if len(_get(node, positions[1]).users) != 1:
+            continue
         key = next(k for q, k in zip(site.inputs, _site_operand_keys(installed, site)) if q.operand == 1)
         shape = _meta_shape(nodes[key]) if key in nodes else None
         if shape is not None and len(shape) >= 3 and installed["act"][key].kind == "uniform":
-            out[key] = tuple(shape)
+            out.append(key)
     return out
 
 
@@ -752,7 +756,7 @@ class KeyRanges:
     """Per-channel min/max of keys operands (every axis but the first and the last, the keys axis),
     kept by forward hooks on their quantizers while the first calibration pass runs."""
 
-    def __init__(self, gm: fx.GraphModule, keys: dict[str, tuple[int, ...]]):
+    def __init__(self, gm: fx.GraphModule, keys: list[str]):
         self.lo: dict[str, torch.Tensor] = {}
         self.hi: dict[str, torch.Tensor] = {}
         self.handles = [gm.get_submodule(f"{QUANT_ROOT}.a_{_safe(k)}").register_forward_hook(self._hook(k)) for k in keys]
@@ -1150,7 +1154,7 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
         return hook
 
     hooks = [gm.get_submodule(q.target).register_forward_hook(keep_rows(name)) for name, q in norm_candidates(gm).items()]
-    key_ranges = KeyRanges(gm, key_operands(gm, installed, plan) if config.key_centering_in_use else {})
+    key_ranges = KeyRanges(gm, key_operands(gm, installed, plan) if config.key_centering_in_use else [])
     set_mode(captured, "observe")
     try:
         _run_all(captured, x, progress, task)
