@@ -1156,3 +1156,81 @@ def test_key_centring_on_the_module_path_is_said_not_done(tiny_vit, calib64):
     assert "centered_keys" not in quant_record(q)["plan"]
     with pytest.raises(VitcError, match="key_centering 'sometimes' is not supported"):
         QuantConfig(key_centering="sometimes").validate()
+
+
+# ---------------------------------------------------------------- the "fisher" reconstruction loss
+
+def test_output_weights_keep_half_the_plain_error_and_follow_position_and_channel():
+    flat = torch.full((5, 4), 3.0)
+    assert torch.allclose(R.output_weights(flat), torch.ones(5, 4))
+    s = torch.ones(5, 4)
+    s[0] *= 100.0  # the first position (a CLS token) moves the output 100x per element
+    s[:, 2] *= 4.0  # and one channel 4x
+    w = R.output_weights(s)
+    assert w.mean().item() == pytest.approx(1.0, rel=1e-5)
+    assert w.min().item() >= 1.0 - R.FISHER_MIX - 1e-6  # no element loses more than the mixed-in share
+    pos, ch = w.mean(1), w.mean(0)
+    assert pos[0] / pos[1:].mean() > 5 and ch[2] / ch[[0, 1, 3]].mean() > 1.5  # 2.90 / 0.52; 5 positions bound the first at 5x
+    assert torch.allclose(R.output_weights(torch.zeros(3, 2)), torch.ones(3, 2))  # no signal: plain error
+    conv = torch.ones(3, 2, 2)
+    conv[1] *= 9.0
+    wc = R.output_weights(conv)
+    assert wc.shape == (3, 2, 2) and wc[1].mean() > wc[0].mean() and wc.mean().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_record_sensitivity_is_the_gauss_newton_diagonal_and_zero_where_the_output_does_not_look():
+    """y = W2 (W1 x)[:, 0]: the sensitivity of the hidden value is sum_j W2[j, k]^2 at token 0 (for any x)
+    and exactly 0 at the other tokens, which the output never reads (a ViT head reading the CLS token)."""
+    import torch.fx as fx
+
+    from vitc.compress.quantize import graph_reconstruct as GR
+
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Linear(3, 6)
+            self.w2 = nn.Linear(6, 4)
+
+        def forward(self, x):
+            h = self.w1(x)
+            return self.w2(h[:, 0])
+
+    net = Net().eval()
+    gm = fx.symbolic_trace(net)
+    x = torch.randn(2048, 5, 3)
+    sens = GR.record_sensitivity(gm, {"w1"}, x)["w1"]
+    expected = net.w2.weight.detach().pow(2).sum(0)  # (6,)
+    assert sens.shape == (5, 6)
+    assert torch.equal(sens[1:], torch.zeros(4, 6))
+    # 2,048 draws: the relative standard error of a mean of squared normals is sqrt(2 / 2048) = 3%
+    assert torch.allclose(sens[0], expected, rtol=0.12), (sens[0], expected)
+    assert all(p.grad is None for p in gm.parameters())  # nothing left behind for the learning to pick up
+
+
+@pytest.mark.parametrize("sites", ["graph", "modules"])
+def test_reconstruction_with_the_fisher_loss_weighs_the_cls_token(tiny_vit, calib64, tmp_path, sites):
+    """--recon-loss fisher, both paths: the tiny ViT's head reads the CLS token only, so the last block's patch
+    tokens keep just the plain half of the loss and the CLS token carries the rest; every unit still ends no
+    worse than calibration (by its own weighted error), and the model saves and reloads to the same outputs."""
+    x = _x(tiny_vit, calib64)
+    q = apply(tiny_vit, QuantConfig(wbits=4, abits=8, sites=sites, calibrator="minmax", reconstruct_iters=30,
+                                    reconstruct_loss="fisher"), x, say=lambda *_: None)
+    rec = quant_record(q)["reconstruction"]
+    assert rec["options"]["loss"] == "fisher"
+    blocks = [u for u in rec["units"] if u["kind"] == "block"]
+    assert len(blocks) == len(tiny_vit.structure.blocks)
+    ratios = [u["output_weights"]["first_position_vs_rest"] for u in blocks]
+    assert ratios[-1] > 50 and all(r > 1 for r in ratios), ratios  # 65 tokens: 33 / 0.5 = 66 in the last block
+    assert all(u["mse_after"] <= u["mse_before"] for u in rec["units"])
+    save_quantized(q, tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "q")(x[:8]), q(x[:8]))
+
+
+def test_recon_loss_is_refused_without_reconstruction_or_unknown():
+    with pytest.raises(VitcError, match="--recon-loss applies to block reconstruction.*--reconstruct"):
+        QuantConfig(reconstruct_loss="fisher").validate()
+    with pytest.raises(VitcError, match="--recon-loss kl is not one of mse, fisher"):
+        QuantConfig(reconstruct_iters=4, reconstruct_loss="kl").validate()

@@ -70,6 +70,7 @@ def quantize_cmd(
     reconstruct: bool = typer.Option(False, "--reconstruct", help="block reconstruction after calibration (learned rounding and step sizes, BRECQ/QDrop)"),
     iters: int = typer.Option(150, "--iters", help="with --reconstruct: learning steps per block"),
     iters_ramp: float = typer.Option(0.0, "--iters-ramp", help="with --reconstruct: steps growing with depth at the same total, from (1-R) to (1+R) x --iters (e.g. 0.5)"),
+    recon_loss: str = typer.Option("mse", "--recon-loss", help="with --reconstruct: mse (each block's plain output error) or fisher (each element weighted by its effect on the model output: the CLS token the head reads counts by that)"),
     size_budget: Optional[float] = typer.Option(None, "--size-budget", help="with --bits auto: average weight bits, e.g. 5.0"),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="with --bits auto: the smallest model whose top-1 drop on the calibration images is at most this many points"),
     act_budget: Optional[float] = typer.Option(None, "--act-budget", help="with --bits auto --size-budget: also allocate activation bits, average at most this"),
@@ -141,7 +142,7 @@ def quantize_cmd(
     config = QuantConfig(wbits=wbits or bits, abits=abits or bits, calibrator=calib, percentile=percentile, softmax=softmax,
                          gelu=gelu, scheme=scheme, granularity=granularity, ln_reparam=repq, smooth_alpha=smooth,
                          bias_correction=bias_correction, group_size=group_size, range_search=range_search,
-                         reconstruct_iters=iters if reconstruct else 0, reconstruct_ramp=iters_ramp, sites=sites, prefix_bits=prefix_bits,
+                         reconstruct_iters=iters if reconstruct else 0, reconstruct_ramp=iters_ramp, reconstruct_loss=recon_loss, sites=sites, prefix_bits=prefix_bits,
                          key_centering=key_centering, weight_rounding=rounding or "gptq", weight_scheme=weight_scheme).validate()
     weight_only = config.abits == 16
     if rounding is not None and not weight_only and config.wbits >= 8:
@@ -268,9 +269,11 @@ def _calib_labels(source, backbone, y):
 def _recon_summary(rec: dict | None) -> dict | None:
     if not rec:
         return None
-    return {"iters": rec["options"]["iters"], "iters_ramp": rec["options"].get("iters_ramp", 0.0), "units": len(rec["units"]),
+    return {"iters": rec["options"]["iters"], "iters_ramp": rec["options"].get("iters_ramp", 0.0),
+            "loss": rec["options"].get("loss", "mse"), "units": len(rec["units"]),
             "seconds": rec["seconds"], "estimate_s": rec["estimate_s"], "images": rec["images"],
-            "unit_mse": [{"unit": u["unit"], "before": u["mse_before"], "after": u["mse_after"], "steps": u.get("steps")}
+            "unit_mse": [{"unit": u["unit"], "before": u["mse_before"], "after": u["mse_after"], "steps": u.get("steps"),
+                          **({"output_weights": u["output_weights"]} if u.get("output_weights") else {})}
                          for u in rec["units"]]}
 
 
@@ -438,6 +441,7 @@ def _print(r: dict) -> None:
     if r.get("reconstruction"):
         rec = r["reconstruction"]
         table.add_row("reconstruction", "", f"{rec['units']} units x {rec['iters']} steps" + (f" (ramp {rec['iters_ramp']:g})" if rec['iters_ramp'] else "")
+                      + (f", {rec['loss']} loss" if rec.get('loss', 'mse') != 'mse' else "")
                       + f", {rec['seconds']:.0f} s (estimated {rec['estimate_s']:.0f} s)")
     console.print(table)
     if r["vit_quantizers"]:

@@ -65,6 +65,7 @@ class QuantConfig:
     # low-bit frontier (reconstruct.py, mixed.py, weight_only.py)
     reconstruct_iters: int = 0  # block reconstruction steps per unit after calibration (0: off)
     reconstruct_ramp: float = 0.0  # steps growing with depth at the same total (reconstruct.unit_steps)
+    reconstruct_loss: str = "mse"  # mse | fisher: each unit's output error plain or weighted (reconstruct.output_weights)
     layer_bits: dict | None = None  # {layer: [wbits, abits]} from a mixed-precision allocation
     group_size: int | None = None  # weight-only (abits 16): per-group weight scales along the input
     weight_rounding: str = "gptq"  # weight-only, and graph-path Linears below 8 bits: "gptq" (error compensation) | "nearest"
@@ -104,6 +105,12 @@ class QuantConfig:
             from .reconstruct import ReconstructOptions
 
             ReconstructOptions(iters=self.reconstruct_iters, iters_ramp=self.reconstruct_ramp).validate()
+        if self.reconstruct_loss != "mse":
+            if not self.reconstruct_iters:
+                raise VitcError("--recon-loss applies to block reconstruction", "pass --reconstruct, or drop --recon-loss")
+            from .reconstruct import ReconstructOptions
+
+            ReconstructOptions(iters=self.reconstruct_iters, loss=self.reconstruct_loss).validate()
         for name, bits in (self.layer_bits or {}).items():
             if len(bits) != 2 or bits[0] not in SUPPORTED_BITS or bits[1] not in SUPPORTED_BITS:
                 raise VitcError(f"layer '{name}' has bit widths {bits}", f"use [wbits, abits] from {', '.join(map(str, SUPPORTED_BITS))}")

@@ -11,7 +11,8 @@ reads from earlier units, its outputs the values later units read.
 The learning itself is the module path's, shared from ``reconstruct.py``: AdaRound on every
 weight of the unit (from the float weight, on the calibrated per-channel scales), LSQ step
 sizes with QDrop on every uniform activation quantizer (the prefix+patches grids learn both
-steps), BRECQ's loss on the unit's outputs against the float model's, the unit's input from
+steps), BRECQ's loss on the unit's outputs against the float model's (plain or output-weighted,
+``record_sensitivity``), the unit's input from
 the already-reconstructed predecessors. A unit whose learned error is not lower keeps its
 calibrated state. Finished units are checkpointed; a rerun with the same key resumes.
 
@@ -161,14 +162,20 @@ def cut(gm: fx.GraphModule, unit: GraphUnit) -> fx.GraphModule:
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm, keep: set[str]):
+    """Runs the graph, keeping the ``keep`` values; with ``grads``, only those autograd reaches, each with
+    ``retain_grad()`` (``record_sensitivity``)."""
+    def __init__(self, gm, keep: set[str], grads: bool = False):
         super().__init__(gm)
-        self.keep, self.values = keep, {}
+        self.keep, self.values, self.grads = keep, {}, grads
 
     def run_node(self, n):
         out = super().run_node(n)
         if n.name in self.keep:
-            self.values[n.name] = out
+            if not self.grads:
+                self.values[n.name] = out
+            elif isinstance(out, torch.Tensor) and out.is_floating_point() and out.requires_grad:
+                out.retain_grad()
+                self.values[n.name] = out
         return out
 
 
@@ -183,6 +190,15 @@ def record_values(gm: fx.GraphModule, names: set[str], x: torch.Tensor, chunk: i
         for n, v in rec.values.items():
             parts[n].append(v)
     return {n: _join(v, x.shape[0]) for n, v in parts.items() if v}
+
+
+def record_sensitivity(gm: fx.GraphModule, names: set[str], x: torch.Tensor, chunk: int = CHUNK) -> dict:
+    """``R.sensitivity`` of the float graph (quantizers off) at the nodes ``names``."""
+    def run(xb):
+        rec = _Recorder(gm, names, grads=True)
+        return rec.run(xb), rec.values
+
+    return R.sensitivity(run, list(gm.parameters()), x, chunk)
 
 
 def _join(values: list, n: int):
@@ -231,27 +247,34 @@ def _attr(gm: nn.Module, target: str) -> torch.Tensor:
     return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
-def _loss(outs: list, targets: list) -> torch.Tensor:
-    return sum(R._unit_loss(o, t) for o, t in zip(outs, targets) if isinstance(o, torch.Tensor) and o.is_floating_point())
+def _loss(outs: list, targets: list, weights: list) -> torch.Tensor:
+    return sum(R._unit_loss(o, t, w) for o, t, w in zip(outs, targets, weights)
+               if isinstance(o, torch.Tensor) and o.is_floating_point())
 
 
 @torch.no_grad()
-def _error(sub, inputs, targets, n) -> tuple[float, list]:
+def _error(sub, inputs, targets, n, weights: list) -> tuple[float, list]:
+    """The mean (weighted) squared error of the unit's outputs over every image: the learning's own measure."""
     outs = run_unit(sub, inputs, n)
-    total = sum((o - t).pow(2).sum().item() for o, t in zip(outs, targets)
-                if isinstance(o, torch.Tensor) and o.is_floating_point())
-    count = sum(o.numel() for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point())
+    total, count = 0.0, 0
+    for o, t, w in zip(outs, targets, weights):
+        if isinstance(o, torch.Tensor) and o.is_floating_point():
+            e = (o - t).pow(2)
+            total += float((e * w).sum() if w is not None else e.sum())
+            count += o.numel()
     return total / max(1, count), outs
 
 
 def learn_graph_unit(gm: fx.GraphModule, unit: GraphUnit, sub: fx.GraphModule, inputs: list, targets: list, n: int,
                      originals: dict[str, torch.Tensor], done_weights: set[str], options: R.ReconstructOptions,
-                     progress=None, task=None) -> tuple[dict, list]:
-    """Learn one unit in place (see the module docstring); return its record and its outputs on ``inputs``."""
+                     progress=None, task=None, out_weights: list | None = None) -> tuple[dict, list]:
+    """Learn one unit in place (see the module docstring); return its record and its outputs on ``inputs``.
+    ``out_weights``: per output, the element weights of its error (``R.output_weights``) or None."""
     gen = torch.Generator().manual_seed(options.seed)
+    out_weights = out_weights or [None] * len(targets)
     acts, weights = _unit_quantizers(sub)
     weights = {t: q for t, q in weights.items() if t in originals and t not in done_weights}
-    before, _ = _error(sub, inputs, targets, n)  # the calibrated unit, before the soft rounding starts at the float weights
+    before, _ = _error(sub, inputs, targets, n, out_weights)  # the calibrated unit, before the soft rounding starts at the float weights
     state, calibrated_codes = {}, {}
     for target, wq in weights.items():
         w = originals[target].movedim(wq.axis, 0).float()
@@ -269,7 +292,7 @@ def learn_graph_unit(gm: fx.GraphModule, unit: GraphUnit, sub: fx.GraphModule, i
 
     def batch_loss():
         idx = torch.randint(0, n, (min(options.batch, n),), generator=gen)
-        return _loss(list(sub(*[_pick(v, idx, n) for v in inputs])), [_pick(t, idx, n) for t in targets])
+        return _loss(list(sub(*[_pick(v, idx, n) for v in inputs])), [_pick(t, idx, n) for t in targets], out_weights)
 
     try:
         if learned:
@@ -282,7 +305,7 @@ def learn_graph_unit(gm: fx.GraphModule, unit: GraphUnit, sub: fx.GraphModule, i
                 _attr(gm, target).copy_(R.hard_weight(floor, v.detach(), wq.weight_scale, wq.wbits).movedim(0, wq.axis))
         for t, q in acts.items():
             R._restore_act(q, scales[t])
-    after, outs = _error(sub, inputs, targets, n) if learned else (before, None)
+    after, outs = _error(sub, inputs, targets, n, out_weights) if learned else (before, None)
     kept = after > before
     if kept:
         with torch.no_grad():
@@ -303,24 +326,26 @@ def learn_graph_unit(gm: fx.GraphModule, unit: GraphUnit, sub: fx.GraphModule, i
 
 def reconstruct_graph(gm: fx.GraphModule, units: list[GraphUnit], x: torch.Tensor, float_values: dict,
                       originals: dict[str, torch.Tensor], options: R.ReconstructOptions, key: str,
-                      staging: Path | None = None, progress=None, say=print, state_owner: nn.Module | None = None) -> dict:
+                      staging: Path | None = None, progress=None, say=print, state_owner: nn.Module | None = None,
+                      sensitivity: dict | None = None) -> dict:
     """Reconstruct the quantized graph ``gm`` (quantizers in "quant" mode) unit by unit.
 
     ``float_values``: every unit output of the float model (``record_values`` before the weights
     were quantized); ``originals``: the float weights by attribute target; ``state_owner``: the
-    module whose state dict is checkpointed (the ``Captured`` wrapper)."""
+    module whose state dict is checkpointed (the ``Captured`` wrapper); ``sensitivity``: with
+    ``options.loss == "fisher"``, ``record_sensitivity`` of every unit output of the float model."""
     options = options.validate()
     R.check_count(x.shape[0], options)
     threads = torch.get_num_threads()
     torch.set_num_threads(options.threads)
     try:
         return _reconstruct_graph(gm, units, x, float_values, originals, options, key, staging, progress, say,
-                                  state_owner or gm)
+                                  state_owner or gm, sensitivity or {})
     finally:
         torch.set_num_threads(threads)
 
 
-def _reconstruct_graph(gm, units, x, float_values, originals, options, key, staging, progress, say, owner) -> dict:
+def _reconstruct_graph(gm, units, x, float_values, originals, options, key, staging, progress, say, owner, sensitivity) -> dict:
     torch.manual_seed(options.seed)
     n = x.shape[0]
     subs = [cut(gm, u) for u in units]
@@ -356,8 +381,11 @@ def _reconstruct_graph(gm, units, x, float_values, originals, options, key, stag
         inputs = [quant_values[nm] for nm in unit.inputs]
         targets = [float_values[nm] for nm in unit.outputs]
         if k in learnable:
+            out_weights = [R.output_weights(sensitivity[nm]) if nm in sensitivity else None for nm in unit.outputs]
             result, outs = learn_graph_unit(gm, unit, sub, inputs, targets, n, originals, done_weights,
-                                            replace(options, iters=steps[k]), progress, task)
+                                            replace(options, iters=steps[k]), progress, task, out_weights)
+            if options.loss == "fisher":
+                result["output_weights"] = R.weights_summary(out_weights)
             done.append(result)
             done[-1]["seconds"] = round(time.perf_counter() - unit_start, 2)
         else:  # float ops between blocks: run, nothing to learn

@@ -570,7 +570,8 @@ def _apply_modules(backbone: Backbone, config: QuantConfig, x: torch.Tensor, pro
     if config.reconstruct_iters:  # BRECQ/QDrop block reconstruction (reconstruct.py)
         from . import reconstruct as R
 
-        options = R.ReconstructOptions(iters=config.reconstruct_iters, iters_ramp=config.reconstruct_ramp)
+        options = R.ReconstructOptions(iters=config.reconstruct_iters, iters_ramp=config.reconstruct_ramp,
+                                        loss=config.reconstruct_loss)
         key = R.staging_key(backbone.source_hash or str(backbone.source), config.to_dict(), x, options)
         reconstruction = R.reconstruct(reference, module, structure, x, options, key, reconstruct_staging, progress, say)
     sqnr = layer_sqnr(reference, module, sample)

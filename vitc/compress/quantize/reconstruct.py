@@ -11,7 +11,8 @@ weighted layer that belongs to neither: the patch embedding, the classifier), le
   one learning rate fits every range; zero points stay),
 
 by minimising the squared error of the unit's output against the FP32 model's output of the
-same unit. The unit's input comes from the quantized predecessors (already reconstructed),
+same unit (``--recon-loss fisher``: each element's error weighted by how much that element moves
+the model's output, BRECQ's Fisher-weighted variant made task-free, see ``output_weights``). The unit's input comes from the quantized predecessors (already reconstructed),
 as BRECQ does, and QDrop drops each activation quantization element with probability 0.5
 during learning, so the learned grids do not overfit one noisy input.
 
@@ -47,6 +48,12 @@ from vitc.errors import VitcError
 from . import quantizers as Q
 from .modules import ActQuant, QuantConv2d, QuantLinear, act_quantizers, set_mode, weighted_layers
 
+LOSSES = ("mse", "fisher")
+# share of the "fisher" loss weighted by the output sensitivity; the rest is the plain error. Why not all of
+# it: the weights are the diagonal of the sensitivity, which ignores errors that add up across tokens (the
+# mean of 256 patch tokens the DINOv2 head reads moves with their shared error, not their independent ones),
+# so the patch tokens keep at least half their plain weight
+FISHER_MIX = 0.5
 MIN_IMAGES = 64  # two learning batches: fewer and the learned rounding fits the few images, not the model
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
 
@@ -71,6 +78,9 @@ class ReconstructOptions:
     learn_act: bool = True
     float_bias: bool = False  # start from the float bias instead of the bias-corrected one
     seed: int = 0
+    # "mse": BRECQ's plain squared error of each unit's output; "fisher": each element's error weighted by how
+    # much it moves the model's output (output_weights), half plain and half weighted (FISHER_MIX)
+    loss: str = "mse"
     # torch threads while learning: a step works on small tensors (16 images of one unit), where
     # threading costs more than it gains; on the shared 2-core machine a zoo ViT step took
     # 267 ms on one thread and 2,639 ms on two (load average 7.7)
@@ -88,6 +98,9 @@ class ReconstructOptions:
             raise VitcError(f"reconstruction batch {self.batch} is not positive", "use a batch of 32")
         if not 0.0 <= self.drop_prob < 1.0:
             raise VitcError(f"drop probability {self.drop_prob} is out of range", "use a value in [0, 1)")
+        if self.loss not in LOSSES:
+            raise VitcError(f"--recon-loss {self.loss} is not one of {', '.join(LOSSES)}",
+                            "pass --recon-loss mse (BRECQ's plain error) or fisher (weighted by the effect on the output)")
         return self
 
 
@@ -402,9 +415,89 @@ def _restore_act(q: ActQuant, log_scale) -> None:
     del q.training_drop
 
 
-def _unit_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    # summed over a sample's elements, averaged over samples (BRECQ's reconstruction loss)
-    return (out - target).pow(2).flatten(1).sum(1).mean()
+def _unit_loss(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    # summed over a sample's elements, averaged over samples (BRECQ's reconstruction loss); ``weight``
+    # (the sample's shape without the batch) weighs each element (output_weights)
+    err = (out - target).pow(2)
+    if weight is not None:
+        err = err * weight
+    return err.flatten(1).sum(1).mean()
+
+
+def sensitivity(run, params, x: torch.Tensor, chunk: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``E[g^2]`` per element of each value that ``run(xb)`` hands back (averaged over the images, so shaped
+    like one sample), ``g`` the gradient of ``<model output, e>`` with ``e`` standard normal per image: the
+    diagonal of ``J J^T``, the Gauss-Newton matrix of the output's squared error (``J`` the output's Jacobian
+    with respect to the value), the same for every task. ``run(xb)`` runs the float model on a chunk with
+    autograd and returns ``(output, {name: value})``, each value with ``retain_grad()`` called; ``params``
+    are the model's parameters, whose gradients are dropped afterwards (nothing is learned here)."""
+    gen = torch.Generator().manual_seed(seed)
+    sums: dict[str, torch.Tensor] = {}
+    with torch.enable_grad():
+        for i in range(0, x.shape[0], chunk):
+            xb = x[i:i + chunk].detach().clone().requires_grad_(True)
+            out, values = run(xb)
+            leaves = [o for o in torch.utils._pytree.tree_leaves(out)
+                      if isinstance(o, torch.Tensor) and o.is_floating_point() and o.requires_grad]
+            if not leaves:
+                return {}
+            sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() for o in leaves).backward()
+            for name, v in values.items():
+                if v.grad is not None and v.dim() > 0 and v.shape[0] == xb.shape[0]:
+                    g2 = v.grad.detach().double().pow(2).sum(0)
+                    sums[name] = sums[name] + g2 if name in sums else g2
+            del out, values, leaves
+    for p in params:
+        p.grad = None
+    return {name: (v / x.shape[0]).float() for name, v in sums.items()}
+
+
+def module_sensitivity(reference: nn.Module, paths: list[str], x: torch.Tensor, chunk: int = 32) -> dict[str, torch.Tensor]:
+    """``sensitivity`` at each unit's output (``first_tensor`` of the module at each path) of ``reference``."""
+    values: dict[str, torch.Tensor] = {}
+
+    def keep(p):
+        def hook(m, a, out):
+            t = first_tensor(out)
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.retain_grad()
+                values[p] = t
+        return hook
+
+    def run(xb):
+        values.clear()
+        return reference(xb), dict(values)
+
+    hooks = [reference.get_submodule(p).register_forward_hook(keep(p)) for p in paths]
+    try:
+        return sensitivity(run, list(reference.parameters()), x, chunk)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def output_weights(sensitivity: torch.Tensor, mix: float = FISHER_MIX) -> torch.Tensor:
+    """Per-element weights of a unit output's error from its sensitivity ``E[g^2]`` (one value per element
+    of a sample, averaged over images; ``g`` the gradient of the model output, projected on a random
+    direction, with respect to this value): ``(1 - mix) + mix * S`` with ``S`` the sensitivity
+    normalised to mean 1.
+
+    ``S`` is smoothed to a product of a per-position and a per-channel factor (tokens x channels for a
+    (T, C) value, channels x pixels for (C, H, W)): one image's gradient is noisy per element, and the
+    structure that matters is by position (the CLS token, which the head reads, against the patches:
+    160x per element in the real ViT-S's first block, 57,000x in its last) and by channel (the residual
+    stream's large channels, which the next LayerNorm divides away: a channel 6-38x the mean)."""
+    s = sensitivity.double()
+    m = s.mean()
+    if not torch.isfinite(m) or m <= 0:
+        return torch.ones_like(sensitivity)
+    s = s / m
+    if s.dim() == 2:  # (positions, channels)
+        s = s.mean(1, keepdim=True) * s.mean(0, keepdim=True)
+    elif s.dim() == 3:  # (channels, H, W)
+        s = s.mean((1, 2), keepdim=True) * s.mean(0, keepdim=True)
+    s = s / s.mean()
+    return ((1.0 - mix) + mix * s).to(sensitivity.dtype)
 
 
 def optimise(batch_loss, params_w: list, params_a: list, options: ReconstructOptions, progress=None, task=None) -> None:
@@ -433,15 +526,17 @@ def optimise(batch_loss, params_w: list, params_a: list, options: ReconstructOpt
 
 
 def learn_unit(module: nn.Module, unit: Unit, reference: nn.Module, quant_in: Captured, target: torch.Tensor,
-               options: ReconstructOptions, progress=None, task=None, keep_outputs: bool = False):
+               options: ReconstructOptions, progress=None, task=None, keep_outputs: bool = False,
+               weight: torch.Tensor | None = None):
     """Learn the rounding and step sizes of one unit in place; return its before/after output error
-    (and, with ``keep_outputs``, the unit's final outputs on ``quant_in``: the next unit's input)."""
+    (and, with ``keep_outputs``, the unit's final outputs on ``quant_in``: the next unit's input).
+    ``weight``: the element weights of the output's error (``output_weights``), or None."""
     gen = torch.Generator().manual_seed(options.seed)
     unit_module = module.get_submodule(unit.path)
     layers = {n: module.get_submodule(n) for n in unit.layers}
     ref_layers = {n: reference.get_submodule(n) for n in unit.layers}
     # the calibrated unit's error, before the soft rounding starts at the float weights
-    before, _ = _unit_error(unit_module, quant_in, target, {}, options)
+    before, _ = _unit_error(unit_module, quant_in, target, {}, options, weight=weight)
     state = {}
     for name, layer in layers.items():
         w = ref_layers[name].weight.detach().float()
@@ -463,7 +558,7 @@ def learn_unit(module: nn.Module, unit: Unit, reference: nn.Module, quant_in: Ca
     def batch_loss():
         idx = torch.randint(0, n, (min(options.batch, n),), generator=gen)
         args, kwargs = quant_in.inputs(idx)
-        return _unit_loss(first_tensor(unit_module(*args, **kwargs)), target[idx])
+        return _unit_loss(first_tensor(unit_module(*args, **kwargs)), target[idx], weight)
 
     try:
         optimise(batch_loss, params_w, params_a, options, progress, task)
@@ -475,12 +570,12 @@ def learn_unit(module: nn.Module, unit: Unit, reference: nn.Module, quant_in: Ca
                 layer.weight.copy_(hard_weight(floor, v.detach(), layer.weight_scale, layer.wbits))
         for name, q in acts.items():
             _restore_act(q, scales[name])
-    after, outputs = _unit_error(unit_module, quant_in, target, {}, options, keep_outputs)
+    after, outputs = _unit_error(unit_module, quant_in, target, {}, options, keep_outputs, weight)
     kept = after > before
     if kept:
         unit_module.load_state_dict(snapshot)
         if keep_outputs:
-            outputs = _unit_error(unit_module, quant_in, target, {}, options, True)[1]
+            outputs = _unit_error(unit_module, quant_in, target, {}, options, True, weight)[1]
     flips = sum(int(((v.detach() >= 0).float() != (torch.round(ref_layers[n].weight.detach() / layers[n].weight_scale.reshape(
         -1, *[1] * (v.dim() - 1))) - state[n][0])).sum()) for n, (_, v) in state.items())
     record = {"unit": unit.path, "kind": unit.kind, "layers": len(unit.layers), "mse_before": before, "mse_after": min(after, before),
@@ -491,8 +586,8 @@ def learn_unit(module: nn.Module, unit: Unit, reference: nn.Module, quant_in: Ca
 
 @torch.no_grad()
 def _unit_error(unit_module: nn.Module, quant_in: Captured, target: torch.Tensor, acts: dict, options,
-                keep_outputs: bool = False):
-    """(mean squared error of the unit's output on all images, the outputs with ``keep_outputs`` else None)."""
+                keep_outputs: bool = False, weight: torch.Tensor | None = None):
+    """(mean (weighted) squared error of the unit's output on all images, the outputs with ``keep_outputs`` else None)."""
     for q in acts.values():
         q.training_drop = False
     total, count, outs = 0.0, 0, []
@@ -500,7 +595,8 @@ def _unit_error(unit_module: nn.Module, quant_in: Captured, target: torch.Tensor
         idx = torch.arange(i, min(i + 128, quant_in.n))
         args, kwargs = quant_in.inputs(idx)
         out = first_tensor(unit_module(*args, **kwargs))
-        total += (out - target[idx]).pow(2).sum().item()
+        err = (out - target[idx]).pow(2)
+        total += float((err * weight).sum() if weight is not None else err.sum())
         count += out.numel()
         if keep_outputs:
             outs.append(out)
@@ -572,6 +668,7 @@ def _reconstruct(reference: nn.Module, module: nn.Module, structure, x: torch.Te
     task = progress.add_task("reconstructing", total=sum(steps),
                              completed=sum(steps[:len(done)])) if progress is not None else None
     targets = capture_outputs(reference, [u.path for u in units[len(done):]], x)
+    sens = module_sensitivity(reference, [u.path for u in units[len(done):]], x) if options.loss == "fisher" else {}
     links = chain_links(module, units, x[:2])
     next_in = None
     for k, unit in enumerate(units):
@@ -583,13 +680,16 @@ def _reconstruct(reference: nn.Module, module: nn.Module, structure, x: torch.Te
         if target is None:
             target = capture(reference, unit.path, x, want_inputs=False).output
         quant_in = next_in if next_in is not None else capture(module, unit.path, x)
+        weight = output_weights(sens.pop(unit.path)) if unit.path in sens else None
         result = learn_unit(module, unit, reference, quant_in, target, replace(options, iters=steps[k]), progress, task,
-                            keep_outputs=k in links)
+                            keep_outputs=k in links, weight=weight)
         if k in links:
             result, outputs = result
             next_in = links[k].inputs(outputs)
         else:
             next_in = None
+        if options.loss == "fisher":
+            result["output_weights"] = weights_summary([weight])
         done.append(result)
         if staging is not None:
             save_checkpoint(staging, module, key, done)
@@ -617,6 +717,17 @@ def load_checkpoint(staging: Path, owner: nn.Module) -> list[dict]:
         return []
     owner.load_state_dict(torch.load(staging / "state.pt", weights_only=True))
     return json.loads(meta.read_text())["units"]
+
+
+def weights_summary(weights: list) -> dict:
+    """Of the first weighted (positions, channels) output: the first position's weight (a ViT's CLS token)
+    over the mean of the others', and the spread of the channel weights (the record says what was learned)."""
+    for w in weights:
+        if w is not None and w.dim() == 2 and w.shape[0] > 1:
+            pos, ch = w.mean(1), w.mean(0)
+            return {"first_position_vs_rest": round(float(pos[0] / pos[1:].mean()), 2),
+                    "channel_max_vs_mean": round(float(ch.max() / ch.mean()), 2)}
+    return {}
 
 
 def _steps_text(steps: list[int]) -> str:

@@ -1191,13 +1191,16 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
     float_outputs = range_search.model_outputs(captured, search_x) if config.range_search_in("graph") else None
     _calibrate(installed, plan, config)
     drop_lossy_probs_v(gm, installed, plan, config)
-    units = float_values = None
+    units = float_values = sensitivity = None
     if config.reconstruct_iters:  # the float model's value at every unit boundary, before the weights are rounded
         from . import graph_reconstruct as GR
 
         units = GR.partition(gm, backbone.structure, f"{QUANT_ROOT}.")
         float_values = GR.record_values(gm, {nm for u in units for nm in u.inputs + u.outputs}, x)
         GR.check_cut(gm, units, float_values, x)
+        # the float model's output sensitivity at each unit output (the "fisher" loss's weights)
+        sensitivity = (GR.record_sensitivity(gm, {nm for u in units for nm in u.outputs}, x)
+                       if config.reconstruct_loss == "fisher" else None)
     originals: dict[str, torch.Tensor] = {}
     biased = _quantize_weights(gm, installed, plan, config, {k: taps.sums[a] for k, a in gptq_targets.items() if a in taps.sums},
                                originals if units else None)
@@ -1214,11 +1217,11 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
         # the caller's threads, unlike the module path's one: a unit of zoo:dinov2s-c10 (257 tokens,
         # width 384) learned 30 steps in 13 s on both cores of this machine
         options = R.ReconstructOptions(iters=config.reconstruct_iters, iters_ramp=config.reconstruct_ramp,
-                                        threads=torch.get_num_threads())
+                                        threads=torch.get_num_threads(), loss=config.reconstruct_loss)
         key = R.staging_key(backbone.source_hash or str(backbone.source), config.to_dict(), x, options)
         reconstruction = GR.reconstruct_graph(gm, units, x, float_values, originals, options, key, reconstruct_staging,
-                                              progress, say, state_owner=captured)
-        del float_values, originals
+                                              progress, say, state_owner=captured, sensitivity=sensitivity)
+        del float_values, originals, sensitivity
     sqnr = site_sqnr(reference, site_outputs(gm, plan, x[:SQNR_IMAGES]))
     del reference
     finalize_plan(plan, installed)
