@@ -70,7 +70,7 @@ def quantize_cmd(
     reconstruct: bool = typer.Option(False, "--reconstruct", help="block reconstruction after calibration (learned rounding and step sizes, BRECQ/QDrop)"),
     iters: int = typer.Option(150, "--iters", help="with --reconstruct: learning steps per block"),
     iters_ramp: float = typer.Option(0.0, "--iters-ramp", help="with --reconstruct: steps growing with depth at the same total, from (1-R) to (1+R) x --iters (e.g. 0.5)"),
-    recon_loss: str = typer.Option("mse", "--recon-loss", help="with --reconstruct: mse (each block's plain output error) or fisher (each element weighted by its effect on the model output: the CLS token the head reads counts by that)"),
+    recon_loss: str = typer.Option("mse", "--recon-loss", help="with --reconstruct: mse (each block's plain output error) or fisher (each element weighted by its effect on the model output; helped CLS-token heads, hurt a CLS + patch-mean head: docs/quantize.md)"),
     size_budget: Optional[float] = typer.Option(None, "--size-budget", help="with --bits auto: average weight bits, e.g. 5.0"),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="with --bits auto: the smallest model whose top-1 drop on the calibration images is at most this many points"),
     act_budget: Optional[float] = typer.Option(None, "--act-budget", help="with --bits auto --size-budget: also allocate activation bits, average at most this"),
