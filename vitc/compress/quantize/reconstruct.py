@@ -485,8 +485,11 @@ def output_weights(sensitivity: torch.Tensor, mix: float = FISHER_MIX) -> torch.
     ``S`` is smoothed to a product of a per-position and a per-channel factor (tokens x channels for a
     (T, C) value, channels x pixels for (C, H, W)): one image's gradient is noisy per element, and the
     structure that matters is by position (the CLS token, which the head reads, against the patches:
-    160x per element in the real ViT-S's first block, 57,000x in its last) and by channel (the residual
-    stream's large channels, which the next LayerNorm divides away: a channel 6-38x the mean)."""
+    180x per element in the real ViT-S's first block, 58,000x in its last) and by channel (the residual
+    stream's large channels, which the next LayerNorm divides away: a channel 5.5-39x the mean;
+    benchmarks/recon_loss_sensitivity.py). Measured: it helps CLS-token heads (the zoo's ViTs) and hurts a
+    head that also averages the patch tokens (the DINOv2 probe), where an error shared by every patch
+    token counts up to 254x what this diagonal says (docs/quantize.md), hence opt-in."""
     s = sensitivity.double()
     m = s.mean()
     if not torch.isfinite(m) or m <= 0:
