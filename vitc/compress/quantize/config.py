@@ -99,18 +99,14 @@ class QuantConfig:
                             "pass --abits 16 with --wbits 4, or drop --weight-scheme (weights with quantized activations are symmetric)")
         if self.reconstruct_iters < 0:
             raise VitcError(f"--iters {self.reconstruct_iters} is negative", "pass a positive number of steps, e.g. --iters 400")
-        if self.reconstruct_ramp:
-            if not self.reconstruct_iters:
-                raise VitcError("--iters-ramp applies to block reconstruction", "pass --reconstruct, or drop --iters-ramp")
+        for flag, asked in (("--iters-ramp", self.reconstruct_ramp), ("--recon-loss", self.reconstruct_loss != "mse")):
+            if asked and not self.reconstruct_iters:
+                raise VitcError(f"{flag} applies to block reconstruction", f"pass --reconstruct, or drop {flag}")
+        if self.reconstruct_iters:
             from .reconstruct import ReconstructOptions
 
-            ReconstructOptions(iters=self.reconstruct_iters, iters_ramp=self.reconstruct_ramp).validate()
-        if self.reconstruct_loss != "mse":
-            if not self.reconstruct_iters:
-                raise VitcError("--recon-loss applies to block reconstruction", "pass --reconstruct, or drop --recon-loss")
-            from .reconstruct import ReconstructOptions
-
-            ReconstructOptions(iters=self.reconstruct_iters, loss=self.reconstruct_loss).validate()
+            ReconstructOptions(iters=self.reconstruct_iters, iters_ramp=self.reconstruct_ramp,
+                               loss=self.reconstruct_loss).validate()
         for name, bits in (self.layer_bits or {}).items():
             if len(bits) != 2 or bits[0] not in SUPPORTED_BITS or bits[1] not in SUPPORTED_BITS:
                 raise VitcError(f"layer '{name}' has bit widths {bits}", f"use [wbits, abits] from {', '.join(map(str, SUPPORTED_BITS))}")

@@ -12,8 +12,8 @@ weighted layer that belongs to neither: the patch embedding, the classifier), le
 
 by minimising the squared error of the unit's output against the FP32 model's output of the
 same unit (``--recon-loss fisher``: each element's error weighted by how much that element moves
-the model's output, BRECQ's Fisher-weighted variant made task-free, see ``output_weights``). The unit's input comes from the quantized predecessors (already reconstructed),
-as BRECQ does, and QDrop drops each activation quantization element with probability 0.5
+the model's output, BRECQ's Fisher-weighted variant made task-free, see ``output_weights``). The
+unit's input comes from the quantized predecessors (already reconstructed), as BRECQ does, and QDrop drops each activation quantization element with probability 0.5
 during learning, so the learned grids do not overfit one noisy input.
 
 A unit's output is invariant under the exact rewrites of calibration (BatchNorm folding and
