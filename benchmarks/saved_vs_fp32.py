@@ -15,7 +15,13 @@ or with ``--runtime onnxruntime|openvino`` as its int8 export against the FP32 e
 ``--against OTHER`` (a second saved model of the same float model, PyTorch simulation) runs on the same images
 too and prints the two models' paired difference: two variants of one recipe told apart with the images'
 own noise removed (a 1,000-image drop alone has a standard error of about 1.1 points). The JSON keeps each
-image's correctness ("0"/"1" strings), so later runs can be paired with this one.
+image's correctness ("0"/"1" strings), so later runs can be paired with this one: ``--paired-with RESULT.json``
+(an earlier run's JSON on the same data and test size; its float model must have been right and wrong on exactly
+the same images, which checks that the images and their order are the same) prints the paired difference against
+the model that run measured, without that model on disk:
+
+    python benchmarks/saved_vs_fp32.py --model W4A4_output --test-size 1000 \
+        --paired-with benchmarks/results_saved_vs_fp32_2026-12-07_dinov2s_c10_w4a4_fisher_vs_mse_1000.json:against
 """
 from __future__ import annotations
 
@@ -40,6 +46,13 @@ def paired_drop(ref_ok: torch.Tensor, q_ok: torch.Tensor) -> tuple[float, float]
     return 100 * float(d.mean()), 100 * float(d.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("nan")
 
 
+def paired_difference(q_ok: torch.Tensor, other_ok: torch.Tensor) -> tuple[float, float, int, int]:
+    """--model's drop minus another model's, its paired standard error over the same images, and the images
+    only --model gets right and only the other does."""
+    diff, se = paired_drop(other_ok, q_ok)
+    return diff, se, int((q_ok & ~other_ok).sum()), int((other_ok & ~q_ok).sum())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="a folder written by vitc quantize -o")
@@ -50,8 +63,18 @@ def main() -> None:
     ap.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime", "openvino"),
                     help="torch: the simulation against the float model; onnxruntime/openvino: both exported and run there")
     ap.add_argument("--against", default=None, help="a second saved model of the same float model, paired with --model")
+    ap.add_argument("--paired-with", default=None,
+                    help="an earlier run's JSON on the same images (FILE, or FILE:against for its --against model): "
+                         "the paired difference against the model it measured")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    earlier = None
+    if args.paired_with:
+        file, _, part = args.paired_with.partition(":")
+        whole = json.loads(Path(file).read_text())
+        earlier = whole if not part else {**whole.get(part, {}), **{k: whole.get(k) for k in ("fp32_correct", "base", "data", "images")}}
+        if "quantized_correct" not in earlier:
+            ap.error(f"--paired-with {args.paired_with} keeps no per-image correctness: rerun it with this script")
     if args.against and args.runtime != "torch":
         ap.error("--against compares PyTorch simulations: drop --runtime or --against")
 
@@ -89,6 +112,12 @@ def main() -> None:
             sessions.append(lambda x, s=session: torch.from_numpy(s.run(x.numpy())).float())
         run_ref, run_q = sessions
     test = open_source(args.data).select(args.test_size, seed=0)
+    # the data's folder may differ between machines: the same file name, base model and number of images
+    # here, and the float model right and wrong on the same images after the run, say they are the same ones
+    if earlier is not None and (earlier.get("base") != meta["base"]["spec"] or earlier.get("images") != len(test)
+                                or Path(earlier.get("data") or "").name != Path(args.data).name):
+        ap.error(f"--paired-with {args.paired_with} measured {earlier.get('images')} images of {earlier.get('data')} "
+                 f"with base {earlier.get('base')}: pass the same --data and --test-size, and a model of that base")
     mapping = label_map(test, base.labels)
     ref_ok, q_ok, agree, kl, o_ok, o_kl, o_agree = [], [], [], [], [], [], []
     start = time.perf_counter()
@@ -128,18 +157,31 @@ def main() -> None:
     if other is not None:
         o_ok, o_kl, o_agree = torch.cat(o_ok), torch.cat(o_kl), torch.cat(o_agree)
         o_drop, o_se = paired_drop(ref_ok, o_ok)
-        diff, diff_se = paired_drop(o_ok, q_ok)  # --model's drop minus --against's, paired over the images
+        diff, diff_se, only_model, only_other = paired_difference(q_ok, o_ok)
         result["against"] = {"model": args.against, "quantized_top1": float(o_ok.double().mean()), "drop_pt": o_drop,
                              "drop_se_pt": o_se, "mean_kl": float(o_kl.mean()),
                              "top1_agreement": float(o_agree.double().mean()),
                              "quantized_correct": "".join("1" if v else "0" for v in o_ok.tolist()),
                              "model_minus_against_drop_pt": diff, "difference_se_pt": diff_se,
-                             "images_only_model_right": int((q_ok & ~o_ok).sum()),
-                             "images_only_against_right": int((o_ok & ~q_ok).sum())}
+                             "images_only_model_right": only_model, "images_only_against_right": only_other}
         print(f"{args.against}: quantized {100 * float(o_ok.double().mean()):.2f}%, drop {o_drop:.2f} +- {o_se:.2f} pt, "
               f"agreement {100 * float(o_agree.double().mean()):.2f}%, KL {float(o_kl.mean()):.4f}; --model minus --against: drop {diff:+.2f} +- {diff_se:.2f} pt (paired SE; "
               f"{result['against']['images_only_model_right']} images right only with --model, "
               f"{result['against']['images_only_against_right']} only with --against)")
+    if earlier is not None:
+        if earlier.get("fp32_correct") != result["fp32_correct"]:
+            sys.exit(f"--paired-with {args.paired_with}: the float model was right on other images there, so they are "
+                     "not the same images: pass the same --data and --test-size")
+        e_ok = torch.tensor([c == "1" for c in earlier["quantized_correct"]])
+        diff, diff_se, only_model, only_other = paired_difference(q_ok, e_ok)
+        result["paired_with"] = {"result": args.paired_with, "model": earlier["model"], "drop_pt": earlier["drop_pt"],
+                                 "mean_kl": earlier["mean_kl"], "top1_agreement": earlier["top1_agreement"],
+                                 "model_minus_earlier_drop_pt": diff, "difference_se_pt": diff_se,
+                                 "images_only_model_right": only_model, "images_only_earlier_right": only_other}
+        print(f"{earlier['model']} ({args.paired_with}): drop {earlier['drop_pt']:.2f} pt, agreement "
+              f"{100 * earlier['top1_agreement']:.2f}%, KL {earlier['mean_kl']:.4f}; --model minus it: drop {diff:+.2f} +- "
+              f"{diff_se:.2f} pt (paired SE; {result['paired_with']['images_only_model_right']} images right only with --model, "
+              f"{result['paired_with']['images_only_earlier_right']} only with it)")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
 
