@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1233,83 +1232,5 @@ def test_reconstruction_with_the_fisher_loss_weighs_the_cls_token(tiny_vit, cali
 def test_recon_loss_is_refused_without_reconstruction_or_unknown():
     with pytest.raises(VitcError, match="--recon-loss applies to block reconstruction.*--reconstruct"):
         QuantConfig(reconstruct_loss="fisher").validate()
-    with pytest.raises(VitcError, match="--recon-loss kl is not one of mse, fisher, output"):
+    with pytest.raises(VitcError, match="--recon-loss kl is not one of mse, fisher"):
         QuantConfig(reconstruct_iters=4, reconstruct_loss="kl").validate()
-
-
-# ---------------------------------------------------------------- the "output" reconstruction loss
-
-class _TwoLayer(nn.Module):
-    """y = W2 (W1 x)[:, 0]: the output reads token 0 of the hidden value only."""
-
-    def __init__(self, outputs: int):
-        super().__init__()
-        self.w1 = nn.Linear(3, 6)
-        self.w2 = nn.Linear(6, outputs)
-
-    def forward(self, x):
-        return self.w2(self.w1(x)[:, 0])
-
-
-def test_record_projections_are_the_jacobian_rows_and_measure_the_output_error():
-    """A 4-value output gets every direction: the projections at the hidden value are exactly W2's rows at
-    token 0 and 0 elsewhere, so sum_k <g_k, err>^2 is |W2 err[0]|^2, whatever err is (an error shared by
-    the tokens included, which the "fisher" diagonal cannot weigh); a 40-value output gets 8 random
-    directions whose estimate of the same is unbiased. Nothing is left in the temp folder."""
-    import tempfile
-
-    import torch.fx as fx
-
-    from vitc.compress.quantize import graph_reconstruct as GR
-
-    torch.manual_seed(0)
-    before = set(Path(tempfile.gettempdir()).glob("vitc-output-grads-*"))
-    net = _TwoLayer(4).eval()
-    x = torch.randn(40, 5, 3)
-    proj = GR.record_projections(fx.symbolic_trace(net), {"w1"}, x)["w1"]
-    w2 = net.w2.weight.detach()
-    assert proj.shape == (40, 4, 5, 6) and proj.dtype == torch.bfloat16
-    assert torch.allclose(proj[:, :, 0].float(), w2.expand(40, 4, 6), rtol=8e-3, atol=0)  # bf16: 8 bits of mantissa
-    assert torch.equal(proj[:, :, 1:].float(), torch.zeros(40, 4, 4, 6))
-    err = torch.randn(40, 5, 6) + torch.randn(1, 1, 6)  # independent plus shared over the tokens
-    plain, seen = R.sample_errors(err, torch.zeros_like(err), proj=proj)
-    assert torch.allclose(seen, (err[:, 0] @ w2.T).pow(2).sum(1), rtol=2e-2)
-    assert torch.allclose(plain, err.pow(2).flatten(1).sum(1))
-
-    wide = _TwoLayer(40).eval()
-    many = torch.randn(2048, 5, 3)
-    proj = GR.record_projections(fx.symbolic_trace(wide), {"w1"}, many)["w1"]
-    assert proj.shape == (2048, R.OUTPUT_DIRECTIONS, 5, 6)
-    e = torch.randn(1, 5, 6).expand(2048, 5, 6)
-    _, seen = R.sample_errors(e, torch.zeros_like(e), proj=proj)
-    expected = (e[0, 0] @ wide.w2.weight.detach().T).pow(2).sum()
-    # 2,048 images x 8 directions: the mean's relative standard error is sqrt(2 / 16384) = 1.1%
-    assert float(seen.mean()) == pytest.approx(float(expected), rel=0.06)
-    assert set(Path(tempfile.gettempdir()).glob("vitc-output-grads-*")) == before
-    assert all(p.grad is None for p in wide.parameters())
-
-
-@pytest.mark.parametrize("sites", ["graph", "modules"])
-def test_reconstruction_with_the_output_loss_lowers_the_error_the_output_sees(tiny_vit, calib64, tmp_path, sites):
-    """--recon-loss output, both paths: each unit's record has the first-order output error its own error
-    causes, before and after learning; the loss is scaled to equal the plain error at the calibrated unit; at
-    the last unit, whose output is the model's 10 logits (every direction: exact), the output error is the
-    plain error summed over the logits; learning lowers the output error in total and never leaves a unit
-    worse than calibration by its own loss; the model saves and reloads to the same outputs."""
-    x = _x(tiny_vit, calib64)
-    q = apply(tiny_vit, QuantConfig(wbits=4, abits=8, sites=sites, calibrator="minmax", reconstruct_iters=30,
-                                    reconstruct_loss="output"), x, say=lambda *_: None)
-    rec = quant_record(q)["reconstruction"]
-    assert rec["options"]["loss"] == "output"
-    units = rec["units"]
-    assert len([u for u in units if u["kind"] == "block"]) == len(tiny_vit.structure.blocks)
-    assert all({"plain_mse_before", "plain_mse_after", "output_error_before", "output_error_after"} <= set(u) for u in units)
-    assert all(u["mse_before"] == pytest.approx(u["plain_mse_before"], rel=1e-9) for u in units)
-    assert all(u["mse_after"] <= u["mse_before"] for u in units)
-    head = units[-1]
-    assert head["output_error_before"] == pytest.approx(10 * head["plain_mse_before"], rel=1e-3)
-    assert head["output_error_after"] == pytest.approx(10 * head["plain_mse_after"], rel=1e-3)
-    assert sum(u["output_error_after"] for u in units) < sum(u["output_error_before"] for u in units)
-    save_quantized(q, tmp_path / "q")
-    with torch.no_grad():
-        assert torch.equal(load_quantized(tmp_path / "q")(x[:8]), q(x[:8]))

@@ -70,7 +70,7 @@ def quantize_cmd(
     reconstruct: bool = typer.Option(False, "--reconstruct", help="block reconstruction after calibration (learned rounding and step sizes, BRECQ/QDrop)"),
     iters: int = typer.Option(150, "--iters", help="with --reconstruct: learning steps per block"),
     iters_ramp: float = typer.Option(0.0, "--iters-ramp", help="with --reconstruct: steps growing with depth at the same total, from (1-R) to (1+R) x --iters (e.g. 0.5)"),
-    recon_loss: str = typer.Option("mse", "--recon-loss", help="with --reconstruct: mse (each block's plain output error), fisher (each element weighted by its effect on the model output; helped CLS-token heads, hurt a CLS + patch-mean head) or output (half the error as the model output sees it through its Jacobian): docs/quantize.md"),
+    recon_loss: str = typer.Option("mse", "--recon-loss", help="with --reconstruct: mse (each block's plain output error) or fisher (each element weighted by its effect on the model output; helped CLS-token heads, hurt a CLS + patch-mean head: docs/quantize.md)"),
     size_budget: Optional[float] = typer.Option(None, "--size-budget", help="with --bits auto: average weight bits, e.g. 5.0"),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="with --bits auto: the smallest model whose top-1 drop on the calibration images is at most this many points"),
     act_budget: Optional[float] = typer.Option(None, "--act-budget", help="with --bits auto --size-budget: also allocate activation bits, average at most this"),
@@ -273,9 +273,7 @@ def _recon_summary(rec: dict | None) -> dict | None:
             "loss": rec["options"].get("loss", "mse"), "units": len(rec["units"]),
             "seconds": rec["seconds"], "estimate_s": rec["estimate_s"], "images": rec["images"],
             "unit_mse": [{"unit": u["unit"], "before": u["mse_before"], "after": u["mse_after"], "steps": u.get("steps"),
-                          **({"output_weights": u["output_weights"]} if u.get("output_weights") else {}),
-                          **{k: u[k] for k in ("plain_mse_before", "plain_mse_after", "output_error_before",
-                                               "output_error_after") if k in u}}
+                          **({"output_weights": u["output_weights"]} if u.get("output_weights") else {})}
                          for u in rec["units"]]}
 
 

@@ -65,7 +65,7 @@ class QuantConfig:
     # low-bit frontier (reconstruct.py, mixed.py, weight_only.py)
     reconstruct_iters: int = 0  # block reconstruction steps per unit after calibration (0: off)
     reconstruct_ramp: float = 0.0  # steps growing with depth at the same total (reconstruct.unit_steps)
-    reconstruct_loss: str = "mse"  # mse | fisher | output: each unit's output error plain, weighted (reconstruct.output_weights) or half seen by the output (reconstruct.output_projections)
+    reconstruct_loss: str = "mse"  # mse | fisher: each unit's output error plain or weighted (reconstruct.output_weights)
     layer_bits: dict | None = None  # {layer: [wbits, abits]} from a mixed-precision allocation
     group_size: int | None = None  # weight-only (abits 16): per-group weight scales along the input
     weight_rounding: str = "gptq"  # weight-only, and graph-path Linears below 8 bits: "gptq" (error compensation) | "nearest"

@@ -11,8 +11,8 @@ reads from earlier units, its outputs the values later units read.
 The learning itself is the module path's, shared from ``reconstruct.py``: AdaRound on every
 weight of the unit (from the float weight, on the calibrated per-channel scales), LSQ step
 sizes with QDrop on every uniform activation quantizer (the prefix+patches grids learn both
-steps), BRECQ's loss on the unit's outputs against the float model's (plain, output-weighted,
-``record_sensitivity``, or half seen through the output's Jacobian, ``record_projections``), the unit's input from
+steps), BRECQ's loss on the unit's outputs against the float model's (plain or output-weighted,
+``record_sensitivity``), the unit's input from
 the already-reconstructed predecessors. A unit whose learned error is not lower keeps its
 calibrated state. Finished units are checkpointed; a rerun with the same key resumes.
 
@@ -201,15 +201,6 @@ def record_sensitivity(gm: fx.GraphModule, names: set[str], x: torch.Tensor, chu
     return R.sensitivity(run, list(gm.parameters()), x, chunk)
 
 
-def record_projections(gm: fx.GraphModule, names: set[str], x: torch.Tensor, chunk: int = CHUNK) -> dict:
-    """``R.output_projections`` of the float graph (quantizers off) at the nodes ``names``."""
-    def run(xb):
-        rec = _Recorder(gm, names, grads=True)
-        return rec.run(xb), rec.values
-
-    return R.output_projections(run, x, chunk)
-
-
 def _join(values: list, n: int):
     v0 = values[0]
     if isinstance(v0, torch.Tensor) and v0.dim() > 0 and sum(v.shape[0] for v in values) == n:
@@ -256,47 +247,34 @@ def _attr(gm: nn.Module, target: str) -> torch.Tensor:
     return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
-def _loss(outs: list, targets: list, weights: list, projs: list, scales: list) -> torch.Tensor:
-    return sum(R._unit_loss(o, t, w, p, c) for o, t, w, p, c in zip(outs, targets, weights, projs, scales)
+def _loss(outs: list, targets: list, weights: list) -> torch.Tensor:
+    return sum(R._unit_loss(o, t, w) for o, t, w in zip(outs, targets, weights)
                if isinstance(o, torch.Tensor) and o.is_floating_point())
 
 
 @torch.no_grad()
-def _error(sub, inputs, targets, n, weights: list, projs: list, scales: list | None = None) -> tuple[float, list, dict]:
-    """The unit's loss over every image per output element (the learning's own measure), its outputs, and
-    the loss's parts (``R._unit_error``'s: ``plain``, ``seen``, and per output the ``scales`` of the
-    "output" loss, chosen here without ``scales``)."""
+def _error(sub, inputs, targets, n, weights: list) -> tuple[float, list]:
+    """The mean (weighted) squared error of the unit's outputs over every image: the learning's own measure."""
     outs = run_unit(sub, inputs, n)
-    scales = list(scales) if scales is not None else [None] * len(outs)
-    total = plain = seen = 0.0
-    count = 0
-    for k, (o, t, w, p) in enumerate(zip(outs, targets, weights, projs)):
-        if not (isinstance(o, torch.Tensor) and o.is_floating_point()):
-            scales[k] = 0.0
-            continue
-        pl, se = R.error_sums(o, t, w, p)
-        if scales[k] is None:
-            scales[k] = R.projection_scale(pl, se) if p is not None else 0.0
-        total += pl if p is None else (1.0 - R.OUTPUT_MIX) * pl + R.OUTPUT_MIX * scales[k] * se
-        plain, seen, count = plain + pl, seen + se, count + o.numel()
-    return total / max(1, count), outs, {"plain": plain / max(1, count), "seen": seen / max(1, n), "scales": scales}
+    total, count = 0.0, 0
+    for o, t, w in zip(outs, targets, weights):
+        if isinstance(o, torch.Tensor) and o.is_floating_point():
+            e = (o - t).pow(2)
+            total += float((e * w).sum() if w is not None else e.sum())
+            count += o.numel()
+    return total / max(1, count), outs
 
 
 def learn_graph_unit(gm: fx.GraphModule, unit: GraphUnit, sub: fx.GraphModule, inputs: list, targets: list, n: int,
                      originals: dict[str, torch.Tensor], done_weights: set[str], options: R.ReconstructOptions,
-                     progress=None, task=None, out_weights: list | None = None,
-                     out_projs: list | None = None) -> tuple[dict, list]:
+                     progress=None, task=None, out_weights: list | None = None) -> tuple[dict, list]:
     """Learn one unit in place (see the module docstring); return its record and its outputs on ``inputs``.
-    ``out_weights``: per output, the element weights of its error (``R.output_weights``) or None;
-    ``out_projs``: per output, the "output" loss's projections (``R.output_projections``) or None."""
+    ``out_weights``: per output, the element weights of its error (``R.output_weights``) or None."""
     gen = torch.Generator().manual_seed(options.seed)
     out_weights = out_weights or [None] * len(targets)
-    out_projs = out_projs or [None] * len(targets)
     acts, weights = _unit_quantizers(sub)
     weights = {t: q for t, q in weights.items() if t in originals and t not in done_weights}
-    # the calibrated unit, before the soft rounding starts at the float weights
-    before, _, parts_before = _error(sub, inputs, targets, n, out_weights, out_projs)
-    scales = parts_before["scales"]
+    before, _ = _error(sub, inputs, targets, n, out_weights)  # the calibrated unit, before the soft rounding starts at the float weights
     state, calibrated_codes = {}, {}
     for target, wq in weights.items():
         w = originals[target].movedim(wq.axis, 0).float()
@@ -306,16 +284,15 @@ def learn_graph_unit(gm: fx.GraphModule, unit: GraphUnit, sub: fx.GraphModule, i
         v = nn.Parameter(v)
         state[target] = (floor, v)
         wq.forward = (lambda w, f=floor, v=v, q=wq: R.soft_weight(f, v, q.weight_scale, q.wbits).movedim(0, q.axis))
-    steps = {t: R._learnable_act(q, options.drop_prob, options.learn_act, gen) for t, q in acts.items()}
+    scales = {t: R._learnable_act(q, options.drop_prob, options.learn_act, gen) for t, q in acts.items()}
     params_w = [v for _, v in state.values()]
-    params_a = [p for p in steps.values() if p is not None]
+    params_a = [p for p in scales.values() if p is not None]
     snapshot = {t: _attr(gm, t).detach().clone() for t in weights} | {t: q.scale.clone() for t, q in acts.items()}
     learned = bool(params_w or params_a)
 
     def batch_loss():
         idx = torch.randint(0, n, (min(options.batch, n),), generator=gen)
-        return _loss(list(sub(*[_pick(v, idx, n) for v in inputs])), [_pick(t, idx, n) for t in targets], out_weights,
-                     [_pick(p, idx, n) for p in out_projs], scales)
+        return _loss(list(sub(*[_pick(v, idx, n) for v in inputs])), [_pick(t, idx, n) for t in targets], out_weights)
 
     try:
         if learned:
@@ -327,9 +304,8 @@ def learn_graph_unit(gm: fx.GraphModule, unit: GraphUnit, sub: fx.GraphModule, i
             with torch.no_grad():
                 _attr(gm, target).copy_(R.hard_weight(floor, v.detach(), wq.weight_scale, wq.wbits).movedim(0, wq.axis))
         for t, q in acts.items():
-            R._restore_act(q, steps[t])
-    after, outs, parts_after = (_error(sub, inputs, targets, n, out_weights, out_projs, scales) if learned
-                                else (before, None, parts_before))
+            R._restore_act(q, scales[t])
+    after, outs = _error(sub, inputs, targets, n, out_weights) if learned else (before, None)
     kept = after > before
     if kept:
         with torch.no_grad():
@@ -345,35 +321,31 @@ def learn_graph_unit(gm: fx.GraphModule, unit: GraphUnit, sub: fx.GraphModule, i
     record = {"unit": unit.path, "kind": unit.kind, "weights": len(weights), "activation_grids": len(acts),
               "mse_before": before, "mse_after": min(after, before), "learned_mse": after, "kept_calibration": kept,
               "codes_changed": changed, "steps": options.iters}
-    if any(p is not None for p in out_projs):
-        record.update(R.output_parts(parts_before, parts_before if kept else parts_after))
     return record, outs
 
 
 def reconstruct_graph(gm: fx.GraphModule, units: list[GraphUnit], x: torch.Tensor, float_values: dict,
                       originals: dict[str, torch.Tensor], options: R.ReconstructOptions, key: str,
                       staging: Path | None = None, progress=None, say=print, state_owner: nn.Module | None = None,
-                      sensitivity: dict | None = None, projections: dict | None = None) -> dict:
+                      sensitivity: dict | None = None) -> dict:
     """Reconstruct the quantized graph ``gm`` (quantizers in "quant" mode) unit by unit.
 
     ``float_values``: every unit output of the float model (``record_values`` before the weights
     were quantized); ``originals``: the float weights by attribute target; ``state_owner``: the
     module whose state dict is checkpointed (the ``Captured`` wrapper); ``sensitivity``: with
-    ``options.loss == "fisher"``, ``record_sensitivity`` of every unit output of the float model;
-    ``projections``: with ``options.loss == "output"``, ``record_projections`` of them (consumed)."""
+    ``options.loss == "fisher"``, ``record_sensitivity`` of every unit output of the float model."""
     options = options.validate()
     R.check_count(x.shape[0], options)
     threads = torch.get_num_threads()
     torch.set_num_threads(options.threads)
     try:
         return _reconstruct_graph(gm, units, x, float_values, originals, options, key, staging, progress, say,
-                                  state_owner or gm, sensitivity or {}, projections or {})
+                                  state_owner or gm, sensitivity or {})
     finally:
         torch.set_num_threads(threads)
 
 
-def _reconstruct_graph(gm, units, x, float_values, originals, options, key, staging, progress, say, owner, sensitivity,
-                       projections) -> dict:
+def _reconstruct_graph(gm, units, x, float_values, originals, options, key, staging, progress, say, owner, sensitivity) -> dict:
     torch.manual_seed(options.seed)
     n = x.shape[0]
     subs = [cut(gm, u) for u in units]
@@ -410,10 +382,8 @@ def _reconstruct_graph(gm, units, x, float_values, originals, options, key, stag
         targets = [float_values[nm] for nm in unit.outputs]
         if k in learnable:
             out_weights = [R.output_weights(sensitivity[nm]) if nm in sensitivity else None for nm in unit.outputs]
-            out_projs = [projections.pop(nm, None) for nm in unit.outputs]
             result, outs = learn_graph_unit(gm, unit, sub, inputs, targets, n, originals, done_weights,
-                                            replace(options, iters=steps[k]), progress, task, out_weights, out_projs)
-            del out_projs
+                                            replace(options, iters=steps[k]), progress, task, out_weights)
             if options.loss == "fisher":
                 result["output_weights"] = R.weights_summary(out_weights)
             done.append(result)

@@ -12,9 +12,7 @@ weighted layer that belongs to neither: the patch embedding, the classifier), le
 
 by minimising the squared error of the unit's output against the FP32 model's output of the
 same unit (``--recon-loss fisher``: each element's error weighted by how much that element moves
-the model's output, BRECQ's Fisher-weighted variant made task-free, see ``output_weights``;
-``--recon-loss output``: half of it the unit's error as the float model's output sees it to first
-order, the whole Gauss-Newton form rather than its diagonal, see ``output_projections``). The
+the model's output, BRECQ's Fisher-weighted variant made task-free, see ``output_weights``). The
 unit's input comes from the quantized predecessors (already reconstructed), as BRECQ does, and QDrop drops each activation quantization element with probability 0.5
 during learning, so the learned grids do not overfit one noisy input.
 
@@ -36,9 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 import types
 from dataclasses import asdict, dataclass, field, replace
@@ -52,18 +48,12 @@ from vitc.errors import VitcError
 from . import quantizers as Q
 from .modules import ActQuant, QuantConv2d, QuantLinear, act_quantizers, set_mode, weighted_layers
 
-LOSSES = ("mse", "fisher", "output")
+LOSSES = ("mse", "fisher")
 # share of the "fisher" loss weighted by the output sensitivity; the rest is the plain error. Why not all of
 # it: the weights are the diagonal of the sensitivity, which ignores errors that add up across tokens (the
 # mean of 256 patch tokens the DINOv2 head reads moves with their shared error, not their independent ones),
 # so the patch tokens keep at least half their plain weight
 FISHER_MIX = 0.5
-# the "output" loss: this share of it is the unit's error projected through the float model's Jacobian
-# (``output_projections``), scaled to equal the plain error at the calibrated unit; the rest is the plain
-# error, which keeps the directions the few projections do not see from drifting
-OUTPUT_MIX = 0.5
-OUTPUT_EXACT = 16  # an output of at most this many values per image gets every one of them as a direction
-OUTPUT_DIRECTIONS = 8  # a larger output (maps, embeddings, 1,000 classes): this many random directions per image
 MIN_IMAGES = 64  # two learning batches: fewer and the learned rounding fits the few images, not the model
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
 
@@ -89,8 +79,7 @@ class ReconstructOptions:
     float_bias: bool = False  # start from the float bias instead of the bias-corrected one
     seed: int = 0
     # "mse": BRECQ's plain squared error of each unit's output; "fisher": each element's error weighted by how
-    # much it moves the model's output (output_weights), half plain and half weighted (FISHER_MIX);
-    # "output": half plain, half the error's first-order effect on the model output (output_projections)
+    # much it moves the model's output (output_weights), half plain and half weighted (FISHER_MIX)
     loss: str = "mse"
     # torch threads while learning: a step works on small tensors (16 images of one unit), where
     # threading costs more than it gains; on the shared 2-core machine a zoo ViT step took
@@ -111,8 +100,7 @@ class ReconstructOptions:
             raise VitcError(f"drop probability {self.drop_prob} is out of range", "use a value in [0, 1)")
         if self.loss not in LOSSES:
             raise VitcError(f"--recon-loss {self.loss} is not one of {', '.join(LOSSES)}",
-                            "pass --recon-loss mse (BRECQ's plain error), fisher (weighted by the effect on the output) "
-                            "or output (the error as the model output sees it)")
+                            "pass --recon-loss mse (BRECQ's plain error) or fisher (weighted by the effect on the output)")
         return self
 
 
@@ -427,52 +415,13 @@ def _restore_act(q: ActQuant, log_scale) -> None:
     del q.training_drop
 
 
-def sample_errors(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
-                  proj: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per sample: the (``weight``-ed) squared error summed over its elements, and with ``proj`` (the
-    sample's gradients of the model output along K directions, ``(batch, K, *shape)``, from
-    ``output_projections``) the error's first-order effect on the output, ``sum_k <g_k, err>^2``."""
-    err = out - target
-    sq = err.pow(2)
-    if weight is not None:
-        sq = sq * weight
-    plain = sq.flatten(1).sum(1)
-    if proj is None:
-        return plain, None
-    seen = (proj.to(err.dtype) * err.unsqueeze(1)).flatten(2).sum(2)
-    return plain, seen.pow(2).sum(1)
-
-
-@torch.no_grad()
-def error_sums(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
-               proj: torch.Tensor | None = None, chunk: int = 32) -> tuple[float, float]:
-    """``sample_errors`` summed over the samples, ``chunk`` at a time (a projection is K times the
-    output's size: 512 ViT-S images at once would take 2 GB)."""
-    plain = seen = 0.0
-    for i in range(0, out.shape[0], chunk):
-        p, g = sample_errors(out[i:i + chunk], target[i:i + chunk], weight,
-                             proj[i:i + chunk] if proj is not None else None)
-        plain += float(p.double().sum())
-        seen += float(g.double().sum()) if g is not None else 0.0
-    return plain, seen
-
-
-def combine(plain: torch.Tensor, seen: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """The "output" loss from ``sample_errors``' two parts (the plain error alone without projections);
-    ``scale`` makes the projected part equal the plain one at the calibrated unit."""
-    return plain if seen is None else (1.0 - OUTPUT_MIX) * plain + OUTPUT_MIX * scale * seen
-
-
-def _unit_loss(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
-               proj: torch.Tensor | None = None, scale: float = 0.0) -> torch.Tensor:
+def _unit_loss(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     # summed over a sample's elements, averaged over samples (BRECQ's reconstruction loss); ``weight``
-    # (the sample's shape without the batch) weighs each element (output_weights); ``proj``: the "output"
-    # loss's projections of this batch (output_projections)
-    return combine(*sample_errors(out, target, weight, proj), scale).mean()
-
-
-def projection_scale(plain_sum: float, seen_sum: float) -> float:
-    return plain_sum / seen_sum if seen_sum > 0 else 0.0
+    # (the sample's shape without the batch) weighs each element (output_weights)
+    err = (out - target).pow(2)
+    if weight is not None:
+        err = err * weight
+    return err.flatten(1).sum(1).mean()
 
 
 def sensitivity(run, params, x: torch.Tensor, chunk: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -503,68 +452,8 @@ def sensitivity(run, params, x: torch.Tensor, chunk: int = 32, seed: int = 0) ->
     return {name: (v / x.shape[0]).float() for name, v in sums.items()}
 
 
-def output_projections(run, x: torch.Tensor, chunk: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Per image, the gradients of the float model's output along K directions with respect to each value
-    that ``run(xb)`` hands back (rows of ``J^T``, ``J`` the output's Jacobian with respect to the value):
-    ``(n, K, *value shape)`` in bfloat16. ``sum_k <g_k, err>^2`` is then ``|J err|^2``, the error's
-    first-order effect on the output, in full, where ``sensitivity`` keeps the diagonal only. The
-    directions are every output value when an image's output has at most ``OUTPUT_EXACT`` values (a
-    10-class head: exact), else ``OUTPUT_DIRECTIONS`` standard normal ones per image, scaled by
-    ``1/sqrt(K)`` (an unbiased estimate of the same).
-
-    Why the whole form: on the real ViT-S an error shared by every patch token moves the output up to
-    254x more than the diagonal says (the head averages the patches; benchmarks/recon_loss_sensitivity.py),
-    which the diagonal "fisher" weights cannot see. Why stored, not computed per step: a step would then
-    run the rest of the model backwards K times. Storage is K values per element per image (10 x 257 x
-    384 x 512 images = 1 GB per ViT-S block), so the tensors are memory-mapped from temporary files that
-    are unlinked at once: the page cache holds what fits, the disk the rest, and nothing is left behind."""
-    gen = torch.Generator().manual_seed(seed)
-    n = x.shape[0]
-    store: dict[str, torch.Tensor] = {}
-    folder = tempfile.mkdtemp(prefix="vitc-output-grads-")
-    try:
-        with torch.enable_grad():
-            for i in range(0, n, chunk):
-                xb = x[i:i + chunk].detach().clone().requires_grad_(True)
-                b = xb.shape[0]
-                out, values = run(xb)
-                leaves = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)
-                          and o.is_floating_point() and o.requires_grad and o.dim() > 0 and o.shape[0] == b]
-                names = [nm for nm, v in values.items() if v.dim() > 0 and v.shape[0] == b and v.requires_grad]
-                if not leaves or not names:
-                    return {}
-                flat = torch.cat([o.reshape(b, -1) for o in leaves], 1)
-                exact = flat.shape[1] <= OUTPUT_EXACT
-                k = flat.shape[1] if exact else OUTPUT_DIRECTIONS
-                for j in range(k):
-                    # random directions scaled by 1/sqrt(K), so that both kinds estimate |J err|^2
-                    picked = (flat[:, j] if exact else
-                              (flat * torch.randn(flat.shape, generator=gen, dtype=flat.dtype)).sum(1) / math.sqrt(k))
-                    grads = torch.autograd.grad(picked.sum(), [values[nm] for nm in names], retain_graph=j < k - 1,
-                                                allow_unused=True)
-                    for nm, g in zip(names, grads):
-                        if g is None:
-                            continue
-                        if nm not in store:
-                            store[nm] = _mapped(folder, len(store), (n, k, *g.shape[1:]))
-                        store[nm][i:i + b, j] = g.detach().to(torch.bfloat16)
-                del out, values, leaves, flat
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    return store
-
-
-def _mapped(folder: str, index: int, shape: tuple) -> torch.Tensor:
-    """A zeroed bfloat16 tensor backed by a file that is unlinked at once (the mapping keeps its pages)."""
-    path = os.path.join(folder, f"{index}.bin")
-    t = torch.from_file(path, shared=True, size=math.prod(shape), dtype=torch.bfloat16).view(shape)
-    os.unlink(path)
-    return t
-
-
-def _at_unit_outputs(reference: nn.Module, paths: list[str], measure):
-    """``measure(run)`` with ``run(xb)`` running ``reference`` and handing back ``(output, {path: value})``,
-    each value the ``first_tensor`` output of the module at that path (where autograd reaches it)."""
+def module_sensitivity(reference: nn.Module, paths: list[str], x: torch.Tensor, chunk: int = 32) -> dict[str, torch.Tensor]:
+    """``sensitivity`` at each unit's output (``first_tensor`` of the module at each path) of ``reference``."""
     values: dict[str, torch.Tensor] = {}
 
     def keep(p):
@@ -581,20 +470,10 @@ def _at_unit_outputs(reference: nn.Module, paths: list[str], measure):
 
     hooks = [reference.get_submodule(p).register_forward_hook(keep(p)) for p in paths]
     try:
-        return measure(run)
+        return sensitivity(run, list(reference.parameters()), x, chunk)
     finally:
         for h in hooks:
             h.remove()
-
-
-def module_projections(reference: nn.Module, paths: list[str], x: torch.Tensor, chunk: int = 32) -> dict[str, torch.Tensor]:
-    """``output_projections`` at each unit's output of ``reference``."""
-    return _at_unit_outputs(reference, paths, lambda run: output_projections(run, x, chunk))
-
-
-def module_sensitivity(reference: nn.Module, paths: list[str], x: torch.Tensor, chunk: int = 32) -> dict[str, torch.Tensor]:
-    """``sensitivity`` at each unit's output (``first_tensor`` of the module at each path) of ``reference``."""
-    return _at_unit_outputs(reference, paths, lambda run: sensitivity(run, list(reference.parameters()), x, chunk))
 
 
 def output_weights(sensitivity: torch.Tensor, mix: float = FISHER_MIX) -> torch.Tensor:
@@ -651,18 +530,16 @@ def optimise(batch_loss, params_w: list, params_a: list, options: ReconstructOpt
 
 def learn_unit(module: nn.Module, unit: Unit, reference: nn.Module, quant_in: Captured, target: torch.Tensor,
                options: ReconstructOptions, progress=None, task=None, keep_outputs: bool = False,
-               weight: torch.Tensor | None = None, proj: torch.Tensor | None = None):
+               weight: torch.Tensor | None = None):
     """Learn the rounding and step sizes of one unit in place; return its before/after output error
     (and, with ``keep_outputs``, the unit's final outputs on ``quant_in``: the next unit's input).
-    ``weight``: the element weights of the output's error (``output_weights``), or None; ``proj``: the
-    "output" loss's projections at this unit's output (``output_projections``), or None."""
+    ``weight``: the element weights of the output's error (``output_weights``), or None."""
     gen = torch.Generator().manual_seed(options.seed)
     unit_module = module.get_submodule(unit.path)
     layers = {n: module.get_submodule(n) for n in unit.layers}
     ref_layers = {n: reference.get_submodule(n) for n in unit.layers}
     # the calibrated unit's error, before the soft rounding starts at the float weights
-    before, _, parts_before = _unit_error(unit_module, quant_in, target, {}, options, weight=weight, proj=proj)
-    scale = parts_before["scale"]
+    before, _ = _unit_error(unit_module, quant_in, target, {}, options, weight=weight)
     state = {}
     for name, layer in layers.items():
         w = ref_layers[name].weight.detach().float()
@@ -684,8 +561,7 @@ def learn_unit(module: nn.Module, unit: Unit, reference: nn.Module, quant_in: Ca
     def batch_loss():
         idx = torch.randint(0, n, (min(options.batch, n),), generator=gen)
         args, kwargs = quant_in.inputs(idx)
-        return _unit_loss(first_tensor(unit_module(*args, **kwargs)), target[idx], weight,
-                          proj[idx] if proj is not None else None, scale)
+        return _unit_loss(first_tensor(unit_module(*args, **kwargs)), target[idx], weight)
 
     try:
         optimise(batch_loss, params_w, params_a, options, progress, task)
@@ -697,11 +573,10 @@ def learn_unit(module: nn.Module, unit: Unit, reference: nn.Module, quant_in: Ca
                 layer.weight.copy_(hard_weight(floor, v.detach(), layer.weight_scale, layer.wbits))
         for name, q in acts.items():
             _restore_act(q, scales[name])
-    after, outputs, parts_after = _unit_error(unit_module, quant_in, target, {}, options, keep_outputs, weight, proj, scale)
+    after, outputs = _unit_error(unit_module, quant_in, target, {}, options, keep_outputs, weight)
     kept = after > before
     if kept:
         unit_module.load_state_dict(snapshot)
-        parts_after = parts_before
         if keep_outputs:
             outputs = _unit_error(unit_module, quant_in, target, {}, options, True, weight)[1]
     flips = sum(int(((v.detach() >= 0).float() != (torch.round(ref_layers[n].weight.detach() / layers[n].weight_scale.reshape(
@@ -709,44 +584,28 @@ def learn_unit(module: nn.Module, unit: Unit, reference: nn.Module, quant_in: Ca
     record = {"unit": unit.path, "kind": unit.kind, "layers": len(unit.layers), "mse_before": before, "mse_after": min(after, before),
               "learned_mse": after, "kept_calibration": kept, "rounding_changed_from_nearest": 0 if kept else flips,
               "steps": options.iters}
-    if proj is not None:
-        record.update(output_parts(parts_before, parts_after))
     return (record, outputs) if keep_outputs else record
-
-
-def output_parts(before: dict, after: dict) -> dict:
-    """The record of an "output"-loss unit: its plain error (per element) and the first-order output error
-    it causes (per image), before and after learning (the unit's error itself mixes the two)."""
-    return {"plain_mse_before": before["plain"], "plain_mse_after": after["plain"],
-            "output_error_before": before["seen"], "output_error_after": after["seen"]}
 
 
 @torch.no_grad()
 def _unit_error(unit_module: nn.Module, quant_in: Captured, target: torch.Tensor, acts: dict, options,
-                keep_outputs: bool = False, weight: torch.Tensor | None = None, proj: torch.Tensor | None = None,
-                scale: float | None = None):
-    """(the unit's loss on all images per output element, the outputs with ``keep_outputs`` else None, its parts:
-    ``plain`` error per element, ``seen`` output error per image and the ``scale`` of the "output" loss, which
-    without ``scale`` is chosen here so that the loss equals the plain error)."""
+                keep_outputs: bool = False, weight: torch.Tensor | None = None):
+    """(mean (weighted) squared error of the unit's output on all images, the outputs with ``keep_outputs`` else None)."""
     for q in acts.values():
         q.training_drop = False
-    plain, seen, count, outs = 0.0, 0.0, 0, []
+    total, count, outs = 0.0, 0, []
     for i in range(0, quant_in.n, 128):
         idx = torch.arange(i, min(i + 128, quant_in.n))
         args, kwargs = quant_in.inputs(idx)
         out = first_tensor(unit_module(*args, **kwargs))
-        p, g = error_sums(out, target[idx], weight, proj[idx] if proj is not None else None)
-        plain, seen = plain + p, seen + g
+        err = (out - target[idx]).pow(2)
+        total += float((err * weight).sum() if weight is not None else err.sum())
         count += out.numel()
         if keep_outputs:
             outs.append(out)
     for q in acts.values():
         q.training_drop = True
-    if proj is not None and scale is None:
-        scale = projection_scale(plain, seen)
-    total = plain if proj is None else (1.0 - OUTPUT_MIX) * plain + OUTPUT_MIX * scale * seen
-    parts = {"plain": plain / max(1, count), "seen": seen / max(1, quant_in.n), "scale": scale or 0.0}
-    return total / max(1, count), (torch.cat(outs) if keep_outputs else None), parts
+    return total / max(1, count), (torch.cat(outs) if keep_outputs else None)
 
 
 # ---------------------------------------------------------------- the pass step
@@ -812,9 +671,7 @@ def _reconstruct(reference: nn.Module, module: nn.Module, structure, x: torch.Te
     task = progress.add_task("reconstructing", total=sum(steps),
                              completed=sum(steps[:len(done)])) if progress is not None else None
     targets = capture_outputs(reference, [u.path for u in units[len(done):]], x)
-    remaining = [u.path for u in units[len(done):]]
-    sens = module_sensitivity(reference, remaining, x) if options.loss == "fisher" else {}
-    projections = module_projections(reference, remaining, x) if options.loss == "output" else {}
+    sens = module_sensitivity(reference, [u.path for u in units[len(done):]], x) if options.loss == "fisher" else {}
     links = chain_links(module, units, x[:2])
     next_in = None
     for k, unit in enumerate(units):
@@ -828,7 +685,7 @@ def _reconstruct(reference: nn.Module, module: nn.Module, structure, x: torch.Te
         quant_in = next_in if next_in is not None else capture(module, unit.path, x)
         weight = output_weights(sens.pop(unit.path)) if unit.path in sens else None
         result = learn_unit(module, unit, reference, quant_in, target, replace(options, iters=steps[k]), progress, task,
-                            keep_outputs=k in links, weight=weight, proj=projections.pop(unit.path, None))
+                            keep_outputs=k in links, weight=weight)
         if k in links:
             result, outputs = result
             next_in = links[k].inputs(outputs)

@@ -1191,7 +1191,7 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
     float_outputs = range_search.model_outputs(captured, search_x) if config.range_search_in("graph") else None
     _calibrate(installed, plan, config)
     drop_lossy_probs_v(gm, installed, plan, config)
-    units = float_values = sensitivity = projections = None
+    units = float_values = sensitivity = None
     if config.reconstruct_iters:  # the float model's value at every unit boundary, before the weights are rounded
         from . import graph_reconstruct as GR
 
@@ -1201,9 +1201,6 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
         # the float model's output sensitivity at each unit output (the "fisher" loss's weights)
         sensitivity = (GR.record_sensitivity(gm, {nm for u in units for nm in u.outputs}, x)
                        if config.reconstruct_loss == "fisher" else None)
-        # the "output" loss's gradients of the float model's output at each unit output
-        projections = (GR.record_projections(gm, {nm for u in units for nm in u.outputs}, x)
-                       if config.reconstruct_loss == "output" else None)
     originals: dict[str, torch.Tensor] = {}
     biased = _quantize_weights(gm, installed, plan, config, {k: taps.sums[a] for k, a in gptq_targets.items() if a in taps.sums},
                                originals if units else None)
@@ -1223,9 +1220,8 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
                                         threads=torch.get_num_threads(), loss=config.reconstruct_loss)
         key = R.staging_key(backbone.source_hash or str(backbone.source), config.to_dict(), x, options)
         reconstruction = GR.reconstruct_graph(gm, units, x, float_values, originals, options, key, reconstruct_staging,
-                                              progress, say, state_owner=captured, sensitivity=sensitivity,
-                                              projections=projections)
-        del float_values, originals, sensitivity, projections
+                                              progress, say, state_owner=captured, sensitivity=sensitivity)
+        del float_values, originals, sensitivity
     sqnr = site_sqnr(reference, site_outputs(gm, plan, x[:SQNR_IMAGES]))
     del reference
     finalize_plan(plan, installed)
