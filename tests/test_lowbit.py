@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1234,3 +1235,38 @@ def test_recon_loss_is_refused_without_reconstruction_or_unknown():
         QuantConfig(reconstruct_loss="fisher").validate()
     with pytest.raises(VitcError, match="--recon-loss kl is not one of mse, fisher"):
         QuantConfig(reconstruct_iters=4, reconstruct_loss="kl").validate()
+
+
+def test_record_values_mapped_equals_in_memory_and_leaves_nothing_behind():
+    """The float targets of the graph path's units, memory-mapped (the default there): the same values as
+    in memory, batch-first ones over every image (37: the last chunk short), a value without the batch
+    (a constant) from the first chunk, and no file left in the temp folder."""
+    import tempfile
+
+    import torch.fx as fx
+
+    from vitc.compress.quantize import graph_reconstruct as GR
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Linear(3, 6)
+            self.register_buffer("table", torch.arange(12.0).reshape(4, 3))
+
+        def forward(self, x):
+            h = self.w1(x)
+            t = self.table * 2
+            return h.sum(-1) + t.sum()
+
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(Net().eval())
+    names = {"w1", "_tensor_constant0"}  # fx folds (table * 2).sum() into a constant: a value without the batch
+    assert names <= {n.name for n in gm.graph.nodes}
+    x = torch.randn(37, 5, 3)
+    before = set(Path(tempfile.gettempdir()).glob("vitc-float-values-*"))
+    plain = GR.record_values(gm, names, x, chunk=8)
+    mapped = GR.record_values(gm, names, x, chunk=8, mapped=True)
+    assert mapped["w1"].shape == (37, 5, 6) and torch.equal(mapped["w1"], plain["w1"])
+    assert torch.equal(mapped["_tensor_constant0"], plain["_tensor_constant0"])
+    assert mapped["_tensor_constant0"].shape == () and float(mapped["_tensor_constant0"]) == 132.0
+    assert set(Path(tempfile.gettempdir()).glob("vitc-float-values-*")) == before

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 import types
@@ -450,6 +451,16 @@ def sensitivity(run, params, x: torch.Tensor, chunk: int = 32, seed: int = 0) ->
     for p in params:
         p.grad = None
     return {name: (v / x.shape[0]).float() for name, v in sums.items()}
+
+
+def mapped_tensor(folder: str, index: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed tensor backed by a file in ``folder`` that is unlinked at once: the mapping keeps its pages,
+    the page cache holds what fits and the disk the rest, and nothing is left behind when it is freed (or the
+    process dies). For the calibration images' float values, which grow with the images and not the model."""
+    path = os.path.join(folder, f"{index}.bin")
+    t = torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
+    os.unlink(path)
+    return t
 
 
 def module_sensitivity(reference: nn.Module, paths: list[str], x: torch.Tensor, chunk: int = 32) -> dict[str, torch.Tensor]:

@@ -1196,7 +1196,8 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
         from . import graph_reconstruct as GR
 
         units = GR.partition(gm, backbone.structure, f"{QUANT_ROOT}.")
-        float_values = GR.record_values(gm, {nm for u in units for nm in u.inputs + u.outputs}, x)
+        # memory-mapped: they grow with the calibration images (R.mapped_tensor)
+        float_values = GR.record_values(gm, {nm for u in units for nm in u.inputs + u.outputs}, x, mapped=True)
         GR.check_cut(gm, units, float_values, x)
         # the float model's output sensitivity at each unit output (the "fisher" loss's weights)
         sensitivity = (GR.record_sensitivity(gm, {nm for u in units for nm in u.outputs}, x)
