@@ -46,11 +46,20 @@ def paired_drop(ref_ok: torch.Tensor, q_ok: torch.Tensor) -> tuple[float, float]
     return 100 * float(d.mean()), 100 * float(d.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("nan")
 
 
-def paired_difference(q_ok: torch.Tensor, other_ok: torch.Tensor) -> tuple[float, float, int, int]:
-    """--model's drop minus another model's, its paired standard error over the same images, and the images
-    only --model gets right and only the other does."""
+def bits(ok: torch.Tensor) -> str:
+    """Per-image correctness as a "0"/"1" string (what the JSON keeps for later pairing)."""
+    return "".join("1" if v else "0" for v in ok.tolist())
+
+
+def paired_difference(q_ok: torch.Tensor, other_ok: torch.Tensor, name: str) -> tuple[dict, str]:
+    """--model's drop minus another model's (``name``: "against", "earlier"), its paired standard error over
+    the same images and the images only one of the two gets right: the JSON entries and the printed clause."""
     diff, se = paired_drop(other_ok, q_ok)
-    return diff, se, int((q_ok & ~other_ok).sum()), int((other_ok & ~q_ok).sum())
+    only_model, only_other = int((q_ok & ~other_ok).sum()), int((other_ok & ~q_ok).sum())
+    entries = {f"model_minus_{name}_drop_pt": diff, "difference_se_pt": se,
+               "images_only_model_right": only_model, f"images_only_{name}_right": only_other}
+    return entries, (f"--model minus it: drop {diff:+.2f} +- {se:.2f} pt (paired SE; {only_model} images right only "
+                     f"with --model, {only_other} only with it)")
 
 
 def main() -> None:
@@ -148,8 +157,7 @@ def main() -> None:
               "drop_pt": drop, "drop_se_pt": se, "top1_agreement": float(agree.double().mean()),
               "changed_predictions": int((~agree).sum()), "mean_kl": float(kl.mean()),
               "wall_s": time.perf_counter() - start, "threads": args.threads, "runtime": args.runtime,
-              "fp32_correct": "".join("1" if v else "0" for v in ref_ok.tolist()),
-              "quantized_correct": "".join("1" if v else "0" for v in q_ok.tolist())}
+              "fp32_correct": bits(ref_ok), "quantized_correct": bits(q_ok)}
     print(f"{args.model} vs {result['base']} ({args.runtime}) on {result['images']} class-stratified images of {args.data}: "
           f"FP32 {100 * result['fp32_top1']:.2f}%, quantized {100 * result['quantized_top1']:.2f}%, "
           f"drop {drop:.2f} +- {se:.2f} pt (paired SE), agreement {100 * result['top1_agreement']:.2f}% "
@@ -157,31 +165,22 @@ def main() -> None:
     if other is not None:
         o_ok, o_kl, o_agree = torch.cat(o_ok), torch.cat(o_kl), torch.cat(o_agree)
         o_drop, o_se = paired_drop(ref_ok, o_ok)
-        diff, diff_se, only_model, only_other = paired_difference(q_ok, o_ok)
+        entries, clause = paired_difference(q_ok, o_ok, "against")
         result["against"] = {"model": args.against, "quantized_top1": float(o_ok.double().mean()), "drop_pt": o_drop,
                              "drop_se_pt": o_se, "mean_kl": float(o_kl.mean()),
-                             "top1_agreement": float(o_agree.double().mean()),
-                             "quantized_correct": "".join("1" if v else "0" for v in o_ok.tolist()),
-                             "model_minus_against_drop_pt": diff, "difference_se_pt": diff_se,
-                             "images_only_model_right": only_model, "images_only_against_right": only_other}
+                             "top1_agreement": float(o_agree.double().mean()), "quantized_correct": bits(o_ok), **entries}
         print(f"{args.against}: quantized {100 * float(o_ok.double().mean()):.2f}%, drop {o_drop:.2f} +- {o_se:.2f} pt, "
-              f"agreement {100 * float(o_agree.double().mean()):.2f}%, KL {float(o_kl.mean()):.4f}; --model minus --against: drop {diff:+.2f} +- {diff_se:.2f} pt (paired SE; "
-              f"{result['against']['images_only_model_right']} images right only with --model, "
-              f"{result['against']['images_only_against_right']} only with --against)")
+              f"agreement {100 * float(o_agree.double().mean()):.2f}%, KL {float(o_kl.mean()):.4f}; {clause}")
     if earlier is not None:
         if earlier.get("fp32_correct") != result["fp32_correct"]:
             sys.exit(f"--paired-with {args.paired_with}: the float model was right on other images there, so they are "
                      "not the same images: pass the same --data and --test-size")
         e_ok = torch.tensor([c == "1" for c in earlier["quantized_correct"]])
-        diff, diff_se, only_model, only_other = paired_difference(q_ok, e_ok)
+        entries, clause = paired_difference(q_ok, e_ok, "earlier")
         result["paired_with"] = {"result": args.paired_with, "model": earlier["model"], "drop_pt": earlier["drop_pt"],
-                                 "mean_kl": earlier["mean_kl"], "top1_agreement": earlier["top1_agreement"],
-                                 "model_minus_earlier_drop_pt": diff, "difference_se_pt": diff_se,
-                                 "images_only_model_right": only_model, "images_only_earlier_right": only_other}
+                                 "mean_kl": earlier["mean_kl"], "top1_agreement": earlier["top1_agreement"], **entries}
         print(f"{earlier['model']} ({args.paired_with}): drop {earlier['drop_pt']:.2f} pt, agreement "
-              f"{100 * earlier['top1_agreement']:.2f}%, KL {earlier['mean_kl']:.4f}; --model minus it: drop {diff:+.2f} +- "
-              f"{diff_se:.2f} pt (paired SE; {result['paired_with']['images_only_model_right']} images right only with --model, "
-              f"{result['paired_with']['images_only_earlier_right']} only with it)")
+              f"{100 * earlier['top1_agreement']:.2f}%, KL {earlier['mean_kl']:.4f}; {clause}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
 

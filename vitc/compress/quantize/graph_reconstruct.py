@@ -182,24 +182,16 @@ class _Recorder(fx.Interpreter):
 
 @torch.no_grad()
 def record_values(gm: fx.GraphModule, names: set[str], x: torch.Tensor, chunk: int = CHUNK, mapped: bool = False) -> dict:
-    """The values of the nodes ``names`` over all images (batch-first tensors concatenated; other
-    values, such as shapes, from the first chunk). With ``mapped``, the batch-first ones are written chunk
-    by chunk into tensors memory-mapped from unlinked temp files (``R.mapped_tensor``), so the float
-    targets of every unit boundary (about 20 x 202 MB for the real ViT-S at 512 images, twice that at
-    1,024) need not all sit in memory at once."""
-    if not mapped:
-        parts: dict[str, list] = {n: [] for n in names}
-        for i in range(0, x.shape[0], chunk):
-            rec = _Recorder(gm, names)
-            rec.run(x[i:i + chunk])
-            for n, v in rec.values.items():
-                parts[n].append(v)
-        return {n: _join(v, x.shape[0]) for n, v in parts.items() if v}
+    """The values of the nodes ``names`` over all images: batch-first tensors (the batch in every chunk)
+    written chunk by chunk into one tensor each, other values (shapes, constants) from the first chunk.
+    With ``mapped``, those tensors are memory-mapped from unlinked temp files (``R.mapped_tensor``), so the
+    float targets of every unit boundary (3.3 GB for the real ViT-S at 512 images, twice that at 1,024)
+    need not all sit in memory at once."""
     n = x.shape[0]
     first: dict = {}
     stores: dict[str, torch.Tensor] = {}
     batch_first: dict[str, bool] = {}
-    folder = tempfile.mkdtemp(prefix="vitc-float-values-")
+    folder = tempfile.mkdtemp(prefix="vitc-float-values-") if mapped else None
     try:
         for i in range(0, n, chunk):
             b = min(chunk, n - i)
@@ -213,10 +205,13 @@ def record_values(gm: fx.GraphModule, names: set[str], x: torch.Tensor, chunk: i
                 if not batch_first[nm]:
                     continue
                 if nm not in stores:
-                    stores[nm] = R.mapped_tensor(folder, len(stores), (n, *v.shape[1:]), v.dtype)
+                    shape = (n, *v.shape[1:])
+                    stores[nm] = (R.mapped_tensor(folder, len(stores), shape, v.dtype) if mapped
+                                  else torch.empty(shape, dtype=v.dtype))
                 stores[nm][i:i + b] = v
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
     return {nm: stores[nm] if batch_first[nm] else v for nm, v in first.items()}
 
 
