@@ -1149,6 +1149,78 @@ def test_graph_path_at_4_bits_centres_keys_fits_the_log_grid_and_reloads(tiny_vi
     assert {i["kind"] for s in off["quant_plan"]["sites"] for i in s["inputs"] if i["pattern"] == "post-softmax"} == {"logsqrt2"}
 
 
+def test_mlp_rotation_is_exact_in_float_reloads_and_exports(tiny_vit, calib64, tmp_path):
+    """--mlp-rotation on (graph path): each block's fc2 input is rotated by a 64-wide block-diagonal Hadamard in
+    front of its grid, the rotation folded into fc2's weight, so the float graph computes what the model does;
+    the rotated grid is a plain uniform one (not GELU's twin grid); the quantized model saves and reloads to
+    the same outputs, and at 8 bits exports to ONNX with the rotation as a float MatMul and runs in ONNX Runtime
+    and OpenVINO (f32) like its simulation."""
+    from vitc.compress.quantize import torch_graph as TG
+
+    h = TG.hadamard(64)
+    assert torch.allclose(h @ h.T, torch.eye(64), atol=1e-6) and torch.equal(h, h.T)
+    with pytest.raises(ValueError, match="power of 2"):
+        TG.hadamard(48)
+    x = _x(tiny_vit, calib64)
+    blocks = len(tiny_vit.structure.blocks)
+    module = tiny_vit.module.eval()
+    captured = TG.capture(__import__("copy").deepcopy(module), x[:2])
+    gm = captured.graph_module
+    TG.decompose_sdpa(gm)
+    TG.shape_prop(gm, x[:1])
+    plan = TG.find_sites(gm, QuantConfig(wbits=4, abits=4))
+    installed = TG.install(gm, plan)
+    fc2 = {n: p.detach().clone() for n, p in gm.named_parameters() if n.endswith("fc2.weight")}
+    rotated = TG.rotate_gelu_inputs(gm, installed)
+    assert len(rotated) == blocks and set(rotated.values()) == {64}
+    assert all(not torch.equal(gm.get_parameter(n), w) for n, w in fc2.items())  # folded into every fc2
+    with torch.no_grad():  # quantizers off: the rotation is exact
+        assert torch.allclose(captured(x[:16]), module(x[:16]), atol=1e-4)
+    low = dict(wbits=4, abits=4, sites="graph", calibrator="minmax", range_search="off", gelu="twin", prefix_grid="off")
+    q = apply(tiny_vit, QuantConfig(**low, mlp_rotation="on"), x[:32])
+    rec = quant_record(q)
+    assert len(rec["plan"]["rotated_inputs"]) == blocks
+    assert rec["vit_quantizers"]["post-gelu"].endswith(f"; hadamard-rotated on {blocks}")
+    gelu = [i for s in rec["quant_plan"]["sites"] for i in s["inputs"] if i["pattern"] == "post-gelu"]
+    assert len(gelu) == blocks and all(i["kind"] == "uniform" for i in gelu)
+    plain = quant_record(apply(tiny_vit, QuantConfig(**low), x[:32]))  # the GELU grid asked for: twin, unless rotated
+    assert not plain["plan"]["rotated_inputs"]
+    assert {i["kind"] for s in plain["quant_plan"]["sites"] for i in s["inputs"] if i["pattern"] == "post-gelu"} == {"twin"}
+    xe = x[32:48]
+    save_quantized(q, tmp_path / "q4")
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "q4")(xe), q(xe))
+    from vitc.export.qdq import export_qdq_onnx
+    from vitc.runtimes import open_session
+
+    q8 = apply(tiny_vit, QuantConfig(sites="graph", mlp_rotation="on"), x[:32])
+    path = export_qdq_onnx(q8, tmp_path / "r.onnx")
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    rotations = [n for n in model.graph.node if n.op_type == "MatMul" and any(
+        a in consts and consts[a].shape == (64, 64) and np.allclose(np.abs(consts[a]), 1 / 8) for a in n.input)]
+    assert len(rotations) == blocks
+    with torch.no_grad():
+        ref = q8(xe).numpy()
+    import openvino as ov
+
+    ov.save_model(ov.convert_model(str(path)), str(tmp_path / "r.xml"), compress_to_fp16=False)
+    for out in (np.asarray(open_session(path, runtime="onnxruntime")(xe)),
+                np.asarray(open_session(tmp_path / "r.xml", runtime="openvino", precision="f32")(xe))):
+        assert (out.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+        assert np.abs(out - ref).max() < 0.03 * (ref.max() - ref.min())  # measured 0.012 in both
+
+
+def test_mlp_rotation_is_refused_where_it_is_not_built(tiny_vit, calib64):
+    with pytest.raises(VitcError, match="--mlp-rotation on applies to the graph path.*--sites graph"):
+        apply(tiny_vit, QuantConfig(sites="modules", mlp_rotation="on"), _x(tiny_vit, calib64)[:16])
+    with pytest.raises(VitcError, match="mlp_rotation 'auto' is not supported"):
+        QuantConfig(mlp_rotation="auto").validate()
+
+
 def test_key_centring_on_the_module_path_is_said_not_done(tiny_vit, calib64):
     said = []
     q = apply(tiny_vit, QuantConfig(wbits=4, abits=4, sites="modules", key_centering="on", calibrator="minmax",
@@ -1235,6 +1307,56 @@ def test_recon_loss_is_refused_without_reconstruction_or_unknown():
         QuantConfig(reconstruct_loss="fisher").validate()
     with pytest.raises(VitcError, match="--recon-loss kl is not one of mse, fisher"):
         QuantConfig(reconstruct_iters=4, reconstruct_loss="kl").validate()
+
+
+@pytest.mark.parametrize("sites", ["graph", "modules"])
+def test_reconstruction_learns_the_affine_parameters_too(tiny_vit, calib64, tmp_path, sites):
+    """--recon-affine, both paths: each unit also learns its weights' per-channel scales and its 1-D float
+    parameters (biases, LayerNorm affines), moved by the same relative step; the weights still lie on their
+    (learned) grids, the model's parameters keep no gradient, every unit ends no worse
+    than calibration, and the model saves and reloads to the same outputs."""
+    x = _x(tiny_vit, calib64)
+    cfg = dict(wbits=4, abits=4, sites=sites, calibrator="minmax", reconstruct_iters=60)  # at A8 / 30 steps both blocks kept calibration
+    plain = apply(tiny_vit, QuantConfig(**cfg), x, say=lambda *_: None)
+    q = apply(tiny_vit, QuantConfig(**cfg, reconstruct_affine=True), x, say=lambda *_: None)
+    rec = quant_record(q)["reconstruction"]
+    assert rec["options"]["affine"]
+    blocks = [u for u in rec["units"] if u["kind"] == "block"]
+    assert len(blocks) == len(tiny_vit.structure.blocks)
+    for u in blocks:  # q, k, v, o, fc1, fc2 and both LayerNorms of each block
+        assert u["affine"]["weight_scales"] == 6, u
+        names = u["affine"]["floats"]
+        assert sum(n.endswith("fc2.bias") for n in names) == 1 and sum("layernorm" in n and n.endswith(".weight") for n in names) == 2, names
+    assert all(u["mse_after"] <= u["mse_before"] for u in rec["units"])
+    learned = [u for u in blocks if not u["kept_calibration"]]
+    assert learned  # else nothing below is tested
+    if sites == "graph":
+        from vitc.compress.quantize.modules import weight_quantizers
+
+        module, scales, ref_scales = q.module.graph_module, weight_quantizers(q.module), weight_quantizers(plain.module)
+        weights = {wq.target: module.get_parameter(wq.target) for wq in scales.values()}
+    else:
+        module, scales, ref_scales = q.module, weighted_layers(q.module), weighted_layers(plain.module)
+        weights = {n: l.weight for n, l in scales.items()}
+    moved = [n for n in scales if not torch.equal(scales[n].weight_scale, ref_scales[n].weight_scale)]
+    assert len(moved) >= 6, moved  # at least one block's scales were learned
+    for n, wq in scales.items():
+        w = weights[wq.target] if sites == "graph" else weights[n]
+        axis = wq.axis if sites == "graph" else 0
+        codes = w.movedim(axis, 0) / wq.weight_scale.reshape(-1, *[1] * (w.dim() - 1))
+        assert torch.allclose(codes, codes.round(), atol=1e-3), n
+    assert [n for n, p in module.named_parameters() if p.grad is not None] == []  # no gradient left behind
+    name = next(n for n in learned[0]["affine"]["floats"] if n.endswith("fc2.bias"))
+    base = plain.module.graph_module if sites == "graph" else plain.module
+    assert not torch.equal(module.get_parameter(name), base.get_parameter(name))
+    save_quantized(q, tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "q")(x[:8]), q(x[:8]))
+
+
+def test_recon_affine_is_refused_without_reconstruction():
+    with pytest.raises(VitcError, match="--recon-affine applies to block reconstruction.*--reconstruct"):
+        QuantConfig(reconstruct_affine=True).validate()
 
 
 def test_record_values_mapped_equals_in_memory_and_leaves_nothing_behind():

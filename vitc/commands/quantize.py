@@ -71,6 +71,7 @@ def quantize_cmd(
     iters: int = typer.Option(150, "--iters", help="with --reconstruct: learning steps per block"),
     iters_ramp: float = typer.Option(0.0, "--iters-ramp", help="with --reconstruct: steps growing with depth at the same total, from (1-R) to (1+R) x --iters (e.g. 0.5)"),
     recon_loss: str = typer.Option("mse", "--recon-loss", help="with --reconstruct: mse (each block's plain output error) or fisher (each element weighted by its effect on the model output; helped CLS-token heads, hurt a CLS + patch-mean head: docs/quantize.md)"),
+    recon_affine: bool = typer.Option(False, "--recon-affine", help="with --reconstruct: also learn each block's per-channel weight scales and its biases, norm affines and layer scales"),
     size_budget: Optional[float] = typer.Option(None, "--size-budget", help="with --bits auto: average weight bits, e.g. 5.0"),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="with --bits auto: the smallest model whose top-1 drop on the calibration images is at most this many points"),
     act_budget: Optional[float] = typer.Option(None, "--act-budget", help="with --bits auto --size-budget: also allocate activation bits, average at most this"),
@@ -79,6 +80,7 @@ def quantize_cmd(
     rounding: Optional[str] = typer.Option(None, "--rounding", help="weight-only (--abits 16) and graph-path weights below 8 bits: gptq (default; error compensation from the calibration images) or nearest"),
     weight_scheme: str = typer.Option("symmetric", "--weight-scheme", help="weight-only (--abits 16): symmetric int4 groups, or asymmetric (uint4 with a zero point per group)"),
     prefix_bits: int = typer.Option(0, "--prefix-bits", help="below 8-bit activations (graph path): the width of the CLS/prefix tokens' own grids (0: the activation bits)"),
+    mlp_rotation: str = typer.Option("off", "--mlp-rotation", help="graph path: rotate each post-GELU linear input (fc2) by a block-diagonal Hadamard before its grid, folded into the weights (exact in float; spreads outlier channels); off, on"),
     key_centering: str = typer.Option("auto", "--key-centering", help="graph path: shift attention keys by their per-channel centre before their grid (exact under the softmax); auto: at 4-bit activations, on, off"),
     sites: str = typer.Option("auto", "--sites", help="auto, graph (every matmul-like op in the captured graph) or modules (Linear/Conv2d swaps + family adapters)"),
     task: str = typer.Option("auto", "--task", help="auto, classify (top-1 with labels), dense (maps) or embed (vectors): how the output is compared with FP32"),
@@ -142,8 +144,9 @@ def quantize_cmd(
     config = QuantConfig(wbits=wbits or bits, abits=abits or bits, calibrator=calib, percentile=percentile, softmax=softmax,
                          gelu=gelu, scheme=scheme, granularity=granularity, ln_reparam=repq, smooth_alpha=smooth,
                          bias_correction=bias_correction, group_size=group_size, range_search=range_search,
-                         reconstruct_iters=iters if reconstruct else 0, reconstruct_ramp=iters_ramp, reconstruct_loss=recon_loss, sites=sites, prefix_bits=prefix_bits,
-                         key_centering=key_centering, weight_rounding=rounding or "gptq", weight_scheme=weight_scheme).validate()
+                         reconstruct_iters=iters if reconstruct else 0, reconstruct_ramp=iters_ramp, reconstruct_loss=recon_loss,
+                         reconstruct_affine=recon_affine, sites=sites, prefix_bits=prefix_bits,
+                         key_centering=key_centering, mlp_rotation=mlp_rotation, weight_rounding=rounding or "gptq", weight_scheme=weight_scheme).validate()
     weight_only = config.abits == 16
     if rounding is not None and not weight_only and config.wbits >= 8:
         raise VitcError(f"--rounding {rounding} applies to weight-only quantization and to weights below 8 bits",
@@ -270,7 +273,7 @@ def _recon_summary(rec: dict | None) -> dict | None:
     if not rec:
         return None
     return {"iters": rec["options"]["iters"], "iters_ramp": rec["options"].get("iters_ramp", 0.0),
-            "loss": rec["options"].get("loss", "mse"), "units": len(rec["units"]),
+            "loss": rec["options"].get("loss", "mse"), "affine": rec["options"].get("affine", False), "units": len(rec["units"]),
             "seconds": rec["seconds"], "estimate_s": rec["estimate_s"], "images": rec["images"],
             "unit_mse": [{"unit": u["unit"], "before": u["mse_before"], "after": u["mse_after"], "steps": u.get("steps"),
                           **({"output_weights": u["output_weights"]} if u.get("output_weights") else {})}
@@ -442,6 +445,7 @@ def _print(r: dict) -> None:
         rec = r["reconstruction"]
         table.add_row("reconstruction", "", f"{rec['units']} units x {rec['iters']} steps" + (f" (ramp {rec['iters_ramp']:g})" if rec['iters_ramp'] else "")
                       + (f", {rec['loss']} loss" if rec.get('loss', 'mse') != 'mse' else "")
+                      + (", affine parameters learned" if rec.get("affine") else "")
                       + f", {rec['seconds']:.0f} s (estimated {rec['estimate_s']:.0f} s)")
     console.print(table)
     if r["vit_quantizers"]:

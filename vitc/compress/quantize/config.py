@@ -66,6 +66,7 @@ class QuantConfig:
     reconstruct_iters: int = 0  # block reconstruction steps per unit after calibration (0: off)
     reconstruct_ramp: float = 0.0  # steps growing with depth at the same total (reconstruct.unit_steps)
     reconstruct_loss: str = "mse"  # mse | fisher: each unit's output error plain or weighted (reconstruct.output_weights)
+    reconstruct_affine: bool = False  # also learn the per-channel weight scales and 1-D float parameters (reconstruct.affine_groups)
     layer_bits: dict | None = None  # {layer: [wbits, abits]} from a mixed-precision allocation
     group_size: int | None = None  # weight-only (abits 16): per-group weight scales along the input
     weight_rounding: str = "gptq"  # weight-only, and graph-path Linears below 8 bits: "gptq" (error compensation) | "nearest"
@@ -85,6 +86,9 @@ class QuantConfig:
     # torch_graph.center_keys): exact, since a vector added to every key adds one constant to each row of logits,
     # which the softmax removes. "auto": at 4-bit activations, where it was measured
     key_centering: str = "auto"
+    # off | on: post-GELU linear inputs (fc2) rotated by a block-diagonal Hadamard before their grid, the rotation
+    # folded into the fc2 weights (graph path, torch_graph.rotate_gelu_inputs): exact in float, spreads outlier channels
+    mlp_rotation: str = "off"
 
     def validate(self) -> "QuantConfig":
         if self.abits == WEIGHT_ONLY_ABITS:
@@ -99,7 +103,8 @@ class QuantConfig:
                             "pass --abits 16 with --wbits 4, or drop --weight-scheme (weights with quantized activations are symmetric)")
         if self.reconstruct_iters < 0:
             raise VitcError(f"--iters {self.reconstruct_iters} is negative", "pass a positive number of steps, e.g. --iters 400")
-        for flag, asked in (("--iters-ramp", self.reconstruct_ramp), ("--recon-loss", self.reconstruct_loss != "mse")):
+        for flag, asked in (("--iters-ramp", self.reconstruct_ramp), ("--recon-loss", self.reconstruct_loss != "mse"),
+                             ("--recon-affine", self.reconstruct_affine)):
             if asked and not self.reconstruct_iters:
                 raise VitcError(f"{flag} applies to block reconstruction", f"pass --reconstruct, or drop {flag}")
         if self.reconstruct_iters:
@@ -120,7 +125,8 @@ class QuantConfig:
                    "gelu": ("auto", "uniform", "twin"), "scheme": ("auto", "per-layer", "symmetric", "asymmetric"),
                    "granularity": ("auto", "tensor"), "sites": ("auto", "graph", "modules"),
                    "range_search": ("auto", "on", "off", "mean"), "weight_rounding": ("gptq", "nearest"),
-                   "prefix_grid": ("auto", "on", "off"), "key_centering": ("auto", "on", "off")}
+                   "prefix_grid": ("auto", "on", "off"), "key_centering": ("auto", "on", "off"),
+                   "mlp_rotation": ("off", "on")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise VitcError(f"{name} '{getattr(self, name)}' is not supported", f"use one of: {', '.join(allowed)}")

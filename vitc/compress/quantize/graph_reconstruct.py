@@ -298,7 +298,7 @@ def learn_graph_unit(gm: fx.GraphModule, unit: GraphUnit, sub: fx.GraphModule, i
     acts, weights = _unit_quantizers(sub)
     weights = {t: q for t, q in weights.items() if t in originals and t not in done_weights}
     before, _ = _error(sub, inputs, targets, n, out_weights)  # the calibrated unit, before the soft rounding starts at the float weights
-    state, calibrated_codes = {}, {}
+    state, calibrated_codes, log_scales = {}, {}, {}
     for target, wq in weights.items():
         w = originals[target].movedim(wq.axis, 0).float()
         codes = _codes(_attr(gm, target), wq)
@@ -306,11 +306,19 @@ def learn_graph_unit(gm: fx.GraphModule, unit: GraphUnit, sub: fx.GraphModule, i
         floor, v = R.init_rounding_at(w, wq.weight_scale, codes)
         v = nn.Parameter(v)
         state[target] = (floor, v)
-        wq.forward = (lambda w, f=floor, v=v, q=wq: R.soft_weight(f, v, q.weight_scale, q.wbits).movedim(0, q.axis))
+        if options.affine:
+            log_scales[target] = nn.Parameter(wq.weight_scale.detach().log().clone())
+        wq.forward = (lambda w, f=floor, v=v, q=wq, ls=log_scales.get(target):
+                      R.soft_weight(f, v, ls.exp() if ls is not None else q.weight_scale, q.wbits).movedim(0, q.axis))
     scales = {t: R._learnable_act(q, options.drop_prob, options.learn_act, gen) for t, q in acts.items()}
     params_w = [v for _, v in state.values()]
     params_a = [p for p in scales.values() if p is not None]
-    snapshot = {t: _attr(gm, t).detach().clone() for t in weights} | {t: q.scale.clone() for t, q in acts.items()}
+    # the unit's own 1-D float tensors (biases, norm affines, layer scales; not those of units already learned)
+    floats = R.affine_floats({n.target: _attr(gm, n.target) for n in sub.graph.nodes if n.op == "get_attr"
+                              and n.target not in done_weights and n.target not in originals}) if options.affine else {}
+    grad_was = {t: p.requires_grad for t, p in floats.items()}
+    snapshot = ({t: _attr(gm, t).detach().clone() for t in list(weights) + list(floats)}
+                | {t: q.scale.clone() for t, q in acts.items()} | {f"{t}.weight_scale": q.weight_scale.clone() for t, q in weights.items()})
     learned = bool(params_w or params_a)
 
     def batch_loss():
@@ -318,12 +326,21 @@ def learn_graph_unit(gm: fx.GraphModule, unit: GraphUnit, sub: fx.GraphModule, i
         return _loss(list(sub(*[_pick(v, idx, n) for v in inputs])), [_pick(t, idx, n) for t in targets], out_weights)
 
     try:
+        for p in floats.values():
+            p.requires_grad_(True)
         if learned:
-            R.optimise(batch_loss, params_w, params_a, options, progress, task)
+            R.optimise(batch_loss, params_w, params_a, options, progress, task,
+                       R.affine_groups(list(log_scales.values()), list(floats.values()), options.affine_lr))
     finally:
+        for t, p in floats.items():
+            p.requires_grad_(grad_was[t])
+        for p in sub.parameters():  # what the backward passes reached (norms, tokens, learned floats)
+            p.grad = None
         for target, wq in weights.items():
             del wq.forward
             floor, v = state[target]
+            if target in log_scales:
+                wq.weight_scale = log_scales[target].detach().exp().clone()
             with torch.no_grad():
                 _attr(gm, target).copy_(R.hard_weight(floor, v.detach(), wq.weight_scale, wq.wbits).movedim(0, wq.axis))
         for t, q in acts.items():
@@ -332,8 +349,10 @@ def learn_graph_unit(gm: fx.GraphModule, unit: GraphUnit, sub: fx.GraphModule, i
     kept = after > before
     if kept:
         with torch.no_grad():
-            for t in weights:
+            for t in list(weights) + list(floats):
                 _attr(gm, t).copy_(snapshot[t])
+            for t, q in weights.items():
+                q.weight_scale = snapshot[f"{t}.weight_scale"]
             for t, q in acts.items():
                 q.scale = snapshot[t]
         outs = None
@@ -344,6 +363,8 @@ def learn_graph_unit(gm: fx.GraphModule, unit: GraphUnit, sub: fx.GraphModule, i
     record = {"unit": unit.path, "kind": unit.kind, "weights": len(weights), "activation_grids": len(acts),
               "mse_before": before, "mse_after": min(after, before), "learned_mse": after, "kept_calibration": kept,
               "codes_changed": changed, "steps": options.iters}
+    if options.affine:
+        record["affine"] = {"weight_scales": len(log_scales), "floats": sorted(floats)}
     return record, outs
 
 
@@ -448,6 +469,8 @@ def _estimate(subs, units, learnable, x, float_values, options) -> float:
             outs = subs[k](*inputs)
             sum(o.float().sum() for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point()).backward()
             step = min(step, time.perf_counter() - t)
+    for param in subs[k].parameters():  # the timing's gradients, not the model's
+        param.grad = None
     # learned rounding and step sizes roughly double a plain step (the module path's measurement);
     # each unit runs forward over all images three times (errors before and after, outputs), a
     # forward being about a third of a step

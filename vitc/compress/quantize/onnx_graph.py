@@ -730,6 +730,9 @@ def apply(backbone, config: QuantConfig | None = None, data=None, progress=None,
     from vitc.compress.quantize.ptq import calibration_tensor
 
     config = (config or QuantConfig()).validate()
+    if config.mlp_rotation == "on":
+        raise VitcError("--mlp-rotation on applies to PyTorch models (the graph path); an ONNX model's quantizer has no rotation",
+                        "drop --mlp-rotation, or quantize the PyTorch model")
     src = osrc.read(backbone.onnx_path, backbone.preprocess.input_size)
     x = calibration_tensor(data, backbone)
     model, record = quantize_model(src, config, x, threads, progress)

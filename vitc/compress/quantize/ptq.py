@@ -442,6 +442,9 @@ def apply(backbone: Backbone, config: QuantConfig | None = None, data=None, prog
         from .torch_graph import apply_graph
 
         return apply_graph(backbone, config, x, progress, reconstruct_staging, say)
+    if config.mlp_rotation == "on":
+        raise VitcError("--mlp-rotation on applies to the graph path; the module path (the zoo families' adapters) has no "
+                        "rotation", "pass --sites graph, or drop --mlp-rotation")
     if config.key_centering == "on":
         say("note: --key-centering on applies to the graph path; the module path (the zoo families' adapters) leaves "
             "the keys as they are (pass --sites graph to centre them)")
@@ -571,7 +574,7 @@ def _apply_modules(backbone: Backbone, config: QuantConfig, x: torch.Tensor, pro
         from . import reconstruct as R
 
         options = R.ReconstructOptions(iters=config.reconstruct_iters, iters_ramp=config.reconstruct_ramp,
-                                        loss=config.reconstruct_loss)
+                                        loss=config.reconstruct_loss, affine=config.reconstruct_affine)
         key = R.staging_key(backbone.source_hash or str(backbone.source), config.to_dict(), x, options)
         reconstruction = R.reconstruct(reference, module, structure, x, options, key, reconstruct_staging, progress, say)
     sqnr = layer_sqnr(reference, module, sample)

@@ -9,6 +9,9 @@ weighted layer that belongs to neither: the patch embedding, the classifier), le
   calibration;
 * the step size of every uniform activation quantizer of the unit (LSQ, on ``log s`` so that
   one learning rate fits every range; zero points stay),
+* with ``--recon-affine`` also the unit's per-channel affine parameters: each weight's per-channel
+  scale ``s`` (on ``log s``, the integer codes' base fixed) and its 1-D float parameters (biases,
+  norm affines, layer scales), each moving by the same relative amount per step (``affine_groups``),
 
 by minimising the squared error of the unit's output against the FP32 model's output of the
 same unit (``--recon-loss fisher``: each element's error weighted by how much that element moves
@@ -82,6 +85,10 @@ class ReconstructOptions:
     # "mse": BRECQ's plain squared error of each unit's output; "fisher": each element's error weighted by how
     # much it moves the model's output (output_weights), half plain and half weighted (FISHER_MIX)
     loss: str = "mse"
+    # also learn each unit's per-channel affine parameters: the weights' per-channel scales and the 1-D float
+    # parameters (biases, norm affines, layer scales); see affine_groups
+    affine: bool = False
+    affine_lr: float = 1e-3  # Adam, relative: on log weight scales, and times each float parameter's RMS
     # torch threads while learning: a step works on small tensors (16 images of one unit), where
     # threading costs more than it gains; on the shared 2-core machine a zoo ViT step took
     # 267 ms on one thread and 2,639 ms on two (load average 7.7)
@@ -514,14 +521,33 @@ def output_weights(sensitivity: torch.Tensor, mix: float = FISHER_MIX) -> torch.
     return ((1.0 - mix) + mix * s).to(sensitivity.dtype)
 
 
-def optimise(batch_loss, params_w: list, params_a: list, options: ReconstructOptions, progress=None, task=None) -> None:
+def affine_groups(log_scales: list, floats: list, lr: float) -> list[dict]:
+    """Adam parameter groups for a unit's affine parameters (``--recon-affine``): the log per-channel weight
+    scales at ``lr``, and each 1-D float parameter (bias, norm weight or bias, layer scale) at ``lr`` times its
+    own RMS, so that a LayerScale of 1e-2 and a LayerNorm weight of 1 move by the same share per step."""
+    groups = [{"params": log_scales, "lr": lr}] if log_scales else []
+    for p in floats:
+        rms = float(p.detach().pow(2).mean().sqrt())
+        groups.append({"params": [p], "lr": lr * max(rms, 1e-6)})
+    return groups
+
+
+def affine_floats(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The 1-D floating-point tensors among ``tensors`` (a unit's parameters): what ``--recon-affine`` learns besides
+    the weight scales."""
+    return {n: t for n, t in tensors.items() if t.dim() == 1 and t.is_floating_point()}
+
+
+def optimise(batch_loss, params_w: list, params_a: list, options: ReconstructOptions, progress=None, task=None,
+             groups_f: list | None = None) -> None:
     """The learning loop of both paths: ``batch_loss()`` is the unit's loss on one sampled batch;
     Adam on the rounding variables (plus the annealed rounding regulariser after the warm-up),
-    Adam with a cosine schedule on the log step sizes."""
+    Adam with a cosine schedule on the log step sizes and on the affine parameters (``groups_f``)."""
     opt_w = torch.optim.Adam(params_w, lr=options.weight_lr) if params_w else None
     opt_a = torch.optim.Adam(params_a, lr=options.act_lr) if params_a else None
-    sched_a = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, options.iters, eta_min=0.0) if opt_a else None
-    opts = [o for o in (opt_w, opt_a) if o is not None]
+    opt_f = torch.optim.Adam(groups_f) if groups_f else None
+    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, options.iters, eta_min=0.0) for o in (opt_a, opt_f) if o is not None]
+    opts = [o for o in (opt_w, opt_a, opt_f) if o is not None]
     with torch.enable_grad():
         for step in range(options.iters):
             loss = batch_loss()
@@ -533,8 +559,8 @@ def optimise(batch_loss, params_w: list, params_a: list, options: ReconstructOpt
             loss.backward()
             for o in opts:
                 o.step()
-            if sched_a is not None:
-                sched_a.step()
+            for sched in scheds:
+                sched.step()
             if progress is not None and task is not None:
                 progress.advance(task)
 
@@ -551,7 +577,7 @@ def learn_unit(module: nn.Module, unit: Unit, reference: nn.Module, quant_in: Ca
     ref_layers = {n: reference.get_submodule(n) for n in unit.layers}
     # the calibrated unit's error, before the soft rounding starts at the float weights
     before, _ = _unit_error(unit_module, quant_in, target, {}, options, weight=weight)
-    state = {}
+    state, log_scales = {}, {}
     for name, layer in layers.items():
         w = ref_layers[name].weight.detach().float()
         floor, v = init_rounding(w, layer.weight_scale)
@@ -560,11 +586,16 @@ def learn_unit(module: nn.Module, unit: Unit, reference: nn.Module, quant_in: Ca
         if options.float_bias and ref_layers[name].bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(ref_layers[name].bias.detach())
-        layer._weight = (lambda f=floor, v=v, l=layer: soft_weight(f, v, l.weight_scale, l.wbits))
+        if options.affine:
+            log_scales[name] = nn.Parameter(layer.weight_scale.detach().log().clone())
+        layer._weight = (lambda f=floor, v=v, l=layer, ls=log_scales.get(name):
+                         soft_weight(f, v, ls.exp() if ls is not None else l.weight_scale, l.wbits))
     acts = {n: q for n, q in act_quantizers(unit_module).items()}
     scales = {n: _learnable_act(q, options.drop_prob, options.learn_act, gen) for n, q in acts.items()}
     params_w = [v for _, v in state.values()]
     params_a = [p for p in scales.values() if p is not None]
+    floats = affine_floats({f"{unit.path}.{n}": p for n, p in unit_module.named_parameters()}) if options.affine else {}
+    grad_was = {n: p.requires_grad for n, p in floats.items()}
     # the calibrated state, kept when learning does not lower the unit's error on the calibration images
     snapshot = {k: v.detach().clone() for k, v in unit_module.state_dict().items()}
     n = quant_in.n
@@ -575,11 +606,20 @@ def learn_unit(module: nn.Module, unit: Unit, reference: nn.Module, quant_in: Ca
         return _unit_loss(first_tensor(unit_module(*args, **kwargs)), target[idx], weight)
 
     try:
-        optimise(batch_loss, params_w, params_a, options, progress, task)
+        for p in floats.values():
+            p.requires_grad_(True)
+        optimise(batch_loss, params_w, params_a, options, progress, task,
+                 affine_groups(list(log_scales.values()), list(floats.values()), options.affine_lr))
     finally:
+        for name, p in floats.items():
+            p.requires_grad_(grad_was[name])
+        for p in unit_module.parameters():  # what the backward passes reached (norms, tokens, learned floats)
+            p.grad = None
         for name, layer in layers.items():
             del layer._weight
             floor, v = state[name]
+            if name in log_scales:
+                layer.weight_scale = log_scales[name].detach().exp().clone()
             with torch.no_grad():
                 layer.weight.copy_(hard_weight(floor, v.detach(), layer.weight_scale, layer.wbits))
         for name, q in acts.items():
@@ -595,6 +635,8 @@ def learn_unit(module: nn.Module, unit: Unit, reference: nn.Module, quant_in: Ca
     record = {"unit": unit.path, "kind": unit.kind, "layers": len(unit.layers), "mse_before": before, "mse_after": min(after, before),
               "learned_mse": after, "kept_calibration": kept, "rounding_changed_from_nearest": 0 if kept else flips,
               "steps": options.iters}
+    if options.affine:
+        record["affine"] = {"weight_scales": len(log_scales), "floats": sorted(floats)}
     return (record, outputs) if keep_outputs else record
 
 
@@ -639,6 +681,8 @@ def estimate_seconds(module: nn.Module, x: torch.Tensor, units: list[Unit], opti
         t = time.perf_counter()
         first_tensor(module(xb)).sum().backward()
         step = time.perf_counter() - t
+    for param in module.parameters():  # the timing's gradients, not the model's
+        param.grad = None
     t = time.perf_counter()
     module(x[:64])
     fwd = (time.perf_counter() - t) * x.shape[0] / min(64, x.shape[0])

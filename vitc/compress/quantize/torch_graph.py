@@ -677,16 +677,20 @@ def _smoothable_inputs(gm: fx.GraphModule, installed: dict) -> dict[str, list[fx
     return by_key
 
 
-def _insert_before_quantizer(gm: fx.GraphModule, installed: dict, key: str, op, buffer: str, value: torch.Tensor) -> str:
-    """Put ``op(x, value)`` between activation ``key`` and its quantizer, ``value`` a buffer of the quant
-    root named ``buffer``; the quantizer is re-keyed to the new node. Returns its name."""
+def _insert_before_quantizer(gm: fx.GraphModule, installed: dict, key: str, buffer: str, value: torch.Tensor, build) -> str:
+    """Put ``build(graph, x, c)`` (the ops it adds; ``c`` the node reading ``value``, a buffer of the quant root
+    named ``buffer``) between activation ``key`` and its quantizer; the quantizer is re-keyed to the value
+    ``build`` returns, of ``x``'s shape. Returns its name."""
     root = quant_root(gm)
     root.register_buffer(buffer, value.detach().float().clone())
     src = next(n for n in gm.graph.nodes if n.name == key)
     qnode = next(u for u in src.users if u.op == "call_module" and u.target == f"{QUANT_ROOT}.a_{_safe(key)}")
+    old = set(gm.graph.nodes)
     with gm.graph.inserting_before(qnode):
-        new = gm.graph.call_function(op, (src, gm.graph.get_attr(f"{QUANT_ROOT}.{buffer}")))
-    new.meta["nn_module_stack"] = src.meta.get("nn_module_stack", {})
+        new = build(gm.graph, src, gm.graph.get_attr(f"{QUANT_ROOT}.{buffer}"))
+    for n in gm.graph.nodes:
+        if n not in old and n.op == "call_function":
+            n.meta["nn_module_stack"] = src.meta.get("nn_module_stack", {})
     new.meta["val"] = src.meta.get("val")
     qnode.args = (new,)
     installed["act"][new.name] = installed["act"].pop(key)
@@ -696,12 +700,72 @@ def _insert_before_quantizer(gm: fx.GraphModule, installed: dict, key: str, op, 
 
 def insert_input_scale(gm: fx.GraphModule, installed: dict, key: str, inv_scale: torch.Tensor) -> str:
     """Put ``x * inv_scale`` (per channel, last axis) between activation ``key`` and its quantizer."""
-    return _insert_before_quantizer(gm, installed, key, aten.mul.Tensor, f"s_{_safe(key)}", inv_scale)
+    return _insert_before_quantizer(gm, installed, key, f"s_{_safe(key)}", inv_scale,
+                                    lambda g, x, c: g.call_function(aten.mul.Tensor, (x, c)))
 
 
 def insert_key_shift(gm: fx.GraphModule, installed: dict, key: str, centre: torch.Tensor) -> str:
     """Put ``x - centre`` (broadcast) between activation ``key`` and its quantizer."""
-    return _insert_before_quantizer(gm, installed, key, aten.sub.Tensor, f"c_{_safe(key)}", centre)
+    return _insert_before_quantizer(gm, installed, key, f"c_{_safe(key)}", centre,
+                                    lambda g, x, c: g.call_function(aten.sub.Tensor, (x, c)))
+
+
+# channels per rotation block: a block-diagonal Hadamard of 64 mixes each channel with 63 others, enough to
+# spread the post-GELU outlier channels of the real ViT-S (16 images, fc2 inputs, 4-bit per-tensor asymmetric
+# grid with its best clipping: relative squared error 0.03-0.47 per block unrotated, 0.015-0.045 with 64-wide
+# blocks, 0.022-0.069 with 512-wide ones), at a sixth of fc2's multiply-adds (d x 64 against d x d/4 per token)
+ROTATION_BLOCK = 64
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """The n x n Sylvester Hadamard matrix over sqrt(n): orthonormal and symmetric (its own inverse); n a power of 2."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Sylvester Hadamard matrix needs a power of 2, not {n}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(n)
+
+
+def insert_rotation(gm: fx.GraphModule, installed: dict, key: str, block: int, users: list[fx.Node] | None = None) -> str:
+    """Rotate activation ``key`` by a block-diagonal Hadamard in front of its quantizer: ``x`` split into blocks of
+    ``block`` channels, each times ``H`` (``unflatten -> matmul -> flatten``, float ops every exporter writes).
+    With ``users`` (its linear consumers), each one's weight becomes ``W H`` on the same blocks, so that
+    ``(x H)(W H)^T = x W^T`` exactly (``H H^T = I``); without, the saved state already holds those weights
+    (a rebuild). The quantizer is re-keyed to the rotated value. Returns its name."""
+    h = hadamard(block)
+    channels = _input_channels(gm, installed, key)
+    for u in users or []:
+        w = _attr(gm, u.args[1].args[0]).detach()
+        _set_param(gm, u.args[1].args[0].target, (w.reshape(w.shape[0], -1, block) @ h).reshape(w.shape))
+
+    def rotate(g: fx.Graph, x: fx.Node, c: fx.Node) -> fx.Node:
+        blocks = g.call_function(aten.unflatten.int, (x, -1, [channels // block, block]))
+        return g.call_function(aten.flatten.using_ints, (g.call_function(aten.matmul.default, (blocks, c)), -2, -1))
+
+    return _insert_before_quantizer(gm, installed, key, f"h_{_safe(key)}", h, rotate)
+
+
+def rotate_gelu_inputs(gm: fx.GraphModule, installed: dict, block: int = ROTATION_BLOCK) -> dict[str, int]:
+    """``--mlp-rotation on``: every post-GELU linear input (the MLP's second linear) that only linears with weights
+    of their own read, and whose width ``block`` divides, rotated by ``insert_rotation`` (QuaRot's online Hadamard
+    on the down projection: a GELU sits between the two linears, so the rotation cannot fold into the first).
+    Its grid becomes a plain uniform one (the rotated values are no longer GELU-shaped). Returns {the GELU
+    output's name: block}, what a rebuild inserts again (in the same order, so the new nodes get the same names)."""
+    done = {}
+    for key, users in _smoothable_inputs(gm, installed).items():
+        src = next(n for n in gm.graph.nodes if n.name == key)
+        if producer_pattern(src) != "post-gelu":
+            continue
+        weights = [_attr(gm, u.args[1].args[0]) for u in users]
+        if any(w.dim() != 2 or w.shape[1] % block for w in weights):
+            continue
+        q = installed["act"][key]
+        insert_rotation(gm, installed, key, block, users)
+        if q.kind == "twin":
+            q.kind = "uniform"
+        done[key] = block
+    return done
 
 
 def _logits_reach_softmax(node: fx.Node) -> bool:
@@ -1143,6 +1207,7 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
         if lowered:
             say(f"mixed precision: {len(lowered)} layers read an input another layer quantizes narrower, and run at that width "
                 f"({', '.join(lowered[:4])}{', ...' if len(lowered) > 4 else ''})")
+    rotated = rotate_gelu_inputs(gm, installed) if config.mlp_rotation == "on" else {}
     for key, q in installed["act"].items():
         q.observer = obs.Observer(key, channel_axis=q.channel_axis)
     from .ptq import _run_all
@@ -1218,7 +1283,8 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
         # the caller's threads, unlike the module path's one: a unit of zoo:dinov2s-c10 (257 tokens,
         # width 384) learned 30 steps in 13 s on both cores of this machine
         options = R.ReconstructOptions(iters=config.reconstruct_iters, iters_ramp=config.reconstruct_ramp,
-                                        threads=torch.get_num_threads(), loss=config.reconstruct_loss)
+                                        threads=torch.get_num_threads(), loss=config.reconstruct_loss,
+                                        affine=config.reconstruct_affine)
         key = R.staging_key(backbone.source_hash or str(backbone.source), config.to_dict(), x, options)
         reconstruction = GR.reconstruct_graph(gm, units, x, float_values, originals, options, key, reconstruct_staging,
                                               progress, say, state_owner=captured, sensitivity=sensitivity)
@@ -1236,13 +1302,14 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
         "calibration_s": round(time.perf_counter() - start, 3),
         "plan": {"capture": CAPTURE, "folded_bn": folded, "reparameterised_norms": norms, "norms_kept_plain": kept,
                  "smooth_alpha": config.smooth_alpha, "smoothed_inputs": smoothed, "centered_keys": centered,
+                 "rotated_inputs": rotated,
                  "bias_added": sorted(set(_norm_biases(gm)) | set(biased)), "attention": [], "ends_8bit": [],
                  "prefix_grids": sorted(split), "gptq_weights": sorted(gptq_targets)},
         "quant_plan": plan.to_dict(),
         "coverage": plan.coverage(),
         "layers": site_specs(plan),
         "scheme_choice": {},
-        "vit_quantizers": pattern_summary(plan, norms, config, len(split), len(gptq_targets)),
+        "vit_quantizers": pattern_summary(plan, norms, config, len(split), len(gptq_targets), len(rotated)),
         "range_widening": widening,
         "sqnr_db": sqnr,
     }
@@ -1276,7 +1343,7 @@ def _norm_biases(gm: fx.GraphModule) -> list[str]:
 
 
 def pattern_summary(plan: QuantPlan, norms: list[str], config: QuantConfig, prefix_grids: int = 0,
-                    gptq_weights: int = 0) -> dict:
+                    gptq_weights: int = 0, rotated: int = 0) -> dict:
     kinds: dict[str, dict[str, int]] = {}
     for s in plan.sites:
         for q in s.inputs:
@@ -1288,6 +1355,8 @@ def pattern_summary(plan: QuantPlan, norms: list[str], config: QuantConfig, pref
         alpha = config.smooth_alpha
         how = "+".join(([f"smoothquant(alpha={alpha})"] if alpha else []) + (["repq"] if config.ln_reparam else [])) or "per-tensor"
         out["post-layernorm"] += f"; {how} on {len(norms)} norms"
+    if rotated and "post-gelu" in out:
+        out["post-gelu"] += f"; hadamard-rotated on {rotated}"
     if prefix_grids:
         out["prefix_token_grids"] = prefix_grids
         widths = sorted({q.prefix_bits or q.bits for s in plan.sites for q in s.inputs if q.prefix_tokens})
@@ -1307,6 +1376,8 @@ def rebuild(base_module: nn.Module, example: torch.Tensor, record: dict) -> Capt
     add_biases(gm, [n for n in record["plan"]["bias_added"] if n not in record["plan"]["folded_bn"]])
     plan = QuantPlan.from_dict(record["quant_plan"])
     installed = install(gm, plan)
+    for key, block in record["plan"].get("rotated_inputs", {}).items():  # the saved state holds the rotated weights
+        insert_rotation(gm, installed, key, block)
     for key in record["plan"].get("smoothed_inputs", []):  # the saved state holds the scales
         insert_input_scale(gm, installed, key, torch.ones(_input_channels(gm, installed, key)))
     for key, shape in record["plan"].get("centered_keys", {}).items():  # the saved state holds the centres
