@@ -713,7 +713,8 @@ def insert_key_shift(gm: fx.GraphModule, installed: dict, key: str, centre: torc
 # channels per rotation block: a block-diagonal Hadamard of 64 mixes each channel with 63 others, enough to
 # spread the post-GELU outlier channels of the real ViT-S (16 images, fc2 inputs, 4-bit per-tensor asymmetric
 # grid with its best clipping: relative squared error 0.03-0.47 per block unrotated, 0.015-0.045 with 64-wide
-# blocks, 0.022-0.069 with 512-wide ones), at a sixth of fc2's multiply-adds (d x 64 against d x d/4 per token)
+# blocks, 0.022-0.069 with 512-wide ones; benchmarks/gelu_rotation_error.py), at a sixth of fc2's multiply-adds
+# (d x 64 against d x d/4 per token)
 ROTATION_BLOCK = 64
 
 
