@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -1219,6 +1220,100 @@ def test_mlp_rotation_is_refused_where_it_is_not_built(tiny_vit, calib64):
         apply(tiny_vit, QuantConfig(sites="modules", mlp_rotation="on"), _x(tiny_vit, calib64)[:16])
     with pytest.raises(VitcError, match="mlp_rotation 'auto' is not supported"):
         QuantConfig(mlp_rotation="auto").validate()
+
+
+def _graph_installed(module, x):
+    from vitc.compress.quantize import torch_graph as TG
+
+    captured = TG.capture(__import__("copy").deepcopy(module).eval(), x[:2])
+    gm = captured.graph_module
+    TG.decompose_sdpa(gm)
+    TG.shape_prop(gm, x[:1])
+    return captured, TG.install(gm, TG.find_sites(gm, QuantConfig(wbits=4, abits=4)))
+
+
+def test_value_reparam_finds_the_value_channels_folds_exactly_and_reloads(tiny_vit, calib64, tmp_path):
+    """--value-reparam on (graph path): each attention's output projection input (softmax @ V) gets RepQ-ViT's
+    per-channel affine map, folded into the value projection's rows and the output projection, so the float
+    model is unchanged and one per-tensor grid fits the channels. The value channel behind each input channel
+    is found by running the model (separate q/k/v projections, and a fused qkv with a head split); a model whose
+    V is also read elsewhere keeps its weights (the fold would change that reader)."""
+    from vitc.compress.quantize import torch_graph as TG
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import generality_prune_models as gpm
+    from vitc.models.intake import load_model
+
+    x = _x(tiny_vit, calib64)
+    captured, installed = _graph_installed(tiny_vit.module, x)
+    done = TG.reparam_values(captured, installed, x[:32])
+    blocks = len(tiny_vit.structure.blocks)
+    assert len(done) == blocks and {d["channels"] for d in done.values()} == {64}
+    with torch.no_grad():
+        assert torch.allclose(captured(x[32:48]), tiny_vit.module(x[32:48]), atol=1e-4)
+        sites = TG.value_reparam_sites(captured.graph_module, installed)
+        for key in done:  # every V channel now spans the same range, and the projection input's channels lie inside it
+            seen = {}
+            hook = captured.graph_module.get_submodule(sites[key]["v_quantizer"]).register_forward_hook(
+                lambda m, inp, out: seen.__setitem__("v", inp[0].detach()))
+            ranges = TG.ChannelRanges(captured.graph_module, [key])
+            captured(x[:32])
+            ranges.remove()
+            hook.remove()
+            v = seen["v"]  # (images, heads, tokens, head width)
+            lo, hi = v.amin((0, 2)).clamp_max(0), v.amax((0, 2)).clamp_min(0)
+            assert float((hi - lo).std() / (hi - lo).mean()) < 0.02
+            assert float(ranges.lo[key].min()) >= float(lo.min()) - 1e-4 and float(ranges.hi[key].max()) <= float(hi.max()) + 1e-4
+
+    fused = load_model("generality_prune_models:fused_vit")
+    xf = _x(fused, calib64)
+    captured, installed = _graph_installed(fused.module, xf)
+    sites = TG.value_reparam_sites(captured.graph_module, installed)
+    assert len(sites) == 2
+    dim = 128
+    for key, site in sites.items():  # V is the last third of the fused projection's rows, in head order
+        TG.ensure_bias(captured.graph_module, site["linear"])
+        captured.graph_module.recompile()
+        assert torch.equal(TG._value_channels(captured, key, site["linear"], xf[:2])[0], torch.arange(2 * dim, 3 * dim))
+    assert len(TG.reparam_values(captured, installed, xf[:32])) == 2
+    with torch.no_grad():
+        assert torch.allclose(captured(xf[32:48]), fused.module(xf[32:48]), atol=1e-4)
+
+    class VReadTwice(gpm.FusedAttention):  # V also added to the output: no fold is exact for that reader
+        def forward(self, x):
+            b, n, _ = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            out = (((q @ k.transpose(-2, -1)) * self.head_dim ** -0.5).softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1)
+            return self.proj(out) + v.transpose(1, 2).reshape(b, n, -1)
+
+    torch.manual_seed(0)
+    twice = gpm.FusedViT()
+    for blk in twice.blocks:
+        old = blk.attn
+        blk.attn = VReadTwice(128, 4)
+        blk.attn.load_state_dict(old.state_dict())
+    captured, installed = _graph_installed(twice.eval(), xf)
+    assert len(TG.value_reparam_sites(captured.graph_module, installed)) == 2  # candidates by structure ...
+    assert TG.reparam_values(captured, installed, xf[:32]) == {}  # ... each put back by the exactness check
+    with torch.no_grad():
+        assert torch.allclose(captured(xf[32:48]), twice(xf[32:48]), atol=1e-5)
+
+    low = dict(wbits=4, abits=4, sites="graph", calibrator="minmax", range_search="off")
+    q = apply(tiny_vit, QuantConfig(**low, value_reparam="on"), x[:32])
+    rec = quant_record(q)
+    assert len(rec["plan"]["reparameterised_values"]) == blocks
+    assert rec["vit_quantizers"]["attention_output"] == f"repq through the value projection on {blocks}"
+    assert not quant_record(apply(tiny_vit, QuantConfig(**low), x[:32]))["plan"]["reparameterised_values"]
+    save_quantized(q, tmp_path / "q4")
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "q4")(x[32:48]), q(x[32:48]))
+
+
+def test_value_reparam_is_refused_where_it_is_not_built(tiny_vit, calib64):
+    with pytest.raises(VitcError, match="--value-reparam on applies to the graph path.*--sites graph"):
+        apply(tiny_vit, QuantConfig(sites="modules", value_reparam="on"), _x(tiny_vit, calib64)[:16])
+    with pytest.raises(VitcError, match="value_reparam 'auto' is not supported"):
+        QuantConfig(value_reparam="auto").validate()
 
 
 def test_key_centring_on_the_module_path_is_said_not_done(tiny_vit, calib64):

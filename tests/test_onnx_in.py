@@ -257,6 +257,20 @@ def test_bad_onnx_files_are_refused_in_one_line(case, command, tmp_path, capsys)
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flags,message", [(["--mlp-rotation", "on"], "--mlp-rotation on applies to PyTorch models"),
+                                           (["--value-reparam", "on"], "--value-reparam on applies to PyTorch models"),
+                                           (["--reconstruct"], "--reconstruct applies to PyTorch models")])
+def test_pytorch_only_options_are_refused_for_onnx_models(vit_onnx, flags, message, tmp_path, capsys):
+    """The ONNX backend has no rotation, value reparameterisation or reconstruction: asked on an .onnx file, the
+    command says so in one line before calibrating (it used to quantize without them)."""
+    out = tmp_path / "out"
+    code = run(["quantize", "-m", str(vit_onnx), *flags, "-o", str(out), "--calib-size", "8"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert message in err and f"drop {flags[0]}" in err
+    assert not out.exists()
+
+
 def test_dynamic_spatial_axes_work_with_input_size(tmp_path):
     src = _dense_model(tmp_path / "dyn.onnx", spatial=("h", "w"))
     out = tmp_path / "r.json"

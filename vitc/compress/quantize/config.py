@@ -89,6 +89,10 @@ class QuantConfig:
     # off | on: post-GELU linear inputs (fc2) rotated by a block-diagonal Hadamard before their grid, the rotation
     # folded into the fc2 weights (graph path, torch_graph.rotate_gelu_inputs): exact in float, spreads outlier channels
     mlp_rotation: str = "off"
+    # off | on: RepQ-ViT's per-channel -> per-tensor reparameterisation for the attention's output projection input
+    # (softmax @ V), folded through the value projection and into the output projection (graph path,
+    # torch_graph.reparam_values): exact in float, no op added
+    value_reparam: str = "off"
 
     def validate(self) -> "QuantConfig":
         if self.abits == WEIGHT_ONLY_ABITS:
@@ -126,7 +130,7 @@ class QuantConfig:
                    "granularity": ("auto", "tensor"), "sites": ("auto", "graph", "modules"),
                    "range_search": ("auto", "on", "off", "mean"), "weight_rounding": ("gptq", "nearest"),
                    "prefix_grid": ("auto", "on", "off"), "key_centering": ("auto", "on", "off"),
-                   "mlp_rotation": ("off", "on")}
+                   "mlp_rotation": ("off", "on"), "value_reparam": ("off", "on")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise VitcError(f"{name} '{getattr(self, name)}' is not supported", f"use one of: {', '.join(allowed)}")

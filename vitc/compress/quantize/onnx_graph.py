@@ -577,6 +577,14 @@ def drop_lossy_probs_v(plan: QuantPlan, specs: list[SiteSpec], grids: dict, obse
 
 
 def _check_config(config: QuantConfig) -> None:
+    if config.reconstruct_iters:
+        raise VitcError("--reconstruct applies to PyTorch models; the ONNX backend calibrates only",
+                        "drop --reconstruct, or quantize the PyTorch model")
+    for flag, asked, what in (("--mlp-rotation", config.mlp_rotation, "rotation"),
+                              ("--value-reparam", config.value_reparam, "value reparameterisation")):
+        if asked == "on":
+            raise VitcError(f"{flag} on applies to PyTorch models (the graph path); an ONNX model's quantizer has no {what}",
+                            f"drop {flag}, or quantize the PyTorch model")
     if config.wbits != 8 or config.abits != 8:
         raise VitcError(f"the ONNX backend writes int8 Q/DQ graphs; W{config.wbits}A{config.abits} has no ONNX integer type",
                         "use --bits 8 on an ONNX file, or quantize the PyTorch model for lower bit widths")
@@ -730,9 +738,6 @@ def apply(backbone, config: QuantConfig | None = None, data=None, progress=None,
     from vitc.compress.quantize.ptq import calibration_tensor
 
     config = (config or QuantConfig()).validate()
-    if config.mlp_rotation == "on":
-        raise VitcError("--mlp-rotation on applies to PyTorch models (the graph path); an ONNX model's quantizer has no rotation",
-                        "drop --mlp-rotation, or quantize the PyTorch model")
     src = osrc.read(backbone.onnx_path, backbone.preprocess.input_size)
     x = calibration_tensor(data, backbone)
     model, record = quantize_model(src, config, x, threads, progress)

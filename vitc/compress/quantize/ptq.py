@@ -442,9 +442,11 @@ def apply(backbone: Backbone, config: QuantConfig | None = None, data=None, prog
         from .torch_graph import apply_graph
 
         return apply_graph(backbone, config, x, progress, reconstruct_staging, say)
-    if config.mlp_rotation == "on":
-        raise VitcError("--mlp-rotation on applies to the graph path; the module path (the zoo families' adapters) has no "
-                        "rotation", "pass --sites graph, or drop --mlp-rotation")
+    for flag, asked, what in (("--mlp-rotation", config.mlp_rotation, "rotation"),
+                              ("--value-reparam", config.value_reparam, "value reparameterisation")):
+        if asked == "on":
+            raise VitcError(f"{flag} on applies to the graph path; the module path (the zoo families' adapters) has no "
+                            f"{what}", f"pass --sites graph, or drop {flag}")
     if config.key_centering == "on":
         say("note: --key-centering on applies to the graph path; the module path (the zoo families' adapters) leaves "
             "the keys as they are (pass --sites graph to centre them)")

@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import linecache
 import math
+import operator
 import re
 import time
 import traceback
@@ -769,6 +770,161 @@ def rotate_gelu_inputs(gm: fx.GraphModule, installed: dict, block: int = ROTATIO
     return done
 
 
+# ops a channel index is carried through unchanged by (values moved, split or viewed, never mixed), on the way from a
+# value projection to its attention's probs @ V, and from there to the output projection
+_INDEX_OPS = PASS_THROUGH | {operator.getitem, aten.unbind.int, aten.split.Tensor, aten.split_with_sizes.default,
+                             aten.chunk.default}
+
+
+def _chain_back(node) -> list[fx.Node]:
+    """``[origin, ..., node]``: ``node`` traced back through ``_INDEX_OPS`` and activation quantizers (identities
+    before calibration) to the first op that is neither, ``origin``."""
+    chain = [node]
+    while isinstance(node, fx.Node) and len(chain) < 16:
+        is_quantizer = node.op == "call_module" and str(node.target).startswith(f"{QUANT_ROOT}.a_")
+        if not (is_quantizer or (node.op == "call_function" and node.target in _INDEX_OPS)) or not node.args:
+            break
+        node = node.args[0]
+        chain.append(node)
+    return chain[::-1]
+
+
+def _value_channels(captured: nn.Module, key: str, lin: fx.Node, probe: torch.Tensor,
+                    v_quantizer: str | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """For each channel of activation ``key`` (the output projection's input, ``P @ V``), the output channel of
+    ``lin`` (the value projection) it carries, or None unless each carries exactly one. Found by running the model
+    once with ``lin`` emitting its channel number ``j + 1`` at every token (weight 0, bias ``j + 1``): softmax rows sum
+    to 1, so ``P @ V`` then holds, at every position, the number of the value channel behind it, whatever the
+    reshapes, head splits or fused q/k/v layout in between. Returns (those channels, and with ``v_quantizer`` (the
+    V operand's quantizer) the value channel of each element of V on that image, or None)."""
+    gm = captured.graph_module
+    weight = lin.args[1].args[0] if lin.args[1].op == "call_module" else lin.args[1]
+    w, b = _attr(gm, weight).detach().clone(), _attr(gm, lin.args[2]).detach().clone()
+    seen = {}
+    hooks = [gm.get_submodule(f"{QUANT_ROOT}.a_{_safe(key)}").register_forward_hook(
+        lambda mod, inp, out: seen.setdefault("y", inp[0].detach().reshape(-1, inp[0].shape[-1])))]
+    if v_quantizer is not None:
+        hooks.append(gm.get_submodule(v_quantizer).register_forward_hook(
+            lambda mod, inp, out: seen.setdefault("v", inp[0].detach().clone())))
+    try:
+        _set_param(gm, weight.target, torch.zeros_like(w))
+        _set_param(gm, lin.args[2].target, torch.arange(1, b.numel() + 1, dtype=b.dtype))
+        with torch.no_grad():
+            captured(probe[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+        _set_param(gm, weight.target, w)
+        _set_param(gm, lin.args[2].target, b)
+    y, v = seen.get("y"), seen.get("v")
+    if y is None or not torch.allclose(y, y[:1].expand_as(y), atol=1e-3, rtol=0):
+        return None, None
+    channels = y[0].double().round()
+    if (y[0].double() - channels).abs().max() > 1e-3 or channels.min() < 1 or channels.unique().numel() != channels.numel():
+        return None, None
+    if v is not None and (v - v.round()).abs().max() <= 1e-3 and v.min() >= 1:
+        v = v.round().long() - 1
+    else:
+        v = None
+    return channels.long() - 1, v
+
+
+def value_reparam_sites(gm: fx.GraphModule, installed: dict) -> dict[str, dict]:
+    """``--value-reparam``'s candidate sites: {output projection input key: {"linear": the value projection's node,
+    "users": the output projection(s), "v_quantizer": V's quantizer or None}} for every quantized linear input that only linears with their own weights
+    read and that is ``softmax(...) @ V`` through ops that move values without mixing them, ``V`` from a linear with
+    its own weight and bias (a fused q/k/v projection too). ``_value_channels`` then maps the channels."""
+    sites = {}
+    for key, users in _smoothable_inputs(gm, installed).items():
+        src = next(n for n in gm.graph.nodes if n.name == key)
+        out_chain = _chain_back(src)
+        mm = out_chain[0]
+        if mm.op != "call_function" or mm.target not in (aten.matmul.default, aten.bmm.default):
+            continue
+        if any(len(n.users) != 1 for n in out_chain[:-1]):
+            continue  # probs @ V read elsewhere too: rescaling V would change that reader
+        probs = _chain_back(mm.args[0])[0]
+        if probs.op != "call_function" or probs.target not in SOFTMAX or _meta_shape(probs) is None or \
+                probs.args[1] not in (-1, len(_meta_shape(probs)) - 1):
+            continue  # the shift needs rows that sum to 1 over the keys
+        v_chain = _chain_back(mm.args[1])
+        lin = v_chain[0]
+        if lin.op != "call_function" or lin.target not in LINEAR:
+            continue
+        weight = lin.args[1].args[0] if lin.args[1].op == "call_module" else lin.args[1]
+        if weight.op != "get_attr" or len(weight.users) != 1:
+            continue
+        bias = lin.args[2] if len(lin.args) > 2 else None
+        if isinstance(bias, fx.Node) and (bias.op != "get_attr" or len(bias.users) != 1):
+            continue
+        v_quantizer = next((str(n.target) for n in v_chain if n.op == "call_module"), None)
+        sites[key] = {"linear": lin, "users": users, "v_quantizer": v_quantizer}
+    return sites
+
+
+def reparam_values(captured: nn.Module, installed: dict, x: torch.Tensor, progress=None, task=None) -> dict[str, dict]:
+    """``--value-reparam on``: RepQ-ViT's per-channel -> per-tensor reparameterisation, done for the attention's value
+    path. Each value channel ``c`` becomes ``(v_c + t_c) / r_c`` (``reparam.repq_factors`` on its range over ``x``)
+    through the value projection's weight row and bias; ``P @ V`` (``P``'s softmax rows sum to 1) carries the same
+    map to the output projection's input, which the output projection undoes (``W r``, ``b - W t``): exact in float,
+    no op added, the export unchanged. The ranges are V's, not the projection input's: the input's channels are
+    averages of V's and lie inside their ranges, so one grid fits both, whereas a map from the input's narrower
+    ranges widens V's grid (on the real ViT-S, a 4-bit grid's error on V rose in 6 of 10 blocks;
+    ``benchmarks/value_reparam_error.py``). Without a quantized V operand the input's own ranges are used. The fold
+    is checked on two images (the model's output unchanged, or the site is put back: something else reads V).
+    Returns {key: {"linear": the value projection, "channels": n, "ranges": "V" or "input"}}."""
+    gm = captured.graph_module
+    probe = x[:2]
+    sites = {}
+    for key, site in value_reparam_sites(gm, installed).items():
+        for n in [site["linear"], *site["users"]]:
+            ensure_bias(gm, n)
+        gm.recompile()
+        channels, v_index = _value_channels(captured, key, site["linear"], probe, site["v_quantizer"])
+        if channels is not None:
+            sites[key] = {**site, "channels": channels, "v_index": v_index}
+    if not sites:
+        return {}
+    out_ranges = ChannelRanges(gm, [k for k, s in sites.items() if s["v_index"] is None])
+    v_ranges = ValueRanges(gm, {k: (s["v_quantizer"], s["v_index"], int(_meta_shape(s["linear"])[-1]))
+                                for k, s in sites.items() if s["v_index"] is not None})
+    from .ptq import _run_all
+
+    try:
+        _run_all(captured, x, progress, task)
+    finally:
+        out_ranges.remove()
+        v_ranges.remove()
+    before = range_search.model_outputs(captured, probe)
+    done = {}
+    for key, site in sites.items():
+        lin, users, channels = site["linear"], site["users"], site["channels"]
+        if key in v_ranges.lo:
+            lo, hi, source = v_ranges.lo[key][channels], v_ranges.hi[key][channels], "V"
+        else:
+            lo, hi, source = out_ranges.lo[key], out_ranges.hi[key], "input"
+        r, t = reparam.repq_factors(lo, hi, installed["act"][key].bits)
+        weight = lin.args[1].args[0] if lin.args[1].op == "call_module" else lin.args[1]
+        saved = {n.target: _attr(gm, n).detach().clone()
+                 for n in [weight, lin.args[2], *(a for u in users for a in (u.args[1].args[0], u.args[2]))]}
+        w, b = saved[weight.target].clone(), saved[lin.args[2].target].clone()
+        w[channels] = w[channels] / r[:, None]
+        b[channels] = (b[channels] + t) / r
+        _set_param(gm, weight.target, w)
+        _set_param(gm, lin.args[2].target, b)
+        for u in users:
+            wo, bo = saved[u.args[1].args[0].target], saved[u.args[2].target]
+            _set_param(gm, u.args[1].args[0].target, wo * r[None, :])
+            _set_param(gm, u.args[2].target, bo - wo @ t)
+        after = range_search.model_outputs(captured, probe)
+        if not all(abs(a - c).max() <= 1e-3 * max(abs(c).max(), 1e-6) for a, c in zip(after, before)):
+            for target, value in saved.items():  # something else reads these values: put the site back
+                _set_param(gm, target, value)
+            continue
+        done[key] = {"linear": lin.name, "channels": int(channels.numel()), "ranges": source}
+    return done
+
+
 def _logits_reach_softmax(node: fx.Node) -> bool:
     """Whether a matmul's output goes, alone, through scalar scales, additive biases/masks and mask
     fills into a softmax over its last axis: then adding one vector to every key (a column of the
@@ -817,20 +973,21 @@ def key_operands(gm: fx.GraphModule, installed: dict, plan: QuantPlan) -> list[s
     return out
 
 
-class KeyRanges:
-    """Per-channel min/max of keys operands (every axis but the first and the last, the keys axis),
-    kept by forward hooks on their quantizers while the first calibration pass runs."""
+class RangeHooks:
+    """Running min/max of some modules' inputs (activation quantizers: identities before calibration), kept by
+    forward hooks while the model runs; ``reduce`` turns one input into its (lo, hi)."""
 
-    def __init__(self, gm: fx.GraphModule, keys: list[str]):
+    def __init__(self, gm: fx.GraphModule, modules: dict[str, str]):
         self.lo: dict[str, torch.Tensor] = {}
         self.hi: dict[str, torch.Tensor] = {}
-        self.handles = [gm.get_submodule(f"{QUANT_ROOT}.a_{_safe(k)}").register_forward_hook(self._hook(k)) for k in keys]
+        self.handles = [gm.get_submodule(m).register_forward_hook(self._hook(k)) for k, m in modules.items()]
+
+    def reduce(self, key: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
 
     def _hook(self, key: str):
         def hook(mod, inp, out):  # returns None: the output is unchanged
-            x = inp[0].detach()
-            dims = (0, x.dim() - 1)
-            lo, hi = x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
+            lo, hi = self.reduce(key, inp[0].detach())
             self.lo[key] = torch.minimum(self.lo[key], lo) if key in self.lo else lo
             self.hi[key] = torch.maximum(self.hi[key], hi) if key in self.hi else hi
         return hook
@@ -838,6 +995,50 @@ class KeyRanges:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def _quantizers(keys: list[str]) -> dict[str, str]:
+    return {k: f"{QUANT_ROOT}.a_{_safe(k)}" for k in keys}
+
+
+class KeyRanges(RangeHooks):
+    """Per-channel min/max of keys operands (every axis but the first and the last, the keys axis),
+    kept while the first calibration pass runs."""
+
+    def __init__(self, gm: fx.GraphModule, keys: list[str]):
+        super().__init__(gm, _quantizers(keys))
+
+    def reduce(self, key, x):
+        dims = (0, x.dim() - 1)
+        return x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
+
+
+class ChannelRanges(RangeHooks):
+    """Per-channel (last axis) min/max of some activations."""
+
+    def __init__(self, gm: fx.GraphModule, keys: list[str]):
+        super().__init__(gm, _quantizers(keys))
+
+    def reduce(self, key, x):
+        x = x.reshape(-1, x.shape[-1])
+        return x.amin(0), x.amax(0)
+
+
+class ValueRanges(RangeHooks):
+    """Per-channel min/max of value projections' outputs, read at the V operand's quantizer, whose every element's
+    value channel ``_value_channels`` found (on one image; a batch repeats it along the first axis).
+    ``quantizers``: {key: (the V quantizer, that channel index, the projection's output channels)}."""
+
+    def __init__(self, gm: fx.GraphModule, quantizers: dict[str, tuple[str, torch.Tensor, int]]):
+        self.index = {k: (index, n) for k, (_, index, n) in quantizers.items()}
+        super().__init__(gm, {k: q for k, (q, _, _) in quantizers.items()})
+
+    def reduce(self, key, v):
+        index, n = self.index[key]
+        idx = index.expand(v.shape) if index.shape[0] == 1 else index.repeat(v.shape[0] // index.shape[0], *[1] * (index.dim() - 1))
+        lo = torch.full((n,), float("inf")).scatter_reduce(0, idx.flatten(), v.flatten().float(), "amin")
+        hi = torch.full((n,), float("-inf")).scatter_reduce(0, idx.flatten(), v.flatten().float(), "amax")
+        return lo, hi
 
 
 def center_keys(gm: fx.GraphModule, installed: dict, ranges: KeyRanges) -> dict[str, list[int]]:
@@ -1209,6 +1410,10 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
             say(f"mixed precision: {len(lowered)} layers read an input another layer quantizes narrower, and run at that width "
                 f"({', '.join(lowered[:4])}{', ...' if len(lowered) > 4 else ''})")
     rotated = rotate_gelu_inputs(gm, installed) if config.mlp_rotation == "on" else {}
+    values = reparam_values(captured, installed, x) if config.value_reparam == "on" else {}
+    if config.value_reparam == "on" and not values:
+        say("note: --value-reparam on found no softmax @ V feeding a linear through a value projection of its own; "
+            "nothing reparameterised")
     for key, q in installed["act"].items():
         q.observer = obs.Observer(key, channel_axis=q.channel_axis)
     from .ptq import _run_all
@@ -1303,14 +1508,14 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
         "calibration_s": round(time.perf_counter() - start, 3),
         "plan": {"capture": CAPTURE, "folded_bn": folded, "reparameterised_norms": norms, "norms_kept_plain": kept,
                  "smooth_alpha": config.smooth_alpha, "smoothed_inputs": smoothed, "centered_keys": centered,
-                 "rotated_inputs": rotated,
+                 "rotated_inputs": rotated, "reparameterised_values": values,
                  "bias_added": sorted(set(_norm_biases(gm)) | set(biased)), "attention": [], "ends_8bit": [],
                  "prefix_grids": sorted(split), "gptq_weights": sorted(gptq_targets)},
         "quant_plan": plan.to_dict(),
         "coverage": plan.coverage(),
         "layers": site_specs(plan),
         "scheme_choice": {},
-        "vit_quantizers": pattern_summary(plan, norms, config, len(split), len(gptq_targets), len(rotated)),
+        "vit_quantizers": pattern_summary(plan, norms, config, len(split), len(gptq_targets), len(rotated), len(values)),
         "range_widening": widening,
         "sqnr_db": sqnr,
     }
@@ -1344,7 +1549,7 @@ def _norm_biases(gm: fx.GraphModule) -> list[str]:
 
 
 def pattern_summary(plan: QuantPlan, norms: list[str], config: QuantConfig, prefix_grids: int = 0,
-                    gptq_weights: int = 0, rotated: int = 0) -> dict:
+                    gptq_weights: int = 0, rotated: int = 0, values: int = 0) -> dict:
     kinds: dict[str, dict[str, int]] = {}
     for s in plan.sites:
         for q in s.inputs:
@@ -1358,6 +1563,8 @@ def pattern_summary(plan: QuantPlan, norms: list[str], config: QuantConfig, pref
         out["post-layernorm"] += f"; {how} on {len(norms)} norms"
     if rotated and "post-gelu" in out:
         out["post-gelu"] += f"; hadamard-rotated on {rotated}"
+    if values:
+        out["attention_output"] = f"repq through the value projection on {values}"
     if prefix_grids:
         out["prefix_token_grids"] = prefix_grids
         widths = sorted({q.prefix_bits or q.bits for s in plan.sites for q in s.inputs if q.prefix_tokens})
