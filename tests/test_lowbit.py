@@ -1172,7 +1172,7 @@ def test_mlp_rotation_is_exact_in_float_reloads_and_exports(tiny_vit, calib64, t
     plan = TG.find_sites(gm, QuantConfig(wbits=4, abits=4))
     installed = TG.install(gm, plan)
     fc2 = {n: p.detach().clone() for n, p in gm.named_parameters() if n.endswith("fc2.weight")}
-    rotated = TG.rotate_gelu_inputs(gm, installed)
+    rotated = TG.rotate_linear_inputs(gm, installed, {"post-gelu"})
     assert len(rotated) == blocks and set(rotated.values()) == {64}
     assert all(not torch.equal(gm.get_parameter(n), w) for n, w in fc2.items())  # folded into every fc2
     with torch.no_grad():  # quantizers off: the rotation is exact
@@ -1215,11 +1215,52 @@ def test_mlp_rotation_is_exact_in_float_reloads_and_exports(tiny_vit, calib64, t
         assert np.abs(out - ref).max() < 0.03 * (ref.max() - ref.min())  # measured 0.012 in both
 
 
+def test_norm_rotation_rotates_the_post_layernorm_inputs_in_place_of_repq_and_reloads(tiny_vit, calib64, tmp_path):
+    """--norm-rotation on (graph path): every post-LayerNorm linear input (q/k/v, fc1, the classifier) is
+    rotated by the 64-wide block-diagonal Hadamard in front of its grid, folded into every linear that reads it,
+    exact in float; RepQ then folds no norm (their outputs no longer reach a grid directly); with --mlp-rotation
+    on as well, the fc2 inputs are rotated too; the saved model reloads to the same outputs; the 4-bit weights of
+    the rotated linears lose less of their layer's output than with RepQ's map."""
+    from vitc.compress.quantize import torch_graph as TG
+
+    x = _x(tiny_vit, calib64)
+    blocks = len(tiny_vit.structure.blocks)
+    low = dict(wbits=4, abits=4, sites="graph", calibrator="minmax", range_search="off", prefix_grid="off")
+    repq = quant_record(apply(tiny_vit, QuantConfig(**low), x[:32]))
+    assert len(repq["plan"]["reparameterised_norms"]) == 2 * blocks and not repq["plan"]["rotated_inputs"]
+    q = apply(tiny_vit, QuantConfig(**low, norm_rotation="on"), x[:32])
+    rec = quant_record(q)
+    # each block's two norms, and the final one the classifier reads (through the CLS token's getitem)
+    assert len(rec["plan"]["rotated_inputs"]) == 2 * blocks + 1 and set(rec["plan"]["rotated_inputs"].values()) == {64}
+    assert rec["plan"]["reparameterised_norms"] == []
+    assert rec["vit_quantizers"]["post-layernorm"].endswith(f"repq on 0 norms; hadamard-rotated on {2 * blocks + 1}")
+    both = quant_record(apply(tiny_vit, QuantConfig(**low, norm_rotation="on", mlp_rotation="on"), x[:32]))
+    assert len(both["plan"]["rotated_inputs"]) == 3 * blocks + 1
+    assert both["vit_quantizers"]["post-gelu"].endswith(f"; hadamard-rotated on {blocks}")
+    module = tiny_vit.module.eval()
+    captured, installed = _graph_installed(module, x)
+    assert len(TG.rotate_linear_inputs(captured.graph_module, installed, {"post-layernorm"})) == 2 * blocks + 1
+    with torch.no_grad():  # quantizers off: the rotations are exact
+        assert torch.allclose(captured(x[:16]), module(x[:16]), atol=1e-4)
+    xe = x[32:48]
+    save_quantized(q, tmp_path / "q4")
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "q4")(xe), q(xe))
+    with torch.no_grad():
+        ref = tiny_vit.module.eval()(xe)
+        err = {name: torch.nn.functional.mse_loss(m(xe), ref).item()
+               for name, m in (("repq", apply(tiny_vit, QuantConfig(**{**low, "abits": 8}), x[:32])),
+                               ("rotated", apply(tiny_vit, QuantConfig(**{**low, "abits": 8}, norm_rotation="on"), x[:32])))}
+    assert err["rotated"] < err["repq"], err
+
+
 def test_mlp_rotation_is_refused_where_it_is_not_built(tiny_vit, calib64):
     with pytest.raises(VitcError, match="--mlp-rotation on applies to the graph path.*--sites graph"):
         apply(tiny_vit, QuantConfig(sites="modules", mlp_rotation="on"), _x(tiny_vit, calib64)[:16])
     with pytest.raises(VitcError, match="mlp_rotation 'auto' is not supported"):
         QuantConfig(mlp_rotation="auto").validate()
+    with pytest.raises(VitcError, match="--norm-rotation on applies to the graph path.*--sites graph"):
+        apply(tiny_vit, QuantConfig(sites="modules", norm_rotation="on"), _x(tiny_vit, calib64)[:16])
 
 
 def _graph_installed(module, x):
@@ -1294,14 +1335,16 @@ def test_value_reparam_finds_the_value_channels_folds_exactly_and_reloads(tiny_v
         blk.attn.load_state_dict(old.state_dict())
     captured, installed = _graph_installed(twice.eval(), xf)
     assert len(TG.value_reparam_sites(captured.graph_module, installed)) == 2  # candidates by structure ...
-    assert TG.reparam_values(captured, installed, xf[:32]) == {}  # ... each put back by the exactness check
+    skipped = {}
+    assert TG.reparam_values(captured, installed, xf[:32], skipped=skipped) == {}  # ... each put back by the exactness check
+    assert len(skipped) == 2 and set(skipped.values()) == {TG.VALUE_READ_ELSEWHERE}  # and said why
     with torch.no_grad():
         assert torch.allclose(captured(xf[32:48]), twice(xf[32:48]), atol=1e-5)
 
     low = dict(wbits=4, abits=4, sites="graph", calibrator="minmax", range_search="off")
     q = apply(tiny_vit, QuantConfig(**low, value_reparam="on"), x[:32])
     rec = quant_record(q)
-    assert len(rec["plan"]["reparameterised_values"]) == blocks
+    assert len(rec["plan"]["reparameterised_values"]) == blocks and rec["plan"]["values_kept_plain"] == {}
     assert rec["vit_quantizers"]["attention_output"] == f"repq through the value projection on {blocks}"
     assert not quant_record(apply(tiny_vit, QuantConfig(**low), x[:32]))["plan"]["reparameterised_values"]
     save_quantized(q, tmp_path / "q4")

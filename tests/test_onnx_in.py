@@ -259,10 +259,16 @@ def test_bad_onnx_files_are_refused_in_one_line(case, command, tmp_path, capsys)
 
 @pytest.mark.parametrize("flags,message", [(["--mlp-rotation", "on"], "--mlp-rotation on applies to PyTorch models"),
                                            (["--value-reparam", "on"], "--value-reparam on applies to PyTorch models"),
-                                           (["--reconstruct"], "--reconstruct applies to PyTorch models")])
+                                           (["--norm-rotation", "on"], "--norm-rotation on applies to PyTorch models"),
+                                           (["--reconstruct"], "--reconstruct applies to PyTorch models"),
+                                           (["--bits", "auto", "--size-budget", "6"], "--bits auto applies to PyTorch models"),
+                                           (["--prefix-bits", "8", "--sites", "graph"],
+                                            "--prefix-bits, --sites apply to PyTorch models"),
+                                           (["--strict-coverage"], "--strict-coverage applies to PyTorch models")])
 def test_pytorch_only_options_are_refused_for_onnx_models(vit_onnx, flags, message, tmp_path, capsys):
-    """The ONNX backend has no rotation, value reparameterisation or reconstruction: asked on an .onnx file, the
-    command says so in one line before calibrating (it used to quantize without them)."""
+    """The ONNX backend has no rotation, value reparameterisation, reconstruction, mixed precision, prefix grids or
+    coverage gate: asked on an .onnx file, the command says so in one line before calibrating (it used to quantize
+    without them)."""
     out = tmp_path / "out"
     code = run(["quantize", "-m", str(vit_onnx), *flags, "-o", str(out), "--calib-size", "8"])
     err = capsys.readouterr().err.strip()

@@ -81,6 +81,7 @@ def quantize_cmd(
     weight_scheme: str = typer.Option("symmetric", "--weight-scheme", help="weight-only (--abits 16): symmetric int4 groups, or asymmetric (uint4 with a zero point per group)"),
     prefix_bits: int = typer.Option(0, "--prefix-bits", help="below 8-bit activations (graph path): the width of the CLS/prefix tokens' own grids (0: the activation bits)"),
     mlp_rotation: str = typer.Option("off", "--mlp-rotation", help="graph path: rotate each post-GELU linear input (fc2) by a block-diagonal Hadamard before its grid, folded into the weights (exact in float; spreads outlier channels); off, on"),
+    norm_rotation: str = typer.Option("off", "--norm-rotation", help="graph path: rotate each post-LayerNorm linear input (q/k/v, fc1) the same way, in place of RepQ on those norms (exact in float; also spreads the weights' outliers); off, on"),
     value_reparam: str = typer.Option("off", "--value-reparam", help="graph path: RepQ-ViT's per-channel ranges for the attention output projection's input, folded into the value and output projections (exact in float, no op added); off, on"),
     key_centering: str = typer.Option("auto", "--key-centering", help="graph path: shift attention keys by their per-channel centre before their grid (exact under the softmax); auto: at 4-bit activations, on, off"),
     sites: str = typer.Option("auto", "--sites", help="auto, graph (every matmul-like op in the captured graph) or modules (Linear/Conv2d swaps + family adapters)"),
@@ -124,13 +125,24 @@ def quantize_cmd(
     if str(model).endswith(".onnx"):  # an ONNX graph, quantized by the ONNX backend
         from vitc.compress.quantize import QuantConfig as _Config
 
+        # options the ONNX backend has no use for: refused rather than dropped (it writes W8A8 Q/DQ at its own sites)
+        unused = [flag for flag, asked in (("--bits auto", auto), ("--prefix-bits", prefix_bits != 0),
+                                           ("--key-centering", key_centering != "auto"), ("--sites", sites != "auto"),
+                                           ("--rounding", rounding is not None), ("--group-size", group_size is not None),
+                                           ("--task", task != "auto"), ("--strict-coverage", strict_coverage),
+                                           ("--weights", weights is not None)) if asked]
+        if unused:
+            raise VitcError(f"{', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} to PyTorch models; the ONNX "
+                            f"backend writes W8A8 Q/DQ at the sites it finds and detects the task from the outputs",
+                            f"drop {', '.join(f.split()[0] for f in unused)}, or quantize the PyTorch model")
+
         from .quantize_onnx import run_onnx_quantize
 
         cfg = _Config(wbits=wbits or bits, abits=abits or bits, calibrator=calib, percentile=percentile, softmax=softmax,
                       gelu=gelu, scheme=scheme, granularity=granularity, ln_reparam=repq, smooth_alpha=smooth,
                       bias_correction=bias_correction, range_search=range_search, weight_scheme=weight_scheme,
                       reconstruct_iters=iters if reconstruct else 0, reconstruct_affine=recon_affine,
-                      mlp_rotation=mlp_rotation, value_reparam=value_reparam).validate()
+                      mlp_rotation=mlp_rotation, norm_rotation=norm_rotation, value_reparam=value_reparam).validate()
         run_onnx_quantize(model=model, config=cfg, calib_data=calib_data, calib_size=calib_size or DEFAULT_CALIB_SIZE, data=data, labels=labels,
                           eval_size=eval_size, seed=seed, batch_size=batch_size, output=output, force=force, threads=threads,
                           convert_rgb=convert_rgb, out=out, input_size=input_size, resize=resize, mean=mean, std=std,
@@ -149,7 +161,7 @@ def quantize_cmd(
                          bias_correction=bias_correction, group_size=group_size, range_search=range_search,
                          reconstruct_iters=iters if reconstruct else 0, reconstruct_ramp=iters_ramp, reconstruct_loss=recon_loss,
                          reconstruct_affine=recon_affine, sites=sites, prefix_bits=prefix_bits,
-                         key_centering=key_centering, mlp_rotation=mlp_rotation, value_reparam=value_reparam, weight_rounding=rounding or "gptq", weight_scheme=weight_scheme).validate()
+                         key_centering=key_centering, mlp_rotation=mlp_rotation, norm_rotation=norm_rotation, value_reparam=value_reparam, weight_rounding=rounding or "gptq", weight_scheme=weight_scheme).validate()
     weight_only = config.abits == 16
     if rounding is not None and not weight_only and config.wbits >= 8:
         raise VitcError(f"--rounding {rounding} applies to weight-only quantization and to weights below 8 bits",

@@ -87,8 +87,14 @@ class QuantConfig:
     # which the softmax removes. "auto": at 4-bit activations, where it was measured
     key_centering: str = "auto"
     # off | on: post-GELU linear inputs (fc2) rotated by a block-diagonal Hadamard before their grid, the rotation
-    # folded into the fc2 weights (graph path, torch_graph.rotate_gelu_inputs): exact in float, spreads outlier channels
+    # folded into the fc2 weights (graph path, torch_graph.rotate_linear_inputs): exact in float, spreads outlier channels
     mlp_rotation: str = "off"
+    # off | on: post-LayerNorm linear inputs (q/k/v, fc1) rotated the same way (torch_graph.rotate_linear_inputs), in
+    # place of RepQ-ViT's per-channel map on those norms. Why: the rotation also makes those linears' weights
+    # incoherent. On the real ViT-S (benchmarks/norm_rotation_error.py, 24 calibration images, 4-bit per-channel
+    # GPTQ weights, 4-bit per-tensor inputs), the layers' output error from the weights alone is 0.0057 with RepQ
+    # and 0.0013 rotated, with both grids 0.0131 and 0.0098
+    norm_rotation: str = "off"
     # off | on: RepQ-ViT's per-channel -> per-tensor reparameterisation for the attention's output projection input
     # (softmax @ V), folded through the value projection and into the output projection (graph path,
     # torch_graph.reparam_values): exact in float, no op added
@@ -130,7 +136,8 @@ class QuantConfig:
                    "granularity": ("auto", "tensor"), "sites": ("auto", "graph", "modules"),
                    "range_search": ("auto", "on", "off", "mean"), "weight_rounding": ("gptq", "nearest"),
                    "prefix_grid": ("auto", "on", "off"), "key_centering": ("auto", "on", "off"),
-                   "mlp_rotation": ("off", "on"), "value_reparam": ("off", "on")}
+                   "mlp_rotation": ("off", "on"), "norm_rotation": ("off", "on"),
+                   "value_reparam": ("off", "on")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise VitcError(f"{name} '{getattr(self, name)}' is not supported", f"use one of: {', '.join(allowed)}")

@@ -581,6 +581,7 @@ def _check_config(config: QuantConfig) -> None:
         raise VitcError("--reconstruct applies to PyTorch models; the ONNX backend calibrates only",
                         "drop --reconstruct, or quantize the PyTorch model")
     for flag, asked, what in (("--mlp-rotation", config.mlp_rotation, "rotation"),
+                              ("--norm-rotation", config.norm_rotation, "rotation"),
                               ("--value-reparam", config.value_reparam, "value reparameterisation")):
         if asked == "on":
             raise VitcError(f"{flag} on applies to PyTorch models (the graph path); an ONNX model's quantizer has no {what}",

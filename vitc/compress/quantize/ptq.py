@@ -443,6 +443,7 @@ def apply(backbone: Backbone, config: QuantConfig | None = None, data=None, prog
 
         return apply_graph(backbone, config, x, progress, reconstruct_staging, say)
     for flag, asked, what in (("--mlp-rotation", config.mlp_rotation, "rotation"),
+                              ("--norm-rotation", config.norm_rotation, "rotation"),
                               ("--value-reparam", config.value_reparam, "value reparameterisation")):
         if asked == "on":
             raise VitcError(f"{flag} on applies to the graph path; the module path (the zoo families' adapters) has no "

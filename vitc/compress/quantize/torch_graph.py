@@ -748,16 +748,18 @@ def insert_rotation(gm: fx.GraphModule, installed: dict, key: str, block: int, u
     return _insert_before_quantizer(gm, installed, key, f"h_{_safe(key)}", h, rotate)
 
 
-def rotate_gelu_inputs(gm: fx.GraphModule, installed: dict, block: int = ROTATION_BLOCK) -> dict[str, int]:
-    """``--mlp-rotation on``: every post-GELU linear input (the MLP's second linear) that only linears with weights
-    of their own read, and whose width ``block`` divides, rotated by ``insert_rotation`` (QuaRot's online Hadamard
-    on the down projection: a GELU sits between the two linears, so the rotation cannot fold into the first).
-    Its grid becomes a plain uniform one (the rotated values are no longer GELU-shaped). Returns {the GELU
-    output's name: block}, what a rebuild inserts again (in the same order, so the new nodes get the same names)."""
+def rotate_linear_inputs(gm: fx.GraphModule, installed: dict, patterns: set[str], block: int = ROTATION_BLOCK) -> dict[str, int]:
+    """Every linear input of one of ``patterns`` that only linears with weights of their own read, and whose width
+    ``block`` divides, rotated by ``insert_rotation``, in graph order. ``--mlp-rotation on``: "post-gelu" (QuaRot's
+    online Hadamard on the down projection: a GELU sits between the two linears, so the rotation cannot fold into the
+    first); its grid becomes a plain uniform one (the rotated values are no longer GELU-shaped). ``--norm-rotation
+    on``: "post-layernorm" (q/k/v and fc1), whose norms RepQ then leaves alone (their output no longer reaches a
+    quantizer directly). Returns {the activation's name: block}, what a rebuild inserts again (in the same order, so
+    the new nodes get the same names)."""
     done = {}
     for key, users in _smoothable_inputs(gm, installed).items():
         src = next(n for n in gm.graph.nodes if n.name == key)
-        if producer_pattern(src) != "post-gelu":
+        if producer_pattern(src) not in patterns:
             continue
         weights = [_attr(gm, u.args[1].args[0]) for u in users]
         if any(w.dim() != 2 or w.shape[1] % block for w in weights):
@@ -768,6 +770,22 @@ def rotate_gelu_inputs(gm: fx.GraphModule, installed: dict, block: int = ROTATIO
             q.kind = "uniform"
         done[key] = block
     return done
+
+
+def rotated_patterns(gm: fx.GraphModule, rotated: dict[str, int]) -> dict[str, int]:
+    """{pattern: inputs rotated}, for the record's summary."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out: dict[str, int] = {}
+    for key in rotated:
+        pattern = producer_pattern(nodes[key])
+        out[pattern] = out.get(pattern, 0) + 1
+    return out
+
+
+def rotation_patterns(config: QuantConfig) -> set[str]:
+    """The linear-input patterns ``config`` rotates."""
+    return ({"post-gelu"} if config.mlp_rotation == "on" else set()) | \
+        ({"post-layernorm"} if config.norm_rotation == "on" else set())
 
 
 # ops a channel index is carried through unchanged by (values moved, split or viewed, never mixed), on the way from a
@@ -862,7 +880,12 @@ def value_reparam_sites(gm: fx.GraphModule, installed: dict) -> dict[str, dict]:
     return sites
 
 
-def reparam_values(captured: nn.Module, installed: dict, x: torch.Tensor, progress=None, task=None) -> dict[str, dict]:
+VALUE_MAP_UNCLEAR = "its channels do not each carry one value channel (a mixing op between V and the projection)"
+VALUE_READ_ELSEWHERE = "the fold changed the model's output (something else reads V or the projections); put back"
+
+
+def reparam_values(captured: nn.Module, installed: dict, x: torch.Tensor, progress=None, task=None,
+                   skipped: dict[str, str] | None = None) -> dict[str, dict]:
     """``--value-reparam on``: RepQ-ViT's per-channel -> per-tensor reparameterisation, done for the attention's value
     path. Each value channel ``c`` becomes ``(v_c + t_c) / r_c`` (``reparam.repq_factors`` on its range over ``x``)
     through the value projection's weight row and bias; ``P @ V`` (``P``'s softmax rows sum to 1) carries the same
@@ -872,7 +895,9 @@ def reparam_values(captured: nn.Module, installed: dict, x: torch.Tensor, progre
     ranges widens V's grid (on the real ViT-S, a 4-bit grid's error on V rose in 6 of 10 blocks;
     ``benchmarks/value_reparam_error.py``). Without a quantized V operand the input's own ranges are used. The fold
     is checked on two images (the model's output unchanged, or the site is put back: something else reads V).
-    Returns {key: {"linear": the value projection, "channels": n, "ranges": "V" or "input"}}."""
+    Returns {key: {"linear": the value projection, "channels": n, "ranges": "V" or "input"}}; each candidate left
+    as it was goes into ``skipped`` as {key: why}."""
+    skipped = skipped if skipped is not None else {}
     gm = captured.graph_module
     probe = x[:2]
     sites = {}
@@ -883,6 +908,8 @@ def reparam_values(captured: nn.Module, installed: dict, x: torch.Tensor, progre
         channels, v_index = _value_channels(captured, key, site["linear"], probe, site["v_quantizer"])
         if channels is not None:
             sites[key] = {**site, "channels": channels, "v_index": v_index}
+        else:
+            skipped[key] = VALUE_MAP_UNCLEAR
     if not sites:
         return {}
     out_ranges = ChannelRanges(gm, [k for k, s in sites.items() if s["v_index"] is None])
@@ -920,6 +947,7 @@ def reparam_values(captured: nn.Module, installed: dict, x: torch.Tensor, progre
         if not all(abs(a - c).max() <= 1e-3 * max(abs(c).max(), 1e-6) for a, c in zip(after, before)):
             for target, value in saved.items():  # something else reads these values: put the site back
                 _set_param(gm, target, value)
+            skipped[key] = VALUE_READ_ELSEWHERE
             continue
         done[key] = {"linear": lin.name, "channels": int(channels.numel()), "ranges": source}
     return done
@@ -1409,11 +1437,17 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
         if lowered:
             say(f"mixed precision: {len(lowered)} layers read an input another layer quantizes narrower, and run at that width "
                 f"({', '.join(lowered[:4])}{', ...' if len(lowered) > 4 else ''})")
-    rotated = rotate_gelu_inputs(gm, installed) if config.mlp_rotation == "on" else {}
-    values = reparam_values(captured, installed, x) if config.value_reparam == "on" else {}
-    if config.value_reparam == "on" and not values:
+    patterns = rotation_patterns(config)
+    rotated = rotate_linear_inputs(gm, installed, patterns) if patterns else {}
+    values_plain: dict[str, str] = {}
+    values = reparam_values(captured, installed, x, skipped=values_plain) if config.value_reparam == "on" else {}
+    if config.value_reparam == "on" and not values and not values_plain:
         say("note: --value-reparam on found no softmax @ V feeding a linear through a value projection of its own; "
             "nothing reparameterised")
+    for why in sorted(set(values_plain.values())):
+        keys = [k for k, w in values_plain.items() if w == why]
+        say(f"note: --value-reparam left {len(keys)} of {len(values) + len(values_plain)} candidate "
+            f"attention outputs as they were ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}): {why}")
     for key, q in installed["act"].items():
         q.observer = obs.Observer(key, channel_axis=q.channel_axis)
     from .ptq import _run_all
@@ -1509,13 +1543,15 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
         "plan": {"capture": CAPTURE, "folded_bn": folded, "reparameterised_norms": norms, "norms_kept_plain": kept,
                  "smooth_alpha": config.smooth_alpha, "smoothed_inputs": smoothed, "centered_keys": centered,
                  "rotated_inputs": rotated, "reparameterised_values": values,
+                 "values_kept_plain": values_plain,
                  "bias_added": sorted(set(_norm_biases(gm)) | set(biased)), "attention": [], "ends_8bit": [],
                  "prefix_grids": sorted(split), "gptq_weights": sorted(gptq_targets)},
         "quant_plan": plan.to_dict(),
         "coverage": plan.coverage(),
         "layers": site_specs(plan),
         "scheme_choice": {},
-        "vit_quantizers": pattern_summary(plan, norms, config, len(split), len(gptq_targets), len(rotated), len(values)),
+        "vit_quantizers": pattern_summary(plan, norms, config, len(split), len(gptq_targets),
+                                          rotated_patterns(gm, rotated), len(values)),
         "range_widening": widening,
         "sqnr_db": sqnr,
     }
@@ -1549,7 +1585,7 @@ def _norm_biases(gm: fx.GraphModule) -> list[str]:
 
 
 def pattern_summary(plan: QuantPlan, norms: list[str], config: QuantConfig, prefix_grids: int = 0,
-                    gptq_weights: int = 0, rotated: int = 0, values: int = 0) -> dict:
+                    gptq_weights: int = 0, rotated: dict[str, int] | None = None, values: int = 0) -> dict:
     kinds: dict[str, dict[str, int]] = {}
     for s in plan.sites:
         for q in s.inputs:
@@ -1561,8 +1597,9 @@ def pattern_summary(plan: QuantPlan, norms: list[str], config: QuantConfig, pref
         alpha = config.smooth_alpha
         how = "+".join(([f"smoothquant(alpha={alpha})"] if alpha else []) + (["repq"] if config.ln_reparam else [])) or "per-tensor"
         out["post-layernorm"] += f"; {how} on {len(norms)} norms"
-    if rotated and "post-gelu" in out:
-        out["post-gelu"] += f"; hadamard-rotated on {rotated}"
+    for pattern, n in (rotated or {}).items():
+        if pattern in out:
+            out[pattern] += f"; hadamard-rotated on {n}"
     if values:
         out["attention_output"] = f"repq through the value projection on {values}"
     if prefix_grids:
