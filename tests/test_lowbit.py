@@ -1232,13 +1232,16 @@ def test_norm_rotation_rotates_the_post_layernorm_inputs_in_place_of_repq_and_re
     rec = quant_record(q)
     # each block's two norms, and the final one the classifier reads (through the CLS token's getitem)
     assert len(rec["plan"]["rotated_inputs"]) == 2 * blocks + 1 and set(rec["plan"]["rotated_inputs"].values()) == {64}
-    assert rec["plan"]["reparameterised_norms"] == []
+    assert rec["plan"]["reparameterised_norms"] == [] and rec["plan"]["rotation_skipped"] == {}
     assert rec["vit_quantizers"]["post-layernorm"].endswith(f"repq on 0 norms; hadamard-rotated on {2 * blocks + 1}")
     both = quant_record(apply(tiny_vit, QuantConfig(**low, norm_rotation="on", mlp_rotation="on"), x[:32]))
     assert len(both["plan"]["rotated_inputs"]) == 3 * blocks + 1
     assert both["vit_quantizers"]["post-gelu"].endswith(f"; hadamard-rotated on {blocks}")
     module = tiny_vit.module.eval()
     captured, installed = _graph_installed(module, x)
+    skipped = {}  # a block wider than the model: nothing rotated, and each input said why
+    assert TG.rotate_linear_inputs(captured.graph_module, installed, {"post-layernorm"}, block=128, skipped=skipped) == {}
+    assert len(skipped) == 2 * blocks + 1 and set(skipped.values()) == {TG.ROTATION_WIDTH}
     assert len(TG.rotate_linear_inputs(captured.graph_module, installed, {"post-layernorm"})) == 2 * blocks + 1
     with torch.no_grad():  # quantizers off: the rotations are exact
         assert torch.allclose(captured(x[:16]), module(x[:16]), atol=1e-4)

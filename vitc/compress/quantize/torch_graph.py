@@ -748,21 +748,34 @@ def insert_rotation(gm: fx.GraphModule, installed: dict, key: str, block: int, u
     return _insert_before_quantizer(gm, installed, key, f"h_{_safe(key)}", h, rotate)
 
 
-def rotate_linear_inputs(gm: fx.GraphModule, installed: dict, patterns: set[str], block: int = ROTATION_BLOCK) -> dict[str, int]:
+ROTATION_OTHER_READERS = "read by something other than linears with weights of their own"
+ROTATION_WIDTH = "width not a multiple of the rotation block"
+
+
+def rotate_linear_inputs(gm: fx.GraphModule, installed: dict, patterns: set[str], block: int = ROTATION_BLOCK,
+                         skipped: dict[str, str] | None = None) -> dict[str, int]:
     """Every linear input of one of ``patterns`` that only linears with weights of their own read, and whose width
     ``block`` divides, rotated by ``insert_rotation``, in graph order. ``--mlp-rotation on``: "post-gelu" (QuaRot's
     online Hadamard on the down projection: a GELU sits between the two linears, so the rotation cannot fold into the
     first); its grid becomes a plain uniform one (the rotated values are no longer GELU-shaped). ``--norm-rotation
     on``: "post-layernorm" (q/k/v and fc1), whose norms RepQ then leaves alone (their output no longer reaches a
     quantizer directly). Returns {the activation's name: block}, what a rebuild inserts again (in the same order, so
-    the new nodes get the same names)."""
+    the new nodes get the same names); each quantized input of those patterns left as it is goes into ``skipped``
+    as {name: why}."""
     done = {}
-    for key, users in _smoothable_inputs(gm, installed).items():
-        src = next(n for n in gm.graph.nodes if n.name == key)
-        if producer_pattern(src) not in patterns:
+    skipped = skipped if skipped is not None else {}
+    smoothable = _smoothable_inputs(gm, installed)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for key in list(installed["act"]):
+        if key not in nodes or producer_pattern(nodes[key]) not in patterns:
+            continue
+        users = smoothable.get(key)
+        if users is None:
+            skipped[key] = ROTATION_OTHER_READERS
             continue
         weights = [_attr(gm, u.args[1].args[0]) for u in users]
         if any(w.dim() != 2 or w.shape[1] % block for w in weights):
+            skipped[key] = ROTATION_WIDTH
             continue
         q = installed["act"][key]
         insert_rotation(gm, installed, key, block, users)
@@ -1438,7 +1451,12 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
             say(f"mixed precision: {len(lowered)} layers read an input another layer quantizes narrower, and run at that width "
                 f"({', '.join(lowered[:4])}{', ...' if len(lowered) > 4 else ''})")
     patterns = rotation_patterns(config)
-    rotated = rotate_linear_inputs(gm, installed, patterns) if patterns else {}
+    rotation_plain: dict[str, str] = {}
+    rotated = rotate_linear_inputs(gm, installed, patterns, skipped=rotation_plain) if patterns else {}
+    for why in sorted(set(rotation_plain.values())):
+        keys = [k for k, w in rotation_plain.items() if w == why]
+        say(f"note: the rotation left {len(keys)} of {len(rotated) + len(rotation_plain)} "
+            f"{'/'.join(sorted(patterns))} inputs unrotated ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}): {why}")
     values_plain: dict[str, str] = {}
     values = reparam_values(captured, installed, x, skipped=values_plain) if config.value_reparam == "on" else {}
     if config.value_reparam == "on" and not values and not values_plain:
@@ -1543,7 +1561,7 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
         "plan": {"capture": CAPTURE, "folded_bn": folded, "reparameterised_norms": norms, "norms_kept_plain": kept,
                  "smooth_alpha": config.smooth_alpha, "smoothed_inputs": smoothed, "centered_keys": centered,
                  "rotated_inputs": rotated, "reparameterised_values": values,
-                 "values_kept_plain": values_plain,
+                 "rotation_skipped": rotation_plain, "values_kept_plain": values_plain,
                  "bias_added": sorted(set(_norm_biases(gm)) | set(biased)), "attention": [], "ends_8bit": [],
                  "prefix_grids": sorted(split), "gptq_weights": sorted(gptq_targets)},
         "quant_plan": plan.to_dict(),
