@@ -16,9 +16,10 @@ or with ``--runtime onnxruntime|openvino`` as its int8 export against the FP32 e
 too and prints the two models' paired difference: two variants of one recipe told apart with the images'
 own noise removed (a 1,000-image drop alone has a standard error of about 1.1 points). The JSON keeps each
 image's correctness ("0"/"1" strings), so later runs can be paired with this one: ``--paired-with RESULT.json``
-(an earlier run's JSON on the same data and test size; its float model must have been right and wrong on exactly
-the same images, which checks that the images and their order are the same) prints the paired difference against
-the model that run measured, without that model on disk:
+(an earlier run's JSON on the same data and test size; its float model must have been right and wrong on the same
+images, which checks that the images and their order are the same; up to 1% of them may differ, reported, since
+another machine's float arithmetic can flip an image on the edge) prints the paired difference against the model
+that run measured, without that model on disk:
 
     python benchmarks/saved_vs_fp32.py --model W4A4_output --test-size 1000 \
         --paired-with benchmarks/results_saved_vs_fp32_2026-12-07_dinov2s_c10_w4a4_fisher_vs_mse_1000.json:against
@@ -171,10 +172,19 @@ def main() -> None:
                              "top1_agreement": float(o_agree.double().mean()), "quantized_correct": bits(o_ok), **entries}
         print(f"{args.against}: quantized {100 * float(o_ok.double().mean()):.2f}%, drop {o_drop:.2f} +- {o_se:.2f} pt, "
               f"agreement {100 * float(o_agree.double().mean()):.2f}%, KL {float(o_kl.mean()):.4f}; {clause}")
+    if args.out:  # written before the pairing check, so that a refused pairing loses no evaluation
+        args.out.write_text(json.dumps(result, indent=1))
     if earlier is not None:
-        if earlier.get("fp32_correct") != result["fp32_correct"]:
+        flipped = sum(a != b for a, b in zip(earlier.get("fp32_correct", ""), result["fp32_correct"]))
+        # another machine's float arithmetic can flip an image on the edge (seen: 1 of 3,000 between two sessions'
+        # machines); more than 1% flipped means other images
+        if len(earlier.get("fp32_correct", "")) != len(result["fp32_correct"]) or flipped > 0.01 * len(result["fp32_correct"]):
             sys.exit(f"--paired-with {args.paired_with}: the float model was right on other images there, so they are "
                      "not the same images: pass the same --data and --test-size")
+        if flipped:
+            print(f"note: the float model's correctness differs on {flipped} of {len(result['fp32_correct'])} images from "
+                  f"that run's (float arithmetic of another machine); the pairing compares the quantized models only")
+        result["paired_with_fp32_flipped"] = flipped
         e_ok = torch.tensor([c == "1" for c in earlier["quantized_correct"]])
         entries, clause = paired_difference(q_ok, e_ok, "earlier")
         result["paired_with"] = {"result": args.paired_with, "model": earlier["model"], "drop_pt": earlier["drop_pt"],
