@@ -1254,7 +1254,8 @@ def test_norm_rotation_rotates_the_post_layernorm_inputs_in_place_of_repq_and_re
         err = {name: torch.nn.functional.mse_loss(m(xe), ref).item()
                for name, m in (("repq", apply(tiny_vit, QuantConfig(**{**low, "abits": 8}), x[:32])),
                                ("rotated", apply(tiny_vit, QuantConfig(**{**low, "abits": 8}, norm_rotation="on"), x[:32])))}
-    assert err["rotated"] < err["repq"], err
+    # measured 3.47e-5 rotated vs 4.91e-5 RepQ (0.71x, 2026-12-08): a margin, not a coin flip
+    assert err["rotated"] < 0.85 * err["repq"], err
 
 
 def test_mlp_rotation_is_refused_where_it_is_not_built(tiny_vit, calib64):
@@ -1353,6 +1354,19 @@ def test_value_reparam_finds_the_value_channels_folds_exactly_and_reloads(tiny_v
     save_quantized(q, tmp_path / "q4")
     with torch.no_grad():
         assert torch.equal(load_quantized(tmp_path / "q4")(x[32:48]), q(x[32:48]))
+
+
+def test_what_a_rewrite_left_out_is_said_once_per_reason_with_up_to_four_names():
+    """The rotations' and --value-reparam's notes (one helper): grouped by reason, reasons in order, four names."""
+    from vitc.compress.quantize import torch_graph as TG
+
+    said = []
+    left = {f"x{i}": TG.ROTATION_WIDTH for i in range(6)} | {"y": TG.ROTATION_OTHER_READERS}
+    TG._say_left_out(said.append, left, lambda n: f"the rotation left {n} of 9 post-layernorm inputs unrotated")
+    assert said == [f"note: the rotation left 1 of 9 post-layernorm inputs unrotated (y): {TG.ROTATION_OTHER_READERS}",
+                    f"note: the rotation left 6 of 9 post-layernorm inputs unrotated (x0, x1, x2, x3, ...): {TG.ROTATION_WIDTH}"]
+    TG._say_left_out(said.append, {}, lambda n: "never")
+    assert len(said) == 2
 
 
 def test_value_reparam_is_refused_where_it_is_not_built(tiny_vit, calib64):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +276,23 @@ def test_pytorch_only_options_are_refused_for_onnx_models(vit_onnx, flags, messa
     assert code == 2 and len(err.splitlines()) == 1, err
     assert message in err and f"drop {flags[0]}" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("options,message", [({"prefix_bits": 8}, "--prefix-bits applies to PyTorch models"),
+                                             ({"sites": "graph", "key_centering": "on"},
+                                              "--key-centering, --sites apply to PyTorch models"),
+                                             ({"layer_bits": {"fc": [8, 8]}}, "layer_bits (mixed precision) applies")])
+def test_the_python_api_refuses_graph_path_options_on_an_onnx_model(options, message, tmp_path):
+    """``quantize_model`` on an ONNX graph used to drop these QuantConfig fields without a word; now it names them
+    before reading an image (the check is the backend's, so the CLI and the API say the same)."""
+    from vitc.compress.quantize import QuantConfig
+    from vitc.compress.quantize.onnx_graph import quantize_model
+    from vitc.errors import VitcError
+    from vitc.models import onnx_source
+
+    src = onnx_source.read(_dense_model(tmp_path / "m.onnx"), None)
+    with pytest.raises(VitcError, match=re.escape(message)):
+        quantize_model(src, QuantConfig(**options), torch.zeros(1))
 
 
 def test_dynamic_spatial_axes_work_with_input_size(tmp_path):

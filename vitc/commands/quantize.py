@@ -125,9 +125,9 @@ def quantize_cmd(
     if str(model).endswith(".onnx"):  # an ONNX graph, quantized by the ONNX backend
         from vitc.compress.quantize import QuantConfig as _Config
 
-        # options the ONNX backend has no use for: refused rather than dropped (it writes W8A8 Q/DQ at its own sites)
-        unused = [flag for flag, asked in (("--bits auto", auto), ("--prefix-bits", prefix_bits != 0),
-                                           ("--key-centering", key_centering != "auto"), ("--sites", sites != "auto"),
+        # command options the ONNX backend has no use for: refused rather than dropped (it writes W8A8 Q/DQ at its own
+        # sites); the config's own (--prefix-bits, --sites, ...) are refused by onnx_graph.check_config, for the API too
+        unused = [flag for flag, asked in (("--bits auto", auto),
                                            ("--rounding", rounding is not None), ("--group-size", group_size is not None),
                                            ("--task", task != "auto"), ("--strict-coverage", strict_coverage),
                                            ("--weights", weights is not None)) if asked]
@@ -142,7 +142,8 @@ def quantize_cmd(
                       gelu=gelu, scheme=scheme, granularity=granularity, ln_reparam=repq, smooth_alpha=smooth,
                       bias_correction=bias_correction, range_search=range_search, weight_scheme=weight_scheme,
                       reconstruct_iters=iters if reconstruct else 0, reconstruct_affine=recon_affine,
-                      mlp_rotation=mlp_rotation, norm_rotation=norm_rotation, value_reparam=value_reparam).validate()
+                      mlp_rotation=mlp_rotation, norm_rotation=norm_rotation, value_reparam=value_reparam,
+                      prefix_bits=prefix_bits, key_centering=key_centering, sites=sites).validate()
         run_onnx_quantize(model=model, config=cfg, calib_data=calib_data, calib_size=calib_size or DEFAULT_CALIB_SIZE, data=data, labels=labels,
                           eval_size=eval_size, seed=seed, batch_size=batch_size, output=output, force=force, threads=threads,
                           convert_rgb=convert_rgb, out=out, input_size=input_size, resize=resize, mean=mean, std=std,

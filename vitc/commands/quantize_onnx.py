@@ -28,7 +28,7 @@ def run_onnx_quantize(*, model: str, config, calib_data: str, calib_size: int, d
     from vitc.compress.quantize import onnx_graph
     from vitc.models import onnx_source
 
-    onnx_graph._check_config(config)
+    onnx_graph.check_config(config)
     n_threads = set_threads(threads)
     backbone = load_backbone(model, None, input_size, resize, mean, std, interpolation, fit)
     if backbone.preprocess_origin == "guess":

@@ -576,7 +576,7 @@ def drop_lossy_probs_v(plan: QuantPlan, specs: list[SiteSpec], grids: dict, obse
     return dropped
 
 
-def _check_config(config: QuantConfig) -> None:
+def check_config(config: QuantConfig) -> None:
     if config.reconstruct_iters:
         raise VitcError("--reconstruct applies to PyTorch models; the ONNX backend calibrates only",
                         "drop --reconstruct, or quantize the PyTorch model")
@@ -592,6 +592,14 @@ def _check_config(config: QuantConfig) -> None:
     if config.softmax_kind != "uniform" or config.gelu_kind != "uniform":
         raise VitcError("log2/logsqrt2/adalog softmax and twin GELU quantizers have no ONNX operator",
                         "use --softmax uniform --gelu uniform (the defaults at 8 bits) on an ONNX file")
+    # options of the PyTorch graph path this backend has no counterpart for: refused rather than dropped
+    unused = [flag for flag, asked in (("--prefix-bits", config.prefix_bits != 0), ("prefix_grid", config.prefix_grid != "auto"),
+                                       ("--key-centering", config.key_centering != "auto"), ("--sites", config.sites != "auto"),
+                                       ("layer_bits (mixed precision)", bool(config.layer_bits))) if asked]
+    if unused:
+        raise VitcError(f"{', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} to PyTorch models; the ONNX "
+                        "backend writes W8A8 Q/DQ at the sites it finds, one grid per tensor",
+                        f"drop {', '.join(f.split()[0] for f in unused)}, or quantize the PyTorch model")
 
 
 def resolved_scheme(config: QuantConfig) -> str:
@@ -605,7 +613,7 @@ def quantize_model(src: osrc.OnnxSource, config: QuantConfig, images: torch.Tens
     import onnx
 
     config = config.validate()
-    _check_config(config)
+    check_config(config)
     obs.check_count(config.calibrator, int(images.shape[0]))
     previous = torch.get_num_threads()
     # The statistics are many small tensor ops (histograms, candidate ranges, weight grids): one

@@ -1424,6 +1424,13 @@ def site_specs(plan: QuantPlan) -> dict[str, dict]:
     return specs
 
 
+def _say_left_out(say, left: dict[str, str], headline) -> None:
+    """One note per reason for what a step left as it was: ``headline(count)``, up to four names, the reason."""
+    for why in sorted(set(left.values())):
+        keys = [k for k, w in left.items() if w == why]
+        say(f"note: {headline(len(keys))} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}): {why}")
+
+
 def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, reconstruct_staging=None, say=print):
     """Quantize any ``nn.Module`` through its captured graph; returns the quantized Backbone.
     With ``config.reconstruct_iters``, block reconstruction follows calibration (``graph_reconstruct``)."""
@@ -1453,19 +1460,15 @@ def apply_graph(backbone, config: QuantConfig, x: torch.Tensor, progress=None, r
     patterns = rotation_patterns(config)
     rotation_plain: dict[str, str] = {}
     rotated = rotate_linear_inputs(gm, installed, patterns, skipped=rotation_plain) if patterns else {}
-    for why in sorted(set(rotation_plain.values())):
-        keys = [k for k, w in rotation_plain.items() if w == why]
-        say(f"note: the rotation left {len(keys)} of {len(rotated) + len(rotation_plain)} "
-            f"{'/'.join(sorted(patterns))} inputs unrotated ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}): {why}")
+    _say_left_out(say, rotation_plain, lambda n: f"the rotation left {n} of {len(rotated) + len(rotation_plain)} "
+                  f"{'/'.join(sorted(patterns))} inputs unrotated")
     values_plain: dict[str, str] = {}
     values = reparam_values(captured, installed, x, skipped=values_plain) if config.value_reparam == "on" else {}
     if config.value_reparam == "on" and not values and not values_plain:
         say("note: --value-reparam on found no softmax @ V feeding a linear through a value projection of its own; "
             "nothing reparameterised")
-    for why in sorted(set(values_plain.values())):
-        keys = [k for k, w in values_plain.items() if w == why]
-        say(f"note: --value-reparam left {len(keys)} of {len(values) + len(values_plain)} candidate "
-            f"attention outputs as they were ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}): {why}")
+    _say_left_out(say, values_plain, lambda n: f"--value-reparam left {n} of {len(values) + len(values_plain)} candidate "
+                  "attention outputs as they were")
     for key, q in installed["act"].items():
         q.observer = obs.Observer(key, channel_axis=q.channel_axis)
     from .ptq import _run_all
