@@ -263,7 +263,7 @@ def test_bad_onnx_files_are_refused_in_one_line(case, command, tmp_path, capsys)
                                            (["--norm-rotation", "on"], "--norm-rotation on applies to PyTorch models"),
                                            (["--reconstruct"], "--reconstruct applies to PyTorch models"),
                                            (["--bits", "auto", "--size-budget", "6"], "--bits auto applies to PyTorch models"),
-                                           (["--prefix-bits", "8", "--sites", "graph"],
+                                           (["--prefix-bits", "8", "--sites", "modules"],
                                             "--prefix-bits, --sites apply to PyTorch models"),
                                            (["--strict-coverage"], "--strict-coverage applies to PyTorch models")])
 def test_pytorch_only_options_are_refused_for_onnx_models(vit_onnx, flags, message, tmp_path, capsys):
@@ -279,7 +279,7 @@ def test_pytorch_only_options_are_refused_for_onnx_models(vit_onnx, flags, messa
 
 
 @pytest.mark.parametrize("options,message", [({"prefix_bits": 8}, "--prefix-bits applies to PyTorch models"),
-                                             ({"sites": "graph", "key_centering": "on"},
+                                             ({"sites": "modules", "key_centering": "on"},
                                               "--key-centering, --sites apply to PyTorch models"),
                                              ({"layer_bits": {"fc": [8, 8]}}, "layer_bits (mixed precision) applies")])
 def test_the_python_api_refuses_graph_path_options_on_an_onnx_model(options, message, tmp_path):
@@ -293,6 +293,20 @@ def test_the_python_api_refuses_graph_path_options_on_an_onnx_model(options, mes
     src = onnx_source.read(_dense_model(tmp_path / "m.onnx"), None)
     with pytest.raises(VitcError, match=re.escape(message)):
         quantize_model(src, QuantConfig(**options), torch.zeros(1))
+
+
+
+def test_what_the_onnx_backend_does_anyway_is_accepted(tmp_path):
+    """Graph-found sites, keys not centred, no prefix grid: what the ONNX backend does, so a config that asks for
+    exactly that (one config shared by both backends) quantizes."""
+    from vitc.compress.quantize import QuantConfig
+    from vitc.compress.quantize.onnx_graph import quantize_model
+    from vitc.models import onnx_source
+
+    src = onnx_source.read(_dense_model(tmp_path / "m.onnx"), None)
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((8, 3, 16, 16)).astype(np.float32))
+    _, record = quantize_model(src, QuantConfig(sites="graph", key_centering="off", prefix_grid="off", calibrator="minmax"), x)
+    assert record["coverage"]["ops_quantized"] == 2
 
 
 def test_dynamic_spatial_axes_work_with_input_size(tmp_path):

@@ -592,9 +592,10 @@ def check_config(config: QuantConfig) -> None:
     if config.softmax_kind != "uniform" or config.gelu_kind != "uniform":
         raise VitcError("log2/logsqrt2/adalog softmax and twin GELU quantizers have no ONNX operator",
                         "use --softmax uniform --gelu uniform (the defaults at 8 bits) on an ONNX file")
-    # options of the PyTorch graph path this backend has no counterpart for: refused rather than dropped
-    unused = [flag for flag, asked in (("--prefix-bits", config.prefix_bits != 0), ("prefix_grid", config.prefix_grid != "auto"),
-                                       ("--key-centering", config.key_centering != "auto"), ("--sites", config.sites != "auto"),
+    # options of the PyTorch paths this backend has no counterpart for: refused rather than dropped (what it does
+    # anyway passes: sites found in the graph, keys not centred, no prefix grid, so one config serves both backends)
+    unused = [flag for flag, asked in (("--prefix-bits", config.prefix_bits != 0), ("prefix_grid", config.prefix_grid == "on"),
+                                       ("--key-centering", config.key_centering == "on"), ("--sites", config.sites == "modules"),
                                        ("layer_bits (mixed precision)", bool(config.layer_bits))) if asked]
     if unused:
         raise VitcError(f"{', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} to PyTorch models; the ONNX "
