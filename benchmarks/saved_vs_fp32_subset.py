@@ -13,22 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+import torch
 
-
-def _drop(fp32: list[bool], quant: list[bool]) -> tuple[float, float]:
-    """Top-1 drop in points and its paired standard error."""
-    d = [int(a) - int(b) for a, b in zip(fp32, quant)]
-    n = len(d)
-    mean = sum(d) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
-    return 100 * mean, 100 * sd / math.sqrt(n)
+from saved_vs_fp32 import CIFAR, paired_difference, paired_drop  # (it puts the repository on sys.path)
 
 
 def main() -> None:
@@ -48,21 +37,23 @@ def main() -> None:
     at = {k: i for i, k in enumerate(keys_large)}
     if any(k not in at for k in keys_small):
         ap.error("--small measured images --large did not")
-    pick = lambda bits, keys: [bits[at[k]] == "1" for k in keys]  # noqa: E731
-    f, q = pick(large["fp32_correct"], keys_small), pick(large["quantized_correct"], keys_small)
-    sf, sq = ([c == "1" for c in small[k]] for k in ("fp32_correct", "quantized_correct"))
-    drop, se = _drop(f, q)
-    print(f"{args.large.name} on the {len(keys_small)} images of {args.small.name}: FP32 {100 * sum(f) / len(f):.2f}%, "
-          f"quantized {100 * sum(q) / len(q):.2f}%, drop {drop:.2f} +- {se:.2f} pt "
-          f"(the float model differs from the small run's on {sum(a != b for a, b in zip(f, sf))} images)")
-    diff, diff_se = _drop(sq, q)  # the small run's model minus this one, as a drop: positive = this one is worse
-    print(f"  this model minus the small run's model: {-diff:+.2f} +- {diff_se:.2f} pt "
-          f"({sum(a and not b for a, b in zip(q, sq))} images right only with this one, "
-          f"{sum(b and not a for a, b in zip(q, sq))} only with the small run's; its drop there {_drop(sf, sq)[0]:.2f})")
+
+    def correct(bits: str, keys=None) -> torch.Tensor:
+        return torch.tensor([c == "1" for c in bits] if keys is None else [bits[at[k]] == "1" for k in keys])
+
+    f, q = correct(large["fp32_correct"], keys_small), correct(large["quantized_correct"], keys_small)
+    sf, sq = correct(small["fp32_correct"]), correct(small["quantized_correct"])
+    drop, se = paired_drop(f, q)
+    print(f"{args.large.name} on the {len(keys_small)} images of {args.small.name}: FP32 {100 * float(f.double().mean()):.2f}%, "
+          f"quantized {100 * float(q.double().mean()):.2f}%, drop {drop:.2f} +- {se:.2f} pt "
+          f"(the float model differs from the small run's on {int((f != sf).sum())} images)")
+    _, clause = paired_difference(q, sq, "small")
+    print(f"  against the small run's model (its drop there {paired_drop(sf, sq)[0]:.2f}): "
+          + clause.replace("--model", "this model").replace("only with it", "only with the small run's"))
     chosen = set(keys_small)
     rest = [k for k in keys_large if k not in chosen]
     if rest:
-        drop, se = _drop(pick(large["fp32_correct"], rest), pick(large["quantized_correct"], rest))
+        drop, se = paired_drop(correct(large["fp32_correct"], rest), correct(large["quantized_correct"], rest))
         print(f"  the other {len(rest)} images: drop {drop:.2f} +- {se:.2f} pt")
 
 

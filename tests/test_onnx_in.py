@@ -295,7 +295,6 @@ def test_the_python_api_refuses_graph_path_options_on_an_onnx_model(options, mes
         quantize_model(src, QuantConfig(**options), torch.zeros(1))
 
 
-
 def test_what_the_onnx_backend_does_anyway_is_accepted(tmp_path):
     """Graph-found sites, keys not centred, no prefix grid: what the ONNX backend does, so a config that asks for
     exactly that (one config shared by both backends) quantizes."""
